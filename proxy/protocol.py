@@ -1,0 +1,643 @@
+"""beanstalkd 1.12 wire protocol, both directions, as a pure (sans-I/O) module.
+
+``ClientParser`` frames the bytes a client sends exactly as strictly as the proxy can afford
+to: only ``\\r\\n`` ends a line, a line holds at most 224 bytes including its ``\\r\\n``, and a
+stray ``\\r``, a bare ``\\n`` or a NUL inside a line, a malformed ``put`` line or a command name
+that beanstalkd would match by prefix raises ``ProtocolError`` (the session answers
+``BAD_FORMAT`` and closes). Well-framed but wrong lines become ``ErrorReply`` commands carrying
+the reply beanstalkd itself would give (``UNKNOWN_COMMAND``, ``BAD_FORMAT``, ``EXPECTED_CRLF``,
+``JOB_TOO_BIG``), and the connection carries on. Every accepted command is a small tuple whose
+first element is an ``OP_*`` code; ``write_command`` serializes it back to canonical bytes,
+which are the only bytes the relay ever forwards. ``ReplyParser`` frames upstream replies:
+single lines, or ``RESERVED``/``FOUND``/``OK`` headers followed by a body read by count, so a
+body that does not end in ``\\r\\n`` cannot desynchronise the proxy. Nothing here imports
+asyncio, socket or ssl; see ``reference/beanstalkd-protocol.md`` for the traps it encodes.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Final
+
+from proxy.errors import ProtocolError
+
+#: beanstalkd's LINE_BUF_SIZE: the longest command line, ``\r\n`` included.
+MAX_LINE: Final = 224
+#: The longest line content (without ``\r\n``).
+MAX_LINE_CONTENT: Final = MAX_LINE - 2
+#: beanstalkd's MAX_TUBE_NAME_LEN - 1.
+MAX_TUBE_NAME: Final = 200
+U32_MAX: Final = 0xFFFFFFFF
+U64_MAX: Final = 0xFFFFFFFFFFFFFFFF
+#: ``reserve-with-timeout`` is parsed into a C int by 1.12; larger values wrap or mean "forever".
+RWT_MAX: Final = 0x7FFFFFFF
+#: beanstalkd's own cap on ``-z``.
+MAX_JOB_SIZE_CAP: Final = 1073741824
+#: Upstream reply lines are short (the longest is ``USING <200 chars>``); anything longer is a
+#: broken or hostile upstream.
+MAX_REPLY_LINE: Final = 1024
+
+CRLF: Final = b"\r\n"
+
+# Operation codes. The order is also the index into NAMES.
+(
+    OP_PUT,
+    OP_USE,
+    OP_RESERVE,
+    OP_RESERVE_WITH_TIMEOUT,
+    OP_RESERVE_JOB,
+    OP_DELETE,
+    OP_RELEASE,
+    OP_BURY,
+    OP_TOUCH,
+    OP_WATCH,
+    OP_IGNORE,
+    OP_PEEK,
+    OP_PEEK_READY,
+    OP_PEEK_DELAYED,
+    OP_PEEK_BURIED,
+    OP_KICK,
+    OP_KICK_JOB,
+    OP_STATS_JOB,
+    OP_STATS_TUBE,
+    OP_STATS,
+    OP_LIST_TUBES,
+    OP_LIST_TUBE_USED,
+    OP_LIST_TUBES_WATCHED,
+    OP_PAUSE_TUBE,
+    OP_QUIT,
+    OP_ERROR,  # not a beanstalkd command: a reply the proxy gives itself
+) = range(26)
+
+#: Command names indexed by op code (``OP_ERROR`` has the pseudo-name ``error``).
+NAMES: Final[tuple[str, ...]] = (
+    "put",
+    "use",
+    "reserve",
+    "reserve-with-timeout",
+    "reserve-job",
+    "delete",
+    "release",
+    "bury",
+    "touch",
+    "watch",
+    "ignore",
+    "peek",
+    "peek-ready",
+    "peek-delayed",
+    "peek-buried",
+    "kick",
+    "kick-job",
+    "stats-job",
+    "stats-tube",
+    "stats",
+    "list-tubes",
+    "list-tube-used",
+    "list-tubes-watched",
+    "pause-tube",
+    "quit",
+    "error",
+)
+
+#: Command ops whose single argument is a job id.
+JOB_ID_OPS: Final = frozenset(
+    {OP_RESERVE_JOB, OP_DELETE, OP_RELEASE, OP_BURY, OP_TOUCH, OP_PEEK, OP_KICK_JOB, OP_STATS_JOB}
+)
+
+BAD_FORMAT: Final = b"BAD_FORMAT\r\n"
+UNKNOWN_COMMAND: Final = b"UNKNOWN_COMMAND\r\n"
+EXPECTED_CRLF: Final = b"EXPECTED_CRLF\r\n"
+JOB_TOO_BIG: Final = b"JOB_TOO_BIG\r\n"
+NOT_FOUND: Final = b"NOT_FOUND\r\n"
+NOT_PERMITTED: Final = b"NOT_PERMITTED\r\n"
+
+#: A command: a tuple whose first item is an ``OP_*`` code. Shapes:
+#: ``(OP_PUT, pri, delay, ttr, body)``; ``(OP_USE|WATCH|IGNORE|STATS_TUBE, tube)``;
+#: ``(OP_PAUSE_TUBE, tube, delay)``; ``(OP_RELEASE, id, pri, delay)``; ``(OP_BURY, id, pri)``;
+#: ``(OP_<job-id op>, id)``; ``(OP_KICK, bound)``; ``(OP_RESERVE_WITH_TIMEOUT, secs)``;
+#: ``(OP_ERROR, reply_bytes)``; and ``(OP_<no-arg op>,)``.
+Command = tuple[Any, ...]
+_ArgParser = Callable[[bytes], "Command | None"]
+
+
+class _NeedData:
+    """Sentinel type: the parser needs more bytes before it can return anything."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "NEED_DATA"
+
+
+NEED_DATA: Final = _NeedData()
+
+# --- client side: argument grammars -------------------------------------------------------
+# Digits only (never int() on raw input: it accepts '+5', ' 5', '1_0' and Unicode digits).
+# beanstalkd's read_u32/read_u64 skip any number of spaces (only spaces) before a number.
+_NAME_CLASS = rb"A-Za-z0-9\-+/;.$_()"
+_TUBE_RE: Final = re.compile(rb"[A-Za-z0-9+/;.$_()][" + _NAME_CLASS + rb"]{0,199}")
+_PUT_RE: Final = re.compile(rb"put +([0-9]+) +([0-9]+) +([0-9]+) +([0-9]+)")
+_ONE_NUM_RE: Final = re.compile(rb" *([0-9]+)")
+_TWO_NUM_RE: Final = re.compile(rb" *([0-9]+) +([0-9]+)")
+_THREE_NUM_RE: Final = re.compile(rb" *([0-9]+) +([0-9]+) +([0-9]+)")
+_PAUSE_RE: Final = re.compile(rb" *([A-Za-z0-9+/;.$_()][" + _NAME_CLASS + rb"]*) +([0-9]+)")
+
+#: beanstalkd's which_cmd prefixes, in its order. Used only to pick the error a line that the
+#: proxy did not accept would have got from beanstalkd (BAD_FORMAT vs UNKNOWN_COMMAND).
+_SERVER_PREFIXES: Final = (
+    b"put ",
+    b"peek ",
+    b"peek-ready",
+    b"peek-delayed",
+    b"peek-buried",
+    b"reserve-with-timeout ",
+    b"reserve-job ",
+    b"reserve",
+    b"delete ",
+    b"release ",
+    b"bury ",
+    b"kick ",
+    b"kick-job ",
+    b"touch ",
+    b"stats-job ",
+    b"stats-tube ",
+    b"stats",
+    b"use ",
+    b"watch ",
+    b"ignore ",
+    b"list-tubes-watched",
+    b"list-tube-used",
+    b"list-tubes",
+    b"quit",
+    b"pause-tube",
+)
+
+_NOARG: Final[dict[bytes, Command]] = {
+    b"reserve": (OP_RESERVE,),
+    b"peek-ready": (OP_PEEK_READY,),
+    b"peek-delayed": (OP_PEEK_DELAYED,),
+    b"peek-buried": (OP_PEEK_BURIED,),
+    b"stats": (OP_STATS,),
+    b"list-tubes": (OP_LIST_TUBES,),
+    b"list-tube-used": (OP_LIST_TUBE_USED,),
+    b"list-tubes-watched": (OP_LIST_TUBES_WATCHED,),
+    b"quit": (OP_QUIT,),
+}
+
+_ERR_BAD_FORMAT: Final[Command] = (OP_ERROR, BAD_FORMAT)
+_ERR_UNKNOWN: Final[Command] = (OP_ERROR, UNKNOWN_COMMAND)
+_ERR_EXPECTED_CRLF: Final[Command] = (OP_ERROR, EXPECTED_CRLF)
+_ERR_JOB_TOO_BIG: Final[Command] = (OP_ERROR, JOB_TOO_BIG)
+
+
+def _tube(rest: bytes) -> str | None:
+    """A whole-rest-of-line tube name, as ``use``/``watch``/``ignore``/``stats-tube`` take it."""
+    if _TUBE_RE.fullmatch(rest) is None:
+        return None
+    return rest.decode("ascii")
+
+
+def _parse_tube_cmd(op: int) -> _ArgParser:
+    def parse(rest: bytes) -> Command | None:
+        name = _tube(rest)
+        return None if name is None else (op, name)
+
+    return parse
+
+
+def _parse_id_cmd(op: int) -> _ArgParser:
+    def parse(rest: bytes) -> Command | None:
+        m = _ONE_NUM_RE.fullmatch(rest)
+        if m is None:
+            return None
+        job_id = int(m[1])
+        return None if job_id > U64_MAX else (op, job_id)
+
+    return parse
+
+
+def _parse_release(rest: bytes) -> Command | None:
+    m = _THREE_NUM_RE.fullmatch(rest)
+    if m is None:
+        return None
+    job_id, pri, delay = int(m[1]), int(m[2]), int(m[3])
+    if job_id > U64_MAX or pri > U32_MAX or delay > U32_MAX:
+        return None
+    return (OP_RELEASE, job_id, pri, delay)
+
+
+def _parse_bury(rest: bytes) -> Command | None:
+    m = _TWO_NUM_RE.fullmatch(rest)
+    if m is None:
+        return None
+    job_id, pri = int(m[1]), int(m[2])
+    if job_id > U64_MAX or pri > U32_MAX:
+        return None
+    return (OP_BURY, job_id, pri)
+
+
+def _parse_kick(rest: bytes) -> Command | None:
+    # beanstalkd parses with strtoul: signs, tabs, 0x and trailing junk are all accepted and
+    # wrap silently. The proxy accepts plain digits in u32 range only.
+    m = _ONE_NUM_RE.fullmatch(rest)
+    if m is None:
+        return None
+    bound = int(m[1])
+    return None if bound > U32_MAX else (OP_KICK, bound)
+
+
+def _parse_rwt(rest: bytes) -> Command | None:
+    # beanstalkd 1.12 parses with strtol into an int: "abc" is 0, "-1" waits forever, trailing
+    # junk is ignored. The proxy accepts plain digits up to INT_MAX only.
+    m = _ONE_NUM_RE.fullmatch(rest)
+    if m is None:
+        return None
+    secs = int(m[1])
+    return None if secs > RWT_MAX else (OP_RESERVE_WITH_TIMEOUT, secs)
+
+
+def _parse_pause(rest: bytes) -> Command | None:
+    m = _PAUSE_RE.fullmatch(rest)
+    if m is None:
+        return None
+    name, delay = m[1], int(m[2])
+    if len(name) > MAX_TUBE_NAME or delay > U32_MAX:
+        return None
+    return (OP_PAUSE_TUBE, name.decode("ascii"), delay)
+
+
+_ARG: Final[dict[bytes, _ArgParser]] = {
+    b"use": _parse_tube_cmd(OP_USE),
+    b"watch": _parse_tube_cmd(OP_WATCH),
+    b"ignore": _parse_tube_cmd(OP_IGNORE),
+    b"stats-tube": _parse_tube_cmd(OP_STATS_TUBE),
+    b"peek": _parse_id_cmd(OP_PEEK),
+    b"reserve-job": _parse_id_cmd(OP_RESERVE_JOB),
+    b"delete": _parse_id_cmd(OP_DELETE),
+    b"touch": _parse_id_cmd(OP_TOUCH),
+    b"kick-job": _parse_id_cmd(OP_KICK_JOB),
+    b"stats-job": _parse_id_cmd(OP_STATS_JOB),
+    b"release": _parse_release,
+    b"bury": _parse_bury,
+    b"kick": _parse_kick,
+    b"reserve-with-timeout": _parse_rwt,
+    b"pause-tube": _parse_pause,
+}
+
+
+def _refuse_or_error(line: bytes) -> Command:
+    """The reply for a well-framed line the proxy does not accept as a command.
+
+    Lines beanstalkd would *execute* under a prefix match (``quitX``, ``pause-tubeX``) are
+    smuggling attempts and raise; so does any ``put``-like line, because its body would follow.
+    Other lines get the error beanstalkd itself would give.
+    """
+    if line.startswith(b"put"):
+        raise ProtocolError("malformed put command line")
+    if line.startswith(b"quit"):
+        raise ProtocolError("command name matched only by prefix ('quit...')")
+    if line.startswith(b"pause-tube") and len(line) > 10 and line[10] != 0x20:
+        raise ProtocolError("command name matched only by prefix ('pause-tube...')")
+    if line.startswith(_SERVER_PREFIXES):
+        return _ERR_BAD_FORMAT
+    return _ERR_UNKNOWN
+
+
+def parse_line(line: bytes) -> Command:
+    """Parse one command line (without its ``\\r\\n``) that contains no CR, LF or NUL.
+
+    Returns a command tuple; for ``put`` the tuple's last item is the body *length* (the
+    caller reads the body). Raises ``ProtocolError`` for lines that must close the connection.
+    """
+    cmd = _NOARG.get(line)
+    if cmd is not None:
+        return cmd
+    if line.startswith(b"put "):
+        m = _PUT_RE.fullmatch(line)
+        if m is None:
+            raise ProtocolError("malformed put command line")
+        pri, delay, ttr, nbytes = int(m[1]), int(m[2]), int(m[3]), int(m[4])
+        if pri > U32_MAX or delay > U32_MAX or ttr > U32_MAX or nbytes > U32_MAX:
+            raise ProtocolError("put argument out of range")
+        return (OP_PUT, pri, delay, ttr, nbytes)
+    name, sep, rest = line.partition(b" ")
+    if sep:
+        parser = _ARG.get(name)
+        if parser is not None:
+            parsed = parser(rest)
+            return _ERR_BAD_FORMAT if parsed is None else parsed
+    return _refuse_or_error(line)
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedLine:
+    """A command line as ``explain`` shows it: name, verb-relevant tube and job id."""
+
+    op: int
+    name: str
+    tube: str | None
+    job_id: int | None
+    command: Command
+
+
+def parse_command_line(line: bytes) -> ParsedLine:
+    """Parse a single command line for offline tools (``explain``); ``\\r\\n`` optional.
+
+    Raises ``ProtocolError`` for anything the relay would refuse and close on, and
+    ``ValueError`` for lines the relay would answer with an error reply.
+    """
+    if line.endswith(CRLF):
+        line = line[:-2]
+    if len(line) > MAX_LINE_CONTENT:
+        raise ProtocolError("line longer than 224 bytes")
+    for bad, what in ((b"\r", "stray CR"), (b"\n", "bare LF"), (b"\0", "NUL byte")):
+        if bad in line:
+            raise ProtocolError(f"{what} in command line")
+    cmd = parse_line(line)
+    op = cmd[0]
+    assert isinstance(op, int)
+    if op == OP_ERROR:
+        reply = cmd[1]
+        assert isinstance(reply, bytes)
+        raise ValueError(f"beanstalkd would answer {reply.decode().strip()}")
+    tube = cmd[1] if op in (OP_USE, OP_WATCH, OP_IGNORE, OP_STATS_TUBE, OP_PAUSE_TUBE) else None
+    job_id = cmd[1] if op in JOB_ID_OPS else None
+    return ParsedLine(
+        op=op,
+        name=NAMES[op],
+        tube=tube if isinstance(tube, str) else None,
+        job_id=job_id if isinstance(job_id, int) else None,
+        command=cmd,
+    )
+
+
+class ClientParser:
+    """Frames and parses client bytes into commands, pure and incremental.
+
+    Feed bytes with ``feed``; call ``next_command`` until it returns ``NEED_DATA``. ``put``
+    commands are returned only once their whole body has arrived, as
+    ``(OP_PUT, pri, delay, ttr, body)``. A ``put`` over ``max_job_size`` has exactly
+    ``n + 2`` bytes skipped (never buffered) and then yields a ``JOB_TOO_BIG`` error command,
+    as beanstalkd does. ``ProtocolError`` is sticky: after it the parser refuses all input.
+    """
+
+    __slots__ = ("_buf", "_failed", "_pos", "_put", "_skip", "max_job_size")
+
+    def __init__(self, max_job_size: int = 65535) -> None:
+        if not 0 <= max_job_size <= MAX_JOB_SIZE_CAP:
+            raise ValueError("max_job_size out of range")
+        self.max_job_size = max_job_size
+        self._buf = bytearray()
+        self._pos = 0
+        self._put: tuple[int, int, int, int] | None = None  # header of a put awaiting its body
+        self._skip = 0  # bytes of an oversized put body still to discard
+        self._failed: ProtocolError | None = None
+
+    def feed(self, data: bytes) -> None:
+        """Append received bytes."""
+        if self._skip:
+            n = min(self._skip, len(data))
+            self._skip -= n
+            data = data[n:]
+        if self._pos and self._pos == len(self._buf):
+            self._buf.clear()
+            self._pos = 0
+        self._buf += data
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet returned as commands."""
+        return len(self._buf) - self._pos
+
+    def _compact(self) -> None:
+        if self._pos:
+            del self._buf[: self._pos]
+            self._pos = 0
+
+    def next_command(self) -> Command | _NeedData:
+        """Return the next complete command, ``NEED_DATA``, or raise ``ProtocolError``."""
+        if self._failed is not None:
+            raise self._failed
+        try:
+            return self._next()
+        except ProtocolError as exc:
+            self._failed = exc
+            raise
+
+    def _next(self) -> Command | _NeedData:
+        buf = self._buf
+        pos = self._pos
+        if self._put is not None:
+            if self._skip:
+                return NEED_DATA
+            if self._put[3] < 0:  # an oversized body has been skipped
+                self._put = None
+                return _ERR_JOB_TOO_BIG
+            return self._body()
+        end = len(buf)
+        cr = buf.find(b"\r", pos, min(end, pos + MAX_LINE_CONTENT + 1))
+        if cr < 0:
+            if end - pos > MAX_LINE_CONTENT:
+                raise ProtocolError("line longer than 224 bytes")
+            if buf.find(b"\n", pos) >= 0:
+                raise ProtocolError("bare LF in command line")
+            self._compact()
+            return NEED_DATA
+        if cr + 1 >= end:
+            self._compact()
+            return NEED_DATA
+        if buf[cr + 1] != 0x0A:
+            raise ProtocolError("stray CR in command line")
+        line = bytes(buf[pos:cr])
+        self._pos = cr + 2
+        if b"\n" in line:
+            raise ProtocolError("bare LF in command line")
+        if b"\0" in line:
+            raise ProtocolError("NUL byte in command line")
+        cmd = parse_line(line)
+        if cmd[0] != OP_PUT:
+            return cmd
+        _, pri, delay, ttr, nbytes = cmd
+        assert isinstance(nbytes, int)
+        if nbytes > self.max_job_size:
+            # Discard exactly n + 2 bytes, then answer JOB_TOO_BIG (beanstalkd does the same).
+            have = len(buf) - self._pos
+            need = nbytes + 2
+            if have >= need:
+                self._pos += need
+                return _ERR_JOB_TOO_BIG
+            del buf[:]
+            self._pos = 0
+            self._skip = need - have
+            self._put = (0, 0, 0, -1)
+            return NEED_DATA
+        self._put = (pri, delay, ttr, nbytes)
+        return self._body()
+
+    def _body(self) -> Command | _NeedData:
+        put = self._put
+        assert put is not None
+        nbytes = put[3]
+        buf = self._buf
+        start = self._pos
+        if len(buf) - start < nbytes + 2:
+            self._compact()
+            return NEED_DATA
+        stop = start + nbytes
+        self._put = None
+        self._pos = stop + 2
+        if buf[stop] != 0x0D or buf[stop + 1] != 0x0A:
+            return _ERR_EXPECTED_CRLF
+        return (OP_PUT, put[0], put[1], put[2], bytes(buf[start:stop]))
+
+
+# --- canonical serialization ---------------------------------------------------------------
+
+_NOARG_BYTES: Final[dict[int, bytes]] = {
+    OP_RESERVE: b"reserve\r\n",
+    OP_PEEK_READY: b"peek-ready\r\n",
+    OP_PEEK_DELAYED: b"peek-delayed\r\n",
+    OP_PEEK_BURIED: b"peek-buried\r\n",
+    OP_STATS: b"stats\r\n",
+    OP_LIST_TUBES: b"list-tubes\r\n",
+    OP_LIST_TUBE_USED: b"list-tube-used\r\n",
+    OP_LIST_TUBES_WATCHED: b"list-tubes-watched\r\n",
+    OP_QUIT: b"quit\r\n",
+}
+_ONE_INT_FMT: Final[dict[int, bytes]] = {
+    op: NAMES[op].encode() + b" %d\r\n"
+    for op in (
+        OP_PEEK,
+        OP_RESERVE_JOB,
+        OP_DELETE,
+        OP_TOUCH,
+        OP_KICK_JOB,
+        OP_STATS_JOB,
+        OP_KICK,
+        OP_RESERVE_WITH_TIMEOUT,
+    )
+}
+_TUBE_PREFIX: Final[dict[int, bytes]] = {
+    op: NAMES[op].encode() + b" " for op in (OP_USE, OP_WATCH, OP_IGNORE, OP_STATS_TUBE)
+}
+
+
+def write_command(out: bytearray, cmd: Command) -> None:
+    """Append the canonical serialization of ``cmd`` to ``out``."""
+    op = cmd[0]
+    if op == OP_PUT:
+        body = cmd[4]
+        assert isinstance(body, bytes)
+        out += b"put %d %d %d %d\r\n" % (cmd[1], cmd[2], cmd[3], len(body))
+        out += body
+        out += CRLF
+        return
+    fixed = _NOARG_BYTES.get(op)
+    if fixed is not None:
+        out += fixed
+        return
+    fmt = _ONE_INT_FMT.get(op)
+    if fmt is not None:
+        out += fmt % cmd[1]
+        return
+    prefix = _TUBE_PREFIX.get(op)
+    if prefix is not None:
+        name = cmd[1]
+        assert isinstance(name, str)
+        out += prefix
+        out += name.encode("ascii")
+        out += CRLF
+        return
+    if op == OP_RELEASE:
+        out += b"release %d %d %d\r\n" % (cmd[1], cmd[2], cmd[3])
+    elif op == OP_BURY:
+        out += b"bury %d %d\r\n" % (cmd[1], cmd[2])
+    elif op == OP_PAUSE_TUBE:
+        name = cmd[1]
+        assert isinstance(name, str)
+        out += b"pause-tube %s %d\r\n" % (name.encode("ascii"), cmd[2])
+    else:
+        raise ValueError(f"cannot serialize {cmd!r}")
+
+
+def serialize(cmd: Command) -> bytes:
+    """The canonical bytes of ``cmd`` (convenience wrapper of ``write_command``)."""
+    out = bytearray()
+    write_command(out, cmd)
+    return bytes(out)
+
+
+# --- upstream side ---------------------------------------------------------------------------
+
+_BODY_HEADERS: Final = (b"RESERVED ", b"FOUND ", b"OK ")
+_RESERVED_RE: Final = re.compile(rb"(?:RESERVED|FOUND) ([0-9]{1,20}) ([0-9]{1,10})")
+_OK_RE: Final = re.compile(rb"OK ([0-9]{1,10})")
+
+
+def body_length(line: bytes) -> int:
+    """For a reply line that announces a body, the body length (without its trailer).
+
+    Returns -1 for single-line replies; raises ``ProtocolError`` on a malformed header.
+    """
+    if not line.startswith(_BODY_HEADERS):
+        return -1
+    m = _OK_RE.fullmatch(line) if line[0] == 0x4F else _RESERVED_RE.fullmatch(line)
+    if m is None:
+        raise ProtocolError(f"malformed reply header from upstream: {line[:40]!r}")
+    return int(m[m.lastindex or 1])
+
+
+class ReplyParser:
+    """Frames upstream replies: ``(line, body)`` where ``body`` is ``None`` for one-line
+    replies and otherwise the ``n + 2`` raw bytes that follow the header, read by count."""
+
+    __slots__ = ("_buf", "_line", "_need", "_pos")
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._pos = 0
+        self._line: bytes | None = None
+        self._need = 0
+
+    def feed(self, data: bytes) -> None:
+        """Append received bytes."""
+        if self._pos and self._pos == len(self._buf):
+            self._buf.clear()
+            self._pos = 0
+        self._buf += data
+
+    def next_reply(self) -> tuple[bytes, bytes | None] | _NeedData:
+        """Return the next complete reply or ``NEED_DATA``; raise ``ProtocolError``."""
+        buf = self._buf
+        pos = self._pos
+        if self._line is None:
+            end = buf.find(b"\r\n", pos, pos + MAX_REPLY_LINE)
+            if end < 0:
+                if len(buf) - pos >= MAX_REPLY_LINE:
+                    raise ProtocolError("reply line from upstream too long")
+                self._compact()
+                return NEED_DATA
+            line = bytes(buf[pos:end])
+            pos = end + 2
+            n = body_length(line)
+            if n < 0:
+                self._pos = pos
+                return (line, None)
+            self._line = line
+            self._need = n + 2
+            self._pos = pos
+        if len(buf) - pos < self._need:
+            self._compact()
+            return NEED_DATA
+        line = self._line
+        body = bytes(buf[pos : pos + self._need])
+        self._pos = pos + self._need
+        self._line = None
+        return (line, body)
+
+    def _compact(self) -> None:
+        if self._pos:
+            del self._buf[: self._pos]
+            self._pos = 0
