@@ -1,0 +1,456 @@
+"""The asyncio shell: accept, TLS handshake, principal lookup, one upstream per client, pump.
+
+``ProxyServer`` accepts plain TCP (or unix) connections and upgrades each with
+``loop.start_tls`` under the handshake timeout, so every failed handshake is logged with its
+reason. Only after the client certificate verified and mapped to a principal does it open
+exactly one upstream connection for that client. ``Connection`` then carries bytes between
+the two transports through a ``Session`` (the pure state machine) and nothing else: it never
+looks at command bytes itself. Backpressure: the client is not read while the upstream
+transport's buffer is full, while the session waits for a lookup, or while too many replies
+are pending; upstream is not read while the client's buffer is full. A client that
+half-closes or quits is drained (upstream is half-closed, beanstalkd answers what it has and
+closes); a client that vanishes closes its upstream connection so beanstalkd releases its
+reservations; an upstream that vanishes closes the client with a logged reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import socket
+import ssl
+import time
+from typing import Any
+
+from proxy.acl import Policy
+from proxy.config import Config, Endpoint
+from proxy.identity import Identity, identity_from_der
+from proxy.session import MAX_PENDING, Session
+
+log = logging.getLogger("beanstalk_proxy")
+conn_log = logging.getLogger("beanstalk_proxy.conn")
+audit_log = logging.getLogger("beanstalk_proxy.audit")
+
+#: How long a draining connection may wait for upstream to finish before it is cut.
+DRAIN_TIMEOUT = 30.0
+
+
+class PolicyHolder:
+    """Holds the current policy; replaced as a whole on reload (readers see old or new)."""
+
+    __slots__ = ("current",)
+
+    def __init__(self, policy: Policy) -> None:
+        self.current = policy
+
+
+def _ssl_reason(exc: BaseException) -> str:
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"certificate verify failed: {exc.verify_message}"
+    if isinstance(exc, ssl.SSLError):
+        return f"tls error: {exc.reason or exc}"
+    if isinstance(exc, TimeoutError):
+        return "tls handshake timed out"
+    return f"tls handshake failed: {type(exc).__name__}: {exc}"
+
+
+class _Upstream(asyncio.Protocol):
+    """Protocol for the upstream (beanstalkd) side of one connection."""
+
+    __slots__ = ("conn",)
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+
+    def data_received(self, data: bytes) -> None:
+        self.conn.upstream_data(data)
+
+    def eof_received(self) -> bool:
+        self.conn.upstream_gone("upstream closed")
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.conn.upstream_gone(f"upstream lost: {exc}" if exc else "upstream closed")
+
+    def pause_writing(self) -> None:
+        self.conn.upstream_full = True
+        self.conn.update_reading()
+
+    def resume_writing(self) -> None:
+        self.conn.upstream_full = False
+        self.conn.update_reading()
+
+
+class Connection(asyncio.Protocol):
+    """One client connection after its TLS handshake: the pump around a ``Session``."""
+
+    def __init__(self, server: ProxyServer, peer: str) -> None:
+        self.server = server
+        self.peer = peer
+        self.started = time.monotonic()
+        self.client: asyncio.Transport | None = None
+        self.upstream: asyncio.Transport | None = None
+        self.session: Session | None = None
+        self.identity: Identity | None = None
+        self.principal = "-"
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.upstream_full = False
+        self.client_full = False
+        self.reading = True
+        self.eof_sent = False
+        self.closed = False
+        self.reason = ""
+        self._drain_timer: asyncio.TimerHandle | None = None
+        self.early = bytearray()  # bytes that arrived between handshake and session creation
+
+    # --- client transport callbacks ---------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.client = transport
+
+    def data_received(self, data: bytes) -> None:
+        session = self.session
+        self.bytes_in += len(data)
+        if session is None:
+            # TLS 1.3 clients send commands right after their Finished message; the SSL layer
+            # may hand them over before the principal is known. Keep them for the session.
+            self.early += data
+            return
+        session.feed_client(data)
+        self.flush()
+
+    def eof_received(self) -> bool:
+        if self.session is not None:
+            self.session.client_eof()
+            self.flush()
+        return False  # TLS cannot stay half-open; asyncio closes, connection_lost follows
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closed:
+            self.close(f"client lost: {exc}" if exc else "client closed")
+
+    def pause_writing(self) -> None:
+        self.client_full = True
+        if self.upstream is not None:
+            self.upstream.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.client_full = False
+        if self.upstream is not None and not self.closed:
+            self.upstream.resume_reading()
+
+    # --- upstream side ------------------------------------------------------------------------
+
+    def upstream_data(self, data: bytes) -> None:
+        session = self.session
+        assert session is not None
+        session.feed_upstream(data)
+        self.flush()
+
+    def upstream_gone(self, reason: str) -> None:
+        if self.closed:
+            return
+        session = self.session
+        if session is not None and session.draining:
+            reason = session.close_reason or reason
+        else:
+            log.warning(
+                "upstream connection ended for %s (%s): %s", self.peer, self.principal, reason
+            )
+        self.close(reason)
+
+    # --- pump ---------------------------------------------------------------------------------
+
+    def flush(self) -> None:
+        """Carry out what the session decided: write, half-close, close, pause/resume."""
+        session = self.session
+        if session is None or self.closed:
+            return
+        if session.to_client:
+            data = session.to_client
+            session.to_client = bytearray()
+            self.bytes_out += len(data)
+            assert self.client is not None
+            self.client.write(data)
+        if session.denials:
+            self._audit(session.denials)
+            session.denials = []
+        if session.failed:
+            self.close(session.failed)
+            return
+        upstream = self.upstream
+        if upstream is None:
+            return
+        if session.to_upstream:
+            data = session.to_upstream
+            session.to_upstream = bytearray()
+            upstream.write(data)
+        if session.draining and not session.blocked and not self.eof_sent:
+            self.eof_sent = True
+            if upstream.can_write_eof():
+                upstream.write_eof()
+            loop = asyncio.get_running_loop()
+            self._drain_timer = loop.call_later(
+                DRAIN_TIMEOUT, self.close, "drain timed out waiting for upstream"
+            )
+        self.update_reading()
+
+    def update_reading(self) -> None:
+        """Read the client only while upstream, session and reply queue have room."""
+        session = self.session
+        client = self.client
+        if session is None or client is None or self.closed:
+            return
+        want = not (
+            self.upstream_full
+            or self.upstream is None
+            or session.blocked
+            or session.draining
+            or len(session.pending) > MAX_PENDING
+        )
+        if want != self.reading:
+            self.reading = want
+            if want:
+                client.resume_reading()
+            else:
+                client.pause_reading()
+
+    def _audit(self, denials: list[dict[str, Any]]) -> None:
+        fingerprint = self.identity.fingerprint if self.identity else None
+        for record in denials:
+            record["peer"] = self.peer
+            record["fingerprint"] = fingerprint
+            record["time"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            audit_log.info(json.dumps(record, sort_keys=True), extra={"fields": record})
+
+    def close(self, reason: str) -> None:
+        """Close both sides (flushing what is buffered) and log the connection once."""
+        if self.closed:
+            return
+        self.closed = True
+        self.reason = reason
+        if self._drain_timer is not None:
+            self._drain_timer.cancel()
+        if self.session is not None and self.session.to_client and self.client is not None:
+            self.client.write(self.session.to_client)
+            self.bytes_out += len(self.session.to_client)
+            self.session.to_client = bytearray()
+        if self.upstream is not None:
+            self.upstream.close()
+        if self.client is not None:
+            self.client.close()
+        self.server.forget(self)
+        fields = {
+            "event": "close",
+            "peer": self.peer,
+            "principal": self.principal,
+            "subject": self.identity.subject if self.identity else None,
+            "fingerprint": self.identity.fingerprint if self.identity else None,
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+            "duration": round(time.monotonic() - self.started, 3),
+            "reason": reason,
+        }
+        conn_log.info(
+            "close peer=%s principal=%s in=%d out=%d duration=%.3fs reason=%s",
+            self.peer,
+            self.principal,
+            self.bytes_in,
+            self.bytes_out,
+            fields["duration"],
+            reason,
+            extra={"fields": fields},
+        )
+
+
+class _Handshake(asyncio.Protocol):
+    """The raw TCP protocol of an accepted socket until ``start_tls`` takes it over."""
+
+    def __init__(self, server: ProxyServer) -> None:
+        self.server = server
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        # Nothing may be read before start_tls owns the socket (it resumes reading).
+        transport.pause_reading()
+        self.server.accepted(transport)
+
+    def data_received(self, data: bytes) -> None:  # pragma: no cover - reading is paused
+        pass
+
+
+class ProxyServer:
+    """The listening proxy. See the module docstring."""
+
+    def __init__(self, config: Config, ssl_context: ssl.SSLContext, policy: PolicyHolder) -> None:
+        self.config = config
+        self.ssl_context = ssl_context
+        self.policy = policy
+        self.connections: set[Connection] = set()
+        self.handshaking = 0
+        self._server: asyncio.AbstractServer | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def port(self) -> int | None:
+        """The bound TCP port (useful with port 0), or None for unix listeners."""
+        if not isinstance(self._server, asyncio.Server):
+            return None
+        for sock in self._server.sockets:
+            if sock.family in (socket.AF_INET, socket.AF_INET6):
+                return int(sock.getsockname()[1])
+        return None
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        listen = self.config.listen
+        if listen.path is not None:
+            self._server = await loop.create_unix_server(
+                lambda: _Handshake(self), listen.path, backlog=1024
+            )
+        else:
+            assert listen.port is not None
+            self._server = await loop.create_server(
+                lambda: _Handshake(self), listen.host, listen.port, backlog=1024, reuse_address=True
+            )
+        log.info("listening on %s, upstream %s", listen, self.config.upstream)
+
+    def accepted(self, transport: asyncio.Transport) -> None:
+        peername = transport.get_extra_info("peername")
+        peer = f"{peername[0]}:{peername[1]}" if isinstance(peername, tuple) else str(peername)
+        limit = self.config.limits.max_connections
+        if len(self.connections) + self.handshaking >= limit:
+            conn_log.warning("refused peer=%s reason=max_connections (%d) reached", peer, limit)
+            transport.abort()
+            return
+        self.handshaking += 1
+        task = asyncio.get_running_loop().create_task(self._handshake(transport, peer))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _handshake(self, raw: asyncio.Transport, peer: str) -> None:
+        loop = asyncio.get_running_loop()
+        conn = Connection(self, peer)
+        try:
+            try:
+                tls = await loop.start_tls(
+                    raw,
+                    conn,
+                    self.ssl_context,
+                    server_side=True,
+                    ssl_handshake_timeout=self.config.limits.handshake_timeout,
+                )
+            except (OSError, TimeoutError, ConnectionError) as exc:
+                conn_log.info("handshake failed peer=%s reason=%s", peer, _ssl_reason(exc))
+                raw.abort()
+                return
+            if tls is None:  # pragma: no cover - only on a closed loop
+                raw.abort()
+                return
+            conn.client = tls
+            tls.pause_reading()
+            conn.reading = False
+            ssl_object = tls.get_extra_info("ssl_object")
+            der = ssl_object.getpeercert(binary_form=True) if ssl_object else None
+            if not der:
+                conn_log.info("refused peer=%s reason=no client certificate", peer)
+                tls.abort()
+                return
+            identity = identity_from_der(der)
+            conn.identity = identity
+            principal = self.policy.current.principal_for(identity)
+            if principal is None:
+                conn_log.warning(
+                    "refused peer=%s subject=%s fingerprint=%s reason=no principal matches",
+                    peer,
+                    identity.subject,
+                    identity.fingerprint,
+                )
+                tls.close()
+                return
+            conn.principal = principal
+            conn.session = Session(self.policy, principal, self.config.limits.max_job_size)
+            if conn.early:
+                conn.session.feed_client(bytes(conn.early))
+                conn.early.clear()
+        finally:
+            self.handshaking -= 1
+        self.connections.add(conn)
+        await self._connect_upstream(conn)
+
+    async def _connect_upstream(self, conn: Connection) -> None:
+        loop = asyncio.get_running_loop()
+        up: Endpoint = self.config.upstream
+        try:
+            async with asyncio.timeout(self.config.limits.upstream_connect_timeout):
+                if up.path is not None:
+                    transport, _ = await loop.create_unix_connection(
+                        lambda: _Upstream(conn), up.path
+                    )
+                else:
+                    assert up.host is not None and up.port is not None
+                    transport, _ = await loop.create_connection(
+                        lambda: _Upstream(conn), up.host, up.port
+                    )
+        except (OSError, TimeoutError) as exc:
+            log.error("upstream %s unreachable for %s: %s", up, conn.peer, exc or "timeout")
+            conn.close(f"upstream unreachable: {exc or 'timeout'}")
+            return
+        if conn.closed:
+            transport.close()
+            return
+        assert isinstance(transport, asyncio.Transport)
+        conn.upstream = transport
+        identity = conn.identity
+        conn_log.info(
+            "open peer=%s principal=%s subject=%s fingerprint=%s",
+            conn.peer,
+            conn.principal,
+            identity.subject if identity else None,
+            identity.fingerprint if identity else None,
+            extra={
+                "fields": {
+                    "event": "open",
+                    "peer": conn.peer,
+                    "principal": conn.principal,
+                    "subject": identity.subject if identity else None,
+                    "fingerprint": identity.fingerprint if identity else None,
+                }
+            },
+        )
+        conn.flush()
+
+    def forget(self, conn: Connection) -> None:
+        self.connections.discard(conn)
+
+    def reload_policy(self, policy: Policy) -> None:
+        """Swap the policy; live connections follow it from their next command. A connection
+        whose certificate no longer maps to any principal is closed."""
+        self.policy.current = policy
+        for conn in list(self.connections):
+            if conn.identity is None or conn.session is None:
+                continue
+            principal = policy.principal_for(conn.identity)
+            if principal is None:
+                conn.close("principal removed by ACL reload")
+            elif principal != conn.principal:
+                conn.principal = principal
+                conn.session.set_principal(principal)
+
+    def reload_tls(self, ctx: ssl.SSLContext) -> None:
+        """New handshakes use ``ctx``; established connections keep theirs."""
+        self.ssl_context = ctx
+
+    async def close(self) -> None:
+        """Stop accepting and close every connection."""
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self.connections):
+            conn.close("proxy shutting down")
+        for task in list(self._tasks):
+            task.cancel()
+        if self._server is not None:
+            await self._server.wait_closed()

@@ -1,0 +1,594 @@
+"""One client connection's state machine: parse, decide, serialize; pure and synchronous.
+
+A ``Session`` joins the protocol parsers and the access policy for one client connection and
+its one upstream connection. The relay feeds it client bytes (``feed_client``) and upstream
+bytes (``feed_upstream``) and flushes what it leaves in ``to_upstream`` and ``to_client``;
+nothing else crosses. The session forwards only canonical serializations of commands it
+parsed and allowed, answers denied or malformed commands itself, and keeps every reply in
+command order with a FIFO of pending entries (one per forwarded command; local replies wait
+their turn behind earlier forwarded commands). It tracks what beanstalkd tracks per
+connection (used tube, watch list, reserved jobs) so every decision is made against the
+current policy, and it learns job-id -> tube from this connection's own ``INSERTED`` and
+``RESERVED`` replies, asking beanstalkd with ``stats-job`` on the same upstream connection only
+when a decision depends on it (then ``blocked`` is set until the answer arrives).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from typing import Any, Final, Protocol
+
+from proxy.acl import DELETE_OTHER_VERB, Decision, Policy
+from proxy.errors import ProtocolError
+from proxy.protocol import (
+    BAD_FORMAT,
+    CRLF,
+    NAMES,
+    NEED_DATA,
+    NOT_FOUND,
+    NOT_PERMITTED,
+    OP_BURY,
+    OP_DELETE,
+    OP_ERROR,
+    OP_IGNORE,
+    OP_KICK,
+    OP_KICK_JOB,
+    OP_LIST_TUBE_USED,
+    OP_LIST_TUBES,
+    OP_LIST_TUBES_WATCHED,
+    OP_PAUSE_TUBE,
+    OP_PEEK,
+    OP_PEEK_BURIED,
+    OP_PEEK_DELAYED,
+    OP_PEEK_READY,
+    OP_PUT,
+    OP_QUIT,
+    OP_RELEASE,
+    OP_RESERVE,
+    OP_RESERVE_JOB,
+    OP_RESERVE_WITH_TIMEOUT,
+    OP_STATS,
+    OP_STATS_JOB,
+    OP_STATS_TUBE,
+    OP_TOUCH,
+    OP_USE,
+    OP_WATCH,
+    ClientParser,
+    Command,
+    ReplyParser,
+    _NeedData,
+    write_command,
+)
+
+#: Pending-reply kinds (first item of each pending entry).
+K_PLAIN: Final = 0  # pass the reply through
+K_LOCAL: Final = 1  # (K_LOCAL, reply_bytes): a reply the proxy makes, in its turn
+K_PUT: Final = 2  # (K_PUT, tube): learn INSERTED/BURIED id -> tube
+K_RESERVE: Final = 3  # (K_RESERVE, tubes): learn RESERVED id; tubes = candidate tubes or ()
+K_JOB_DONE: Final = 4  # (K_JOB_DONE, id): release/bury/delete: the job is no longer ours
+K_TOUCH: Final = 5  # (K_TOUCH, id): NOT_FOUND means the job is no longer ours
+K_LOOKUP: Final = 6  # (K_LOOKUP, cmd, verb): stats-job sent to learn a job's tube
+K_STATS_JOB: Final = 7  # (K_STATS_JOB, id): the client's own stats-job, filtered by tube
+K_LIST_TUBES: Final = 8  # filter the tube list to tubes the principal may see
+K_STATS: Final = 9  # redact host-identifying fields
+
+_PLAIN: Final = (K_PLAIN,)
+_LIST_TUBES: Final = (K_LIST_TUBES,)
+_STATS: Final = (K_STATS,)
+
+#: Pending entries beyond which the relay stops reading the client (local replies for denied
+#: commands do not go upstream, so upstream backpressure alone would not bound them).
+MAX_PENDING: Final = 4096
+#: Job ids remembered per connection (oldest forgotten first; a forgotten id costs a lookup).
+MAX_KNOWN_JOBS: Final = 65536
+#: ``stats`` fields that identify the host; replaced for principals without the server class.
+REDACTED_STATS: Final = frozenset({b"pid", b"hostname", b"os", b"platform", b"id"})
+
+
+class PolicySource(Protocol):
+    """Anything holding the current policy (the relay's ``PolicyHolder``)."""
+
+    @property
+    def current(self) -> Policy: ...
+
+
+def _yaml_scalar(value: bytes) -> bytes:
+    value = value.strip()
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in b"\"'":
+        return value[1:-1]
+    return value
+
+
+def job_stats_fields(body: bytes) -> tuple[str, str]:
+    """(tube, state) from a ``stats-job`` YAML body; raises ``ProtocolError`` if absent."""
+    tube = state = None
+    for raw in body.split(b"\n"):
+        key, sep, value = raw.partition(b":")
+        if not sep:
+            continue
+        if key == b"tube":
+            tube = _yaml_scalar(value)
+        elif key == b"state":
+            state = _yaml_scalar(value)
+    if tube is None or state is None:
+        raise ProtocolError("stats-job reply from upstream lacks tube or state")
+    return tube.decode("ascii", "replace"), state.decode("ascii", "replace")
+
+
+def ok_reply(yaml: bytes) -> bytes:
+    """An ``OK <n>`` reply carrying ``yaml`` as its body."""
+    return b"OK %d\r\n%s\r\n" % (len(yaml), yaml)
+
+
+class Session:
+    """See the module docstring. Attributes the relay reads after each call:
+
+    ``to_upstream`` / ``to_client``: bytes to send (the relay swaps them out);
+    ``blocked``: waiting for a lookup reply, stop reading the client;
+    ``draining``: the client will send nothing more; once ``blocked`` is false, the relay
+    half-closes upstream and closes the client when upstream closes;
+    ``failed``: a reason string when the upstream misbehaved and both sides must close now;
+    ``denials``: audit records of denied commands, for the relay to log and clear.
+    """
+
+    def __init__(self, policy: PolicySource, principal: str, max_job_size: int = 65535) -> None:
+        self._source = policy
+        self.principal = principal
+        self.parser = ClientParser(max_job_size)
+        self.replies = ReplyParser()
+        self.to_upstream = bytearray()
+        self.to_client = bytearray()
+        self.pending: deque[tuple[Any, ...]] = deque()
+        self.used = "default"
+        self.watched: dict[str, None] = {"default": None}
+        self.jobs: dict[int, str] = {}
+        self.reserved: dict[int, tuple[str, ...]] = {}
+        self.blocked = False
+        self.draining = False
+        self.failed: str | None = None
+        self.close_reason = ""
+        self.denials: list[dict[str, Any]] = []
+        self.commands = 0
+        self._policy: Policy | None = None
+        self._cache: dict[tuple[str, str, str | None], Decision] = {}
+        self._any_cache: dict[str, Decision] = {}
+        self._uniform_cache: dict[tuple[str, str], bool] = {}
+        self._handlers: tuple[Callable[[Command], None], ...] = self._build_handlers()
+
+    # --- policy access, cached per policy object ----------------------------------------------
+
+    def _fresh_policy(self) -> Policy:
+        policy = self._source.current
+        if policy is not self._policy:
+            self._policy = policy
+            self._cache.clear()
+            self._any_cache.clear()
+            self._uniform_cache.clear()
+        return policy
+
+    def set_principal(self, principal: str) -> None:
+        """Rename this connection's principal (after a reload re-mapped its certificate)."""
+        self.principal = principal
+        self._policy = None
+
+    def _decide(self, command: str, verb: str, tube: str | None) -> Decision:
+        policy = self._fresh_policy()
+        key = (command, verb, tube)
+        d = self._cache.get(key)
+        if d is None:
+            if len(self._cache) >= 4096:
+                self._cache.clear()
+            d = self._cache[key] = policy.decide(self.principal, command, verb, tube)
+        return d
+
+    def _visible(self, tube: str) -> Decision:
+        policy = self._fresh_policy()
+        d = self._any_cache.get(tube)
+        if d is None:
+            if len(self._any_cache) >= 4096:
+                self._any_cache.clear()
+            d = self._any_cache[tube] = policy.any_right(self.principal, tube)
+        return d
+
+    def _uniform(self, command: str, verb: str) -> bool:
+        policy = self._fresh_policy()
+        key = (command, verb)
+        u = self._uniform_cache.get(key)
+        if u is None:
+            u = self._uniform_cache[key] = policy.uniform(self.principal, command, verb)
+        return u
+
+    # --- client side --------------------------------------------------------------------------
+
+    def feed_client(self, data: bytes) -> None:
+        """Take bytes from the client; parse and act on every complete command."""
+        if self.draining or self.failed:
+            return
+        self.parser.feed(data)
+        self._run()
+
+    def client_eof(self) -> None:
+        """The client half-closed: no more commands; an incomplete one is dropped."""
+        if not self.draining:
+            self.draining = True
+            self.close_reason = self.close_reason or "client closed"
+
+    def _run(self) -> None:
+        parser = self.parser
+        handlers = self._handlers
+        try:
+            while not self.blocked and not self.draining:
+                cmd = parser.next_command()
+                if isinstance(cmd, _NeedData):
+                    return
+                self.commands += 1
+                handlers[cmd[0]](cmd)
+        except ProtocolError as exc:
+            self._local(BAD_FORMAT)
+            self.draining = True
+            self.close_reason = f"protocol error: {exc}"
+
+    def _local(self, reply: bytes) -> None:
+        if self.pending:
+            self.pending.append((K_LOCAL, reply))
+        else:
+            self.to_client += reply
+
+    def _forward(self, cmd: Command, entry: tuple[Any, ...] = _PLAIN) -> None:
+        write_command(self.to_upstream, cmd)
+        self.pending.append(entry)
+
+    def _deny(
+        self,
+        cmd: Command,
+        decision: Decision,
+        tube: str | None,
+        job: int | None = None,
+        reply: bytes = NOT_PERMITTED,
+    ) -> None:
+        self._audit(cmd, decision, tube, job, reply)
+        self._local(reply)
+
+    def _audit(
+        self, cmd: Command, decision: Decision, tube: str | None, job: int | None, reply: bytes
+    ) -> None:
+        self.denials.append(
+            {
+                "principal": self.principal,
+                "command": NAMES[cmd[0]],
+                "tube": tube,
+                "job": job,
+                "rule": decision.rule,
+                "reply": reply.decode().strip(),
+            }
+        )
+
+    def _check(self, cmd: Command, verb: str, tube: str | None) -> bool:
+        d = self._decide(NAMES[cmd[0]], verb, tube)
+        if d.allowed:
+            return True
+        self._deny(cmd, d, tube)
+        return False
+
+    def _build_handlers(self) -> tuple[Callable[[Command], None], ...]:
+        table: dict[int, Callable[[Command], None]] = {
+            OP_PUT: self._h_put,
+            OP_USE: self._h_use,
+            OP_RESERVE: self._h_reserve,
+            OP_RESERVE_WITH_TIMEOUT: self._h_reserve,
+            OP_RESERVE_JOB: self._h_job,
+            OP_DELETE: self._h_job,
+            OP_RELEASE: self._h_own_job,
+            OP_BURY: self._h_own_job,
+            OP_TOUCH: self._h_own_job,
+            OP_WATCH: self._h_watch,
+            OP_IGNORE: self._h_ignore,
+            OP_PEEK: self._h_job,
+            OP_PEEK_READY: self._h_used_tube,
+            OP_PEEK_DELAYED: self._h_used_tube,
+            OP_PEEK_BURIED: self._h_used_tube,
+            OP_KICK: self._h_used_tube,
+            OP_KICK_JOB: self._h_job,
+            OP_STATS_JOB: self._h_stats_job,
+            OP_STATS_TUBE: self._h_named_tube,
+            OP_STATS: self._h_stats,
+            OP_LIST_TUBES: self._h_list_tubes,
+            OP_LIST_TUBE_USED: self._forward,
+            OP_LIST_TUBES_WATCHED: self._forward,
+            OP_PAUSE_TUBE: self._h_named_tube,
+            OP_QUIT: self._h_quit,
+            OP_ERROR: self._h_error,
+        }
+        return tuple(table[op] for op in range(len(table)))
+
+    def _h_error(self, cmd: Command) -> None:
+        self._local(cmd[1])
+
+    def _h_quit(self, cmd: Command) -> None:
+        # beanstalkd answers everything before the quit, then closes: forward it (it has no
+        # reply, so nothing is pending for it) and drain.
+        write_command(self.to_upstream, cmd)
+        self.draining = True
+        self.close_reason = "quit"
+
+    def _h_put(self, cmd: Command) -> None:
+        tube = self.used
+        d = self._decide("put", "produce", tube)
+        if not d.allowed:
+            self._deny(cmd, d, tube)
+            return
+        limits = d.limits
+        if limits is not None:
+            broken = limits.violation(cmd[1], cmd[2], cmd[3], len(cmd[4]))
+            if broken:
+                self._deny(cmd, Decision(False, f"{d.rule}: {broken}"), tube)
+                return
+        write_command(self.to_upstream, cmd)
+        self.pending.append((K_PUT, tube))
+
+    def _h_use(self, cmd: Command) -> None:
+        tube = cmd[1]
+        d = self._visible(tube)
+        if not d.allowed:
+            self._deny(cmd, d, tube)
+            return
+        self.used = tube
+        self._forward(cmd)
+
+    def _h_watch(self, cmd: Command) -> None:
+        tube = cmd[1]
+        if self._check(cmd, "consume", tube):
+            self.watched[tube] = None
+            self._forward(cmd)
+
+    def _h_ignore(self, cmd: Command) -> None:
+        tube = cmd[1]
+        if tube in self.watched and len(self.watched) > 1:
+            del self.watched[tube]
+        self._forward(cmd)
+
+    def _h_reserve(self, cmd: Command) -> None:
+        name = NAMES[cmd[0]]
+        for tube in self.watched:
+            d = self._decide(name, "consume", tube)
+            if not d.allowed:
+                self._deny(cmd, d, tube)
+                return
+        self._forward(cmd, (K_RESERVE, tuple(self.watched)))
+
+    def _h_used_tube(self, cmd: Command) -> None:
+        verb = "manage" if cmd[0] == OP_KICK else "inspect"
+        if self._check(cmd, verb, self.used):
+            self._forward(cmd)
+
+    def _h_named_tube(self, cmd: Command) -> None:
+        verb = "manage" if cmd[0] == OP_PAUSE_TUBE else "inspect"
+        if self._check(cmd, verb, cmd[1]):
+            self._forward(cmd)
+
+    def _h_stats(self, cmd: Command) -> None:
+        if self._decide("stats", "server", None).allowed:
+            self._forward(cmd)
+        else:
+            self._forward(cmd, _STATS)
+
+    def _h_list_tubes(self, cmd: Command) -> None:
+        if self._uniform("list-tubes", "inspect"):
+            self._forward(cmd)
+        else:
+            self._forward(cmd, _LIST_TUBES)
+
+    # --- job-id commands ------------------------------------------------------------------
+
+    def _job_verb(self, cmd: Command) -> str:
+        op = cmd[0]
+        if op == OP_DELETE:
+            return "consume" if cmd[1] in self.reserved else DELETE_OTHER_VERB
+        if op in (OP_PEEK, OP_STATS_JOB):
+            return "inspect"
+        if op in (OP_RELEASE, OP_BURY, OP_TOUCH):
+            return "consume"
+        return "manage"  # kick-job, reserve-job
+
+    def _known_tubes(self, job: int) -> tuple[str, ...]:
+        """Tubes the job is known to be in: one tube, or the watch list it was reserved from."""
+        tube = self.jobs.get(job)
+        if tube is not None:
+            return (tube,)
+        return self.reserved.get(job, ())
+
+    def _h_stats_job(self, cmd: Command) -> None:
+        if self._uniform("stats-job", "inspect"):
+            self._forward(cmd)
+            return
+        tubes = self._known_tubes(cmd[1])
+        if len(tubes) == 1:
+            self._decide_job(cmd, "inspect", tubes[0])
+        else:
+            # The reply itself tells the tube: decide when it arrives, no extra command.
+            self._forward(cmd, (K_STATS_JOB, cmd[1]))
+
+    def _h_own_job(self, cmd: Command) -> None:
+        """release, bury, touch: only jobs this connection reserved exist for these."""
+        job = cmd[1]
+        if job not in self.reserved and not self._uniform(NAMES[cmd[0]], "consume"):
+            # beanstalkd would answer NOT_FOUND: every reservation of this connection passed
+            # through this session, so a job not in ``reserved`` is not reserved here.
+            self._local(NOT_FOUND)
+            return
+        self._h_job(cmd)
+
+    def _h_job(self, cmd: Command) -> None:
+        verb = self._job_verb(cmd)
+        name = NAMES[cmd[0]]
+        if self._uniform(name, verb):
+            self._send_job_cmd(cmd, self._known_tubes(cmd[1]))
+            return
+        tubes = self._known_tubes(cmd[1])
+        if tubes and all(self._decide(name, verb, t).allowed for t in tubes):
+            self._send_job_cmd(cmd, tubes)
+        elif len(tubes) == 1:
+            self._decide_job(cmd, verb, tubes[0])
+        else:
+            # Unknown (or ambiguous) tube: ask beanstalkd on this connection, hold the client.
+            self.to_upstream += b"stats-job %d\r\n" % cmd[1]
+            self.pending.append((K_LOOKUP, cmd, verb))
+            self.blocked = True
+
+    def _decide_job(self, cmd: Command, verb: str, tube: str) -> None:
+        d = self._decide(NAMES[cmd[0]], verb, tube)
+        if d.allowed:
+            self._send_job_cmd(cmd, (tube,))
+        elif not self._visible(tube).allowed:
+            # A job in a tube the principal cannot see answers as if it did not exist.
+            self._deny(cmd, d, tube, cmd[1], NOT_FOUND)
+        else:
+            self._deny(cmd, d, tube, cmd[1])
+
+    def _send_job_cmd(self, cmd: Command, tubes: tuple[str, ...]) -> None:
+        op = cmd[0]
+        if op in (OP_RELEASE, OP_BURY, OP_DELETE):
+            self._forward(cmd, (K_JOB_DONE, cmd[1]))
+        elif op == OP_TOUCH:
+            self._forward(cmd, (K_TOUCH, cmd[1]))
+        elif op == OP_RESERVE_JOB:
+            self._forward(cmd, (K_RESERVE, tubes))
+        else:
+            self._forward(cmd)
+
+    # --- upstream side ------------------------------------------------------------------------
+
+    def feed_upstream(self, data: bytes) -> None:
+        """Take bytes from beanstalkd; deliver replies in order, resume a held client."""
+        if self.failed:
+            return
+        replies = self.replies
+        replies.feed(data)
+        pending = self.pending
+        out = self.to_client
+        was_blocked = self.blocked
+        try:
+            while True:
+                reply = replies.next_reply()
+                if reply is NEED_DATA:
+                    break
+                if not pending:
+                    raise ProtocolError("reply from upstream with no command pending")
+                line, body = reply  # type: ignore[misc]
+                entry = pending.popleft()
+                kind = entry[0]
+                if kind == K_PLAIN:
+                    out += line
+                    out += CRLF
+                    if body is not None:
+                        out += body
+                elif kind == K_PUT:
+                    self._on_put_reply(entry[1], line)
+                elif kind == K_LOOKUP:
+                    self._on_lookup(entry[1], entry[2], line, body)
+                else:
+                    self._on_reply(entry, line, body)
+                while pending and pending[0][0] == K_LOCAL:
+                    out += pending.popleft()[1]
+        except ProtocolError as exc:
+            self.failed = f"upstream protocol error: {exc}"
+            return
+        if was_blocked and not self.blocked:
+            self._run()
+
+    def _remember(self, job: int, tube: str) -> None:
+        jobs = self.jobs
+        if len(jobs) >= MAX_KNOWN_JOBS:
+            del jobs[next(iter(jobs))]
+        jobs[job] = tube
+
+    def _on_put_reply(self, tube: str, line: bytes) -> None:
+        out = self.to_client
+        out += line
+        out += CRLF
+        if line.startswith(b"INSERTED ") or line.startswith(b"BURIED "):
+            self._remember(_reply_id(line), tube)
+
+    def _on_reply(self, entry: tuple[Any, ...], line: bytes, body: bytes | None) -> None:
+        kind = entry[0]
+        if kind == K_RESERVE:
+            if line.startswith(b"RESERVED "):
+                job = _reply_id(line)
+                tubes: tuple[str, ...] = entry[1]
+                self.reserved[job] = tubes
+                if len(tubes) == 1:
+                    self._remember(job, tubes[0])
+        elif kind == K_JOB_DONE:
+            self.reserved.pop(entry[1], None)
+            if line == b"DELETED":
+                self.jobs.pop(entry[1], None)
+        elif kind == K_TOUCH:
+            if line == b"NOT_FOUND":
+                self.reserved.pop(entry[1], None)
+        elif kind == K_STATS_JOB and body is not None:
+            tube, _state = job_stats_fields(body)
+            self._remember(entry[1], tube)
+            cmd = (OP_STATS_JOB, entry[1])
+            d = self._decide("stats-job", "inspect", tube)
+            if not d.allowed:
+                # Answer in this reply's turn (not behind later pending entries).
+                reply = NOT_PERMITTED if self._visible(tube).allowed else NOT_FOUND
+                self._audit(cmd, d, tube, entry[1], reply)
+                self.to_client += reply
+                return
+        elif kind == K_LIST_TUBES and body is not None:
+            self.to_client += self._filter_tubes(body)
+            return
+        elif kind == K_STATS and body is not None:
+            self.to_client += ok_reply(_redact_stats(body[:-2]))
+            return
+        out = self.to_client
+        out += line
+        out += CRLF
+        if body is not None:
+            out += body
+
+    def _on_lookup(self, cmd: Command, verb: str, line: bytes, body: bytes | None) -> None:
+        self.blocked = False
+        if body is None:
+            if line != b"NOT_FOUND":
+                raise ProtocolError(f"unexpected reply to stats-job lookup: {line[:40]!r}")
+            self._local(NOT_FOUND)
+            return
+        tube, state = job_stats_fields(body[:-2])
+        if cmd[0] == OP_PEEK and state == "invalid":
+            # The body is still uploading: beanstalkd would show uninitialised memory.
+            self._local(NOT_FOUND)
+            return
+        self._remember(cmd[1], tube)
+        if cmd[0] in (OP_RELEASE, OP_BURY, OP_TOUCH, OP_DELETE) and cmd[1] in self.reserved:
+            self.reserved[cmd[1]] = (tube,)
+        self._decide_job(cmd, verb, tube)
+
+    def _filter_tubes(self, body: bytes) -> bytes:
+        keep = [b"---"]
+        for raw in body[:-2].split(b"\n"):
+            if raw.startswith(b"- "):
+                name = _yaml_scalar(raw[2:]).decode("ascii", "replace")
+                if self._visible(name).allowed:
+                    keep.append(raw)
+        return ok_reply(b"\n".join(keep) + b"\n")
+
+
+def _reply_id(line: bytes) -> int:
+    parts = line.split(b" ")
+    if len(parts) < 2 or not parts[1].isdigit():
+        raise ProtocolError(f"malformed reply from upstream: {line[:40]!r}")
+    return int(parts[1])
+
+
+def _redact_stats(yaml: bytes) -> bytes:
+    lines = []
+    for raw in yaml.split(b"\n"):
+        key, sep, _ = raw.partition(b":")
+        if sep and key in REDACTED_STATS:
+            raw = key + (b": 0" if key == b"pid" else b": redacted")
+        lines.append(raw)
+    return b"\n".join(lines)
+

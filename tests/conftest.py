@@ -1,0 +1,310 @@
+"""Shared fixtures: a real beanstalkd per test, a test PKI made at session start, an
+in-process proxy on a free port, and small async clients (TLS through the proxy, plain TCP
+straight to beanstalkd) that read replies by count.
+
+beanstalkd must be installed (``.ci/run`` installs it); a missing binary is a test failure,
+never a skip. ``BEANSTALKD`` overrides the binary path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import ssl
+import subprocess
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from proxy.acl import parse_acl
+from proxy.certs import init_ca_and_server, issue_client
+from proxy.config import Config, Endpoint, Limits, LogConfig, TLSConfig
+from proxy.relay import PolicyHolder, ProxyServer
+from proxy.tlsctx import server_context
+
+BEANSTALKD = os.environ.get("BEANSTALKD", "beanstalkd")
+#: max-job-size used by the test beanstalkd and proxy (small, so size limits are cheap to hit).
+TEST_MAX_JOB = 1024
+
+#: The ACL most integration tests run under. Principals come from real client certificates.
+TEST_ACL: dict[str, Any] = {
+    "principals": [
+        {"name": "admin", "match": {"cn": "admin"}},
+        {"name": "billing", "match": {"uri": "spiffe://example.org/billing/*"}},
+        {"name": "worker", "match": {"cn": "worker", "ou": "jobs"}},
+        {"name": "inspector", "match": {"cn": "inspector"}},
+    ],
+    "rules": [
+        {"principal": "admin", "tubes": ["*"], "allow": ["all"]},
+        {"principal": "billing", "tubes": ["invoices", "invoices.*"], "allow": ["produce"]},
+        {"principal": "billing", "tubes": ["invoices"], "allow": ["inspect"]},
+        {"principal": "worker", "tubes": ["invoices"], "allow": ["consume"]},
+        {"principal": "inspector", "tubes": ["*"], "allow": ["inspect"]},
+        {"principal": "*", "tubes": ["secrets.*"], "deny": ["all"]},
+    ],
+}
+
+#: Client certificates issued by the test CA: name -> issue_client keyword arguments.
+CLIENTS: dict[str, dict[str, Any]] = {
+    "admin": {},
+    "billing": {"uris": ["spiffe://example.org/billing/api"]},
+    "worker": {"ous": ["jobs"]},
+    "inspector": {},
+    "stranger": {},  # valid certificate, but no principal matches it
+}
+
+
+@dataclass
+class PKI:
+    """Paths of the test PKI (``dir``) and of a second, untrusted CA (``other``)."""
+
+    dir: Path
+    other: Path
+
+    @property
+    def ca(self) -> str:
+        return str(self.dir / "ca.pem")
+
+    def cert(self, name: str) -> tuple[str, str]:
+        return str(self.dir / f"{name}.pem"), str(self.dir / f"{name}.key")
+
+    def client_context(self, name: str | None, ca_dir: Path | None = None) -> ssl.SSLContext:
+        """A TLS client context trusting the test CA, presenting ``name``'s cert (if any)."""
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.load_verify_locations(self.ca)
+        if name is not None:
+            d = ca_dir or self.dir
+            ctx.load_cert_chain(str(d / f"{name}.pem"), str(d / f"{name}.key"))
+        return ctx
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
+    d = tmp_path_factory.mktemp("pki")
+    init_ca_and_server(d)
+    for name, kwargs in CLIENTS.items():
+        issue_client(d, name, **kwargs)
+    other = tmp_path_factory.mktemp("other-pki")
+    init_ca_and_server(other)
+    issue_client(other, "admin")  # same CN as a real principal, wrong CA
+    return PKI(d, other)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(port: int, proc: subprocess.Popen[bytes] | None = None, timeout: float = 10) -> None:
+    """Block until something accepts on 127.0.0.1:port (polling connect), or fail."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before listening")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)  # polling a port that has no readiness event
+
+
+@dataclass
+class Beanstalkd:
+    """A running beanstalkd child process."""
+
+    port: int
+    proc: subprocess.Popen[bytes]
+    max_job_size: int
+    extra: list[str] = field(default_factory=list)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+    def restart(self) -> None:
+        self.stop()
+        self.proc = _spawn_beanstalkd(self.port, self.max_job_size, self.extra)
+
+
+def _spawn_beanstalkd(port: int, max_job: int, extra: list[str]) -> subprocess.Popen[bytes]:
+    try:
+        proc = subprocess.Popen(
+            [BEANSTALKD, "-l", "127.0.0.1", "-p", str(port), "-z", str(max_job), *extra],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+    except FileNotFoundError:
+        pytest.fail(
+            f"beanstalkd binary {BEANSTALKD!r} not found: integration tests need a real "
+            "beanstalkd (apt-get install beanstalkd, or run bash .ci/run)"
+        )
+    wait_for_port(port, proc)
+    return proc
+
+
+@pytest.fixture
+def beanstalkd() -> Iterator[Beanstalkd]:
+    port = free_port()
+    b = Beanstalkd(port, _spawn_beanstalkd(port, TEST_MAX_JOB, []), TEST_MAX_JOB)
+    try:
+        yield b
+    finally:
+        b.stop()
+
+
+def make_config(pki: PKI, upstream_port: int, **limits: Any) -> Config:
+    base = Limits(
+        max_connections=100,
+        handshake_timeout=2.0,
+        max_job_size=TEST_MAX_JOB,
+        upstream_connect_timeout=2.0,
+    )
+    return Config(
+        listen=Endpoint("127.0.0.1", 0, None),
+        upstream=Endpoint("127.0.0.1", upstream_port, None),
+        allow_remote_upstream=False,
+        tls=TLSConfig(
+            cert=str(pki.dir / "server.pem"),
+            key=str(pki.dir / "server.key"),
+            client_ca=pki.ca,
+            crl=(),
+            min_version="1.2",
+        ),
+        acl="<test>",
+        limits=replace(base, **limits),
+        metrics_listen=None,
+        log=LogConfig("text", "info"),
+        source="<test>",
+    )
+
+
+@dataclass
+class RunningProxy:
+    server: ProxyServer
+    pki: PKI
+
+    @property
+    def port(self) -> int:
+        port = self.server.port
+        assert port is not None
+        return port
+
+    async def connect(self, name: str | None = "admin", ca_dir: Path | None = None) -> Client:
+        ctx = self.pki.client_context(name, ca_dir)
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", self.port, ssl=ctx, server_hostname="localhost"
+        )
+        return Client(reader, writer)
+
+
+async def start_proxy(
+    pki: PKI, upstream_port: int, acl: dict[str, Any] | None = None, **limits: Any
+) -> RunningProxy:
+    config = make_config(pki, upstream_port, **limits)
+    policy = parse_acl(acl if acl is not None else TEST_ACL, "<test acl>")
+    server = ProxyServer(config, server_context(config.tls), PolicyHolder(policy))
+    await server.start()
+    return RunningProxy(server, pki)
+
+
+@pytest.fixture
+async def proxy(pki: PKI, beanstalkd: Beanstalkd) -> AsyncIterator[RunningProxy]:
+    running = await start_proxy(pki, beanstalkd.port)
+    try:
+        yield running
+    finally:
+        await running.server.close()
+
+
+Reply = tuple[bytes, bytes | None]
+
+
+class Client:
+    """A minimal beanstalkd client over asyncio streams that reads bodies by count."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    async def send(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def reply(self, timeout: float = 10) -> Reply:
+        """The next reply: (line without CRLF, body without its trailer or None)."""
+        async with asyncio.timeout(timeout):
+            line = (await self.reader.readuntil(b"\r\n"))[:-2]
+            head = line.split(b" ")
+            if head[0] in (b"RESERVED", b"FOUND", b"OK"):
+                n = int(head[-1])
+                body = await self.reader.readexactly(n + 2)
+                return line, body[:-2]
+            return line, None
+
+    async def call(self, line: bytes, body: bytes | None = None) -> Reply:
+        data = line + b"\r\n"
+        if body is not None:
+            data += body + b"\r\n"
+        await self.send(data)
+        return await self.reply()
+
+    async def line(self, line: bytes, body: bytes | None = None) -> bytes:
+        """Send one command and return only its reply line."""
+        return (await self.call(line, body))[0]
+
+    async def put(self, body: bytes, pri: int = 0, delay: int = 0, ttr: int = 60) -> bytes:
+        return await self.line(b"put %d %d %d %d" % (pri, delay, ttr, len(body)), body)
+
+    async def closed(self, timeout: float = 10) -> bytes:
+        """Wait for the peer to close; return whatever it sent before closing."""
+        async with asyncio.timeout(timeout):
+            data = b""
+            with contextlib.suppress(ConnectionError, ssl.SSLError):
+                while chunk := await self.reader.read(65536):
+                    data += chunk
+            return data
+
+    async def stats(self, command: bytes = b"stats") -> dict[str, str]:
+        line, body = await self.call(command)
+        assert line.startswith(b"OK"), line
+        assert body is not None
+        return parse_yaml_map(body)
+
+    async def close(self) -> None:
+        self.writer.close()
+        with contextlib.suppress(ConnectionError, ssl.SSLError):
+            await self.writer.wait_closed()
+
+
+def parse_yaml_map(body: bytes) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for raw in body.decode().splitlines():
+        key, sep, value = raw.partition(": ")
+        if sep:
+            out[key] = value.strip().strip('"')
+    return out
+
+
+async def direct(port: int) -> Client:
+    """A plain TCP client straight to beanstalkd (the test's view of the server)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    return Client(reader, writer)
+
+
+async def server_stats(port: int) -> dict[str, str]:
+    """beanstalkd's ``stats`` as seen by a fresh direct connection (which it counts)."""
+    c = await direct(port)
+    try:
+        return await c.stats()
+    finally:
+        await c.close()
