@@ -1,0 +1,101 @@
+"""Client mode: an unmodified beanstalkd client library (greenstalk, plain TCP) talks to the
+local tunnel, which carries it over mutual TLS to the proxy and on to a real beanstalkd."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import AsyncIterator
+
+import greenstalk
+import pytest
+from conftest import PKI, Beanstalkd, RunningProxy, server_stats
+
+from proxy.config import Endpoint
+from proxy.tunnel import TunnelServer
+
+
+async def _tunnel(
+    pki: PKI, proxy_port: int, name: str, hostname: str = "localhost"
+) -> TunnelServer:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.load_verify_locations(pki.ca)
+    cert, key = pki.cert(name)
+    ctx.load_cert_chain(cert, key)
+    t = TunnelServer(
+        Endpoint("127.0.0.1", 0, None), Endpoint("127.0.0.1", proxy_port, None), ctx, hostname
+    )
+    await t.start()
+    return t
+
+
+@pytest.fixture
+async def admin_tunnel(pki: PKI, proxy: RunningProxy) -> AsyncIterator[TunnelServer]:
+    t = await _tunnel(pki, proxy.port, "admin")
+    yield t
+    await t.close()
+
+
+def _greenstalk_session(port: int) -> tuple[int, bytes, int]:
+    with greenstalk.Client(("127.0.0.1", port), use="jobs", watch="jobs", encoding=None) as c:
+        job_id = c.put(b"payload\r\nwith CRLF\x00")
+        job = c.reserve(timeout=5)
+        c.delete(job)
+        return job_id, job.body, job.id
+
+
+async def test_greenstalk_through_tunnel_and_proxy(
+    admin_tunnel: TunnelServer, beanstalkd: Beanstalkd
+) -> None:
+    port = admin_tunnel.port
+    assert port is not None
+    job_id, body, reserved_id = await asyncio.to_thread(_greenstalk_session, port)
+    assert body == b"payload\r\nwith CRLF\x00"
+    assert job_id == reserved_id
+    stats = await server_stats(beanstalkd.port)
+    assert stats["cmd-put"] == "1" and stats["cmd-delete"] == "1"
+    assert stats["current-jobs-ready"] == "0"
+
+
+def _greenstalk_denied(port: int) -> list[bytes]:
+    statuses = []
+    with greenstalk.Client(("127.0.0.1", port), encoding=None) as c:
+        for attempt in (lambda: c.use("secrets.keys"), lambda: c.put(b"x")):
+            try:
+                attempt()
+            except greenstalk.UnknownResponseError as exc:
+                statuses.append(exc.status)
+        c.use("invoices")  # the connection is still usable after denials
+        c.put(b"ok")
+    return statuses
+
+
+async def test_tunnel_denial_reaches_library_as_error(
+    pki: PKI, proxy: RunningProxy, beanstalkd: Beanstalkd
+) -> None:
+    t = await _tunnel(pki, proxy.port, "billing")
+    try:
+        port = t.port
+        assert port is not None
+        statuses = await asyncio.to_thread(_greenstalk_denied, port)
+        assert statuses == [b"NOT_PERMITTED", b"NOT_PERMITTED"]
+    finally:
+        await t.close()
+    stats = await server_stats(beanstalkd.port)
+    assert stats["cmd-put"] == "1" and stats["cmd-use"] == "1"
+
+
+def _greenstalk_stats(port: int) -> dict[str, object]:
+    with greenstalk.Client(("127.0.0.1", port)) as c:
+        return dict(c.stats())
+
+
+async def test_tunnel_refuses_proxy_with_wrong_hostname(pki: PKI, proxy: RunningProxy) -> None:
+    t = await _tunnel(pki, proxy.port, "admin", hostname="not-the-proxy.example")
+    try:
+        port = t.port
+        assert port is not None
+        with pytest.raises((ConnectionError, OSError, greenstalk.Error)):
+            await asyncio.to_thread(_greenstalk_stats, port)
+    finally:
+        await t.close()
