@@ -1,0 +1,531 @@
+"""The ``beanstalk-proxy`` command line: the composition root and the only module that reads
+files or YAML.
+
+``serve`` loads the config and the ACL, builds the TLS context and runs the asyncio relay
+(uvloop when installed) until SIGTERM/SIGINT; SIGHUP re-reads the ACL file and the certificate,
+key, CA and CRL files named in the config and swaps them in, keeping the previous policy or
+context (and logging the precise error) when the new one does not load. ``check-config``
+validates everything ``serve`` would load, ``explain`` shows which principal a certificate maps
+to and how the ACL decides one command line, and ``certs`` makes a development PKI. YAML is read
+with a ``yaml.SafeLoader`` subclass that also rejects duplicate keys. Every ``ConfigError``
+exits with status 2 and ``error: <file>: <key path>: <reason>`` on stderr; PKI errors exit 1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable, Coroutine, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import click
+import yaml
+
+from proxy import __version__
+from proxy.config import Config, Endpoint, parse_config
+from proxy.errors import ConfigError, ProtocolError
+from proxy.logs import LOGGER, setup_logging
+
+if TYPE_CHECKING:
+    import ssl
+
+    from proxy.acl import Policy
+    from proxy.relay import ProxyServer
+
+__all__ = ["load_acl", "load_config", "load_yaml", "main"]
+
+log = logging.getLogger(LOGGER)
+
+EXIT_CONFIG = 2
+EXIT_PKI = 1
+
+
+# --------------------------------------------------------------------------------------------
+# YAML and file loading
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses duplicate mapping keys (a silent last-one-wins would
+    hide a second ``tls:`` section or a repeated rule key)."""
+
+
+def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    seen: dict[object, int] = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            first = seen.get(key)
+        except TypeError:  # unhashable key; construct_mapping reports it
+            continue
+        if first is not None:
+            raise yaml.constructor.ConstructorError(
+                None,
+                None,
+                f"duplicate key {key!r} (first defined on line {first})",
+                key_node.start_mark,
+            )
+        seen[key] = key_node.start_mark.line + 1
+    return loader.construct_mapping(node, deep=True)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def load_yaml(path: str) -> object:
+    """Read and parse the YAML file at ``path``; every failure is a ``ConfigError(path, ...)``."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(path, "", f"file not found (working directory {Path.cwd()})") from None
+    except IsADirectoryError:
+        raise ConfigError(path, "", "is a directory, not a YAML file") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            path, "", f"not valid UTF-8 text ({exc.reason} at byte {exc.start})"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(path, "", f"cannot read: {exc.strerror or exc}") from None
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # a SafeLoader subclass: safe
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = exc.problem or exc.context or "syntax error"
+        raise ConfigError(path, "", f"invalid YAML{where}: {problem}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(path, "", f"invalid YAML: {exc}") from None
+
+
+def load_config(path: str) -> Config:
+    """Load and validate the proxy configuration file."""
+    return parse_config(load_yaml(path), source=path)
+
+
+def load_acl(path: str) -> Policy:
+    """Load and compile the ACL file named by the config's ``acl`` key."""
+    from proxy.acl import parse_acl
+
+    return parse_acl(load_yaml(path), source=path)
+
+
+def _server_context(config: Config) -> ssl.SSLContext:
+    from proxy.tlsctx import server_context
+
+    return server_context(config.tls, source=config.source)
+
+
+# --------------------------------------------------------------------------------------------
+# the click group
+
+
+class _Group(click.Group):
+    """Maps the project's errors to exit codes and one-line messages on stderr."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        from proxy.certs import PKIError
+
+        try:
+            return super().invoke(ctx)
+        except ConfigError as exc:
+            click.echo(f"error: {exc}", err=True)
+            ctx.exit(EXIT_CONFIG)
+        except PKIError as exc:
+            click.echo(f"error: {exc}", err=True)
+            ctx.exit(EXIT_PKI)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="beanstalk-proxy")
+def main() -> None:
+    """Mutual-TLS, per-tube access-controlled proxy in front of beanstalkd."""
+
+
+_config_option = click.option(
+    "--config",
+    "config_path",
+    required=True,
+    metavar="PATH",
+    help="Proxy configuration file (YAML), e.g. config/proxy.yaml.",
+)
+
+
+# --------------------------------------------------------------------------------------------
+# serve
+
+
+def _run(coro: Coroutine[Any, Any, int]) -> int:
+    """Run ``coro`` on uvloop when it is installed, else on the default asyncio loop."""
+    factory: Callable[[], asyncio.AbstractEventLoop] | None = None
+    try:
+        uvloop = importlib.import_module("uvloop")
+    except ImportError:
+        pass
+    else:
+        factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(coro)
+
+
+def _reload(config: Config, server: ProxyServer) -> None:
+    """SIGHUP: re-read the ACL and the TLS files; keep what is running on any error."""
+    try:
+        policy = load_acl(config.acl)
+    except Exception as exc:
+        log.error("reload: ACL not reloaded, keeping the previous policy: %s", exc)
+    else:
+        server.reload_policy(policy)
+        log.info(
+            "reload: ACL %s loaded (%d principals)",
+            config.acl,
+            len(policy.principals),
+            extra={"fields": {"event": "reload", "what": "acl"}},
+        )
+    try:
+        ctx = _server_context(config)
+    except Exception as exc:
+        log.error("reload: TLS files not reloaded, keeping the previous context: %s", exc)
+    else:
+        server.reload_tls(ctx)
+        log.info(
+            "reload: TLS certificate, key, CA and CRL reloaded",
+            extra={"fields": {"event": "reload", "what": "tls"}},
+        )
+
+
+async def _serve(config: Config, ctx: ssl.SSLContext, policy: Policy) -> int:
+    from proxy.relay import PolicyHolder, ProxyServer
+
+    holder = PolicyHolder(policy)
+    server = ProxyServer(config, ctx, holder)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    # Handlers go in before anything can announce readiness: a SIGHUP sent by a supervisor
+    # right after "ready" must reload, not kill the process (SIGHUP's default action).
+    signals = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT)
+    loop.add_signal_handler(signal.SIGHUP, _reload, config, server)
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    try:
+        try:
+            await server.start()
+        except OSError as exc:
+            log.error("cannot listen on %s: %s", config.listen, exc)
+            return 1
+        where = str(config.listen)
+        if not config.listen.is_unix and server.port is not None:
+            where = str(Endpoint(config.listen.host, server.port, None))
+        log.info(
+            "ready: listening on %s, upstream %s, pid %d; SIGHUP reloads the ACL and TLS files",
+            where,
+            config.upstream,
+            os.getpid(),
+            extra={"fields": {"event": "ready", "listen": where, "upstream": str(config.upstream)}},
+        )
+        try:
+            await stop.wait()
+            log.info("shutting down", extra={"fields": {"event": "shutdown"}})
+        finally:
+            await server.close()
+    finally:
+        for sig in signals:
+            loop.remove_signal_handler(sig)
+    return 0
+
+
+@main.command()
+@_config_option
+def serve(config_path: str) -> None:
+    """Run the proxy until SIGTERM/SIGINT; SIGHUP reloads the ACL and TLS files."""
+    from proxy.acl import lint_acl
+
+    config = load_config(config_path)
+    setup_logging(config.log.format, config.log.level)
+    policy = load_acl(config.acl)
+    for warning in lint_acl(policy):
+        log.warning("%s: %s", config.acl, warning)
+    ctx = _server_context(config)
+    sys.exit(_run(_serve(config, ctx, policy)))
+
+
+# --------------------------------------------------------------------------------------------
+# check-config
+
+
+@main.command("check-config")
+@_config_option
+def check_config(config_path: str) -> None:
+    """Validate the config, the ACL and every certificate, key, CA and CRL file.
+
+    Prints ACL lint warnings, then "ok". Exits 2 with file, key path and reason on a problem."""
+    from proxy.acl import lint_acl
+
+    config = load_config(config_path)
+    policy = load_acl(config.acl)
+    _server_context(config)
+    for warning in lint_acl(policy):
+        click.echo(f"warning: {config.acl}: {warning}", err=True)
+    click.echo("ok")
+
+
+# --------------------------------------------------------------------------------------------
+# explain
+
+
+def _explain_principal(policy: Policy, cert_path: str | None, name: str | None) -> str:
+    if (cert_path is None) == (name is None):
+        raise click.UsageError("give exactly one of --cert PEM or --principal NAME")
+    if name is not None:
+        if name not in policy.principals:
+            click.echo(
+                f"note: {name!r} is not a principal defined in {policy.source}; no certificate "
+                f"can be mapped to it"
+            )
+        click.echo(f"principal: {name}")
+        return name
+    assert cert_path is not None
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    from proxy.certs import load_cert
+    from proxy.identity import identity_from_der
+
+    identity = identity_from_der(load_cert(cert_path).public_bytes(Encoding.DER))
+    click.echo(f"certificate: {identity.describe()}")
+    click.echo(f"  subject: {identity.subject}")
+    for label, values in (("dns", identity.dns), ("uri", identity.uris), ("ip", identity.ips)):
+        if values:
+            click.echo(f"  {label}: {', '.join(values)}")
+    click.echo(f"  fingerprint: {identity.fingerprint}")
+    principal = policy.principal_for(identity)
+    if principal is None:
+        click.echo("no principal matches: connection refused")
+        sys.exit(1)
+    click.echo(f"principal: {principal} ({policy.match_rule_for(identity)})")
+    return principal
+
+
+@main.command()
+@_config_option
+@click.option("--cert", "cert_path", metavar="PEM", help="Client certificate to map.")
+@click.option("--principal", "principal_name", metavar="NAME", help="Principal name to use.")
+@click.option(
+    "--tube",
+    metavar="TUBE",
+    help="The used tube (put, peek-*, kick), the watched tube (reserve) or the job's tube "
+    '(job-id commands). Default for used/watched: "default".',
+)
+@click.argument("commandline")
+def explain(
+    config_path: str,
+    cert_path: str | None,
+    principal_name: str | None,
+    tube: str | None,
+    commandline: str,
+) -> None:
+    """Show the principal for a certificate and the ACL decision for COMMANDLINE.
+
+    Example: explain --config config/proxy.yaml --cert certs/dev/dev-client.pem 'put 0 0 60 5'.
+    Exits 0 when allowed, 1 when denied or refused, 2 on configuration errors."""
+    from proxy.acl import ALWAYS, COMMAND_VERBS, DELETE_OTHER_VERB
+    from proxy.protocol import parse_command_line
+
+    config = load_config(config_path)
+    policy = load_acl(config.acl)
+    principal = _explain_principal(policy, cert_path, principal_name)
+
+    try:
+        parsed = parse_command_line(commandline.encode("utf-8"))
+    except ProtocolError as exc:
+        click.echo(f"rejected: {exc}: the proxy answers BAD_FORMAT and closes the connection")
+        sys.exit(1)
+    except ValueError as exc:
+        click.echo(f"rejected: {exc}; nothing is forwarded")
+        sys.exit(1)
+    name: str = parsed.name
+    verb: str = getattr(parsed, "verb", None) or COMMAND_VERBS[name]
+    job_id: int | None = parsed.job_id
+
+    if name == "put":
+        size = parsed.command[-1]
+        if isinstance(size, int) and size > config.limits.max_job_size:
+            click.echo(
+                f"rejected: body of {size} bytes exceeds limits.max_job_size "
+                f"{config.limits.max_job_size}: the client gets JOB_TOO_BIG"
+            )
+            sys.exit(1)
+
+    if verb == ALWAYS:
+        click.echo(f"command: {name} (connection-local)")
+        click.echo("decision: ALLOW (always allowed: it only reads or narrows the connection)")
+        return
+
+    check_tube: str | None
+    if verb == "server":
+        check_tube, where = None, "server-wide"
+    elif parsed.tube is not None:
+        check_tube, where = parsed.tube, f"tube {parsed.tube!r} (named in the command)"
+    elif job_id is not None:
+        if tube is None:
+            if policy.uniform(principal, name, verb):
+                click.echo(f"command: {name} ({verb}) on job {job_id}")
+                click.echo(
+                    f"decision: ALLOW on every tube ({name} is allowed for {principal} on any tube)"
+                )
+                return
+            raise click.UsageError(
+                f"the decision for {name} depends on the job's tube; give it with --tube"
+            )
+        check_tube, where = tube, f"tube {tube!r} (the job's tube)"
+    else:
+        check_tube = tube or "default"
+        role = "watched" if name.startswith("reserve") else "used"
+        where = f"tube {check_tube!r} (the {role} tube)"
+        if role == "watched":
+            where += "; reserve is checked against every watched tube"
+
+    click.echo(f"command: {name} ({verb}) on {where}")
+    decision = policy.decide(principal, name, verb, check_tube)
+    denied_reply = "NOT_FOUND" if job_id is not None else "NOT_PERMITTED"
+    if decision.allowed:
+        click.echo(f"decision: ALLOW by {decision.rule}")
+        limits = decision.limits
+        if name == "put" and limits is not None:
+            _, pri, delay, ttr, size = parsed.command
+            problem = limits.violation(pri, delay, ttr, size)
+            if problem is not None:
+                click.echo(f"but refused by the rule's put limits: {problem}: NOT_PERMITTED")
+                sys.exit(1)
+    else:
+        click.echo(f"decision: DENY by {decision.rule}: the client gets {denied_reply}")
+    if name == "delete":
+        other = policy.decide(principal, name, DELETE_OTHER_VERB, check_tube)
+        verdict = "ALLOW" if other.allowed else "DENY"
+        click.echo(
+            f"(the above is for a job this connection reserved; deleting any other job needs "
+            f"{DELETE_OTHER_VERB}: {verdict} by {other.rule})"
+        )
+    if name == "list-tubes":
+        click.echo("(the reply lists only the tubes the principal holds some right on)")
+    if not decision.allowed:
+        sys.exit(1)
+
+
+# --------------------------------------------------------------------------------------------
+# certs
+
+
+@main.group()
+def certs() -> None:
+    """Development PKI: a CA, a server certificate, client certificates and a CRL."""
+
+
+def _echo_written(paths: Sequence[Path]) -> None:
+    for path in paths:
+        click.echo(f"wrote {path}")
+
+
+def _echo_pins(cert_path: Path) -> None:
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    from proxy.certs import load_cert
+    from proxy.identity import identity_from_der
+
+    identity = identity_from_der(load_cert(cert_path).public_bytes(Encoding.DER))
+    click.echo(f"subject: {identity.subject}")
+    click.echo(f"fingerprint: {identity.fingerprint}")
+    click.echo(f"spki: {identity.spki}")
+
+
+@certs.command("init")
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option(
+    "--name",
+    "names",
+    multiple=True,
+    metavar="NAME",
+    help="Extra server name (DNS name or IP) for the server certificate; repeatable.",
+)
+@click.option("--days", default=825, show_default=True, help="Server certificate validity.")
+@click.option("--rsa", is_flag=True, help="RSA 2048 keys instead of ECDSA P-256.")
+@click.option("--force", is_flag=True, help="Overwrite existing files.")
+def certs_init(directory: str, names: tuple[str, ...], days: int, rsa: bool, force: bool) -> None:
+    """Create a CA, a server certificate (localhost, 127.0.0.1, ::1 + --name) and an empty
+    CRL in DIRECTORY."""
+    from proxy.certs import init_ca_and_server
+
+    written = init_ca_and_server(
+        directory, list(names), days=days, force=force, key_type="rsa" if rsa else "ec"
+    )
+    _echo_written(written)
+
+
+@certs.command("issue")
+@click.option("--ca", "ca_dir", required=True, metavar="DIR", help="Directory with ca.pem/ca.key.")
+@click.argument("name")
+@click.option("--ou", "ous", multiple=True, metavar="OU", help="Subject OU; repeatable.")
+@click.option("--uri", "uris", multiple=True, metavar="URI", help="URI SAN (e.g. SPIFFE ID).")
+@click.option("--dns", "dns", multiple=True, metavar="DNS", help="DNS SAN; repeatable.")
+@click.option("--days", default=365, show_default=True, help="Validity in days.")
+@click.option("--out", "out_dir", metavar="DIR", help="Output directory (default: the CA's).")
+@click.option("--rsa", is_flag=True, help="RSA 2048 key instead of ECDSA P-256.")
+@click.option("--force", is_flag=True, help="Overwrite existing files.")
+def certs_issue(
+    ca_dir: str,
+    name: str,
+    ous: tuple[str, ...],
+    uris: tuple[str, ...],
+    dns: tuple[str, ...],
+    days: int,
+    out_dir: str | None,
+    rsa: bool,
+    force: bool,
+) -> None:
+    """Issue a client certificate CN=NAME as NAME.pem / NAME.key."""
+    from proxy.certs import issue_client
+
+    written = issue_client(
+        ca_dir,
+        name,
+        out_dir=out_dir,
+        ous=ous,
+        uris=uris,
+        dns=dns,
+        days=days,
+        force=force,
+        key_type="rsa" if rsa else "ec",
+    )
+    _echo_written(written)
+    _echo_pins(written[0])
+
+
+@certs.command("revoke")
+@click.option("--ca", "ca_dir", required=True, metavar="DIR", help="Directory with ca.pem/ca.key.")
+@click.argument("cert", metavar="CERT")
+def certs_revoke(ca_dir: str, cert: str) -> None:
+    """Add CERT's serial to DIR/crl.pem (send the proxy SIGHUP afterwards)."""
+    from proxy.certs import CRL, load_cert, revoke
+
+    serial = load_cert(cert).serial_number
+    added = revoke(ca_dir, cert)
+    state = "revoked" if added else "was already revoked"
+    click.echo(f"{cert} (serial {serial:x}) {state}; wrote {Path(ca_dir) / CRL}")
+    click.echo("reload a running proxy with SIGHUP; tls.crl must name this CRL")
+
+
+@certs.command("dev")
+@click.argument("directory", type=click.Path(file_okay=False), default="certs/dev")
+def certs_dev(directory: str) -> None:
+    """Create whatever is missing of a development PKI in DIRECTORY (default certs/dev): CA,
+    server certificate, CRL and the client certificate dev-client (OU dev)."""
+    from proxy.certs import ensure_dev_pki
+
+    written = ensure_dev_pki(directory)
+    _echo_written(written)
+    if not written:
+        click.echo(f"{directory}: complete, nothing to do")

@@ -1,0 +1,483 @@
+"""Proxy configuration: already-parsed YAML data in, a frozen, validated ``Config`` out.
+
+This module is pure: it never opens files, sockets or TLS contexts, and it does not import
+``yaml`` (``proxy.cli`` reads and parses the file and hands the resulting data over). Every
+problem is reported as ``ConfigError(source, key_path, reason)`` where ``key_path`` is the dotted
+location inside the document (``tls.cert``, ``tls.crl[1]``, ``limits.handshake_timeout``), so an
+operator can go straight to the offending line. Unknown keys are errors (typo protection), a key
+set to YAML ``null`` (written as an empty value) counts as absent, and relative file paths are
+kept exactly as written: they are resolved against the working directory of the proxy process,
+not against the directory of the configuration file.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from proxy.errors import ConfigError
+
+__all__ = [
+    "DEFAULT_LISTEN",
+    "MAX_JOB_SIZE_LIMIT",
+    "Config",
+    "Endpoint",
+    "Limits",
+    "LogConfig",
+    "TLSConfig",
+    "parse_config",
+    "parse_duration",
+    "parse_endpoint",
+]
+
+DEFAULT_LISTEN = "0.0.0.0:11400"
+DEFAULT_MAX_CONNECTIONS = 10000
+DEFAULT_HANDSHAKE_TIMEOUT = 5.0
+DEFAULT_UPSTREAM_CONNECT_TIMEOUT = 5.0
+DEFAULT_MAX_JOB_SIZE = 65535
+MAX_JOB_SIZE_LIMIT = 1073741824  # beanstalkd's own ceiling for -z (2**30)
+MAX_DURATION = 86400.0  # one day; anything longer is almost certainly a unit mistake
+
+TLS_VERSIONS = ("1.2", "1.3")
+LOG_FORMATS = ("text", "json")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """A TCP ``host:port`` or a unix socket path (``path`` set, ``host``/``port`` None)."""
+
+    host: str | None
+    port: int | None
+    path: str | None
+
+    @property
+    def is_unix(self) -> bool:
+        return self.path is not None
+
+    @property
+    def is_loopback(self) -> bool:
+        """True for unix sockets, ``localhost`` and loopback IP literals (127/8, ::1)."""
+        if self.path is not None:
+            return True
+        if self.host is None:
+            return False
+        if self.host.lower() in ("localhost", "localhost."):
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+    def __str__(self) -> str:
+        if self.path is not None:
+            return f"unix:{self.path}"
+        host = self.host or ""
+        if ":" in host:
+            host = f"[{host}]"
+        return f"{host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    cert: str
+    key: str
+    client_ca: str
+    crl: tuple[str, ...]
+    min_version: str  # "1.2" or "1.3"
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_connections: int
+    handshake_timeout: float  # seconds
+    max_job_size: int  # bytes
+    upstream_connect_timeout: float  # seconds
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    format: str  # "text" | "json"
+    level: str  # "debug" | "info" | "warning" | "error"
+
+
+@dataclass(frozen=True)
+class Config:
+    listen: Endpoint
+    upstream: Endpoint
+    allow_remote_upstream: bool
+    tls: TLSConfig
+    acl: str
+    limits: Limits
+    metrics_listen: Endpoint | None
+    log: LogConfig
+    source: str
+
+
+# --------------------------------------------------------------------------------------------
+# small typed readers
+
+
+_HOSTNAME_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _kind(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"boolean {str(value).lower()}"
+    if isinstance(value, int | float):
+        return f"number {value!r}"
+    if isinstance(value, str):
+        return f"string {value!r}"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "a mapping"
+    return type(value).__name__
+
+
+class _Reader:
+    """Reads one mapping, remembering which keys were consumed to report unknown ones."""
+
+    def __init__(self, source: str, path: str, data: object, allowed: tuple[str, ...]) -> None:
+        self.source = source
+        self.path = path
+        if data is None:
+            data = {}
+        if not isinstance(data, Mapping):
+            where = path or "(top level)"
+            raise ConfigError(source, path, f"{where} must be a mapping, got {_kind(data)}")
+        for key in data:
+            if not isinstance(key, str):
+                raise ConfigError(source, path, f"keys must be strings, got {_kind(key)}")
+            if key not in allowed:
+                hint = difflib.get_close_matches(key, allowed, n=1)
+                suggestion = f"; did you mean {hint[0]!r}?" if hint else ""
+                raise ConfigError(
+                    source,
+                    _join(path, key),
+                    f"unknown key (allowed here: {', '.join(allowed)}){suggestion}",
+                )
+        self.data: Mapping[str, object] = data
+
+    def key(self, name: str) -> str:
+        return _join(self.path, name)
+
+    def get(self, name: str) -> object:
+        """The value of ``name``, or None when absent or null."""
+        return self.data.get(name)
+
+    def error(self, name: str, reason: str) -> ConfigError:
+        return ConfigError(self.source, self.key(name), reason)
+
+    def required_str(self, name: str, what: str) -> str:
+        value = self.get(name)
+        if value is None:
+            raise self.error(name, f"is required ({what})")
+        if not isinstance(value, str):
+            raise self.error(name, f"must be a string ({what}), got {_kind(value)}")
+        if not value.strip():
+            raise self.error(name, f"must not be empty ({what})")
+        return value
+
+    def get_bool(self, name: str, default: bool) -> bool:
+        value = self.get(name)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            raise self.error(name, f"must be true or false, got {_kind(value)}")
+        return value
+
+    def get_int(self, name: str, default: int, low: int, high: int | None = None) -> int:
+        value = self.get(name)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.error(name, f"must be a whole number, got {_kind(value)}")
+        if value < low or (high is not None and value > high):
+            bound = f"between {low} and {high}" if high is not None else f"at least {low}"
+            raise self.error(name, f"must be {bound}, got {value}")
+        return value
+
+    def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
+        value = self.get(name)
+        if value is None:
+            return default
+        if not isinstance(value, str) or value.lower() not in choices:
+            raise self.error(name, f"must be one of {', '.join(choices)}, got {_kind(value)}")
+        return value.lower()
+
+    def duration(self, name: str, default: float) -> float:
+        value = self.get(name)
+        if value is None:
+            return default
+        try:
+            return parse_duration(value)
+        except ValueError as exc:
+            raise self.error(name, str(exc)) from None
+
+    def endpoint(self, name: str, *, allow_port_zero: bool) -> Endpoint | None:
+        value = self.get(name)
+        if value is None:
+            return None
+        try:
+            return parse_endpoint(value, allow_port_zero=allow_port_zero)
+        except ValueError as exc:
+            raise self.error(name, str(exc)) from None
+
+
+# --------------------------------------------------------------------------------------------
+# value syntaxes (public so the CLI can reuse them for command-line options)
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?|\.\d+)\s*(ms|s|m|h)?\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def parse_duration(value: object) -> float:
+    """Seconds from a number (``5``, ``0.5``) or a string with a unit (``"500ms"``, ``"5s"``,
+    ``"2m"``, ``"1h"``; a bare numeric string means seconds). Must be > 0 and at most a day."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ValueError(f'must be a duration such as 5, "500ms", "5s" or "2m", got {_kind(value)}')
+    if isinstance(value, str):
+        match = _DURATION.match(value)
+        if match is None:
+            raise ValueError(
+                f'must be a duration such as 5, "500ms", "5s" or "2m" '
+                f"(units: ms, s, m, h), got {value!r}"
+            )
+        seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    else:
+        seconds = float(value)
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ValueError(f"must be a positive duration, got {value!r}")
+    if seconds > MAX_DURATION:
+        raise ValueError(f"must be at most {int(MAX_DURATION)}s (one day), got {value!r}")
+    return seconds
+
+
+def _check_host(host: str) -> str:
+    """Validate a bare host: an IPv4 literal, an IPv6 literal (already unbracketed) or a DNS
+    name. Returns the host unchanged."""
+    try:
+        ipaddress.ip_address(host)
+        return host
+    except ValueError:
+        pass
+    if ":" in host:
+        raise ValueError(f"invalid IPv6 address {host!r}")
+    name = host[:-1] if host.endswith(".") else host
+    if not name or len(name) > 253 or not all(_HOSTNAME_LABEL.match(p) for p in name.split(".")):
+        raise ValueError(f"invalid host name {host!r}")
+    if all(p.isdigit() for p in name.split(".")):
+        raise ValueError(f"invalid IPv4 address {host!r}")
+    return host
+
+
+def parse_endpoint(value: object, *, allow_port_zero: bool = False) -> Endpoint:
+    """Parse ``"host:port"``, ``"[v6addr]:port"`` or ``"unix:/path/to.sock"``.
+
+    Port 0 (an ephemeral port, useful in tests) is accepted only where ``allow_port_zero``."""
+    syntax = '"host:port", "[::1]:port" or "unix:/path"'
+    if not isinstance(value, str):
+        raise ValueError(f"must be a string such as {syntax}, got {_kind(value)}")
+    text = value.strip()
+    if text.startswith("unix:"):
+        path = text[len("unix:") :]
+        if not path:
+            raise ValueError("unix socket path is empty (write unix:/path/to.sock)")
+        if "\0" in path:
+            raise ValueError("unix socket path contains a NUL byte")
+        return Endpoint(host=None, port=None, path=path)
+    if text.startswith("["):
+        close = text.find("]")
+        if close == -1 or not text[close + 1 :].startswith(":"):
+            raise ValueError(f"must be {syntax}, got {value!r}")
+        host = text[1:close]
+        port_text = text[close + 2 :]
+        try:
+            if ipaddress.ip_address(host).version != 6:
+                raise ValueError
+        except ValueError:
+            raise ValueError(f"brackets are only for IPv6 addresses, got {host!r}") from None
+    else:
+        if text.count(":") > 1:
+            raise ValueError(
+                f"IPv6 addresses must be written in brackets, e.g. [::1]:11300; got {value!r}"
+            )
+        host, sep, port_text = text.rpartition(":")
+        if not sep:
+            raise ValueError(f"must be {syntax} (the port is missing), got {value!r}")
+        if not host:
+            raise ValueError(
+                f"the host is missing (use 0.0.0.0:{port_text} for every interface), got {value!r}"
+            )
+        _check_host(host)
+    if not port_text.isascii() or not port_text.isdigit():
+        raise ValueError(f"port must be a number, got {port_text!r} in {value!r}")
+    port = int(port_text)
+    low = 0 if allow_port_zero else 1
+    if not low <= port <= 65535:
+        raise ValueError(f"port must be between {low} and 65535, got {port}")
+    return Endpoint(host=host, port=port, path=None)
+
+
+# --------------------------------------------------------------------------------------------
+# sections
+
+_TOP_KEYS = (
+    "listen",
+    "upstream",
+    "allow_remote_upstream",
+    "tls",
+    "acl",
+    "limits",
+    "metrics",
+    "log",
+)
+_TLS_KEYS = ("cert", "key", "client_ca", "crl", "min_version")
+_LIMIT_KEYS = (
+    "max_connections",
+    "handshake_timeout",
+    "upstream_connect_timeout",
+    "max_job_size",
+)
+_METRICS_KEYS = ("listen",)
+_LOG_KEYS = ("format", "level")
+
+
+def _parse_tls(source: str, data: object) -> TLSConfig:
+    if data is None:
+        raise ConfigError(source, "tls", "is required (a mapping with cert, key and client_ca)")
+    r = _Reader(source, "tls", data, _TLS_KEYS)
+    cert = r.required_str("cert", "path to the server certificate chain, PEM")
+    key = r.required_str("key", "path to the server private key, PEM")
+    client_ca = r.required_str("client_ca", "path to the CA bundle client certs must chain to")
+
+    crl_value = r.get("crl")
+    crl: tuple[str, ...]
+    if crl_value is None:
+        crl = ()
+    elif isinstance(crl_value, str):
+        if not crl_value.strip():
+            raise r.error("crl", "must not be empty (omit the key to disable CRL checking)")
+        crl = (crl_value,)
+    elif isinstance(crl_value, list):
+        items: list[str] = []
+        for i, item in enumerate(crl_value):
+            if not isinstance(item, str) or not item.strip():
+                raise ConfigError(
+                    source, f"tls.crl[{i}]", f"must be a non-empty path string, got {_kind(item)}"
+                )
+            items.append(item)
+        crl = tuple(items)
+    else:
+        raise r.error("crl", f"must be a path or a list of paths, got {_kind(crl_value)}")
+
+    mv = r.get("min_version")
+    min_version = "1.2"
+    if mv is not None:
+        # An unquoted 1.2 / 1.3 arrives as a float; accept it, it cannot mean anything else.
+        if isinstance(mv, float) and not isinstance(mv, bool):
+            text = repr(mv)
+        elif isinstance(mv, str):
+            text = mv.strip()
+            if text.lower().startswith("tlsv"):
+                text = text[4:]
+        else:
+            raise r.error("min_version", f'must be "1.2" or "1.3", got {_kind(mv)}')
+        if text in ("1.0", "1", "1.1"):
+            raise r.error(
+                "min_version", f'TLS {text} is insecure and not supported; use "1.2" or "1.3"'
+            )
+        if text not in TLS_VERSIONS:
+            raise r.error("min_version", f'must be "1.2" or "1.3", got {_kind(mv)}')
+        min_version = text
+    return TLSConfig(cert=cert, key=key, client_ca=client_ca, crl=crl, min_version=min_version)
+
+
+def _parse_limits(source: str, data: object) -> Limits:
+    r = _Reader(source, "limits", data, _LIMIT_KEYS)
+    return Limits(
+        max_connections=r.get_int("max_connections", DEFAULT_MAX_CONNECTIONS, 1),
+        handshake_timeout=r.duration("handshake_timeout", DEFAULT_HANDSHAKE_TIMEOUT),
+        max_job_size=r.get_int("max_job_size", DEFAULT_MAX_JOB_SIZE, 0, MAX_JOB_SIZE_LIMIT),
+        upstream_connect_timeout=r.duration(
+            "upstream_connect_timeout", DEFAULT_UPSTREAM_CONNECT_TIMEOUT
+        ),
+    )
+
+
+def _parse_log(source: str, data: object) -> LogConfig:
+    r = _Reader(source, "log", data, _LOG_KEYS)
+    return LogConfig(
+        format=r.choice("format", "text", LOG_FORMATS),
+        level=r.choice("level", "info", LOG_LEVELS),
+    )
+
+
+def parse_config(data: object, source: str) -> Config:
+    """Validate the parsed YAML document ``data`` of the file ``source`` into a ``Config``.
+
+    Raises ``ConfigError(source, key_path, reason)`` on the first problem found."""
+    if data is None:
+        raise ConfigError(source, "", "the file is empty; upstream, tls and acl are required")
+    top = _Reader(source, "", data, _TOP_KEYS)
+
+    listen = top.endpoint("listen", allow_port_zero=True)
+    if listen is None:
+        listen = parse_endpoint(DEFAULT_LISTEN)
+
+    upstream = top.endpoint("upstream", allow_port_zero=False)
+    if upstream is None:
+        raise top.error(
+            "upstream",
+            'is required: the beanstalkd address, e.g. "127.0.0.1:11300" or '
+            '"unix:/run/beanstalkd.sock"',
+        )
+    allow_remote = top.get_bool("allow_remote_upstream", False)
+    if not upstream.is_loopback and not allow_remote:
+        raise top.error(
+            "upstream",
+            f"{upstream} is not a loopback address or unix socket; beanstalkd has no "
+            f"authentication or encryption, so the proxy refuses to talk to it over the "
+            f"network. Run the proxy next to beanstalkd, or set allow_remote_upstream: true "
+            f"if the path between them is already private",
+        )
+    if listen == upstream:  # upstream never has port 0
+        raise top.error("listen", f"is the same address as upstream ({upstream})")
+
+    tls = _parse_tls(source, top.get("tls"))
+    acl = top.required_str("acl", "path to the ACL file, e.g. config/acl.yaml")
+    limits = _parse_limits(source, top.get("limits"))
+
+    metrics = _Reader(source, "metrics", top.get("metrics"), _METRICS_KEYS)
+    metrics_listen = metrics.endpoint("listen", allow_port_zero=True)
+    if (
+        metrics_listen is not None
+        and metrics_listen.port != 0
+        and metrics_listen in (listen, upstream)
+    ):
+        which = "listen" if metrics_listen == listen else "upstream"
+        raise metrics.error("listen", f"is the same address as {which} ({metrics_listen})")
+
+    log = _parse_log(source, top.get("log"))
+    return Config(
+        listen=listen,
+        upstream=upstream,
+        allow_remote_upstream=allow_remote,
+        tls=tls,
+        acl=acl,
+        limits=limits,
+        metrics_listen=metrics_listen,
+        log=log,
+        source=source,
+    )

@@ -1,0 +1,541 @@
+"""Tests for proxy.cli: check-config, explain, certs and the serve signal wiring."""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import json
+import logging
+import os
+import queue
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+from cryptography import x509
+
+from proxy.certs import ensure_dev_pki, load_cert
+from proxy.cli import load_yaml, main
+from proxy.errors import ConfigError
+from proxy.logs import AUDIT_LOGGER, CONN_LOGGER, LOGGER, setup_logging
+
+ROOT = Path(__file__).resolve().parent.parent
+
+ACL = """\
+principals:
+  - name: billing
+    match: {cn: "billing"}
+  - name: dev
+    match: {cn: "dev-client"}
+rules:
+  - principal: billing
+    tubes: ["invoices", "invoices.*"]
+    allow: [produce]
+  - principal: dev
+    tubes: ["*"]
+    allow: [all]
+  - principal: "*"
+    tubes: ["secrets.*"]
+    deny: [all]
+"""
+
+
+def run(*args: str) -> Result:
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+@pytest.fixture
+def setup(tmp_path: Path) -> Path:
+    """A complete, valid configuration in tmp_path, with absolute paths. Returns the config."""
+    pki = tmp_path / "pki"
+    ensure_dev_pki(pki)
+    (tmp_path / "acl.yaml").write_text(ACL)
+    cfg = tmp_path / "proxy.yaml"
+    cfg.write_text(
+        f"""\
+listen: 127.0.0.1:0
+upstream: 127.0.0.1:1
+tls:
+  cert: {pki}/server.pem
+  key: {pki}/server.key
+  client_ca: {pki}/ca.pem
+  crl: {pki}/crl.pem
+acl: {tmp_path}/acl.yaml
+log: {{format: json, level: debug}}
+"""
+    )
+    return cfg
+
+
+def edit(path: Path, old: str, new: str) -> None:
+    text = path.read_text()
+    assert old in text
+    path.write_text(text.replace(old, new))
+
+
+# ------------------------------------------------------------------------------ check-config
+
+
+def test_check_config_ok(setup: Path) -> None:
+    result = run("check-config", "--config", str(setup))
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip().splitlines()[-1] == "ok"
+    assert "warning" not in result.output
+
+
+def test_shipped_configs_pass_check_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """config/proxy.yaml and config/proxy.example.yaml work as documented: from a directory
+    holding config/acl.yaml and the PKI made by `certs dev certs/dev`."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "config").mkdir()
+    shutil.copy(ROOT / "config" / "acl.yaml", tmp_path / "config" / "acl.yaml")
+    made = run("certs", "dev", "certs/dev")
+    assert made.exit_code == 0, made.output
+    for name in ("proxy.yaml", "proxy.example.yaml"):
+        result = run("check-config", "--config", str(ROOT / "config" / name))
+        assert result.exit_code == 0, (name, result.output)
+        assert result.stdout.strip().endswith("ok")
+
+
+def test_check_config_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "nope.yaml"
+    result = run("check-config", "--config", str(path))
+    assert result.exit_code == 2
+    assert result.stderr.startswith(f"error: {path}: file not found")
+
+
+def test_check_config_bad_key_reports_file_and_key_path(setup: Path) -> None:
+    edit(setup, "listen: 127.0.0.1:0", "listen: 127.0.0.1:0\nlimits: {max_connections: 0}")
+    result = run("check-config", "--config", str(setup))
+    assert result.exit_code == 2
+    assert result.stderr == (f"error: {setup}: limits.max_connections: must be at least 1, got 0\n")
+    assert "ok" not in result.stdout
+
+
+def test_check_config_unknown_key(setup: Path) -> None:
+    edit(setup, "  crl:", "  crls:")
+    result = run("check-config", "--config", str(setup))
+    assert result.exit_code == 2
+    assert f"error: {setup}: tls.crls: unknown key" in result.stderr
+    assert "did you mean 'crl'" in result.stderr
+
+
+def test_check_config_yaml_syntax_error_has_line_and_column(setup: Path) -> None:
+    edit(setup, "upstream: 127.0.0.1:1", "upstream: [127.0.0.1:1")
+    result = run("check-config", "--config", str(setup))
+    assert result.exit_code == 2
+    assert result.stderr.startswith(f"error: {setup}: invalid YAML at line ")
+    assert "column" in result.stderr
+
+
+def test_check_config_duplicate_key(setup: Path) -> None:
+    setup.write_text(setup.read_text() + "upstream: 127.0.0.1:2\n")
+    result = run("check-config", "--config", str(setup))
+    assert result.exit_code == 2
+    assert "duplicate key 'upstream' (first defined on line 2)" in result.stderr
+    assert "line 10" in result.stderr
+
+
+def test_load_yaml_keeps_merge_keys_working(tmp_path: Path) -> None:
+    path = tmp_path / "m.yaml"
+    path.write_text("base: &b {a: 1, b: 2}\nderived:\n  <<: *b\n  b: 3\n")
+    assert load_yaml(str(path)) == {"base": {"a": 1, "b": 2}, "derived": {"a": 1, "b": 3}}
+
+
+def test_load_yaml_rejects_binary(tmp_path: Path) -> None:
+    path = tmp_path / "bin.yaml"
+    path.write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(ConfigError, match="UTF-8"):
+        load_yaml(str(path))
+
+
+def test_check_config_missing_certificate(setup: Path, tmp_path: Path) -> None:
+    (tmp_path / "pki" / "server.pem").unlink()
+    result = run("check-config", "--config", str(setup))
+    assert result.exit_code == 2
+    assert f"error: {setup}: tls.cert: certificate file " in result.stderr
+    assert "does not exist" in result.stderr
+
+
+def test_check_config_key_mismatch(setup: Path, tmp_path: Path) -> None:
+    edit(setup, "pki/server.key", "pki/dev-client.key")
+    result = run("check-config", "--config", str(setup))
+    assert result.exit_code == 2
+    assert f"error: {setup}: tls.key: the private key in " in result.stderr
+    assert "does not match" in result.stderr
+
+
+def test_check_config_missing_acl(setup: Path, tmp_path: Path) -> None:
+    (tmp_path / "acl.yaml").unlink()
+    result = run("check-config", "--config", str(setup))
+    assert result.exit_code == 2
+    assert result.stderr.startswith(f"error: {tmp_path / 'acl.yaml'}: file not found")
+
+
+def test_check_config_invalid_acl_names_acl_file_and_key(setup: Path, tmp_path: Path) -> None:
+    edit(tmp_path / "acl.yaml", "allow: [produce]", "allow: [produse]")
+    result = run("check-config", "--config", str(setup))
+    assert result.exit_code == 2
+    assert result.stderr.startswith(f"error: {tmp_path / 'acl.yaml'}: rules[0].allow")
+
+
+def test_check_config_prints_acl_warnings(setup: Path, tmp_path: Path) -> None:
+    (tmp_path / "acl.yaml").write_text(
+        "principals:\n  - name: lonely\n    match: {cn: lonely}\nrules: []\n"
+    )
+    result = run("check-config", "--config", str(setup))
+    assert result.exit_code == 0, result.output
+    assert "warning: " in result.stderr
+    assert "lonely" in result.stderr
+    assert result.stdout.strip() == "ok"
+
+
+# ------------------------------------------------------------------------------ explain
+
+
+def test_explain_principal_allowed(setup: Path) -> None:
+    result = run(
+        "explain",
+        "--config",
+        str(setup),
+        "--principal",
+        "billing",
+        "--tube",
+        "invoices",
+        "put 0 0 60 5",
+    )
+    assert result.exit_code == 0, result.output
+    assert "principal: billing" in result.output
+    assert "decision: ALLOW by rules[0]" in result.output
+
+
+def test_explain_principal_denied_by_default(setup: Path) -> None:
+    result = run(
+        "explain",
+        "--config",
+        str(setup),
+        "--principal",
+        "billing",
+        "--tube",
+        "payroll",
+        "put 0 0 60 5",
+    )
+    assert result.exit_code == 1
+    assert "decision: DENY by default deny" in result.output
+    assert "NOT_PERMITTED" in result.output
+
+
+def test_explain_deny_beats_allow(setup: Path) -> None:
+    result = run("explain", "--config", str(setup), "--principal", "dev", "watch secrets.db")
+    assert result.exit_code == 1
+    assert "DENY by rules[2]" in result.output
+
+
+def test_explain_with_certificate(setup: Path, tmp_path: Path) -> None:
+    result = run(
+        "explain",
+        "--config",
+        str(setup),
+        "--cert",
+        str(tmp_path / "pki" / "dev-client.pem"),
+        "stats",
+    )
+    assert result.exit_code == 0, result.output
+    assert "CN=dev-client" in result.output
+    assert "principal: dev (principals[1])" in result.output
+    assert "ALLOW" in result.output
+
+
+def test_explain_certificate_without_principal(setup: Path, tmp_path: Path) -> None:
+    run("certs", "issue", "--ca", str(tmp_path / "pki"), "nobody")
+    result = run(
+        "explain",
+        "--config",
+        str(setup),
+        "--cert",
+        str(tmp_path / "pki" / "nobody.pem"),
+        "stats",
+    )
+    assert result.exit_code == 1
+    assert "no principal matches: connection refused" in result.output
+
+
+def test_explain_job_id_command_needs_tube_unless_uniform(setup: Path) -> None:
+    needs = run("explain", "--config", str(setup), "--principal", "billing", "delete 5")
+    assert needs.exit_code == 2
+    assert "--tube" in needs.output
+    denied = run(
+        "explain",
+        "--config",
+        str(setup),
+        "--principal",
+        "billing",
+        "--tube",
+        "invoices",
+        "delete 5",
+    )
+    assert denied.exit_code == 1
+    assert "NOT_FOUND" in denied.output
+
+
+def test_explain_rejects_malformed_line(setup: Path) -> None:
+    result = run("explain", "--config", str(setup), "--principal", "dev", "put 0 0 60")
+    assert result.exit_code == 1
+    assert "rejected" in result.output
+
+
+def test_explain_needs_exactly_one_identity(setup: Path, tmp_path: Path) -> None:
+    neither = run("explain", "--config", str(setup), "stats")
+    assert neither.exit_code == 2
+    both = run(
+        "explain",
+        "--config",
+        str(setup),
+        "--principal",
+        "dev",
+        "--cert",
+        str(tmp_path / "pki" / "dev-client.pem"),
+        "stats",
+    )
+    assert both.exit_code == 2
+
+
+# ------------------------------------------------------------------------------ certs
+
+
+def test_certs_init_issue_revoke(tmp_path: Path) -> None:
+    d = tmp_path / "ca"
+    init = run("certs", "init", str(d), "--name", "proxy.example.org")
+    assert init.exit_code == 0, init.output
+    assert f"wrote {d / 'ca.pem'}" in init.output
+    san = load_cert(d / "server.pem").extensions.get_extension_for_class(
+        x509.SubjectAlternativeName
+    )
+    assert "proxy.example.org" in san.value.get_values_for_type(x509.DNSName)
+
+    issue = run(
+        "certs",
+        "issue",
+        "--ca",
+        str(d),
+        "billing",
+        "--ou",
+        "eng",
+        "--uri",
+        "spiffe://example.org/billing/api",
+        "--dns",
+        "billing.internal",
+        "--days",
+        "10",
+    )
+    assert issue.exit_code == 0, issue.output
+    assert "fingerprint: sha256:" in issue.output
+    assert "spki: sha256:" in issue.output
+    cert = load_cert(d / "billing.pem")
+    assert cert.subject.rfc4514_string() == "CN=billing,OU=eng"
+    assert (d / "billing.key").stat().st_mode & 0o777 == 0o600
+
+    revoked = run("certs", "revoke", "--ca", str(d), str(d / "billing.pem"))
+    assert revoked.exit_code == 0, revoked.output
+    assert f"serial {cert.serial_number:x}" in revoked.output
+    crl = x509.load_pem_x509_crl((d / "crl.pem").read_bytes())
+    assert crl.get_revoked_certificate_by_serial_number(cert.serial_number) is not None
+
+    again = run("certs", "revoke", "--ca", str(d), str(d / "billing.pem"))
+    assert "already revoked" in again.output
+
+
+def test_certs_refuse_overwrite_exit_1(tmp_path: Path) -> None:
+    d = tmp_path / "ca"
+    assert run("certs", "init", str(d)).exit_code == 0
+    before = (d / "ca.pem").read_bytes()
+    again = run("certs", "init", str(d))
+    assert again.exit_code == 1
+    assert again.stderr.startswith("error: refusing to overwrite")
+    assert (d / "ca.pem").read_bytes() == before
+    forced = run("certs", "init", str(d), "--force", "--rsa")
+    assert forced.exit_code == 0
+    assert (d / "ca.pem").read_bytes() != before
+
+
+def test_certs_issue_out_dir_and_bad_name(tmp_path: Path) -> None:
+    d = tmp_path / "ca"
+    run("certs", "init", str(d))
+    out = tmp_path / "out"
+    assert run("certs", "issue", "--ca", str(d), "w1", "--out", str(out)).exit_code == 0
+    assert (out / "w1.pem").exists() and (out / "w1.key").exists()
+    bad = run("certs", "issue", "--ca", str(d), "../escape")
+    assert bad.exit_code == 1
+    assert "client name" in bad.stderr
+
+
+def test_certs_dev_is_idempotent(tmp_path: Path) -> None:
+    d = tmp_path / "dev"
+    first = run("certs", "dev", str(d))
+    assert first.exit_code == 0
+    assert "dev-client.pem" in first.output
+    second = run("certs", "dev", str(d))
+    assert second.exit_code == 0
+    assert "nothing to do" in second.output
+
+
+def test_certs_revoke_foreign_cert(tmp_path: Path) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    run("certs", "dev", str(a))
+    run("certs", "dev", str(b))
+    result = run("certs", "revoke", "--ca", str(a), str(b / "dev-client.pem"))
+    assert result.exit_code == 1
+    assert "not issued by the CA" in result.stderr
+
+
+def test_version() -> None:
+    result = run("--version")
+    assert result.exit_code == 0
+    assert "beanstalk-proxy" in result.output
+
+
+# ------------------------------------------------------------------------------ serve
+
+
+class _Lines:
+    """Collects a subprocess's stderr lines on a thread, so the test can wait for a line with
+    a timeout instead of sleeping."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        self.queue: queue.Queue[str] = queue.Queue()
+        self.seen: list[str] = []
+        assert proc.stderr is not None
+        stream = proc.stderr
+
+        def pump() -> None:
+            for line in stream:
+                self.queue.put(line)
+
+        self.thread = threading.Thread(target=pump, daemon=True)
+        self.thread.start()
+
+    def wait_for(self, fragment: str, timeout: float = 20.0) -> str:
+        while True:
+            try:
+                line = self.queue.get(timeout=timeout)
+            except queue.Empty:
+                raise AssertionError(f"no line with {fragment!r}; got {self.seen}") from None
+            self.seen.append(line)
+            if fragment in line:
+                return line
+
+
+def test_serve_reload_and_terminate(setup: Path, tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "proxy", "serve", "--config", str(setup)],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
+    lines = _Lines(proc)
+    try:
+        ready = lines.wait_for('"event":"ready"')
+        assert '"listen":"127.0.0.1:' in ready and '"upstream":"127.0.0.1:1"' in ready
+
+        # a broken ACL is refused with the precise error and the old policy stays
+        acl = tmp_path / "acl.yaml"
+        acl.write_text(ACL.replace("allow: [produce]", "allow: [produse]"))
+        proc.send_signal(signal.SIGHUP)
+        err = lines.wait_for("ACL not reloaded")
+        assert "rules[0].allow" in err
+        lines.wait_for("TLS certificate, key, CA and CRL reloaded")
+
+        # a fixed ACL is picked up
+        acl.write_text(ACL)
+        proc.send_signal(signal.SIGHUP)
+        lines.wait_for(f"ACL {acl} loaded (2 principals)")
+
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        lines.thread.join(timeout=20)  # EOF after exit; then the pipe can be closed
+        assert proc.stderr is not None
+        proc.stderr.close()
+
+
+# ------------------------------------------------------------------------------ logging
+# (proxy.logs is wired up by the CLI; its formats are checked here)
+
+
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for h in list(root.handlers):
+        if h not in handlers:
+            root.removeHandler(h)
+    root.setLevel(level)
+    logging.getLogger(LOGGER).setLevel(logging.NOTSET)
+
+
+def test_json_logs_one_object_per_line(restore_logging: None) -> None:
+    out = io.StringIO()
+    setup_logging("json", "info", stream=out)
+    logging.getLogger(AUDIT_LOGGER).warning(
+        "denied %s", "put", extra={"fields": {"principal": "billing", "tube": "x", "time": 1}}
+    )
+    logging.getLogger(CONN_LOGGER).debug("not shown at info")
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 1
+    obj = json.loads(lines[0])
+    assert obj["level"] == "warning"
+    assert obj["logger"] == "beanstalk_proxy.audit"
+    assert obj["message"] == "denied put"
+    assert obj["principal"] == "billing" and obj["tube"] == "x"
+    assert obj["field_time"] == 1  # a field cannot overwrite a core key
+    stamp = dt.datetime.fromisoformat(obj["time"])
+    assert stamp.utcoffset() == dt.timedelta(0)
+    assert abs((dt.datetime.now(dt.UTC) - stamp).total_seconds()) < 60
+
+
+def test_json_logs_include_exceptions(restore_logging: None) -> None:
+    out = io.StringIO()
+    setup_logging("json", "debug", stream=out)
+    try:
+        raise RuntimeError("boom")
+    except RuntimeError:
+        logging.getLogger(LOGGER).exception("failed")
+    obj = json.loads(out.getvalue())
+    assert "RuntimeError: boom" in obj["exception"]
+
+
+def test_text_logs_append_fields(restore_logging: None) -> None:
+    out = io.StringIO()
+    setup_logging("text", "debug", stream=out)
+    logging.getLogger(CONN_LOGGER).info(
+        "open", extra={"fields": {"peer": "1.2.3.4:5", "subject": "CN=a b"}}
+    )
+    line = out.getvalue().rstrip("\n")
+    assert ' INFO beanstalk_proxy.conn open peer=1.2.3.4:5 subject="CN=a b"' in line
+    assert "\n" not in line
+
+
+def test_setup_logging_is_idempotent_and_validates(restore_logging: None) -> None:
+    first, second = io.StringIO(), io.StringIO()
+    setup_logging("text", "info", stream=first)
+    setup_logging("json", "warning", stream=second)
+    logging.getLogger(LOGGER).warning("once")
+    assert first.getvalue() == ""
+    assert len(second.getvalue().splitlines()) == 1
+    with pytest.raises(ValueError):
+        setup_logging("xml", "info")
+    with pytest.raises(ValueError):
+        setup_logging("text", "loud")
