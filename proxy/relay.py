@@ -26,6 +26,7 @@ from typing import Any
 from proxy.acl import Policy
 from proxy.config import Config, Endpoint
 from proxy.identity import Identity, identity_from_der
+from proxy.metrics import Metrics
 from proxy.session import MAX_PENDING, Session
 
 log = logging.getLogger("beanstalk_proxy")
@@ -53,6 +54,24 @@ def _ssl_reason(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError):
         return "tls handshake timed out"
     return f"tls handshake failed: {type(exc).__name__}: {exc}"
+
+
+def _failure_kind(exc: BaseException) -> str:
+    """A low-cardinality label for a failed handshake."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return "verify_failed"
+    if isinstance(exc, ssl.SSLError):
+        reason = (exc.reason or "").lower()
+        if "did_not_return" in reason or "no_certificate" in reason:
+            return "no_certificate"
+        if "certificate" in reason:
+            return "bad_certificate"
+        if "version" in reason or "protocol" in reason:
+            return "protocol_version"
+        return "tls_error"
+    if isinstance(exc, TimeoutError):
+        return "timeout"
+    return "connection_error"
 
 
 class _Upstream(asyncio.Protocol):
@@ -100,9 +119,13 @@ class Connection(asyncio.Protocol):
         self.client_full = False
         self.reading = True
         self.eof_sent = False
+        self.client_ended = False  # the client sent EOF (TLS close_notify or FIN)
+        self.starting = True  # until the upstream connection is open (or the client refused)
+        self.lost_early = False  # the client closed cleanly while ``starting``
         self.closed = False
         self.reason = ""
         self._drain_timer: asyncio.TimerHandle | None = None
+        self._sample_t0 = -1.0  # start of the timed burst of commands, or -1 when none
         self.early = bytearray()  # bytes that arrived between handshake and session creation
 
     # --- client transport callbacks ---------------------------------------------------------
@@ -123,14 +146,22 @@ class Connection(asyncio.Protocol):
         self.flush()
 
     def eof_received(self) -> bool:
+        self.client_ended = True
         if self.session is not None:
             self.session.client_eof()
             self.flush()
         return False  # TLS cannot stay half-open; asyncio closes, connection_lost follows
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if not self.closed:
-            self.close(f"client lost: {exc}" if exc else "client closed")
+        if self.closed:
+            return
+        if exc is None and self.client_ended and self.starting:
+            # The client sent its commands and closed before its upstream connection was open
+            # (a fire-and-forget producer). beanstalkd would still run what it received, so
+            # the commands are kept: the handshake task drains them upstream, then closes.
+            self.lost_early = True
+            return
+        self.close(f"client lost: {exc}" if exc else "client closed")
 
     def pause_writing(self) -> None:
         self.client_full = True
@@ -148,6 +179,9 @@ class Connection(asyncio.Protocol):
         session = self.session
         assert session is not None
         session.feed_upstream(data)
+        if self._sample_t0 >= 0 and not session.pending:
+            self.server.metrics.latency.observe(time.monotonic() - self._sample_t0)
+            self._sample_t0 = -1.0
         self.flush()
 
     def upstream_gone(self, reason: str) -> None:
@@ -157,6 +191,7 @@ class Connection(asyncio.Protocol):
         if session is not None and session.draining:
             reason = session.close_reason or reason
         else:
+            self.server.metrics.upstream_lost.inc()
             log.warning(
                 "upstream connection ended for %s (%s): %s", self.peer, self.principal, reason
             )
@@ -188,7 +223,17 @@ class Connection(asyncio.Protocol):
             data = session.to_upstream
             session.to_upstream = bytearray()
             upstream.write(data)
-        if session.draining and not session.blocked and not self.eof_sent:
+            if self._sample_t0 < 0 and session.pending:
+                self._sample_t0 = time.monotonic()
+        if (
+            session.draining
+            and not session.blocked
+            and not self.eof_sent
+            and (self.client_ended or session.close_reason != "quit")
+        ):
+            # After ``quit`` beanstalkd closes by itself once it has answered everything before
+            # it; a half-close now would turn a blocking ``reserve`` into ``TIMED_OUT``. Only a
+            # client EOF (or a protocol error) half-closes upstream.
             self.eof_sent = True
             if upstream.can_write_eof():
                 upstream.write_eof()
@@ -208,7 +253,9 @@ class Connection(asyncio.Protocol):
             self.upstream_full
             or self.upstream is None
             or session.blocked
-            or session.draining
+            # after ``quit`` the client is still read, only to notice its EOF; its bytes are
+            # ignored by the session
+            or (session.draining and (session.close_reason != "quit" or self.client_ended))
             or len(session.pending) > MAX_PENDING
         )
         if want != self.reading:
@@ -220,7 +267,9 @@ class Connection(asyncio.Protocol):
 
     def _audit(self, denials: list[dict[str, Any]]) -> None:
         fingerprint = self.identity.fingerprint if self.identity else None
+        metrics = self.server.metrics
         for record in denials:
+            metrics.denied(record["principal"], record["tube"], record["command"])
             record["peer"] = self.peer
             record["fingerprint"] = fingerprint
             record["time"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
@@ -243,6 +292,7 @@ class Connection(asyncio.Protocol):
         if self.client is not None:
             self.client.close()
         self.server.forget(self)
+        self.server.metrics.connection_closed(self)
         fields = {
             "event": "close",
             "peer": self.peer,
@@ -285,21 +335,28 @@ class _Handshake(asyncio.Protocol):
 class ProxyServer:
     """The listening proxy. See the module docstring."""
 
-    def __init__(self, config: Config, ssl_context: ssl.SSLContext, policy: PolicyHolder) -> None:
+    def __init__(
+        self,
+        config: Config,
+        ssl_context: ssl.SSLContext,
+        policy: PolicyHolder,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.config = config
+        self.metrics = metrics or Metrics()
         self.ssl_context = ssl_context
         self.policy = policy
         self.connections: set[Connection] = set()
         self.handshaking = 0
         self._server: asyncio.AbstractServer | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self.metrics.track(self.connections)
 
     @property
     def port(self) -> int | None:
         """The bound TCP port (useful with port 0), or None for unix listeners."""
-        if not isinstance(self._server, asyncio.Server):
-            return None
-        for sock in self._server.sockets:
+        # uvloop's server is not an asyncio.Server, but it has ``sockets`` too.
+        for sock in getattr(self._server, "sockets", None) or ():
             if sock.family in (socket.AF_INET, socket.AF_INET6):
                 return int(sock.getsockname()[1])
         return None
@@ -322,7 +379,9 @@ class ProxyServer:
         peername = transport.get_extra_info("peername")
         peer = f"{peername[0]}:{peername[1]}" if isinstance(peername, tuple) else str(peername)
         limit = self.config.limits.max_connections
+        self.metrics.connections_total.inc()
         if len(self.connections) + self.handshaking >= limit:
+            self.metrics.handshake_failures.labels("max_connections").inc()
             conn_log.warning("refused peer=%s reason=max_connections (%d) reached", peer, limit)
             transport.abort()
             return
@@ -344,6 +403,7 @@ class ProxyServer:
                     ssl_handshake_timeout=self.config.limits.handshake_timeout,
                 )
             except (OSError, TimeoutError, ConnectionError) as exc:
+                self.metrics.handshake_failures.labels(_failure_kind(exc)).inc()
                 conn_log.info("handshake failed peer=%s reason=%s", peer, _ssl_reason(exc))
                 raw.abort()
                 return
@@ -356,6 +416,7 @@ class ProxyServer:
             ssl_object = tls.get_extra_info("ssl_object")
             der = ssl_object.getpeercert(binary_form=True) if ssl_object else None
             if not der:
+                self.metrics.handshake_failures.labels("no_certificate").inc()
                 conn_log.info("refused peer=%s reason=no client certificate", peer)
                 tls.abort()
                 return
@@ -363,6 +424,7 @@ class ProxyServer:
             conn.identity = identity
             principal = self.policy.current.principal_for(identity)
             if principal is None:
+                self.metrics.handshake_failures.labels("no_principal").inc()
                 conn_log.warning(
                     "refused peer=%s subject=%s fingerprint=%s reason=no principal matches",
                     peer,
@@ -376,8 +438,14 @@ class ProxyServer:
             if conn.early:
                 conn.session.feed_client(bytes(conn.early))
                 conn.early.clear()
+            if conn.client_ended:
+                conn.session.client_eof()
         finally:
             self.handshaking -= 1
+            if conn.session is None:
+                conn.starting = False
+                if conn.lost_early:
+                    conn.close("client closed")
         self.connections.add(conn)
         await self._connect_upstream(conn)
 
@@ -396,6 +464,7 @@ class ProxyServer:
                         lambda: _Upstream(conn), up.host, up.port
                     )
         except (OSError, TimeoutError) as exc:
+            self.metrics.upstream_failures.inc()
             log.error("upstream %s unreachable for %s: %s", up, conn.peer, exc or "timeout")
             conn.close(f"upstream unreachable: {exc or 'timeout'}")
             return
@@ -404,6 +473,7 @@ class ProxyServer:
             return
         assert isinstance(transport, asyncio.Transport)
         conn.upstream = transport
+        conn.starting = False
         identity = conn.identity
         conn_log.info(
             "open peer=%s principal=%s subject=%s fingerprint=%s",

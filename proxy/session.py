@@ -149,7 +149,8 @@ class Session:
         self.failed: str | None = None
         self.close_reason = ""
         self.denials: list[dict[str, Any]] = []
-        self.commands = 0
+        self.op_counts = [0] * len(NAMES)  # commands parsed, by op (read by metrics)
+        self.denied_counts = [0] * len(NAMES)  # of which denied
         self._policy: Policy | None = None
         self._cache: dict[tuple[str, str, str | None], Decision] = {}
         self._any_cache: dict[str, Decision] = {}
@@ -222,7 +223,7 @@ class Session:
                 cmd = parser.next_command()
                 if isinstance(cmd, _NeedData):
                     return
-                self.commands += 1
+                self.op_counts[cmd[0]] += 1
                 handlers[cmd[0]](cmd)
         except ProtocolError as exc:
             self._local(BAD_FORMAT)
@@ -253,6 +254,7 @@ class Session:
     def _audit(
         self, cmd: Command, decision: Decision, tube: str | None, job: int | None, reply: bytes
     ) -> None:
+        self.denied_counts[cmd[0]] += 1
         self.denials.append(
             {
                 "principal": self.principal,

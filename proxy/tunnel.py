@@ -139,9 +139,8 @@ class TunnelServer:
 
     @property
     def port(self) -> int | None:
-        if not isinstance(self._server, asyncio.Server):
-            return None
-        for sock in self._server.sockets:
+        # uvloop's server is not an asyncio.Server, but it has ``sockets`` too.
+        for sock in getattr(self._server, "sockets", None) or ():
             name = sock.getsockname()
             if isinstance(name, tuple):
                 return int(name[1])

@@ -1,0 +1,169 @@
+"""Prometheus metrics, kept off the per-command hot path.
+
+Per-command figures (commands by name and decision, bytes each way) are plain integers that
+each ``Session``/``Connection`` already keeps; a custom collector adds them up at scrape time
+(live connections plus the totals of closed ones), so relaying a command costs no metric
+call at all. Per-connection and rare events (accepts, handshake failures, denials, upstream
+failures, reloads) use ordinary ``prometheus_client`` counters. Command latency is sampled:
+one burst of commands at a time per connection is timed (for a request-reply client a burst
+is one command), which bounds the cost. Label
+values chosen by clients (tube names in denials) are capped so a hostile client cannot
+grow the series count without bound.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from proxy.protocol import NAMES
+
+if TYPE_CHECKING:
+    from proxy.relay import Connection
+
+#: Distinct tube label values kept for denials before new ones are folded into "_other".
+MAX_TUBE_LABELS = 500
+
+
+class Metrics:
+    """All metrics of one proxy process, in their own registry."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.connections_total = Counter(
+            "beanstalk_proxy_connections", "Client connections accepted (TCP)", registry=r
+        )
+        self.handshake_failures = Counter(
+            "beanstalk_proxy_handshake_failures",
+            "Client connections refused before the relay started, by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.denials = Counter(
+            "beanstalk_proxy_denials",
+            "Commands denied by the ACL, by principal, tube and command",
+            ["principal", "tube", "command"],
+            registry=r,
+        )
+        self.upstream_failures = Counter(
+            "beanstalk_proxy_upstream_connect_failures",
+            "Upstream (beanstalkd) connections that could not be opened",
+            registry=r,
+        )
+        self.upstream_lost = Counter(
+            "beanstalk_proxy_upstream_lost",
+            "Upstream connections that ended while the client was still active",
+            registry=r,
+        )
+        self.reloads = Counter(
+            "beanstalk_proxy_reloads",
+            "Reloads of the ACL or the TLS material, by kind and result",
+            ["kind", "result"],
+            registry=r,
+        )
+        self.cert_expiry = Gauge(
+            "beanstalk_proxy_certificate_expiry_timestamp_seconds",
+            "notAfter of the certificates the proxy loaded (unix time)",
+            ["cert"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "beanstalk_proxy_command_latency_seconds",
+            "Time from forwarding a burst of commands until all their replies arrived "
+            "(one burst timed at a time per connection; one command for request-reply clients)",
+            buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25, 1, 5, 30),
+            registry=r,
+        )
+        self._live: Iterable[Connection] = ()
+        self._closed_commands = [0] * len(NAMES)
+        self._closed_denied = [0] * len(NAMES)
+        self._closed_bytes = {"in": 0, "out": 0}
+        self._tubes: set[str] = set()
+        r.register(_LiveCollector(self))
+
+    def track(self, live: Iterable[Connection]) -> None:
+        """Where to find the live connections at scrape time."""
+        self._live = live
+
+    def connection_closed(self, conn: Connection) -> None:
+        """Fold a closed connection's counters into the totals."""
+        self._closed_bytes["in"] += conn.bytes_in
+        self._closed_bytes["out"] += conn.bytes_out
+        session = conn.session
+        if session is not None:
+            for i, n in enumerate(session.op_counts):
+                self._closed_commands[i] += n
+            for i, n in enumerate(session.denied_counts):
+                self._closed_denied[i] += n
+
+    def denied(self, principal: str, tube: str | None, command: str) -> None:
+        label = tube or "-"
+        if label not in self._tubes:
+            if len(self._tubes) >= MAX_TUBE_LABELS:
+                label = "_other"
+            else:
+                self._tubes.add(label)
+        self.denials.labels(principal, label, command).inc()
+
+    def set_expiry(self, cert: str, not_after_unix: float) -> None:
+        self.cert_expiry.labels(cert).set(not_after_unix)
+
+    def totals(self) -> tuple[list[int], list[int], dict[str, int], int]:
+        commands = list(self._closed_commands)
+        denied = list(self._closed_denied)
+        nbytes = dict(self._closed_bytes)
+        live = 0
+        for conn in list(self._live):
+            live += 1
+            nbytes["in"] += conn.bytes_in
+            nbytes["out"] += conn.bytes_out
+            session = conn.session
+            if session is not None:
+                for i, n in enumerate(session.op_counts):
+                    commands[i] += n
+                for i, n in enumerate(session.denied_counts):
+                    denied[i] += n
+        return commands, denied, nbytes, live
+
+
+class _LiveCollector(Collector):
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def describe(self) -> Iterator[Any]:
+        return iter(())
+
+    def collect(self) -> Iterator[Any]:
+        commands, denied, nbytes, live = self.metrics.totals()
+        fam = CounterMetricFamily(
+            "beanstalk_proxy_commands",
+            "Client commands parsed, by command and decision (allowed includes commands the "
+            "proxy answered itself with a protocol error)",
+            labels=["command", "decision"],
+        )
+        for i, name in enumerate(NAMES):
+            if commands[i] or denied[i]:
+                fam.add_metric([name, "allowed"], commands[i] - denied[i])
+                fam.add_metric([name, "denied"], denied[i])
+        yield fam
+        fam = CounterMetricFamily(
+            "beanstalk_proxy_bytes", "Bytes relayed, by direction", labels=["direction"]
+        )
+        fam.add_metric(["client_to_proxy"], nbytes["in"])
+        fam.add_metric(["proxy_to_client"], nbytes["out"])
+        yield fam
+        g = GaugeMetricFamily("beanstalk_proxy_connections_open", "Relayed connections open now")
+        g.add_metric([], live)
+        yield g
+        g = GaugeMetricFamily("beanstalk_proxy_start_time_seconds", "Process start (unix time)")
+        g.add_metric([], _START)
+        yield g
+
+
+_START = time.time()
