@@ -173,13 +173,34 @@ def _run(coro: Coroutine[Any, Any, int]) -> int:
         return runner.run(coro)
 
 
+def _cert_expiry(path: str) -> float | None:
+    """notAfter (unix time) of the first certificate in ``path``, or None if unreadable."""
+    from cryptography import x509
+
+    try:
+        with open(path, "rb") as f:
+            return x509.load_pem_x509_certificate(f.read()).not_valid_after_utc.timestamp()
+    except (OSError, ValueError):
+        return None
+
+
+def _record_expiry(config: Config, server: ProxyServer) -> None:
+    for label, path in (("server", config.tls.cert), ("client_ca", config.tls.client_ca)):
+        expiry = _cert_expiry(path)
+        if expiry is not None:
+            server.metrics.set_expiry(label, expiry)
+
+
 def _reload(config: Config, server: ProxyServer) -> None:
     """SIGHUP: re-read the ACL and the TLS files; keep what is running on any error."""
+    reloads = server.metrics.reloads
     try:
         policy = load_acl(config.acl)
     except Exception as exc:
+        reloads.labels("acl", "failure").inc()
         log.error("reload: ACL not reloaded, keeping the previous policy: %s", exc)
     else:
+        reloads.labels("acl", "success").inc()
         server.reload_policy(policy)
         log.info(
             "reload: ACL %s loaded (%d principals)",
@@ -190,8 +211,11 @@ def _reload(config: Config, server: ProxyServer) -> None:
     try:
         ctx = _server_context(config)
     except Exception as exc:
+        reloads.labels("tls", "failure").inc()
         log.error("reload: TLS files not reloaded, keeping the previous context: %s", exc)
     else:
+        reloads.labels("tls", "success").inc()
+        _record_expiry(config, server)
         server.reload_tls(ctx)
         log.info(
             "reload: TLS certificate, key, CA and CRL reloaded",
@@ -200,10 +224,17 @@ def _reload(config: Config, server: ProxyServer) -> None:
 
 
 async def _serve(config: Config, ctx: ssl.SSLContext, policy: Policy) -> int:
+    from proxy.httpd import StatusServer
     from proxy.relay import PolicyHolder, ProxyServer
 
     holder = PolicyHolder(policy)
     server = ProxyServer(config, ctx, holder)
+    _record_expiry(config, server)
+    status = (
+        StatusServer(config.metrics_listen, server.metrics, config.upstream)
+        if config.metrics_listen is not None
+        else None
+    )
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     # Handlers go in before anything can announce readiness: a SIGHUP sent by a supervisor
@@ -215,8 +246,11 @@ async def _serve(config: Config, ctx: ssl.SSLContext, policy: Policy) -> int:
     try:
         try:
             await server.start()
+            if status is not None:
+                await status.start()
         except OSError as exc:
             log.error("cannot listen on %s: %s", config.listen, exc)
+            await server.close()
             return 1
         where = str(config.listen)
         if not config.listen.is_unix and server.port is not None:
@@ -230,9 +264,16 @@ async def _serve(config: Config, ctx: ssl.SSLContext, policy: Policy) -> int:
         )
         try:
             await stop.wait()
-            log.info("shutting down", extra={"fields": {"event": "shutdown"}})
+            log.info(
+                "shutting down: draining %d connections (up to %.1fs)",
+                len(server.connections),
+                config.limits.shutdown_timeout,
+                extra={"fields": {"event": "shutdown"}},
+            )
         finally:
-            await server.close()
+            await server.close(grace=config.limits.shutdown_timeout)
+            if status is not None:
+                await status.close()
     finally:
         for sig in signals:
             loop.remove_signal_handler(sig)
@@ -529,3 +570,109 @@ def certs_dev(directory: str) -> None:
     _echo_written(written)
     if not written:
         click.echo(f"{directory}: complete, nothing to do")
+
+
+# --------------------------------------------------------------------------------------------
+# client (producer-side tunnel)
+
+
+async def _client(
+    listen: Endpoint, connect: Endpoint, make_ctx: Callable[[], ssl.SSLContext], name: str
+) -> int:
+    from proxy.tunnel import TunnelServer
+
+    tunnel = TunnelServer(listen, connect, make_ctx(), server_hostname=name)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+
+    def reload() -> None:
+        try:
+            tunnel.reload_tls(make_ctx())
+        except ConfigError as exc:
+            log.error("reload: client certificate not reloaded, keeping the previous: %s", exc)
+        else:
+            log.info("reload: client certificate, key and CA reloaded")
+
+    loop.add_signal_handler(signal.SIGHUP, reload)
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    try:
+        await tunnel.start()
+        log.info(
+            "ready: tunnel listening on %s -> %s (TLS, server name %s)",
+            listen if tunnel.port is None else Endpoint(listen.host, tunnel.port, None),
+            connect,
+            name,
+        )
+        await stop.wait()
+    except OSError as exc:
+        log.error("cannot listen on %s: %s", listen, exc)
+        return 1
+    finally:
+        await tunnel.close()
+        for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+    return 0
+
+
+def _cli_endpoint(value: str, option: str, allow_port_zero: bool) -> Endpoint:
+    from proxy.config import parse_endpoint
+
+    try:
+        return parse_endpoint(value, allow_port_zero=allow_port_zero)
+    except ValueError as exc:
+        raise ConfigError("command line", option, str(exc)) from None
+
+
+@main.command()
+@click.option(
+    "--listen",
+    default="127.0.0.1:11300",
+    show_default=True,
+    help="Plain local listener for unmodified clients: HOST:PORT or unix:/path.",
+)
+@click.option("--connect", required=True, metavar="HOST:PORT", help="The proxy's TLS address.")
+@click.option("--cert", required=True, metavar="PEM", help="This producer's client certificate.")
+@click.option("--key", required=True, metavar="PEM", help="Its private key.")
+@click.option("--ca", required=True, metavar="PEM", help="CA that signed the proxy's certificate.")
+@click.option(
+    "--server-name",
+    metavar="NAME",
+    help="Name the proxy's certificate must carry (default: the --connect host).",
+)
+@click.option("--log-format", type=click.Choice(["text", "json"]), default="text")
+@click.option("--allow-remote-listen", is_flag=True, help="Allow a non-loopback --listen.")
+def client(
+    listen: str,
+    connect: str,
+    cert: str,
+    key: str,
+    ca: str,
+    server_name: str | None,
+    log_format: str,
+    allow_remote_listen: bool,
+) -> None:
+    """Producer-side tunnel: a plain local port carried over mutual TLS to the proxy.
+
+    The local side has no authentication of its own, so it listens on loopback unless
+    --allow-remote-listen is given. SIGHUP reloads the certificate, key and CA."""
+    from proxy.tlsctx import client_context
+
+    setup_logging(log_format, "info")
+    local = _cli_endpoint(listen, "--listen", allow_port_zero=True)
+    if not local.is_loopback and not allow_remote_listen:
+        raise ConfigError(
+            "command line",
+            "--listen",
+            f"{local} is not loopback or a unix socket: anyone who reaches it would use your "
+            "certificate; pass --allow-remote-listen if that is intended",
+        )
+    remote = _cli_endpoint(connect, "--connect", allow_port_zero=False)
+    if remote.is_unix:
+        raise ConfigError("command line", "--connect", "must be HOST:PORT")
+    name = server_name or remote.host or "localhost"
+    def make_ctx() -> ssl.SSLContext:  # re-run on SIGHUP
+        return client_context(ca, cert, key)
+
+    make_ctx()  # fail fast with a precise message
+    sys.exit(_run(_client(local, remote, make_ctx, name)))

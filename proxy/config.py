@@ -39,6 +39,7 @@ DEFAULT_MAX_CONNECTIONS = 10000
 DEFAULT_HANDSHAKE_TIMEOUT = 5.0
 DEFAULT_UPSTREAM_CONNECT_TIMEOUT = 5.0
 DEFAULT_MAX_JOB_SIZE = 65535
+DEFAULT_SHUTDOWN_TIMEOUT = 10.0
 MAX_JOB_SIZE_LIMIT = 1073741824  # beanstalkd's own ceiling for -z (2**30)
 MAX_DURATION = 86400.0  # one day; anything longer is almost certainly a unit mistake
 
@@ -97,6 +98,10 @@ class Limits:
     handshake_timeout: float  # seconds
     max_job_size: int  # bytes
     upstream_connect_timeout: float  # seconds
+    shutdown_timeout: float = 10.0  # seconds a SIGTERM waits for in-flight replies
+    idle_timeout: float | None = None  # close connections silent this long (never mid-reserve)
+    max_connection_lifetime: float | None = None  # close connections older than this
+    max_connections_per_principal: int | None = None
 
 
 @dataclass(frozen=True)
@@ -349,6 +354,10 @@ _LIMIT_KEYS = (
     "handshake_timeout",
     "upstream_connect_timeout",
     "max_job_size",
+    "shutdown_timeout",
+    "idle_timeout",
+    "max_connection_lifetime",
+    "max_connections_per_principal",
 )
 _METRICS_KEYS = ("listen",)
 _LOG_KEYS = ("format", "level")
@@ -413,6 +422,10 @@ def _parse_limits(source: str, data: object) -> Limits:
         upstream_connect_timeout=r.duration(
             "upstream_connect_timeout", DEFAULT_UPSTREAM_CONNECT_TIMEOUT
         ),
+        shutdown_timeout=r.duration("shutdown_timeout", DEFAULT_SHUTDOWN_TIMEOUT),
+        idle_timeout=r.duration("idle_timeout", 0.0) or None,
+        max_connection_lifetime=r.duration("max_connection_lifetime", 0.0) or None,
+        max_connections_per_principal=r.get_int("max_connections_per_principal", 0, 1) or None,
     )
 
 

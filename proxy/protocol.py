@@ -446,6 +446,10 @@ class ClientParser:
             self._compact()
             return NEED_DATA
         if cr + 1 >= end:
+            # A LF before the first CR is a bare LF whatever follows; detect it now, as the
+            # no-CR branch above does, so the result never depends on how bytes were chunked.
+            if buf.find(b"\n", pos, cr) >= 0:
+                raise ProtocolError("bare LF in command line")
             self._compact()
             return NEED_DATA
         if buf[cr + 1] != 0x0A:

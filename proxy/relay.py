@@ -16,12 +16,13 @@ reservations; an upstream that vanishes closes the client with a logged reason.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import socket
 import ssl
 import time
-from typing import Any
+from typing import Any, cast
 
 from proxy.acl import Policy
 from proxy.config import Config, Endpoint
@@ -108,6 +109,7 @@ class Connection(asyncio.Protocol):
         self.server = server
         self.peer = peer
         self.started = time.monotonic()
+        self.last_active = self.started
         self.client: asyncio.Transport | None = None
         self.upstream: asyncio.Transport | None = None
         self.session: Session | None = None
@@ -127,16 +129,18 @@ class Connection(asyncio.Protocol):
         self._drain_timer: asyncio.TimerHandle | None = None
         self._sample_t0 = -1.0  # start of the timed burst of commands, or -1 when none
         self.early = bytearray()  # bytes that arrived between handshake and session creation
+        self.counted_as: str | None = None  # principal this connection counts against
 
     # --- client transport callbacks ---------------------------------------------------------
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+    def connection_made(self, base: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.Transport, base)  # uvloop's transports do not subclass it
         self.client = transport
 
     def data_received(self, data: bytes) -> None:
         session = self.session
         self.bytes_in += len(data)
+        self.last_active = time.monotonic()
         if session is None:
             # TLS 1.3 clients send commands right after their Finished message; the SSL layer
             # may hand them over before the principal is known. Keep them for the session.
@@ -265,6 +269,19 @@ class Connection(asyncio.Protocol):
             else:
                 client.pause_reading()
 
+    def drain(self, reason: str) -> None:
+        """Stop reading the client; let upstream answer what it was sent, then close."""
+        session = self.session
+        if self.closed:
+            return
+        if session is None or self.upstream is None:
+            self.close(reason)
+            return
+        if not session.draining:
+            session.draining = True
+            session.close_reason = reason
+        self.flush()
+
     def _audit(self, denials: list[dict[str, Any]]) -> None:
         fingerprint = self.identity.fingerprint if self.identity else None
         metrics = self.server.metrics
@@ -322,8 +339,8 @@ class _Handshake(asyncio.Protocol):
     def __init__(self, server: ProxyServer) -> None:
         self.server = server
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+    def connection_made(self, base: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.Transport, base)  # uvloop's transports do not subclass it
         # Nothing may be read before start_tls owns the socket (it resumes reading).
         transport.pause_reading()
         self.server.accepted(transport)
@@ -350,6 +367,9 @@ class ProxyServer:
         self.handshaking = 0
         self._server: asyncio.AbstractServer | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._idle = asyncio.Event()
+        self._per_principal: dict[str, int] = {}
+        self._sweeper: asyncio.Task[None] | None = None
         self.metrics.track(self.connections)
 
     @property
@@ -374,6 +394,33 @@ class ProxyServer:
                 lambda: _Handshake(self), listen.host, listen.port, backlog=1024, reuse_address=True
             )
         log.info("listening on %s, upstream %s", listen, self.config.upstream)
+        limits = self.config.limits
+        periods = [t for t in (limits.idle_timeout, limits.max_connection_lifetime) if t]
+        if periods:
+            interval = min(max(min(periods) / 4, 0.05), 5.0)
+            self._sweeper = loop.create_task(self._sweep(interval))
+
+    async def _sweep(self, interval: float) -> None:
+        """Enforce idle_timeout (never on a connection with a command outstanding, such as a
+        blocked reserve) and max_connection_lifetime."""
+        limits = self.config.limits
+        while True:
+            await asyncio.sleep(interval)
+            now = time.monotonic()
+            for conn in list(self.connections):
+                session = conn.session
+                if session is None or conn.closed:
+                    continue
+                lifetime = limits.max_connection_lifetime
+                if lifetime and now - conn.started > lifetime:
+                    conn.drain("max connection lifetime reached")
+                elif (
+                    limits.idle_timeout
+                    and now - conn.last_active > limits.idle_timeout
+                    and not session.pending
+                    and not session.draining
+                ):
+                    conn.drain("idle timeout")
 
     def accepted(self, transport: asyncio.Transport) -> None:
         peername = transport.get_extra_info("peername")
@@ -433,6 +480,19 @@ class ProxyServer:
                 )
                 tls.close()
                 return
+            cap = self.config.limits.max_connections_per_principal
+            if cap is not None and self._per_principal.get(principal, 0) >= cap:
+                self.metrics.handshake_failures.labels("max_connections_per_principal").inc()
+                conn_log.warning(
+                    "refused peer=%s principal=%s reason=max_connections_per_principal (%d)",
+                    peer,
+                    principal,
+                    cap,
+                )
+                tls.close()
+                return
+            self._per_principal[principal] = self._per_principal.get(principal, 0) + 1
+            conn.counted_as = principal
             conn.principal = principal
             conn.session = Session(self.policy, principal, self.config.limits.max_job_size)
             if conn.early:
@@ -471,7 +531,6 @@ class ProxyServer:
         if conn.closed:
             transport.close()
             return
-        assert isinstance(transport, asyncio.Transport)
         conn.upstream = transport
         conn.starting = False
         identity = conn.identity
@@ -495,6 +554,15 @@ class ProxyServer:
 
     def forget(self, conn: Connection) -> None:
         self.connections.discard(conn)
+        if conn.counted_as is not None:
+            left = self._per_principal.get(conn.counted_as, 1) - 1
+            if left > 0:
+                self._per_principal[conn.counted_as] = left
+            else:
+                self._per_principal.pop(conn.counted_as, None)
+            conn.counted_as = None
+        if not self.connections:
+            self._idle.set()
 
     def reload_policy(self, policy: Policy) -> None:
         """Swap the policy; live connections follow it from their next command. A connection
@@ -514,10 +582,22 @@ class ProxyServer:
         """New handshakes use ``ctx``; established connections keep theirs."""
         self.ssl_context = ctx
 
-    async def close(self) -> None:
-        """Stop accepting and close every connection."""
+    async def close(self, grace: float = 0.0) -> None:
+        """Stop accepting; with ``grace`` > 0, drain every connection first (in-flight commands
+        get their replies, a blocked reserve answers TIMED_OUT once upstream is half-closed),
+        then close whatever is left."""
         if self._server is not None:
             self._server.close()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        if grace > 0 and self.connections:
+            self._idle.clear()
+            for conn in list(self.connections):
+                conn.drain("proxy shutting down")
+            if self.connections:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(grace):
+                        await self._idle.wait()
         for conn in list(self.connections):
             conn.close("proxy shutting down")
         for task in list(self._tasks):

@@ -529,8 +529,9 @@ class Session:
             if line == b"NOT_FOUND":
                 self.reserved.pop(entry[1], None)
         elif kind == K_STATS_JOB and body is not None:
-            tube, _state = job_stats_fields(body)
-            self._remember(entry[1], tube)
+            tube, state = job_stats_fields(body)
+            if state != "invalid":  # see _on_lookup: never cache a job still uploading
+                self._remember(entry[1], tube)
             cmd = (OP_STATS_JOB, entry[1])
             d = self._decide("stats-job", "inspect", tube)
             if not d.allowed:
@@ -563,7 +564,10 @@ class Session:
             # The body is still uploading: beanstalkd would show uninitialised memory.
             self._local(NOT_FOUND)
             return
-        self._remember(cmd[1], tube)
+        if state != "invalid":
+            # A job still uploading must not be remembered: a later ``peek`` of a known job
+            # skips the lookup, and so would skip this check.
+            self._remember(cmd[1], tube)
         if cmd[0] in (OP_RELEASE, OP_BURY, OP_TOUCH, OP_DELETE) and cmd[1] in self.reserved:
             self.reserved[cmd[1]] = (tube,)
         self._decide_job(cmd, verb, tube)

@@ -15,6 +15,7 @@ import logging
 import ssl
 import time
 from collections.abc import Callable
+from typing import cast
 
 from proxy.config import Endpoint
 
@@ -30,8 +31,8 @@ class _Side(asyncio.Protocol):
         self.name = name
         self.transport: asyncio.Transport | None = None
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+    def connection_made(self, base: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.Transport, base)  # uvloop's transports do not subclass it
         self.transport = transport
         if self is self.pipe.local:
             transport.pause_reading()  # until the TLS connection to the proxy is up
@@ -71,6 +72,7 @@ class _Pipe:
         self.local = _Side(self, "local")
         self.remote = _Side(self, "remote")
         self.early = bytearray()
+        self.eofs = 0
         self.closed = False
         self.started = time.monotonic()
         self.bytes_up = 0
@@ -92,8 +94,16 @@ class _Pipe:
             target.write(data)
 
     def eof(self, side: _Side) -> bool:
+        """Half-close: pass the EOF on where the other transport can carry it (plain TCP);
+        TLS transports in asyncio cannot half-close, so an EOF there closes the pipe."""
         target = self.other(side).transport
-        if target is not None and target.can_write_eof():
+        self.eofs += 1
+        if (
+            self.eofs < 2
+            and target is not None
+            and not target.is_closing()
+            and target.can_write_eof()
+        ):
             target.write_eof()
             return True  # keep the other direction open
         self.close(f"{side.name} closed")
