@@ -19,6 +19,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -185,10 +186,79 @@ def _cert_expiry(path: str) -> float | None:
 
 
 def _record_expiry(config: Config, server: ProxyServer) -> None:
+    """Export certificate expiry and warn when the server certificate is about to expire."""
     for label, path in (("server", config.tls.cert), ("client_ca", config.tls.client_ca)):
         expiry = _cert_expiry(path)
-        if expiry is not None:
-            server.metrics.set_expiry(label, expiry)
+        if expiry is None:
+            continue
+        server.metrics.set_expiry(label, expiry)
+        days_left = (expiry - time.time()) / 86400
+        if label == "server" and days_left < config.tls.expiry_warning_days:
+            log.warning(
+                "server certificate %s expires in %.1f days (tls.expiry_warning_days: %d)",
+                path,
+                days_left,
+                config.tls.expiry_warning_days,
+                extra={"fields": {"event": "cert_expiry", "days_left": round(days_left, 2)}},
+            )
+
+
+def _revocation_check(config: Config) -> Callable[[bytes], bool] | None:
+    """A predicate over DER client certificates: listed in one of the configured CRLs?"""
+    if not config.tls.crl:
+        return None
+    from cryptography import x509
+
+    revoked: set[tuple[bytes, int]] = set()
+    for path in config.tls.crl:
+        with open(path, "rb") as f:
+            data = f.read()
+        crl = (
+            x509.load_pem_x509_crl(data)
+            if data.lstrip().startswith(b"-----")
+            else x509.load_der_x509_crl(data)
+        )
+        issuer = crl.issuer.public_bytes()
+        revoked.update((issuer, entry.serial_number) for entry in crl)
+
+    def is_revoked(der: bytes) -> bool:
+        cert = x509.load_der_x509_certificate(der)
+        return (cert.issuer.public_bytes(), cert.serial_number) in revoked
+
+    return is_revoked
+
+
+def _watched_files(config: Config) -> list[str]:
+    tls = config.tls
+    return [config.acl, tls.cert, tls.key, tls.client_ca, *tls.crl]
+
+
+def _file_state(paths: Sequence[str]) -> list[tuple[int, int, int, int] | None]:
+    """What identifies each file's current content: stat() following symlinks, so the
+    atomic ``..data`` symlink swap Kubernetes does for mounted Secrets is a change."""
+    state: list[tuple[int, int, int, int] | None] = []
+    for path in paths:
+        try:
+            st = os.stat(path)
+        except OSError:
+            state.append(None)
+        else:
+            state.append((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
+    return state
+
+
+async def _watch_files(config: Config, server: ProxyServer) -> None:
+    """Reload (as on SIGHUP) when a watched file changes on disk."""
+    paths = _watched_files(config)
+    seen = _file_state(paths)
+    while True:
+        await asyncio.sleep(config.watch_interval)
+        now = _file_state(paths)
+        if now != seen:
+            changed = [p for p, a, b in zip(paths, seen, now, strict=True) if a != b]
+            log.info("files changed on disk, reloading: %s", ", ".join(changed))
+            seen = now
+            _reload(config, server)
 
 
 def _reload(config: Config, server: ProxyServer) -> None:
@@ -216,7 +286,12 @@ def _reload(config: Config, server: ProxyServer) -> None:
     else:
         reloads.labels("tls", "success").inc()
         _record_expiry(config, server)
-        server.reload_tls(ctx)
+        try:
+            revoked = _revocation_check(config)
+        except (OSError, ValueError) as exc:  # the context loaded it; a race with a rewrite
+            log.error("reload: CRL re-read failed, live connections not re-checked: %s", exc)
+            revoked = None
+        server.reload_tls(ctx, revoked)
         log.info(
             "reload: TLS certificate, key, CA and CRL reloaded",
             extra={"fields": {"event": "reload", "what": "tls"}},
@@ -262,6 +337,11 @@ async def _serve(config: Config, ctx: ssl.SSLContext, policy: Policy) -> int:
             os.getpid(),
             extra={"fields": {"event": "ready", "listen": where, "upstream": str(config.upstream)}},
         )
+        watcher = (
+            asyncio.get_running_loop().create_task(_watch_files(config, server))
+            if config.watch_files
+            else None
+        )
         try:
             await stop.wait()
             log.info(
@@ -271,6 +351,8 @@ async def _serve(config: Config, ctx: ssl.SSLContext, policy: Policy) -> int:
                 extra={"fields": {"event": "shutdown"}},
             )
         finally:
+            if watcher is not None:
+                watcher.cancel()
             await server.close(grace=config.limits.shutdown_timeout)
             if status is not None:
                 await status.close()

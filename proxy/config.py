@@ -90,6 +90,7 @@ class TLSConfig:
     client_ca: str
     crl: tuple[str, ...]
     min_version: str  # "1.2" or "1.3"
+    expiry_warning_days: int = 14  # warn when the server certificate expires within this
 
 
 @dataclass(frozen=True)
@@ -121,6 +122,8 @@ class Config:
     metrics_listen: Endpoint | None
     log: LogConfig
     source: str
+    watch_files: bool = True  # reload when the ACL or TLS files change on disk
+    watch_interval: float = 5.0  # seconds between checks of those files
 
 
 # --------------------------------------------------------------------------------------------
@@ -347,8 +350,10 @@ _TOP_KEYS = (
     "limits",
     "metrics",
     "log",
+    "reload",
 )
-_TLS_KEYS = ("cert", "key", "client_ca", "crl", "min_version")
+_TLS_KEYS = ("cert", "key", "client_ca", "crl", "min_version", "expiry_warning_days")
+_RELOAD_KEYS = ("watch", "interval")
 _LIMIT_KEYS = (
     "max_connections",
     "handshake_timeout",
@@ -410,7 +415,15 @@ def _parse_tls(source: str, data: object) -> TLSConfig:
         if text not in TLS_VERSIONS:
             raise r.error("min_version", f'must be "1.2" or "1.3", got {_kind(mv)}')
         min_version = text
-    return TLSConfig(cert=cert, key=key, client_ca=client_ca, crl=crl, min_version=min_version)
+    warn_days = r.get_int("expiry_warning_days", 14, 0, 3650)
+    return TLSConfig(
+        cert=cert,
+        key=key,
+        client_ca=client_ca,
+        crl=crl,
+        min_version=min_version,
+        expiry_warning_days=warn_days,
+    )
 
 
 def _parse_limits(source: str, data: object) -> Limits:
@@ -483,6 +496,7 @@ def parse_config(data: object, source: str) -> Config:
         raise metrics.error("listen", f"is the same address as {which} ({metrics_listen})")
 
     log = _parse_log(source, top.get("log"))
+    reload = _Reader(source, "reload", top.get("reload"), _RELOAD_KEYS)
     return Config(
         listen=listen,
         upstream=upstream,
@@ -493,4 +507,6 @@ def parse_config(data: object, source: str) -> Config:
         metrics_listen=metrics_listen,
         log=log,
         source=source,
+        watch_files=reload.get_bool("watch", True),
+        watch_interval=reload.duration("interval", 5.0),
     )

@@ -22,6 +22,7 @@ import logging
 import socket
 import ssl
 import time
+from collections.abc import Callable
 from typing import Any, cast
 
 from proxy.acl import Policy
@@ -130,6 +131,8 @@ class Connection(asyncio.Protocol):
         self._sample_t0 = -1.0  # start of the timed burst of commands, or -1 when none
         self.early = bytearray()  # bytes that arrived between handshake and session creation
         self.counted_as: str | None = None  # principal this connection counts against
+        self.der: bytes | None = None  # the client certificate, for revocation re-checks
+        self._expiry_timer: asyncio.TimerHandle | None = None
 
     # --- client transport callbacks ---------------------------------------------------------
 
@@ -300,6 +303,8 @@ class Connection(asyncio.Protocol):
         self.reason = reason
         if self._drain_timer is not None:
             self._drain_timer.cancel()
+        if self._expiry_timer is not None:
+            self._expiry_timer.cancel()
         if self.session is not None and self.session.to_client and self.client is not None:
             self.client.write(self.session.to_client)
             self.bytes_out += len(self.session.to_client)
@@ -469,6 +474,7 @@ class ProxyServer:
                 return
             identity = identity_from_der(der)
             conn.identity = identity
+            conn.der = der
             principal = self.policy.current.principal_for(identity)
             if principal is None:
                 self.metrics.handshake_failures.labels("no_principal").inc()
@@ -507,6 +513,11 @@ class ProxyServer:
                 if conn.lost_early:
                     conn.close("client closed")
         self.connections.add(conn)
+        # A connection lives no longer than its client certificate.
+        left = conn.identity.not_after.timestamp() - time.time() if conn.identity else 0.0
+        conn._expiry_timer = loop.call_later(
+            max(left, 0.0), conn.close, "client certificate expired"
+        )
         await self._connect_upstream(conn)
 
     async def _connect_upstream(self, conn: Connection) -> None:
@@ -578,9 +589,22 @@ class ProxyServer:
                 conn.principal = principal
                 conn.session.set_principal(principal)
 
-    def reload_tls(self, ctx: ssl.SSLContext) -> None:
-        """New handshakes use ``ctx``; established connections keep theirs."""
+    def reload_tls(
+        self, ctx: ssl.SSLContext, revoked: Callable[[bytes], bool] | None = None
+    ) -> None:
+        """New handshakes use ``ctx``; established connections keep theirs, except those whose
+        client certificate ``revoked`` (a check against the new CRLs) reports revoked."""
         self.ssl_context = ctx
+        if revoked is None:
+            return
+        for conn in list(self.connections):
+            if conn.der is not None and revoked(conn.der):
+                conn_log.warning(
+                    "revoked peer=%s principal=%s: client certificate is now in the CRL",
+                    conn.peer,
+                    conn.principal,
+                )
+                conn.close("client certificate revoked")
 
     async def close(self, grace: float = 0.0) -> None:
         """Stop accepting; with ``grace`` > 0, drain every connection first (in-flight commands
