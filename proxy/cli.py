@@ -14,6 +14,7 @@ exits with status 2 and ``error: <file>: <key path>: <reason>`` on stderr; PKI e
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import logging
 import os
@@ -298,16 +299,22 @@ def _reload(config: Config, server: ProxyServer) -> None:
         )
 
 
-async def _serve(config: Config, ctx: ssl.SSLContext, policy: Policy) -> int:
+async def _serve(
+    config: Config, ctx: ssl.SSLContext, policy: Policy, worker: int | None = None
+) -> int:
     from proxy.httpd import StatusServer
     from proxy.relay import PolicyHolder, ProxyServer
 
     holder = PolicyHolder(policy)
-    server = ProxyServer(config, ctx, holder)
+    server = ProxyServer(config, ctx, holder, reuse_port=worker is not None)
     _record_expiry(config, server)
+    status_listen = config.metrics_listen
+    if status_listen is not None and worker and status_listen.port:
+        # Each worker has its own counters: worker k serves them on metrics port + k.
+        status_listen = Endpoint(status_listen.host, status_listen.port + worker, None)
     status = (
-        StatusServer(config.metrics_listen, server.metrics, config.upstream)
-        if config.metrics_listen is not None
+        StatusServer(status_listen, server.metrics, config.upstream)
+        if status_listen is not None
         else None
     )
     loop = asyncio.get_running_loop()
@@ -362,9 +369,53 @@ async def _serve(config: Config, ctx: ssl.SSLContext, policy: Policy) -> int:
     return 0
 
 
+def _supervise(workers: int, run_worker: Callable[[int], int]) -> int:
+    """Fork ``workers`` processes (before any event loop or thread exists), forward SIGHUP,
+    SIGTERM and SIGINT to all of them, and wait. If one exits with an error, stop the rest."""
+    pids: dict[int, int] = {}
+    for k in range(workers):
+        pid = os.fork()
+        if pid == 0:  # child
+            code = 1
+            try:
+                code = run_worker(k)
+            finally:
+                os._exit(code)
+        pids[pid] = k
+
+    def forward(signum: int, _frame: object) -> None:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+    for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, forward)
+    log.info("supervisor pid %d started %d workers: %s", os.getpid(), workers, sorted(pids))
+    status = 0
+    while pids:
+        try:
+            pid, wait_status = os.wait()
+        except ChildProcessError:
+            break
+        k = pids.pop(pid, -1)
+        code = os.waitstatus_to_exitcode(wait_status)
+        if code != 0:
+            log.error("worker %d (pid %d) exited with %d; stopping the others", k, pid, code)
+            status = status or 1
+            forward(signal.SIGTERM, None)
+    return status
+
+
 @main.command()
 @_config_option
-def serve(config_path: str) -> None:
+@click.option(
+    "--workers",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1, 64),
+    help="Worker processes sharing the listen port (SO_REUSEPORT); signals reach every worker.",
+)
+def serve(config_path: str, workers: int) -> None:
     """Run the proxy until SIGTERM/SIGINT; SIGHUP reloads the ACL and TLS files."""
     from proxy.acl import lint_acl
 
@@ -374,7 +425,13 @@ def serve(config_path: str) -> None:
     for warning in lint_acl(policy):
         log.warning("%s: %s", config.acl, warning)
     ctx = _server_context(config)
-    sys.exit(_run(_serve(config, ctx, policy)))
+    if workers == 1:
+        sys.exit(_run(_serve(config, ctx, policy)))
+    if config.listen.is_unix or config.listen.port == 0:
+        raise ConfigError(
+            config.source, "listen", "--workers needs a TCP listen address with a fixed port"
+        )
+    sys.exit(_supervise(workers, lambda k: _run(_serve(config, ctx, policy, worker=k))))
 
 
 # --------------------------------------------------------------------------------------------

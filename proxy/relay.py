@@ -8,9 +8,12 @@ the two transports through a ``Session`` (the pure state machine) and nothing el
 looks at command bytes itself. Backpressure: the client is not read while the upstream
 transport's buffer is full, while the session waits for a lookup, or while too many replies
 are pending; upstream is not read while the client's buffer is full. A client that
-half-closes or quits is drained (upstream is half-closed, beanstalkd answers what it has and
-closes); a client that vanishes closes its upstream connection so beanstalkd releases its
-reservations; an upstream that vanishes closes the client with a logged reason.
+half-closes is drained (upstream is half-closed, beanstalkd answers what it has and closes),
+even if it closed before its upstream connection was open; after ``quit`` upstream is left to
+close by itself, as beanstalkd does once everything before the ``quit`` is answered (a
+half-close would turn a blocking ``reserve`` into ``TIMED_OUT``), and the client is still read
+only to notice its EOF; a client that vanishes closes its upstream connection so beanstalkd
+releases its reservations; an upstream that vanishes closes the client with a logged reason.
 """
 
 from __future__ import annotations
@@ -19,8 +22,10 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import socket
 import ssl
+import stat
 import time
 from collections.abc import Callable
 from typing import Any, cast
@@ -338,22 +343,6 @@ class Connection(asyncio.Protocol):
         )
 
 
-class _Handshake(asyncio.Protocol):
-    """The raw TCP protocol of an accepted socket until ``start_tls`` takes it over."""
-
-    def __init__(self, server: ProxyServer) -> None:
-        self.server = server
-
-    def connection_made(self, base: asyncio.BaseTransport) -> None:
-        transport = cast(asyncio.Transport, base)  # uvloop's transports do not subclass it
-        # Nothing may be read before start_tls owns the socket (it resumes reading).
-        transport.pause_reading()
-        self.server.accepted(transport)
-
-    def data_received(self, data: bytes) -> None:  # pragma: no cover - reading is paused
-        pass
-
-
 class ProxyServer:
     """The listening proxy. See the module docstring."""
 
@@ -363,14 +352,17 @@ class ProxyServer:
         ssl_context: ssl.SSLContext,
         policy: PolicyHolder,
         metrics: Metrics | None = None,
+        reuse_port: bool = False,
     ) -> None:
         self.config = config
+        self.reuse_port = reuse_port
         self.metrics = metrics or Metrics()
         self.ssl_context = ssl_context
         self.policy = policy
         self.connections: set[Connection] = set()
         self.handshaking = 0
-        self._server: asyncio.AbstractServer | None = None
+        self._listener: socket.socket | None = None
+        self._acceptor: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._idle = asyncio.Event()
         self._per_principal: dict[str, int] = {}
@@ -380,25 +372,43 @@ class ProxyServer:
     @property
     def port(self) -> int | None:
         """The bound TCP port (useful with port 0), or None for unix listeners."""
-        # uvloop's server is not an asyncio.Server, but it has ``sockets`` too.
-        for sock in getattr(self._server, "sockets", None) or ():
-            if sock.family in (socket.AF_INET, socket.AF_INET6):
-                return int(sock.getsockname()[1])
-        return None
+        sock = self._listener
+        if sock is None or sock.family == socket.AF_UNIX:
+            return None
+        return int(sock.getsockname()[1])
 
-    async def start(self) -> None:
-        loop = asyncio.get_running_loop()
+    def _bind(self) -> socket.socket:
         listen = self.config.listen
         if listen.path is not None:
-            self._server = await loop.create_unix_server(
-                lambda: _Handshake(self), listen.path, backlog=1024
-            )
+            with contextlib.suppress(FileNotFoundError):
+                if stat.S_ISSOCK(os.stat(listen.path).st_mode):
+                    os.unlink(listen.path)  # a stale socket from a previous run
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.bind(listen.path)
+            sock.listen(1024)
         else:
             assert listen.port is not None
-            self._server = await loop.create_server(
-                lambda: _Handshake(self), listen.host, listen.port, backlog=1024, reuse_address=True
+            family = socket.AF_INET6 if listen.host and ":" in listen.host else socket.AF_INET
+            sock = socket.create_server(
+                (listen.host or "", listen.port),
+                family=family,
+                backlog=1024,
+                reuse_port=self.reuse_port,
             )
-        log.info("listening on %s, upstream %s", listen, self.config.upstream)
+        sock.setblocking(False)
+        return sock
+
+    async def start(self) -> None:
+        """Bind the listener and start accepting.
+
+        The proxy accepts raw sockets itself and hands each to
+        ``loop.connect_accepted_socket(ssl=...)``, which reports a failed handshake as an
+        exception (so every failure is logged with its reason) and never loses the bytes a
+        client sends before the TLS layer is in place, on asyncio and uvloop alike."""
+        loop = asyncio.get_running_loop()
+        self._listener = self._bind()
+        self._acceptor = loop.create_task(self._accept_loop(self._listener))
+        log.info("listening on %s, upstream %s", self.config.listen, self.config.upstream)
         limits = self.config.limits
         periods = [t for t in (limits.idle_timeout, limits.max_connection_lifetime) if t]
         if periods:
@@ -427,41 +437,50 @@ class ProxyServer:
                 ):
                     conn.drain("idle timeout")
 
-    def accepted(self, transport: asyncio.Transport) -> None:
-        peername = transport.get_extra_info("peername")
-        peer = f"{peername[0]}:{peername[1]}" if isinstance(peername, tuple) else str(peername)
+    async def _accept_loop(self, listener: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                sock, addr = await loop.sock_accept(listener)
+            except OSError as exc:  # EMFILE and friends: log, back off, keep serving
+                log.error("accept failed on %s: %s", self.config.listen, exc)
+                await asyncio.sleep(0.1)
+                continue
+            self.accepted(sock, addr)
+
+    def accepted(self, sock: socket.socket, addr: Any) -> None:
+        peer = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else "unix"
         limit = self.config.limits.max_connections
         self.metrics.connections_total.inc()
         if len(self.connections) + self.handshaking >= limit:
             self.metrics.handshake_failures.labels("max_connections").inc()
             conn_log.warning("refused peer=%s reason=max_connections (%d) reached", peer, limit)
-            transport.abort()
+            sock.close()
             return
+        if sock.family != socket.AF_UNIX:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.handshaking += 1
-        task = asyncio.get_running_loop().create_task(self._handshake(transport, peer))
+        task = asyncio.get_running_loop().create_task(self._handshake(sock, peer))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _handshake(self, raw: asyncio.Transport, peer: str) -> None:
+    async def _handshake(self, sock: socket.socket, peer: str) -> None:
         loop = asyncio.get_running_loop()
         conn = Connection(self, peer)
         try:
             try:
-                tls = await loop.start_tls(
-                    raw,
-                    conn,
-                    self.ssl_context,
-                    server_side=True,
+                transport, _ = await loop.connect_accepted_socket(
+                    lambda: conn,
+                    sock,
+                    ssl=self.ssl_context,
                     ssl_handshake_timeout=self.config.limits.handshake_timeout,
                 )
             except (OSError, TimeoutError, ConnectionError) as exc:
                 self.metrics.handshake_failures.labels(_failure_kind(exc)).inc()
                 conn_log.info("handshake failed peer=%s reason=%s", peer, _ssl_reason(exc))
-                raw.abort()
+                sock.close()
                 return
-            if tls is None:  # pragma: no cover - only on a closed loop
-                raw.abort()
-                return
+            tls = transport
             conn.client = tls
             tls.pause_reading()
             conn.reading = False
@@ -610,8 +629,10 @@ class ProxyServer:
         """Stop accepting; with ``grace`` > 0, drain every connection first (in-flight commands
         get their replies, a blocked reserve answers TIMED_OUT once upstream is half-closed),
         then close whatever is left."""
-        if self._server is not None:
-            self._server.close()
+        if self._acceptor is not None:
+            self._acceptor.cancel()
+        if self._listener is not None:
+            self._listener.close()
         if self._sweeper is not None:
             self._sweeper.cancel()
         if grace > 0 and self.connections:
@@ -626,5 +647,6 @@ class ProxyServer:
             conn.close("proxy shutting down")
         for task in list(self._tasks):
             task.cancel()
-        if self._server is not None:
-            await self._server.wait_closed()
+        if self._acceptor is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._acceptor

@@ -1,0 +1,113 @@
+"""``serve --workers N``: N processes share the listen port with SO_REUSEPORT; SIGHUP and
+SIGTERM sent to the supervisor reach every worker."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+from conftest import PKI, Beanstalkd, Client, free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class LogReader:
+    """Reads the child's stderr line by line in a thread, so tests await log lines."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        self.proc = proc
+        self.lines: list[str] = []
+
+    async def wait_for(self, pattern: str, count: int = 1, timeout: float = 20) -> list[str]:
+        regex = re.compile(pattern)
+        async with asyncio.timeout(timeout):
+            while len([ln for ln in self.lines if regex.search(ln)]) < count:
+                assert self.proc.stderr is not None
+                line = await asyncio.to_thread(self.proc.stderr.readline)
+                if not line:
+                    raise AssertionError(f"process exited; log so far:\n{''.join(self.lines)}")
+                self.lines.append(line)
+        return [ln for ln in self.lines if regex.search(ln)]
+
+
+def _write_config(tmp: Path, pki: PKI, upstream: int, port: int) -> Path:
+    acl = tmp / "acl.yaml"
+    acl.write_text(
+        yaml.safe_dump(
+            {
+                "principals": [{"name": "admin", "match": {"cn": "admin"}}],
+                "rules": [{"principal": "admin", "allow": ["all"]}],
+            }
+        )
+    )
+    cfg = tmp / "proxy.yaml"
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "listen": f"127.0.0.1:{port}",
+                "upstream": f"127.0.0.1:{upstream}",
+                "tls": {
+                    "cert": str(pki.dir / "server.pem"),
+                    "key": str(pki.dir / "server.key"),
+                    "client_ca": pki.ca,
+                },
+                "acl": str(acl),
+                "reload": {"watch": False},
+            }
+        )
+    )
+    return cfg
+
+
+async def _connect(pki: PKI, port: int) -> Client:
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", port, ssl=pki.client_context("admin"), server_hostname="localhost"
+    )
+    return Client(reader, writer)
+
+
+async def test_workers_share_port_and_receive_signals(
+    tmp_path: Path, pki: PKI, beanstalkd: Beanstalkd
+) -> None:
+    port = free_port()
+    cfg = _write_config(tmp_path, pki, beanstalkd.port, port)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "proxy", "serve", "--config", str(cfg), "--workers", "2"],
+        cwd=ROOT,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    log = LogReader(proc)
+    try:
+        ready = await log.wait_for(r"ready: listening on", count=2)
+        pids = {re.search(r"pid (\d+)", line)[1] for line in ready}  # type: ignore[index]
+        assert len(pids) == 2, ready
+
+        clients = [await _connect(pki, port) for _ in range(8)]
+        for i, c in enumerate(clients):
+            assert await c.put(b"job %d" % i) == b"INSERTED %d" % (i + 1)
+        for c in clients:
+            await c.close()
+
+        proc.send_signal(signal.SIGHUP)
+        await log.wait_for(r"reload: ACL .* loaded", count=2)
+
+        proc.send_signal(signal.SIGTERM)
+        await log.wait_for(r"shutting down", count=2)
+        assert await asyncio.to_thread(proc.wait, 20) == 0
+    finally:
+        if proc.poll() is None:
+            # The workers first (found by their parent pid), then the supervisor.
+            subprocess.run(["pkill", "-9", "-P", str(proc.pid)], check=False)
+            proc.kill()
+            proc.wait()
+        assert proc.stderr is not None
+        proc.stderr.close()
