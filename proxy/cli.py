@@ -229,12 +229,16 @@ def _revocation_check(config: Config) -> Callable[[bytes], bool] | None:
     return is_revoked
 
 
+#: (st_dev, st_ino, st_size, st_mtime_ns) per watched file, None where it is missing.
+FileState = list[tuple[int, int, int, int] | None]
+
+
 def _watched_files(config: Config) -> list[str]:
     tls = config.tls
     return [config.acl, tls.cert, tls.key, tls.client_ca, *tls.crl]
 
 
-def _file_state(paths: Sequence[str]) -> list[tuple[int, int, int, int] | None]:
+def _file_state(paths: Sequence[str]) -> FileState:
     """What identifies each file's current content: stat() following symlinks, so the
     atomic ``..data`` symlink swap Kubernetes does for mounted Secrets is a change."""
     state: list[tuple[int, int, int, int] | None] = []
@@ -248,10 +252,10 @@ def _file_state(paths: Sequence[str]) -> list[tuple[int, int, int, int] | None]:
     return state
 
 
-async def _watch_files(config: Config, server: ProxyServer) -> None:
-    """Reload (as on SIGHUP) when a watched file changes on disk."""
+async def _watch_files(config: Config, server: ProxyServer, seen: FileState) -> None:
+    """Reload (as on SIGHUP) when a watched file differs from ``seen``, the state taken
+    before the files were first loaded (so a change during start-up is not missed)."""
     paths = _watched_files(config)
-    seen = _file_state(paths)
     while True:
         await asyncio.sleep(config.watch_interval)
         now = _file_state(paths)
@@ -283,6 +287,21 @@ def _reload(config: Config, server: ProxyServer) -> None:
         ctx = _server_context(config)
     except Exception as exc:
         reloads.labels("tls", "failure").inc()
+        crl_broken = isinstance(exc, ConfigError) and exc.key.startswith("tls.crl")
+        if crl_broken and config.tls.crl_failure == "refuse":
+            from proxy.tlsctx import refuse_all_context
+
+            try:
+                server.reload_tls(refuse_all_context(config.tls, config.source))
+            except ConfigError as exc2:
+                log.error("reload: TLS files not reloaded, keeping the previous context: %s", exc2)
+                return
+            log.error(
+                "reload: the CRL is unusable, refusing every new client until a good CRL is "
+                "loaded (tls.crl_failure: refuse): %s",
+                exc,
+            )
+            return
         log.error("reload: TLS files not reloaded, keeping the previous context: %s", exc)
     else:
         reloads.labels("tls", "success").inc()
@@ -300,7 +319,11 @@ def _reload(config: Config, server: ProxyServer) -> None:
 
 
 async def _serve(
-    config: Config, ctx: ssl.SSLContext, policy: Policy, worker: int | None = None
+    config: Config,
+    ctx: ssl.SSLContext,
+    policy: Policy,
+    worker: int | None = None,
+    baseline: FileState | None = None,
 ) -> int:
     from proxy.httpd import StatusServer
     from proxy.relay import PolicyHolder, ProxyServer
@@ -345,7 +368,13 @@ async def _serve(
             extra={"fields": {"event": "ready", "listen": where, "upstream": str(config.upstream)}},
         )
         watcher = (
-            asyncio.get_running_loop().create_task(_watch_files(config, server))
+            asyncio.get_running_loop().create_task(
+                _watch_files(
+                    config,
+                    server,
+                    baseline if baseline is not None else _file_state(_watched_files(config)),
+                )
+            )
             if config.watch_files
             else None
         )
@@ -421,17 +450,22 @@ def serve(config_path: str, workers: int) -> None:
 
     config = load_config(config_path)
     setup_logging(config.log.format, config.log.level)
+    baseline = _file_state(_watched_files(config))  # before reading them: see _watch_files
     policy = load_acl(config.acl)
     for warning in lint_acl(policy):
         log.warning("%s: %s", config.acl, warning)
     ctx = _server_context(config)
     if workers == 1:
-        sys.exit(_run(_serve(config, ctx, policy)))
+        sys.exit(_run(_serve(config, ctx, policy, baseline=baseline)))
     if config.listen.is_unix or config.listen.port == 0:
         raise ConfigError(
             config.source, "listen", "--workers needs a TCP listen address with a fixed port"
         )
-    sys.exit(_supervise(workers, lambda k: _run(_serve(config, ctx, policy, worker=k))))
+    sys.exit(
+        _supervise(
+            workers, lambda k: _run(_serve(config, ctx, policy, worker=k, baseline=baseline))
+        )
+    )
 
 
 # --------------------------------------------------------------------------------------------

@@ -91,6 +91,7 @@ class TLSConfig:
     crl: tuple[str, ...]
     min_version: str  # "1.2" or "1.3"
     expiry_warning_days: int = 14  # warn when the server certificate expires within this
+    crl_failure: str = "refuse"  # on a reload with an unusable CRL: "refuse" | "keep_last"
 
 
 @dataclass(frozen=True)
@@ -352,7 +353,16 @@ _TOP_KEYS = (
     "log",
     "reload",
 )
-_TLS_KEYS = ("cert", "key", "client_ca", "crl", "min_version", "expiry_warning_days")
+_TLS_KEYS = (
+    "cert",
+    "key",
+    "client_ca",
+    "crl",
+    "min_version",
+    "expiry_warning_days",
+    "crl_failure",
+)
+CRL_FAILURE_MODES = ("refuse", "keep_last")
 _RELOAD_KEYS = ("watch", "interval")
 _LIMIT_KEYS = (
     "max_connections",
@@ -416,6 +426,7 @@ def _parse_tls(source: str, data: object) -> TLSConfig:
             raise r.error("min_version", f'must be "1.2" or "1.3", got {_kind(mv)}')
         min_version = text
     warn_days = r.get_int("expiry_warning_days", 14, 0, 3650)
+    crl_failure = r.choice("crl_failure", "refuse", CRL_FAILURE_MODES)
     return TLSConfig(
         cert=cert,
         key=key,
@@ -423,6 +434,7 @@ def _parse_tls(source: str, data: object) -> TLSConfig:
         crl=crl,
         min_version=min_version,
         expiry_warning_days=warn_days,
+        crl_failure=crl_failure,
     )
 
 

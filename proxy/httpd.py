@@ -44,8 +44,10 @@ async def check_upstream(upstream: Endpoint, timeout: float) -> tuple[bool, str]
                 reply = parser.next_reply()
                 if reply is not NEED_DATA:
                     break
-    except (OSError, TimeoutError) as exc:
-        return False, f"upstream unreachable: {exc or 'timeout'}"
+    except TimeoutError:
+        return False, f"upstream unreachable: timed out after {timeout}s"
+    except OSError as exc:
+        return False, f"upstream unreachable: {exc or type(exc).__name__}"
     except Exception as exc:  # a ProtocolError from a garbled reply
         return False, f"upstream reply unusable: {exc}"
     finally:

@@ -53,13 +53,22 @@ class PolicyHolder:
         self.current = policy
 
 
+def _timed_out(exc: BaseException) -> bool:
+    # asyncio's (and uvloop's) ssl_handshake_timeout fails the handshake with
+    # ConnectionAbortedError("SSL handshake is taking longer than N seconds: ..."), not
+    # TimeoutError.
+    return isinstance(exc, TimeoutError) or (
+        isinstance(exc, ConnectionAbortedError) and "taking longer than" in str(exc)
+    )
+
+
 def _ssl_reason(exc: BaseException) -> str:
     if isinstance(exc, ssl.SSLCertVerificationError):
         return f"certificate verify failed: {exc.verify_message}"
     if isinstance(exc, ssl.SSLError):
         return f"tls error: {exc.reason or exc}"
-    if isinstance(exc, TimeoutError):
-        return "tls handshake timed out"
+    if _timed_out(exc):
+        return f"tls handshake timed out ({exc})"
     return f"tls handshake failed: {type(exc).__name__}: {exc}"
 
 
@@ -76,7 +85,7 @@ def _failure_kind(exc: BaseException) -> str:
         if "version" in reason or "protocol" in reason:
             return "protocol_version"
         return "tls_error"
-    if isinstance(exc, TimeoutError):
+    if _timed_out(exc):
         return "timeout"
     return "connection_error"
 
@@ -190,6 +199,7 @@ class Connection(asyncio.Protocol):
     def upstream_data(self, data: bytes) -> None:
         session = self.session
         assert session is not None
+        self.last_active = time.monotonic()  # idle means no traffic either way
         session.feed_upstream(data)
         if self._sample_t0 >= 0 and not session.pending:
             self.server.metrics.latency.observe(time.monotonic() - self._sample_t0)
@@ -555,8 +565,11 @@ class ProxyServer:
                     )
         except (OSError, TimeoutError) as exc:
             self.metrics.upstream_failures.inc()
-            log.error("upstream %s unreachable for %s: %s", up, conn.peer, exc or "timeout")
-            conn.close(f"upstream unreachable: {exc or 'timeout'}")
+            why = str(exc) or type(exc).__name__  # a TimeoutError has no message
+            if isinstance(exc, TimeoutError):
+                why = f"timed out after {self.config.limits.upstream_connect_timeout}s"
+            log.error("upstream %s unreachable for %s: %s", up, conn.peer, why)
+            conn.close(f"upstream unreachable: {why}")
             return
         if conn.closed:
             transport.close()

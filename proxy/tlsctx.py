@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from proxy.config import TLSConfig
 from proxy.errors import ConfigError
 
-__all__ = ["TLS12_CIPHERS", "client_context", "server_context"]
+__all__ = ["TLS12_CIPHERS", "client_context", "refuse_all_context", "server_context"]
 
 TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
 
@@ -212,6 +212,30 @@ def _load_verify_file(ctx: ssl.SSLContext, path: str, source: str, key: str) -> 
         raise ConfigError(source, key, f"OpenSSL could not load {path}: {exc}") from None
 
 
+def _bare_server_context(tls: TLSConfig, source: str) -> ssl.SSLContext:
+    """The server side without any trusted client CA: every client certificate fails."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = _VERSIONS[tls.min_version]
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.set_ciphers(TLS12_CIPHERS)
+    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
+    ctx.options |= ssl.OP_CIPHER_SERVER_PREFERENCE | ssl.OP_SINGLE_ECDH_USE
+    try:
+        ctx.load_cert_chain(tls.cert, tls.key)
+    except (ssl.SSLError, OSError) as exc:
+        raise ConfigError(
+            source, "tls.cert", f"OpenSSL could not load {tls.cert} with {tls.key}: {exc}"
+        ) from None
+    return ctx
+
+
+def refuse_all_context(tls: TLSConfig, source: str = "config") -> ssl.SSLContext:
+    """A server context that completes no client handshake (it trusts no client CA): what
+    ``tls.crl_failure: refuse`` installs while the configured CRL cannot be used."""
+    _check_pair(tls.cert, tls.key, source, "tls.cert", "tls.key", server=True)
+    return _bare_server_context(tls, source)
+
+
 def server_context(tls: TLSConfig, source: str = "config") -> ssl.SSLContext:
     """Build the proxy's server-side context from ``tls``.
 
@@ -231,18 +255,7 @@ def server_context(tls: TLSConfig, source: str = "config") -> ssl.SSLContext:
         _check_crl(crl, cas, path, source, key)
         crls.append((key, path, crl, is_pem))
 
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = _VERSIONS[tls.min_version]
-    ctx.verify_mode = ssl.CERT_REQUIRED
-    ctx.set_ciphers(TLS12_CIPHERS)
-    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
-    ctx.options |= ssl.OP_CIPHER_SERVER_PREFERENCE | ssl.OP_SINGLE_ECDH_USE
-    try:
-        ctx.load_cert_chain(tls.cert, tls.key)
-    except (ssl.SSLError, OSError) as exc:
-        raise ConfigError(
-            source, "tls.cert", f"OpenSSL could not load {tls.cert} with {tls.key}: {exc}"
-        ) from None
+    ctx = _bare_server_context(tls, source)
     _load_verify_file(ctx, tls.client_ca, source, "tls.client_ca")
 
     for key, path, crl, is_pem in crls:

@@ -1,0 +1,290 @@
+"""Connections the proxy must refuse before any upstream connection exists.
+
+Each case: the TLS handshake (or the client's first read) fails, beanstalkd's
+``total-connections`` shows that no upstream connection was opened, and the proxy logged a
+line on ``beanstalk_proxy.conn`` naming the reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+
+import pytest
+from conftest import PKI, Beanstalkd, RunningProxy, server_stats, start_proxy
+
+CONN_LOGGER = "beanstalk_proxy.conn"
+
+
+class LogWatch(logging.Handler):
+    """Collects the proxy's connection log lines and lets a test await one (no sleeping)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.messages: list[str] = []
+        self._changed = asyncio.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+        self._changed.set()
+
+    async def wait_for(self, predicate: Callable[[str], bool], timeout: float = 5.0) -> str:
+        async with asyncio.timeout(timeout):
+            while True:
+                for message in self.messages:
+                    if predicate(message):
+                        return message
+                self._changed.clear()
+                await self._changed.wait()
+
+
+@pytest.fixture
+def conn_log(caplog: pytest.LogCaptureFixture) -> Iterator[LogWatch]:
+    caplog.set_level(logging.INFO, logger=CONN_LOGGER)
+    watch = LogWatch()
+    logger = logging.getLogger(CONN_LOGGER)
+    logger.addHandler(watch)
+    try:
+        yield watch
+    finally:
+        logger.removeHandler(watch)
+
+
+async def tls_attempt(port: int, ctx: ssl.SSLContext) -> str:
+    """Connect with ``ctx``, send a command, read to EOF. Returns how it failed; fails the test
+    if beanstalkd (or anything) answered."""
+    async with asyncio.timeout(10):
+        try:
+            reader, writer = await asyncio.open_connection(
+                "127.0.0.1", port, ssl=ctx, server_hostname="localhost"
+            )
+        except (ssl.SSLError, OSError) as exc:
+            return f"handshake failed: {exc!r}"
+        try:
+            writer.write(b"stats\r\n")
+            data = await reader.read()
+        except (ssl.SSLError, OSError) as exc:
+            return f"first read failed: {exc!r}"
+        finally:
+            writer.close()
+            with contextlib.suppress(ssl.SSLError, OSError):
+                await writer.wait_closed()
+        assert data == b"", f"the refused client got an answer: {data[:60]!r}"
+        return "closed without a reply"
+
+
+async def raw_attempt(port: int, data: bytes) -> bytes:
+    """Plain TCP: send ``data`` (maybe nothing) and return everything until EOF."""
+    async with asyncio.timeout(10):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            if data:
+                writer.write(data)
+            out = b""
+            with contextlib.suppress(ConnectionError):
+                while chunk := await reader.read(4096):
+                    out += chunk
+            return out
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+
+
+class UpstreamCount:
+    """beanstalkd's total-connections before; ``assert_unchanged`` after (our probes aside)."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.before = 0
+
+    async def __aenter__(self) -> UpstreamCount:
+        self.before = int((await server_stats(self.port))["total-connections"])
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if exc[0] is None:
+            after = await server_stats(self.port)
+            # +1: the probe that reads these stats; nothing from the proxy
+            assert int(after["total-connections"]) == self.before + 1
+            assert after["current-connections"] == "1"
+
+
+@pytest.fixture
+async def short_proxy(pki: PKI, beanstalkd: Beanstalkd) -> AsyncIterator[RunningProxy]:
+    running = await start_proxy(pki, beanstalkd.port, handshake_timeout=0.5)
+    try:
+        yield running
+    finally:
+        await running.server.close()
+
+
+#: With TLS 1.3 the client finishes its handshake before the server has checked its
+#: certificate, so the refusal shows on the first read; with TLS 1.2 the handshake itself fails.
+VERSIONS = pytest.mark.parametrize("version", ["1.2", "1.3"])
+
+
+def _context(
+    pki: PKI, name: str | None, version: str, ca_dir: Path | None = None
+) -> ssl.SSLContext:
+    ctx = pki.client_context(name, ca_dir)
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_2 if version == "1.2" else ssl.TLSVersion.TLSv1_3
+    return ctx
+
+
+@VERSIONS
+async def test_no_client_certificate(
+    proxy: RunningProxy, beanstalkd: Beanstalkd, conn_log: LogWatch, version: str
+) -> None:
+    async with UpstreamCount(beanstalkd.port):
+        how = await tls_attempt(proxy.port, _context(proxy.pki, None, version))
+        line = await conn_log.wait_for(lambda m: "handshake failed" in m or "refused" in m)
+    assert "certificate" in line.lower(), line
+    assert proxy.server.connections == set()
+    if version == "1.2":
+        assert how.startswith("handshake failed"), how
+
+
+@VERSIONS
+async def test_certificate_from_another_ca(
+    proxy: RunningProxy, beanstalkd: Beanstalkd, pki: PKI, conn_log: LogWatch, version: str
+) -> None:
+    # an "admin" certificate (the CN of a real principal) issued by an untrusted CA
+    ctx = _context(pki, "admin", version, ca_dir=pki.other)
+    async with UpstreamCount(beanstalkd.port):
+        how = await tls_attempt(proxy.port, ctx)
+        line = await conn_log.wait_for(lambda m: "handshake failed" in m)
+    assert "certificate verify failed" in line or "CERTIFICATE_VERIFY_FAILED" in line, line
+    assert proxy.server.connections == set()
+    if version == "1.2":
+        assert how.startswith("handshake failed"), how
+
+
+@VERSIONS
+async def test_valid_certificate_without_principal(
+    proxy: RunningProxy, beanstalkd: Beanstalkd, conn_log: LogWatch, version: str
+) -> None:
+    async with UpstreamCount(beanstalkd.port):
+        how = await tls_attempt(proxy.port, _context(proxy.pki, "stranger", version))
+        line = await conn_log.wait_for(lambda m: m.startswith("refused"))
+    assert not how.startswith("handshake failed"), how  # the certificate itself is fine...
+    assert "no principal matches" in line and "CN=stranger" in line, line  # ...the ACL is not
+
+
+async def test_plain_tcp_to_the_tls_port(
+    proxy: RunningProxy, beanstalkd: Beanstalkd, conn_log: LogWatch
+) -> None:
+    async with UpstreamCount(beanstalkd.port):
+        data = await raw_attempt(proxy.port, b"stats\r\nlist-tube-used\r\n")
+        line = await conn_log.wait_for(lambda m: "handshake failed" in m)
+    # at most a TLS alert record (content type 21), never a beanstalkd reply
+    assert data == b"" or data[0] == 0x15, data[:40]
+    assert b"OK" not in data and b"USING" not in data
+    assert "tls error" in line, line
+
+
+@pytest.mark.filterwarnings("ignore:ssl.TLSVersion.TLSv1:DeprecationWarning")
+async def test_tls_1_1_client(
+    proxy: RunningProxy, beanstalkd: Beanstalkd, conn_log: LogWatch
+) -> None:
+    ctx = proxy.pki.client_context("admin")
+    ctx.minimum_version = ssl.TLSVersion.TLSv1
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_1
+    with contextlib.suppress(ssl.SSLError):
+        # let OpenSSL offer TLS 1.1 at all (security level 0); where it still refuses, the
+        # handshake must fail anyway
+        ctx.set_ciphers("DEFAULT:@SECLEVEL=0")
+    async with UpstreamCount(beanstalkd.port):
+        how = await tls_attempt(proxy.port, ctx)
+        line = await conn_log.wait_for(lambda m: "handshake failed" in m)
+    assert how.startswith("handshake failed"), how
+    assert proxy.server.connections == set()
+    assert "reason=" in line
+
+
+async def test_silent_client_is_cut_after_handshake_timeout(
+    short_proxy: RunningProxy, beanstalkd: Beanstalkd, conn_log: LogWatch
+) -> None:
+    async with UpstreamCount(beanstalkd.port):
+        started = time.monotonic()
+        data = await raw_attempt(short_proxy.port, b"")  # connects, never sends a ClientHello
+        elapsed = time.monotonic() - started
+        line = await conn_log.wait_for(lambda m: "handshake failed" in m)
+    assert data == b""
+    assert 0.4 <= elapsed < 5, elapsed
+    assert "reason=tls handshake timed out" in line, line
+    assert short_proxy.server.handshaking == 0
+    sample = short_proxy.server.metrics.registry.get_sample_value(
+        "beanstalk_proxy_handshake_failures_total", {"reason": "timeout"}
+    )
+    assert sample == 1
+    assert short_proxy.server.connections == set()
+
+
+async def test_slow_partial_client_hello_is_cut_too(
+    short_proxy: RunningProxy, beanstalkd: Beanstalkd, conn_log: LogWatch
+) -> None:
+    """A client that starts a TLS record and stalls is cut by the same timeout."""
+    async with UpstreamCount(beanstalkd.port):
+        data = await raw_attempt(short_proxy.port, b"\x16\x03\x01\x02\x00\x01")
+        await conn_log.wait_for(lambda m: "handshake failed" in m)
+    assert data == b"" or data[0] == 0x15
+
+
+async def test_max_connections_refuses_the_extra_connection(
+    pki: PKI, beanstalkd: Beanstalkd, conn_log: LogWatch
+) -> None:
+    running = await start_proxy(pki, beanstalkd.port, max_connections=1)
+    try:
+        first = await running.connect("admin")
+        assert await first.line(b"list-tube-used") == b"USING default"
+        base = int((await server_stats(beanstalkd.port))["total-connections"])
+
+        how = await tls_attempt(running.port, pki.client_context("admin"))
+        line = await conn_log.wait_for(lambda m: "max_connections" in m)
+        assert "refused" in line, line
+        assert how.startswith("handshake failed"), how  # cut at accept, before TLS
+        # the first connection is unaffected, and no upstream was opened for the second
+        assert await first.line(b"list-tube-used") == b"USING default"
+        st = await server_stats(beanstalkd.port)
+        assert int(st["total-connections"]) == base + 1
+        assert st["current-connections"] == "2"  # first's upstream and this probe
+
+        # the slot is free again once the first client has gone
+        await first.send(b"quit\r\n")
+        assert await first.closed() == b""
+        await first.close()
+        again = await running.connect("admin")
+        assert await again.line(b"list-tube-used") == b"USING default"
+        await again.close()
+    finally:
+        await running.server.close()
+
+
+async def test_handshakes_in_progress_count_against_max_connections(
+    pki: PKI, beanstalkd: Beanstalkd, conn_log: LogWatch
+) -> None:
+    running = await start_proxy(pki, beanstalkd.port, max_connections=1, handshake_timeout=0.5)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", running.port)  # silent
+        try:
+            async with UpstreamCount(beanstalkd.port):
+                await tls_attempt(running.port, pki.client_context("admin"))
+                await conn_log.wait_for(lambda m: "max_connections" in m)
+            # the silent one is cut by the handshake timeout, then a real client gets in
+            async with asyncio.timeout(5):
+                assert await reader.read() == b""
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+        c = await running.connect("admin")
+        assert await c.line(b"list-tube-used") == b"USING default"
+        await c.close()
+    finally:
+        await running.server.close()
