@@ -1,0 +1,1120 @@
+#!/usr/bin/env python3
+"""Benchmark beanstalk-proxy against direct beanstalkd, stunnel and HAProxy in one run.
+
+Everything is self-contained: a throwaway PKI (``proxy.certs``) in a temporary directory, a
+fresh beanstalkd on a free port for every target, and one front per target:
+
+* ``direct``        plain TCP straight to beanstalkd (the baseline of every ratio);
+* ``proxy``         ``python -m proxy serve --config <generated yaml>`` (the CLI; it runs on
+                    uvloop when uvloop is installed), ACL: the bench client may do ``all`` on
+                    ``*``;
+* ``proxy-asyncio`` the same CLI forced onto the stdlib asyncio event loop;
+* ``stunnel``       stunnel in server mode, ``verify = 2`` (client certificate required);
+* ``haproxy``       HAProxy ``mode tcp``, ``ssl crt ... ca-file ... verify required``.
+
+stunnel and HAProxy are skipped with a note when not installed. Every front runs as its own
+process; the client is this process (plain blocking sockets + ``ssl``, identical for every
+target), so client and front can run on different cores.
+
+Workloads (each on a fresh connection after a short warm-up). ``--seconds`` per workload and
+target is split into ``--rounds`` slices; the rounds interleave the targets so background load
+hits all of them alike, and throughputs are the medians over the rounds:
+
+1. ``puts``: pipelined ``put`` of ``--body`` bytes, ``--batch`` commands per write, at most
+   two batches in flight; every reply must be ``INSERTED``: puts/s.
+2. ``cycles``: put + reserve-with-timeout 0 + delete, one command at a time: cycles/s.
+3. ``rtt``: sequential ``list-tube-used`` round trips: p50 / p99 in microseconds.
+4. ``conns``: connect, TLS handshake with the client certificate (plain TCP for ``direct``),
+   one ``list-tube-used``, close; sequential: connections/s.
+
+Usage: ``python bench/bench.py [--quick] [--targets direct,proxy,...] [--json PATH]``.
+``--profile DIR`` runs the proxy targets under cProfile (slower; for finding hot spots).
+Exit status: 0 when every requested, installed target ran; 1 when one failed; 2 on bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import json
+import os
+import platform
+import pstats
+import shutil
+import signal
+import socket
+import ssl
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+ALL_TARGETS = ("direct", "proxy", "proxy-asyncio", "stunnel", "haproxy")
+WORKLOADS = ("puts", "cycles", "rtt", "conns")
+BEANSTALKD = os.environ.get("BEANSTALKD", "beanstalkd")
+STUNNEL = os.environ.get("STUNNEL", "stunnel")
+HAPROXY = os.environ.get("HAPROXY", "haproxy")
+CLIENT_CN = "bench"
+BENCH_ACL = f"""\
+principals:
+  - name: bench
+    match: {{cn: {CLIENT_CN}}}
+rules:
+  - principal: bench
+    tubes: ["*"]
+    allow: [all]
+"""
+
+
+class BenchError(Exception):
+    """A target could not be started or answered something unexpected."""
+
+
+# --------------------------------------------------------------------------------------------
+# machine information
+
+
+def _first_line(argv: list[str]) -> str | None:
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    text = (out.stdout or out.stderr).strip()
+    for line in text.splitlines():
+        if line and not line.startswith("Initializing"):
+            return line.strip()
+    return None
+
+
+def machine_info() -> dict[str, Any]:
+    cpu = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    try:
+        nproc = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        nproc = os.cpu_count() or 0
+    try:
+        import uvloop
+
+        uvloop_version: str | None = uvloop.__version__
+    except ImportError:
+        uvloop_version = None
+    return {
+        "cpu": cpu,
+        "nproc": nproc,
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": f"{platform.python_implementation()} {platform.python_version()}",
+        "openssl": ssl.OPENSSL_VERSION,
+        "openssl_cli": _first_line(["openssl", "version"]),
+        "uvloop": uvloop_version,
+        "beanstalkd": _first_line([BEANSTALKD, "-v"]),
+        "stunnel": _first_line([STUNNEL, "-version"]) if shutil.which(STUNNEL) else None,
+        "haproxy": _first_line([HAPROXY, "-v"]) if shutil.which(HAPROXY) else None,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# child processes
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
+    """Linux: the child gets SIGTERM if the bench dies, even by SIGKILL."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+class Processes:
+    """Every child process of one target; ``stop`` terminates them all (idempotent)."""
+
+    def __init__(self) -> None:
+        self.procs: list[tuple[str, subprocess.Popen[bytes], Path]] = []
+
+    def spawn(
+        self, name: str, argv: list[str], log: Path, cwd: Path | None = None
+    ) -> subprocess.Popen[bytes]:
+        with log.open("ab") as out:
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=cwd,
+                preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+            )
+        self.procs.append((name, proc, log))
+        return proc
+
+    def stop(self) -> None:
+        for _, proc, _ in reversed(self.procs):
+            if proc.poll() is None:
+                proc.terminate()
+        for _, proc, _ in reversed(self.procs):
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+        self.procs.clear()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def log_tail(path: Path, lines: int = 15) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join("    | " + x for x in text.splitlines()[-lines:])
+
+
+def wait_for_port(port: int, proc: subprocess.Popen[bytes], log: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise BenchError(
+                f"{Path(str(proc.args[0])).name} exited with status {proc.returncode} before "
+                f"listening on port {port}; log {log}:\n{log_tail(log)}"
+            )
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise BenchError(
+                    f"nothing listening on port {port} after {timeout:.0f}s; log {log}:\n"
+                    f"{log_tail(log)}"
+                ) from None
+            time.sleep(0.02)  # polling a port: there is no readiness event to wait on
+
+
+# --------------------------------------------------------------------------------------------
+# the throwaway PKI
+
+
+@dataclass
+class PKI:
+    dir: Path
+
+    @property
+    def ca(self) -> str:
+        return str(self.dir / "ca.pem")
+
+    @property
+    def server_cert(self) -> str:
+        return str(self.dir / "server.pem")
+
+    @property
+    def server_key(self) -> str:
+        return str(self.dir / "server.key")
+
+    @property
+    def server_combined(self) -> str:
+        """Certificate and key in one PEM (HAProxy's ``crt``)."""
+        return str(self.dir / "server-combined.pem")
+
+    def client_context(self) -> ssl.SSLContext:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.load_verify_locations(self.ca)
+        ctx.load_cert_chain(str(self.dir / f"{CLIENT_CN}.pem"), str(self.dir / f"{CLIENT_CN}.key"))
+        return ctx
+
+
+def make_pki(directory: Path) -> PKI:
+    from proxy.certs import init_ca_and_server, issue_client
+
+    init_ca_and_server(directory)
+    issue_client(directory, CLIENT_CN)
+    pki = PKI(directory)
+    combined = Path(pki.server_combined)
+    combined.write_bytes(Path(pki.server_cert).read_bytes() + Path(pki.server_key).read_bytes())
+    combined.chmod(0o600)
+    return pki
+
+
+# --------------------------------------------------------------------------------------------
+# targets
+
+
+@dataclass
+class Env:
+    """What every target starter gets."""
+
+    work: Path
+    pki: PKI
+    procs: Processes
+    upstream_port: int
+    profile_dir: Path | None
+    proxy_launch: str  # auto | cli | inline
+    workers: int = 1  # serve --workers N (only passed when > 1)
+    notes: list[str] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def start_beanstalkd(env_work: Path, procs: Processes) -> int:
+    port = free_port()
+    log = env_work / f"beanstalkd-{port}.log"
+    proc = procs.spawn("beanstalkd", [BEANSTALKD, "-l", "127.0.0.1", "-p", str(port)], log)
+    wait_for_port(port, proc, log, 10)
+    return port
+
+
+def _cli_help() -> str:
+    out = subprocess.run(
+        [sys.executable, "-m", "proxy", "serve", "--help"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=30,
+    )
+    return out.stdout if out.returncode == 0 else ""
+
+
+#: Runs the proxy's ``main`` with ``uvloop`` made unimportable: the CLI then falls back to the
+#: stdlib event loop (used when ``serve`` has no ``--loop`` option).
+_NO_UVLOOP = (
+    "import sys; sys.modules['uvloop'] = None; from proxy.cli import main; "
+    "sys.argv[0] = 'beanstalk-proxy'; main()"
+)
+
+#: Fallback when ``serve`` does not work: ProxyServer built as tests/conftest.make_config does.
+_INLINE = r"""
+import asyncio, json, logging, signal, sys
+from proxy.acl import parse_acl
+from proxy.config import Config, Endpoint, Limits, LogConfig, TLSConfig
+from proxy.relay import PolicyHolder, ProxyServer
+from proxy.tlsctx import server_context
+import yaml
+a = json.loads(sys.argv[1])
+logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+config = Config(
+    listen=Endpoint("127.0.0.1", a["port"], None),
+    upstream=Endpoint("127.0.0.1", a["upstream"], None),
+    allow_remote_upstream=False,
+    tls=TLSConfig(cert=a["cert"], key=a["key"], client_ca=a["ca"], crl=(), min_version="1.2"),
+    acl=a["acl"],
+    limits=Limits(max_connections=10000, handshake_timeout=5.0, max_job_size=65535,
+                  upstream_connect_timeout=5.0),
+    metrics_listen=None,
+    log=LogConfig("text", "info"),
+    source="<bench>",
+)
+policy = parse_acl(yaml.safe_load(open(a["acl"])), a["acl"])
+async def run():
+    server = ProxyServer(config, server_context(config.tls), PolicyHolder(policy))
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    await stop.wait()
+    await server.close()
+factory = None
+if a["loop"] == "uvloop":
+    import uvloop
+    factory = uvloop.new_event_loop
+with asyncio.Runner(loop_factory=factory) as runner:
+    runner.run(run())
+"""
+
+
+def _uses_uvloop(pid: int) -> bool | None:
+    try:
+        return "uvloop" in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return None
+
+
+def start_proxy(env: Env, loop: str) -> tuple[int, dict[str, Any]]:
+    port = free_port()
+    tag = f"proxy-{loop}"
+    acl = env.work / "bench-acl.yaml"
+    acl.write_text(BENCH_ACL)
+    cfg = env.work / f"{tag}.yaml"
+    cfg.write_text(
+        f"""\
+listen: 127.0.0.1:{port}
+upstream: 127.0.0.1:{env.upstream_port}
+tls:
+  cert: {env.pki.server_cert}
+  key: {env.pki.server_key}
+  client_ca: {env.pki.ca}
+  min_version: "1.2"
+acl: {acl}
+limits:
+  max_connections: 10000
+  handshake_timeout: 5s
+  upstream_connect_timeout: 5s
+  max_job_size: 65535
+log:
+  format: text
+  level: info
+"""
+    )
+    python = [sys.executable]
+    prof: Path | None = None
+    if env.profile_dir is not None:
+        prof = env.profile_dir / f"{tag}.prof"
+        python += ["-m", "cProfile", "-o", str(prof)]
+
+    help_text = _cli_help() if env.proxy_launch in ("auto", "cli") else ""
+    has_loop_option = "--loop" in help_text
+    launches: list[tuple[str, list[str]]] = []
+    if env.proxy_launch in ("auto", "cli"):
+        if has_loop_option:
+            argv = [*python, "-m", "proxy", "serve", "--config", str(cfg), "--loop", loop]
+        elif loop == "uvloop":
+            argv = [*python, "-m", "proxy", "serve", "--config", str(cfg)]
+        elif prof is not None:
+            script = env.work / "serve_no_uvloop.py"
+            script.write_text(_NO_UVLOOP.replace("; ", "\n") + "\n")
+            argv = [*python, str(script), "serve", "--config", str(cfg)]
+        else:
+            argv = [*python, "-c", _NO_UVLOOP, "serve", "--config", str(cfg)]
+        if env.workers > 1:
+            if "--workers" not in help_text:
+                raise BenchError("--proxy-workers: this `serve` has no --workers option")
+            argv += ["--workers", str(env.workers)]
+        launches.append(("cli", argv))
+    if env.proxy_launch in ("auto", "inline"):
+        args = json.dumps(
+            {
+                "port": port,
+                "upstream": env.upstream_port,
+                "cert": env.pki.server_cert,
+                "key": env.pki.server_key,
+                "ca": env.pki.ca,
+                "acl": str(acl),
+                "loop": loop,
+            }
+        )
+        if prof is not None:
+            script = env.work / "inline_proxy.py"
+            script.write_text(_INLINE)
+            argv = [*python, str(script), args]
+        else:
+            argv = [*python, "-c", _INLINE, args]
+        launches.append(("inline", argv))
+
+    errors = []
+    for how, argv in launches:
+        log = env.work / f"{tag}-{how}.log"
+        proc = env.procs.spawn(tag, argv, log, cwd=REPO)
+        try:
+            wait_for_port(port, proc, log, 20)
+        except BenchError as exc:
+            errors.append(f"{how}: {exc}")
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait(10)
+            continue
+        if how != "cli" and env.proxy_launch == "auto":
+            env.notes.append(f"{tag}: `serve` CLI did not start, used the inline fallback")
+        actual = _uses_uvloop(proc.pid) if env.workers == 1 else None
+        if actual is not None and actual != (loop == "uvloop"):
+            raise BenchError(f"{tag}: asked for {loop} but the process runs uvloop={actual}")
+        info = {
+            "launch": how,
+            "workers": env.workers,
+            "argv": argv,
+            "log": str(log),
+            "loop": loop,
+            "uvloop_loaded": actual,
+            "profile": str(prof) if prof else None,
+        }
+        return port, info
+    raise BenchError("proxy did not start:\n" + "\n".join(errors))
+
+
+def start_stunnel(env: Env) -> tuple[int, dict[str, Any]]:
+    port = free_port()
+    log = env.work / "stunnel.log"
+    conf = env.work / "stunnel.conf"
+    conf.write_text(
+        f"""\
+foreground = yes
+pid =
+syslog = no
+[beanstalk]
+accept = 127.0.0.1:{port}
+connect = 127.0.0.1:{env.upstream_port}
+cert = {env.pki.server_cert}
+key = {env.pki.server_key}
+CAfile = {env.pki.ca}
+verify = 2
+sslVersionMin = TLSv1.2
+"""
+    )
+    proc = env.procs.spawn("stunnel", [STUNNEL, str(conf)], log)
+    wait_for_port(port, proc, log, 15)
+    return port, {"config": str(conf), "log": str(log)}
+
+
+def start_haproxy(env: Env) -> tuple[int, dict[str, Any]]:
+    port = free_port()
+    log = env.work / "haproxy.log"
+    conf = env.work / "haproxy.cfg"
+    conf.write_text(
+        f"""\
+global
+    maxconn 4000
+    ssl-default-bind-options ssl-min-ver TLSv1.2
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 1h
+    timeout server 1h
+frontend bench
+    bind 127.0.0.1:{port} ssl crt {env.pki.server_combined} ca-file {env.pki.ca} verify required
+    default_backend beanstalkd
+backend beanstalkd
+    server b1 127.0.0.1:{env.upstream_port}
+"""
+    )
+    proc = env.procs.spawn("haproxy", [HAPROXY, "-db", "-f", str(conf)], log)
+    wait_for_port(port, proc, log, 15)
+    return port, {"config": str(conf), "log": str(log)}
+
+
+def target_available(name: str) -> str | None:
+    """None when ``name`` can run here, else the reason it is skipped."""
+    if name == "stunnel" and shutil.which(STUNNEL) is None:
+        return f"{STUNNEL} not installed"
+    if name == "haproxy" and shutil.which(HAPROXY) is None:
+        return f"{HAPROXY} not installed"
+    if name == "proxy-asyncio":
+        try:
+            import uvloop  # noqa: F401
+        except ImportError:
+            return "uvloop is not installed, so `proxy` already runs the stdlib asyncio loop"
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# the client
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where the client connects: the port and the TLS context (None: plain TCP)."""
+
+    port: int
+    ctx: ssl.SSLContext | None
+
+
+class Conn:
+    """One blocking client connection (TLS when ``ctx`` is given) with a read buffer."""
+
+    __slots__ = ("buf", "sock")
+
+    def __init__(self, target: Endpoint) -> None:
+        sock = socket.create_connection(("127.0.0.1", target.port), timeout=30)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        ctx = target.ctx
+        if ctx is not None:
+            try:
+                sock = ctx.wrap_socket(sock, server_hostname="localhost")
+            except BaseException:
+                sock.close()
+                raise
+        self.sock: socket.socket = sock
+        self.buf = bytearray()
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def fill(self) -> None:
+        chunk = self.sock.recv(262144)
+        if not chunk:
+            raise BenchError("connection closed by the server")
+        self.buf += chunk
+
+    def line(self) -> bytes:
+        buf = self.buf
+        while (i := buf.find(b"\r\n")) < 0:
+            self.fill()
+            buf = self.buf
+        out = bytes(buf[:i])
+        del buf[: i + 2]
+        return out
+
+    def exact(self, n: int) -> bytes:
+        while len(self.buf) < n:
+            self.fill()
+        out = bytes(self.buf[:n])
+        del self.buf[:n]
+        return out
+
+    def call(self, data: bytes) -> bytes:
+        self.sock.sendall(data)
+        return self.line()
+
+    def expect(self, data: bytes, prefix: bytes) -> bytes:
+        reply = self.call(data)
+        if not reply.startswith(prefix):
+            raise BenchError(f"{data[:40]!r}: expected {prefix!r}, got {reply!r}")
+        return reply
+
+
+def w_puts(target: Endpoint, seconds: float, batch: int, size: int) -> dict[str, Any]:
+    conn = Conn(target)
+    try:
+        conn.expect(b"use bench-puts\r\n", b"USING")
+        payload = (b"put 0 0 60 %d\r\n%s\r\n" % (size, b"x" * size)) * batch
+        sock = conn.sock
+        sent = got = 0
+
+        def read_until(target: int) -> None:
+            nonlocal got
+            buf = conn.buf
+            while got < target:
+                chunk = sock.recv(262144)
+                if not chunk:
+                    raise BenchError("connection closed during pipelined puts")
+                buf += chunk
+                end = buf.rfind(b"\r\n") + 2
+                if end < 2:
+                    continue
+                done = buf[:end]
+                lines = done.count(b"\r\n")
+                if done.count(b"INSERTED ") != lines:
+                    bad = next(x for x in bytes(done).split(b"\r\n") if not x.startswith(b"INS"))
+                    raise BenchError(f"pipelined put answered {bad!r}")
+                got += lines
+                del buf[:end]
+
+        # warm-up: a few batches, not timed
+        for _ in range(3):
+            sock.sendall(payload)
+            sent += batch
+        read_until(sent)
+        sent = got = 0
+        t0 = time.perf_counter()
+        deadline = t0 + seconds
+        while True:
+            sock.sendall(payload)
+            sent += batch
+            read_until(sent - batch)  # at most two batches in flight
+            if time.perf_counter() >= deadline:
+                break
+        read_until(sent)
+        elapsed = time.perf_counter() - t0
+    finally:
+        conn.close()
+    return {"puts": sent, "seconds": elapsed, "puts_per_s": sent / elapsed}
+
+
+def w_cycles(target: Endpoint, seconds: float, size: int) -> dict[str, Any]:
+    conn = Conn(target)
+    try:
+        conn.expect(b"use bench-cycle\r\n", b"USING")
+        conn.expect(b"watch bench-cycle\r\n", b"WATCHING")
+        conn.expect(b"ignore default\r\n", b"WATCHING")
+        put = b"put 0 0 60 %d\r\n%s\r\n" % (size, b"y" * size)
+        n = 0
+
+        def cycle() -> None:
+            inserted = conn.call(put)
+            if not inserted.startswith(b"INSERTED "):
+                raise BenchError(f"put answered {inserted!r}")
+            reserved = conn.call(b"reserve-with-timeout 0\r\n")
+            parts = reserved.split(b" ")
+            if parts[0] != b"RESERVED":
+                raise BenchError(f"reserve answered {reserved!r}")
+            conn.exact(int(parts[2]) + 2)
+            deleted = conn.call(b"delete %s\r\n" % parts[1])
+            if deleted != b"DELETED":
+                raise BenchError(f"delete answered {deleted!r}")
+
+        for _ in range(100):
+            cycle()
+        t0 = time.perf_counter()
+        deadline = t0 + seconds
+        while True:
+            for _ in range(50):
+                cycle()
+            n += 50
+            if time.perf_counter() >= deadline:
+                break
+        elapsed = time.perf_counter() - t0
+    finally:
+        conn.close()
+    return {"cycles": n, "seconds": elapsed, "cycles_per_s": n / elapsed}
+
+
+def _percentile(sorted_values: list[int], q: float) -> float:
+    idx = min(len(sorted_values) - 1, max(0, round(q * (len(sorted_values) - 1))))
+    return float(sorted_values[idx])
+
+
+def w_rtt(target: Endpoint, seconds: float) -> dict[str, Any]:
+    conn = Conn(target)
+    samples: list[int] = []
+    try:
+        sock = conn.sock
+        cmd = b"list-tube-used\r\n"
+        clock = time.perf_counter_ns
+        for _ in range(200):
+            conn.call(cmd)
+        deadline = time.perf_counter() + seconds
+        while time.perf_counter() < deadline:
+            for _ in range(100):
+                t = clock()
+                sock.sendall(cmd)
+                reply = conn.line()
+                samples.append(clock() - t)
+            if reply != b"USING default":
+                raise BenchError(f"list-tube-used answered {reply!r}")
+    finally:
+        conn.close()
+    return {"samples_ns": samples}
+
+
+def rtt_summary(samples: list[int]) -> dict[str, Any]:
+    samples = sorted(samples)
+    return {
+        "samples": len(samples),
+        "rtt_p50_us": _percentile(samples, 0.5) / 1000,
+        "rtt_p99_us": _percentile(samples, 0.99) / 1000,
+        "rtt_mean_us": sum(samples) / len(samples) / 1000,
+    }
+
+
+def w_conns(target: Endpoint, seconds: float, limit: int) -> dict[str, Any]:
+    def one() -> None:
+        conn = Conn(target)
+        try:
+            reply = conn.call(b"list-tube-used\r\n")
+        finally:
+            conn.close()
+        if reply != b"USING default":
+            raise BenchError(f"list-tube-used answered {reply!r}")
+
+    for _ in range(20):
+        one()
+    n = 0
+    t0 = time.perf_counter()
+    deadline = t0 + seconds
+    while n < limit:
+        one()
+        n += 1
+        if n % 10 == 0 and time.perf_counter() >= deadline:
+            break
+    elapsed = time.perf_counter() - t0
+    return {"conns": n, "seconds": elapsed, "conns_per_s": n / elapsed}
+
+
+def tls_details(target: Endpoint) -> dict[str, Any]:
+    if target.ctx is None:
+        return {"tls": None}
+    conn = Conn(target)
+    try:
+        sock = conn.sock
+        assert isinstance(sock, ssl.SSLSocket)
+        conn.expect(b"list-tube-used\r\n", b"USING")
+        cipher = sock.cipher()
+        return {"tls": sock.version(), "cipher": cipher[0] if cipher else None}
+    finally:
+        conn.close()
+
+
+# --------------------------------------------------------------------------------------------
+# running the targets
+
+
+@dataclass
+class Params:
+    seconds: float  # per workload and target, split evenly over the rounds
+    rounds: int
+    batch: int
+    body: int
+    conn_limit: int  # per target, split evenly over the rounds
+
+    @property
+    def slice(self) -> float:
+        return self.seconds / self.rounds
+
+
+@dataclass
+class Target:
+    """One started target: its processes, where to connect, and the per-round results."""
+
+    name: str
+    procs: Processes = field(default_factory=Processes)
+    endpoint: Endpoint | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    slices: dict[str, list[dict[str, Any]]] = field(
+        default_factory=lambda: {w: [] for w in WORKLOADS}
+    )
+    status: str = "starting"
+    reason: str = ""
+
+
+def start_target(t: Target, work: Path, pki: PKI, args: argparse.Namespace) -> None:
+    """Start a fresh beanstalkd and the target's front in front of it."""
+    upstream = start_beanstalkd(work, t.procs)
+    env = Env(
+        work=work,
+        pki=pki,
+        procs=t.procs,
+        upstream_port=upstream,
+        profile_dir=args.profile,
+        proxy_launch=args.proxy_launch,
+        notes=t.notes,
+        workers=args.proxy_workers,
+    )
+    ctx: ssl.SSLContext | None = pki.client_context()
+    info: dict[str, Any]
+    if t.name == "direct":
+        port, info, ctx = upstream, {}, None
+    elif t.name == "proxy":
+        loop = "uvloop" if target_available("proxy-asyncio") is None else "asyncio"
+        port, info = start_proxy(env, loop)
+    elif t.name == "proxy-asyncio":
+        port, info = start_proxy(env, "asyncio")
+    elif t.name == "stunnel":
+        port, info = start_stunnel(env)
+    elif t.name == "haproxy":
+        port, info = start_haproxy(env)
+    else:  # pragma: no cover - validated by the argument parser
+        raise BenchError(f"unknown target {t.name}")
+    t.info.update(info)
+    t.info["beanstalkd_port"] = upstream
+    t.endpoint = Endpoint(port, ctx)
+    t.info.update(tls_details(t.endpoint))
+    t.status = "ok"
+
+
+def run_round(t: Target, p: Params) -> str:
+    """One slice of every workload against ``t``; returns a one-line summary."""
+    ep = t.endpoint
+    assert ep is not None
+    puts = w_puts(ep, p.slice, p.batch, p.body)
+    cycles = w_cycles(ep, p.slice, p.body)
+    rtt = w_rtt(ep, p.slice)
+    conns = w_conns(ep, p.slice, max(10, p.conn_limit // p.rounds))
+    for w, r in zip(WORKLOADS, (puts, cycles, rtt, conns), strict=True):
+        t.slices[w].append(r)
+    lat = rtt_summary(rtt["samples_ns"])
+    return (
+        f"puts {puts['puts_per_s']:>9,.0f}/s  cycles {cycles['cycles_per_s']:>7,.0f}/s  "
+        f"rtt p50 {lat['rtt_p50_us']:>6.1f}us p99 {lat['rtt_p99_us']:>7.1f}us  "
+        f"conns {conns['conns_per_s']:>7,.0f}/s"
+    )
+
+
+def diagnose(t: Target, exc: BaseException) -> str:
+    """Why a target failed: the error, any child that died, the tail of the front's log."""
+    lines = [str(exc) if isinstance(exc, BenchError) else f"{type(exc).__name__}: {exc}"]
+    for pname, proc, _ in t.procs.procs:
+        rc = proc.poll()
+        if rc is not None:
+            how = f"signal {-rc}" if rc < 0 else f"status {rc}"
+            lines.append(f"{pname} (pid {proc.pid}) is gone: exited with {how}")
+    if t.info.get("log"):
+        lines.append(f"{t.name} log {t.info['log']}:\n{log_tail(Path(t.info['log']), 12)}")
+    return "\n".join(lines)
+
+
+def summarize(t: Target) -> dict[str, Any]:
+    if t.status != "ok":
+        return {"status": t.status, "reason": t.reason, "notes": t.notes, **t.info}
+    med = statistics.median
+    s = t.slices
+    samples = [x for r in s["rtt"] for x in r["samples_ns"]]
+    out: dict[str, Any] = {"status": "ok", **t.info, "notes": t.notes}
+    out["puts_per_s"] = med(r["puts_per_s"] for r in s["puts"])
+    out["puts"] = sum(r["puts"] for r in s["puts"])
+    out["cycles_per_s"] = med(r["cycles_per_s"] for r in s["cycles"])
+    out["cycles"] = sum(r["cycles"] for r in s["cycles"])
+    out.update(rtt_summary(samples))
+    out["conns_per_s"] = med(r["conns_per_s"] for r in s["conns"])
+    out["conns"] = sum(r["conns"] for r in s["conns"])
+    out["rounds"] = {
+        "puts_per_s": [round(r["puts_per_s"]) for r in s["puts"]],
+        "cycles_per_s": [round(r["cycles_per_s"]) for r in s["cycles"]],
+        "rtt_p50_us": [round(rtt_summary(r["samples_ns"])["rtt_p50_us"], 1) for r in s["rtt"]],
+        "conns_per_s": [round(r["conns_per_s"]) for r in s["conns"]],
+    }
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# report
+
+
+METRICS = (
+    # key, header, format, higher_is_better
+    ("puts_per_s", "puts/s", "{:,.0f}", True),
+    ("cycles_per_s", "cycles/s", "{:,.0f}", True),
+    ("rtt_p50_us", "rtt p50 us", "{:,.1f}", False),
+    ("rtt_p99_us", "rtt p99 us", "{:,.1f}", False),
+    ("conns_per_s", "conns/s", "{:,.0f}", True),
+)
+
+
+def ratios(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
+    base = results.get("direct")
+    out: dict[str, dict[str, float]] = {}
+    if not base or base.get("status") != "ok":
+        return out
+    for name, r in results.items():
+        if name == "direct" or r.get("status") != "ok":
+            continue
+        out[name] = {key: r[key] / base[key] for key, *_ in METRICS if base.get(key)}
+    return out
+
+
+def render(info: dict[str, Any], p: Params, results: dict[str, dict[str, Any]]) -> str:
+    lines = [""]
+    lines.append(
+        f"machine: {info['cpu']}, nproc {info['nproc']}, {info['platform']}\n"
+        f"         {info['python']}, {info['openssl']}, uvloop {info['uvloop'] or 'not installed'}"
+    )
+    versions = [info.get(k) for k in ("beanstalkd", "stunnel", "haproxy")]
+    lines.append("         " + "; ".join(v for v in versions if v))
+    start, end = info.get("loadavg_start"), info.get("loadavg_end")
+    if start and end:
+        busy = max(start[0], end[0]) > 0.5 * info["nproc"]
+        lines.append(
+            f"load:    1-min load average {start[0]:.2f} at start, {end[0]:.2f} at end"
+            + ("  (other processes were busy: expect noise)" if busy else "")
+        )
+    lines.append(
+        f"params:  {p.seconds:g} s per workload and target in {p.rounds} interleaved round(s), "
+        f"put body {p.body} B, {p.batch} puts per write, conns capped at {p.conn_limit}"
+    )
+    lines.append("")
+    labels = {
+        n: f"proxy ({r['loop']})" if n == "proxy" and r.get("loop") else n
+        for n, r in results.items()
+    }
+    width = max(16, *(len(x) + 2 for x in labels.values()))
+    head = f"{'target':<{width}}{'tls':<9}" + "".join(f"{h:>13}" for _, h, _, _ in METRICS)
+    lines.append(head)
+    lines.append("-" * len(head))
+    for name, r in results.items():
+        label = labels[name]
+        if r.get("status") != "ok":
+            reason = str(r.get("reason", "")).splitlines()[0] if r.get("reason") else ""
+            lines.append(f"{label:<{width}}{r.get('status', '?')}: {reason}")
+            continue
+        cells = "".join(f"{fmt.format(r[key]):>13}" for key, _, fmt, _ in METRICS)
+        lines.append(f"{label:<{width}}{r.get('tls') or 'plain':<9}{cells}")
+    rat = ratios(results)
+    if rat:
+        lines.append("")
+        lines.append("ratio target/direct (throughput: higher is better; latency: lower is better)")
+        width = max(len(f"ratio {n}/direct") for n in rat) + 2
+        lines.append(f"{'':<{width}}" + "".join(f"{h:>13}" for _, h, _, _ in METRICS))
+        for name, rr in rat.items():
+            label = f"ratio {name}/direct"
+            cells = "".join(f"{rr.get(key, float('nan')):>13.2f}" for key, *_ in METRICS)
+            lines.append(f"{label:<{width}}{cells}")
+    notes = [n for r in results.values() for n in r.get("notes", [])]
+    if notes:
+        lines.append("")
+        lines.extend(f"note: {n}" for n in notes)
+    return "\n".join(lines)
+
+
+def print_profile(path: Path, top: int = 25) -> None:
+    if not path.exists():
+        print(f"(no profile written at {path})")
+        return
+    print(f"\n--- cProfile of {path.name}: top {top} by own time ---")
+    stats = pstats.Stats(str(path))
+    stats.sort_stats("tottime").print_stats(top)
+
+
+# --------------------------------------------------------------------------------------------
+# main
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(
+        description="Benchmark beanstalk-proxy vs direct beanstalkd, stunnel and HAProxy."
+    )
+    ap.add_argument("--quick", action="store_true", help="short smoke run (well under 30 s)")
+    ap.add_argument(
+        "--targets",
+        default=",".join(ALL_TARGETS),
+        help=f"comma-separated subset of {','.join(ALL_TARGETS)} (default: all)",
+    )
+    ap.add_argument(
+        "--seconds",
+        type=float,
+        help="seconds per workload and target, over all rounds (default 4, quick 0.5)",
+    )
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        help="interleaved rounds over the targets; medians are reported (default 3, quick 1)",
+    )
+    ap.add_argument("--batch", type=int, default=200, help="puts per write (default 200)")
+    ap.add_argument("--body", type=int, default=100, help="put body size in bytes (default 100)")
+    ap.add_argument("--conn-limit", type=int, help="max connections in the conns workload")
+    ap.add_argument("--json", type=Path, metavar="PATH", help="also write the results as JSON")
+    ap.add_argument(
+        "--profile",
+        type=Path,
+        metavar="DIR",
+        help="run proxy targets under cProfile, write DIR/proxy-<loop>.prof and print hot spots",
+    )
+    ap.add_argument(
+        "--proxy-launch",
+        choices=("auto", "cli", "inline"),
+        default="auto",
+        help="how to start the proxy: the `serve` CLI, an inline ProxyServer script, or the CLI "
+        "with the inline script as fallback (default)",
+    )
+    ap.add_argument(
+        "--proxy-workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="pass --workers N to `serve` (default 1: a single process, the flag is not passed)",
+    )
+    ap.add_argument("--keep", action="store_true", help="keep the temporary directory (logs)")
+    args = ap.parse_args(argv)
+    names = [t.strip() for t in args.targets.split(",") if t.strip()]
+    unknown = [t for t in names if t not in ALL_TARGETS]
+    if unknown or not names:
+        ap.error(f"unknown target(s) {', '.join(unknown)}; choose from {', '.join(ALL_TARGETS)}")
+    args.target_list = list(dict.fromkeys(names))
+    if args.seconds is None:
+        args.seconds = 0.5 if args.quick else 4.0
+    if args.rounds is None:
+        args.rounds = 1 if args.quick else 3
+    if args.rounds < 1 or args.proxy_workers < 1:
+        ap.error("--rounds and --proxy-workers must be >= 1")
+    if args.conn_limit is None:
+        args.conn_limit = 300 if args.quick else 5000
+    if args.batch < 1 or args.body < 0 or args.seconds <= 0:
+        ap.error("--batch must be >= 1, --body >= 0 and --seconds > 0")
+    if args.profile is not None:
+        args.profile = args.profile.resolve()
+        args.profile.mkdir(parents=True, exist_ok=True)
+    return args
+
+
+@contextlib.contextmanager
+def _terminate_on_sigterm() -> Iterator[None]:
+    """SIGTERM/SIGHUP unwind like Ctrl-C, so every ``finally`` stops its child processes."""
+
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if shutil.which(BEANSTALKD) is None:
+        print(f"error: {BEANSTALKD} not found (apt-get install beanstalkd)", file=sys.stderr)
+        return 1
+    info = machine_info()
+    info["loadavg_start"] = os.getloadavg()
+    p = Params(args.seconds, args.rounds, args.batch, args.body, args.conn_limit)
+    mode = "quick" if args.quick else "default"
+    print(f"beanstalk-proxy benchmark ({mode}): targets {', '.join(args.target_list)}", flush=True)
+    skipped: dict[str, dict[str, Any]] = {}
+    targets: dict[str, Target] = {}
+    t_start = time.monotonic()
+    tmp = Path(tempfile.mkdtemp(prefix="bsp-bench-"))
+    try:
+        with _terminate_on_sigterm():
+            pki = make_pki(tmp / "pki")
+            for name in args.target_list:
+                skip = target_available(name)
+                if skip is not None:
+                    print(f"  {name:<14} skipped: {skip}", flush=True)
+                    skipped[name] = {"status": "skipped", "reason": skip}
+                    continue
+                t = targets[name] = Target(name)
+                try:
+                    start_target(t, tmp, pki, args)
+                except (BenchError, OSError, ssl.SSLError) as exc:
+                    t.status, t.reason = "failed", diagnose(t, exc)
+                    t.procs.stop()
+                    print(f"  {name:<14} FAILED to start: {t.reason}", flush=True)
+                    continue
+                how = t.info.get("launch", "")
+                loop = t.info.get("loop", "")
+                extra = f", {how} launch, {loop} loop" if how else ""
+                print(f"  {name:<14} started ({t.info.get('tls') or 'plain'}{extra})", flush=True)
+            # Rounds interleave the targets, so background load hits them all alike.
+            for rnd in range(1, p.rounds + 1):
+                for t in targets.values():
+                    if t.status != "ok":
+                        continue
+                    try:
+                        line = run_round(t, p)
+                    except (BenchError, OSError, ssl.SSLError) as exc:
+                        t.status, t.reason = "failed", diagnose(t, exc)
+                        t.procs.stop()
+                        print(f"  {t.name:<14} FAILED: {t.reason}", flush=True)
+                        continue
+                    print(f"  {t.name:<14} round {rnd}/{p.rounds}: {line}", flush=True)
+    except KeyboardInterrupt:
+        print("interrupted; child processes stopped", file=sys.stderr)
+        return 130
+    finally:
+        for t in targets.values():
+            t.procs.stop()
+        if args.keep:
+            print(f"kept {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+    info["loadavg_end"] = os.getloadavg()
+    total = time.monotonic() - t_start
+    results = {
+        name: skipped[name] if name in skipped else summarize(targets[name])
+        for name in args.target_list
+    }
+    print(render(info, p, results))
+    print(f"\ntotal {total:.1f} s")
+    if args.profile is not None:
+        for r in results.values():
+            if r.get("profile"):
+                print_profile(Path(r["profile"]))
+    if args.json is not None:
+        doc = {
+            "machine": info,
+            "params": {**vars(p), "mode": mode, "targets": args.target_list},
+            "results": results,
+            "ratios": ratios(results),
+            "total_seconds": round(total, 2),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        args.json.write_text(json.dumps(doc, indent=2, default=str) + "\n")
+        print(f"wrote {args.json}")
+    return 1 if any(t.status != "ok" for t in targets.values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
