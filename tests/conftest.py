@@ -102,7 +102,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_for_port(port: int, proc: subprocess.Popen[bytes] | None = None, timeout: float = 10) -> None:
+def wait_for_port(
+    port: int, proc: subprocess.Popen[bytes] | None = None, timeout: float = 10
+) -> None:
     """Block until something accepts on 127.0.0.1:port (polling connect), or fail."""
     deadline = time.monotonic() + timeout
     while True:

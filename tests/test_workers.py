@@ -1,4 +1,5 @@
-"""``serve --workers N`` (run through the real CLI, so on uvloop when installed): N processes share the listen port with SO_REUSEPORT; SIGHUP and
+"""``serve --workers N``, run through the real CLI (so on uvloop when installed): N processes
+share the listen port with SO_REUSEPORT; SIGHUP and
 SIGTERM sent to the supervisor reach every worker."""
 
 from __future__ import annotations
