@@ -15,7 +15,7 @@ when a decision depends on it (then ``blocked`` is set until the answer arrives)
 
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import Any, Final, Protocol
 
@@ -82,6 +82,18 @@ _STATS: Final = (K_STATS,)
 MAX_PENDING: Final = 4096
 #: Job ids remembered per connection (oldest forgotten first; a forgotten id costs a lookup).
 MAX_KNOWN_JOBS: Final = 65536
+#: The job-id decisions (command, verb) whose outcome may depend on the job's tube.
+JOB_DECISIONS: Final = (
+    ("peek", "inspect"),
+    ("stats-job", "inspect"),
+    ("delete", "consume"),
+    ("delete", DELETE_OTHER_VERB),
+    ("release", "consume"),
+    ("bury", "consume"),
+    ("touch", "consume"),
+    ("kick-job", "manage"),
+    ("reserve-job", "manage"),
+)
 #: ``stats`` fields that identify the host; replaced for principals without the server class.
 REDACTED_STATS: Final = frozenset({b"pid", b"hostname", b"os", b"platform", b"id"})
 
@@ -142,7 +154,7 @@ class Session:
         self.pending: deque[tuple[Any, ...]] = deque()
         self.used = "default"
         self.watched: dict[str, None] = {"default": None}
-        self.jobs: dict[int, str] = {}
+        self.jobs: OrderedDict[int, str] = OrderedDict()
         self.reserved: dict[int, tuple[str, ...]] = {}
         self.blocked = False
         self.draining = False
@@ -155,6 +167,7 @@ class Session:
         self._cache: dict[tuple[str, str, str | None], Decision] = {}
         self._any_cache: dict[str, Decision] = {}
         self._uniform_cache: dict[tuple[str, str], bool] = {}
+        self._tracking: bool | None = None  # does any job-id decision need a job's tube?
         self._handlers: tuple[Callable[[Command], None], ...] = self._build_handlers()
 
     # --- policy access, cached per policy object ----------------------------------------------
@@ -166,6 +179,7 @@ class Session:
             self._cache.clear()
             self._any_cache.clear()
             self._uniform_cache.clear()
+            self._tracking = None
         return policy
 
     def set_principal(self, principal: str) -> None:
@@ -314,6 +328,14 @@ class Session:
         self.draining = True
         self.close_reason = "quit"
 
+    def _tracks_jobs(self) -> bool:
+        """Whether job ids must be remembered: only when some job-id decision of this
+        principal depends on the job's tube (never for a principal allowed everything)."""
+        self._fresh_policy()
+        if self._tracking is None:
+            self._tracking = not all(self._uniform(c, v) for c, v in JOB_DECISIONS)
+        return self._tracking
+
     def _h_put(self, cmd: Command) -> None:
         tube = self.used
         d = self._decide("put", "produce", tube)
@@ -327,7 +349,7 @@ class Session:
                 self._deny(cmd, Decision(False, f"{d.rule}: {broken}"), tube)
                 return
         write_command(self.to_upstream, cmd)
-        self.pending.append((K_PUT, tube))
+        self.pending.append((K_PUT, tube) if self._tracks_jobs() else _PLAIN)
 
     def _h_use(self, cmd: Command) -> None:
         tube = cmd[1]
@@ -502,7 +524,7 @@ class Session:
     def _remember(self, job: int, tube: str) -> None:
         jobs = self.jobs
         if len(jobs) >= MAX_KNOWN_JOBS:
-            del jobs[next(iter(jobs))]
+            jobs.popitem(last=False)  # O(1); ``del d[next(iter(d))]`` degrades on a dict
         jobs[job] = tube
 
     def _on_put_reply(self, tube: str, line: bytes) -> None:

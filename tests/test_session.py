@@ -1,0 +1,114 @@
+"""The pure session state machine, driven without sockets: commands in, canonical bytes out,
+replies in command order, local replies waiting their turn, lookups holding the client."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+
+from proxy.acl import Policy, parse_acl
+from proxy.session import Session
+
+ACL = {
+    "principals": [
+        {"name": "admin", "match": {"cn": "admin"}},
+        {"name": "producer", "match": {"cn": "producer"}},
+    ],
+    "rules": [
+        {"principal": "admin", "allow": ["all"]},
+        {"principal": "producer", "tubes": ["jobs"], "allow": ["produce", "inspect"]},
+    ],
+}
+
+
+@dataclass
+class Holder:
+    current: Policy
+
+
+def session(principal: str = "admin") -> Session:
+    return Session(Holder(parse_acl(ACL, "<test>")), principal, max_job_size=100)
+
+
+def take(buf: bytearray) -> bytes:
+    data = bytes(buf)
+    buf.clear()
+    return data
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 1000])
+def test_canonical_forwarding_in_any_chunking(chunk: int) -> None:
+    s = session()
+    wire = b"use  jobs\r\nput 00 0 010 5\r\nhello\r\ndelete    000007\r\n"
+    for i in range(0, len(wire), chunk):
+        s.feed_client(wire[i : i + chunk])
+    # "use  jobs" (two spaces) is BAD_FORMAT, answered locally; the rest is canonicalized
+    assert take(s.to_upstream) == b"put 0 0 10 5\r\nhello\r\ndelete 7\r\n"
+    assert take(s.to_client) == b"BAD_FORMAT\r\n"
+    s.feed_upstream(b"INSERTED 1\r\nNOT_FOUND\r\n")
+    assert take(s.to_client) == b"INSERTED 1\r\nNOT_FOUND\r\n"
+
+
+def test_local_reply_waits_behind_pending_replies() -> None:
+    s = session("producer")
+    s.feed_client(b"use jobs\r\nput 0 0 1 1\r\nx\r\nwatch jobs\r\nlist-tube-used\r\n")
+    assert take(s.to_upstream) == b"use jobs\r\nput 0 0 1 1\r\nx\r\nlist-tube-used\r\n"
+    assert take(s.to_client) == b""  # NOT_PERMITTED for watch must wait for USING/INSERTED
+    s.feed_upstream(b"USING jobs\r\n")
+    assert take(s.to_client) == b"USING jobs\r\n"
+    s.feed_upstream(b"INSERTED 9\r\nUSING jobs\r\n")
+    assert take(s.to_client) == b"INSERTED 9\r\nNOT_PERMITTED\r\nUSING jobs\r\n"
+    assert [d["command"] for d in s.denials] == ["watch"]
+
+
+def test_denied_put_body_is_consumed_and_never_forwarded() -> None:
+    s = session("producer")
+    s.feed_client(b"put 0 0 1 12\r\nuse victim\r\n\r\nlist-tube-used\r\n")
+    assert take(s.to_upstream) == b"list-tube-used\r\n"
+    assert take(s.to_client) == b"NOT_PERMITTED\r\n"
+    assert "use victim" not in repr(s.denials)
+
+
+def test_lookup_holds_the_client_until_stats_job_answers() -> None:
+    s = session("producer")
+    s.feed_client(b"peek 42\r\nlist-tube-used\r\n")
+    assert take(s.to_upstream) == b"stats-job 42\r\n"
+    assert s.blocked
+    body = b"---\nid: 42\ntube: other\nstate: ready\n"
+    s.feed_upstream(b"OK %d\r\n%s\r\n" % (len(body), body))
+    assert not s.blocked
+    # a job in a tube the principal cannot see does not exist for it
+    assert take(s.to_client) == b"NOT_FOUND\r\n"
+    assert take(s.to_upstream) == b"list-tube-used\r\n"
+
+
+def test_peek_of_a_job_still_uploading_is_not_found() -> None:
+    s = session("producer")
+    s.feed_client(b"peek 5\r\n")
+    body = b"---\nid: 5\ntube: jobs\nstate: invalid\n"
+    s.feed_upstream(b"OK %d\r\n%s\r\n" % (len(body), body))
+    assert take(s.to_client) == b"NOT_FOUND\r\n"
+    assert take(s.to_upstream) == b"stats-job 5\r\n"  # the peek itself never went out
+
+
+def test_full_access_principal_needs_no_lookups_and_remembers_nothing() -> None:
+    s = session("admin")
+    s.feed_client(b"put 0 0 1 1\r\nx\r\npeek 3\r\ndelete 3\r\nkick-job 3\r\n")
+    assert take(s.to_upstream) == b"put 0 0 1 1\r\nx\r\npeek 3\r\ndelete 3\r\nkick-job 3\r\n"
+    s.feed_upstream(b"INSERTED 3\r\n")
+    assert not s.jobs  # nothing depends on a job's tube for admin
+
+
+def test_protocol_error_replies_then_drains() -> None:
+    s = session()
+    s.feed_client(b"put 0 0 1 +1\r\nuse victim\r\n")
+    assert take(s.to_upstream) == b""
+    assert take(s.to_client) == b"BAD_FORMAT\r\n"
+    assert s.draining and "malformed put" in s.close_reason
+
+
+def test_unsolicited_upstream_reply_fails_the_session() -> None:
+    s = session()
+    s.feed_upstream(b"USING default\r\n")
+    assert s.failed and "no command pending" in s.failed
