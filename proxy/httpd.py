@@ -12,10 +12,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from proxy.config import Endpoint
+from proxy.listen import bind_listener, bound_port
 from proxy.metrics import Metrics
 from proxy.protocol import NEED_DATA, ReplyParser
 
@@ -74,23 +76,18 @@ class StatusServer:
         self.upstream = upstream
         self.timeout = timeout
         self._server: asyncio.AbstractServer | None = None
+        self._sock: socket.socket | None = None
 
     @property
     def port(self) -> int | None:
-        # uvloop's server is not an asyncio.Server, but it has ``sockets`` too.
-        for sock in getattr(self._server, "sockets", None) or ():
-            name = sock.getsockname()
-            if isinstance(name, tuple):
-                return int(name[1])
-        return None
+        return bound_port(self._sock)
 
     async def start(self) -> None:
-        if self.listen.path is not None:
-            self._server = await asyncio.start_unix_server(self._handle, self.listen.path)
+        self._sock = bind_listener(self.listen, backlog=64)
+        if self._sock.family == socket.AF_UNIX:
+            self._server = await asyncio.start_unix_server(self._handle, sock=self._sock)
         else:
-            self._server = await asyncio.start_server(
-                self._handle, self.listen.host, self.listen.port, reuse_address=True
-            )
+            self._server = await asyncio.start_server(self._handle, sock=self._sock)
         log.info("status endpoints (/metrics, /healthz, /readyz) on %s", self.listen)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

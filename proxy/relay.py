@@ -22,10 +22,8 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import socket
 import ssl
-import stat
 import time
 from collections.abc import Callable
 from typing import Any, cast
@@ -33,6 +31,7 @@ from typing import Any, cast
 from proxy.acl import Policy
 from proxy.config import Config, Endpoint
 from proxy.identity import Identity, identity_from_der
+from proxy.listen import bind_listener, bound_port
 from proxy.metrics import Metrics
 from proxy.session import MAX_PENDING, Session
 
@@ -382,31 +381,7 @@ class ProxyServer:
     @property
     def port(self) -> int | None:
         """The bound TCP port (useful with port 0), or None for unix listeners."""
-        sock = self._listener
-        if sock is None or sock.family == socket.AF_UNIX:
-            return None
-        return int(sock.getsockname()[1])
-
-    def _bind(self) -> socket.socket:
-        listen = self.config.listen
-        if listen.path is not None:
-            with contextlib.suppress(FileNotFoundError):
-                if stat.S_ISSOCK(os.stat(listen.path).st_mode):
-                    os.unlink(listen.path)  # a stale socket from a previous run
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            sock.bind(listen.path)
-            sock.listen(1024)
-        else:
-            assert listen.port is not None
-            family = socket.AF_INET6 if listen.host and ":" in listen.host else socket.AF_INET
-            sock = socket.create_server(
-                (listen.host or "", listen.port),
-                family=family,
-                backlog=1024,
-                reuse_port=self.reuse_port,
-            )
-        sock.setblocking(False)
-        return sock
+        return bound_port(self._listener)
 
     async def start(self) -> None:
         """Bind the listener and start accepting.
@@ -416,7 +391,7 @@ class ProxyServer:
         exception (so every failure is logged with its reason) and never loses the bytes a
         client sends before the TLS layer is in place, on asyncio and uvloop alike."""
         loop = asyncio.get_running_loop()
-        self._listener = self._bind()
+        self._listener = bind_listener(self.config.listen, self.reuse_port)
         self._acceptor = loop.create_task(self._accept_loop(self._listener))
         log.info("listening on %s, upstream %s", self.config.listen, self.config.upstream)
         limits = self.config.limits

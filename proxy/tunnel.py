@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import ssl
 import time
 from collections.abc import Callable
 from typing import cast
 
 from proxy.config import Endpoint
+from proxy.listen import bind_listener, bound_port
 
 log = logging.getLogger("beanstalk_proxy")
 conn_log = logging.getLogger("beanstalk_proxy.conn")
@@ -144,27 +146,21 @@ class TunnelServer:
         self.server_hostname = server_hostname or connect.host or "localhost"
         self.connect_timeout = connect_timeout
         self._server: asyncio.AbstractServer | None = None
+        self._sock: socket.socket | None = None
         self._pipes: set[_Pipe] = set()
         self._tasks: set[asyncio.Task[None]] = set()
 
     @property
     def port(self) -> int | None:
-        # uvloop's server is not an asyncio.Server, but it has ``sockets`` too.
-        for sock in getattr(self._server, "sockets", None) or ():
-            name = sock.getsockname()
-            if isinstance(name, tuple):
-                return int(name[1])
-        return None
+        return bound_port(self._sock)
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        if self.listen.path is not None:
-            self._server = await loop.create_unix_server(self._accept, self.listen.path)
+        self._sock = bind_listener(self.listen)
+        if self._sock.family == socket.AF_UNIX:
+            self._server = await loop.create_unix_server(self._accept, sock=self._sock)
         else:
-            assert self.listen.port is not None
-            self._server = await loop.create_server(
-                self._accept, self.listen.host, self.listen.port, reuse_address=True
-            )
+            self._server = await loop.create_server(self._accept, sock=self._sock)
         log.info("client tunnel listening on %s, proxy %s", self.listen, self.connect)
 
     def _accept(self) -> _Side:
