@@ -5,10 +5,9 @@ each ``Session``/``Connection`` already keeps; a custom collector adds them up a
 (live connections plus the totals of closed ones), so relaying a command costs no metric
 call at all. Per-connection and rare events (accepts, handshake failures, denials, upstream
 failures, reloads) use ordinary ``prometheus_client`` counters. Command latency is sampled:
-one burst of commands at a time per connection is timed (for a request-reply client a burst
-is one command), which bounds the cost. Label
-values chosen by clients (tube names in denials) are capped so a hostile client cannot
-grow the series count without bound.
+one burst of commands in 16 per connection is timed (for a request-reply client a burst is
+one command), which bounds the cost. Label values chosen by clients (tube names in denials)
+are capped so a hostile client cannot grow the series count without bound.
 """
 
 from __future__ import annotations
@@ -76,7 +75,8 @@ class Metrics:
         self.latency = Histogram(
             "beanstalk_proxy_command_latency_seconds",
             "Time from forwarding a burst of commands until all their replies arrived "
-            "(one burst timed at a time per connection; one command for request-reply clients)",
+            "(one burst in 16 is timed per connection; a burst is one command for request-reply "
+            "clients)",
             buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25, 1, 5, 30),
             registry=r,
         )
