@@ -1,0 +1,357 @@
+"""The deployment examples in deploy/: every YAML file parses, the proxy and ACL configs they
+carry pass ``check-config`` (with the certificate paths pointed at a test PKI, since no keys
+are in the repository), the pieces agree with each other (socket path, ports, timeouts), and
+the pod's pre-stop hook really waits for the proxy's upstream connections to close."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from conftest import BEANSTALKD, PKI
+
+from proxy import cli
+from proxy.acl import lint_acl, parse_acl
+from proxy.config import Config, parse_config, parse_duration
+
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "deploy"
+K8S = DEPLOY / "kubernetes" / "beanstalk-proxy.yaml"
+COMPOSE = DEPLOY / "compose" / "docker-compose.yml"
+COMPOSE_CONFIG = DEPLOY / "compose" / "config"
+SOCKET = "/run/beanstalkd/beanstalkd.sock"
+
+#: The same loader ``check-config`` uses (a SafeLoader that also rejects duplicate keys).
+Loader: Any = getattr(cli, "_StrictLoader", yaml.SafeLoader)
+
+
+def _load_all(path: Path) -> list[Any]:
+    return [d for d in yaml.load_all(path.read_text(encoding="utf-8"), Loader=Loader) if d]
+
+
+def _k8s() -> dict[str, dict[str, Any]]:
+    return {doc["kind"]: doc for doc in _load_all(K8S)}
+
+
+def _k8s_config_texts() -> tuple[str, str]:
+    data = _k8s()["ConfigMap"]["data"]
+    return data["proxy.yaml"], data["acl.yaml"]
+
+
+def _compose() -> dict[str, Any]:
+    (doc,) = _load_all(COMPOSE)
+    assert isinstance(doc, dict)
+    return doc
+
+
+def _containers() -> dict[str, dict[str, Any]]:
+    spec = _k8s()["Deployment"]["spec"]["template"]["spec"]
+    return {c["name"]: c for c in spec["containers"]}
+
+
+# --------------------------------------------------------------------------------------------
+# every YAML file parses
+
+
+def test_every_yaml_file_in_deploy_parses() -> None:
+    files = sorted([*DEPLOY.rglob("*.yaml"), *DEPLOY.rglob("*.yml")])
+    assert {K8S, COMPOSE, COMPOSE_CONFIG / "proxy.yaml", COMPOSE_CONFIG / "acl.yaml"} <= set(files)
+    for path in files:
+        docs = list(yaml.safe_load_all(path.read_text(encoding="utf-8")))
+        assert any(d is not None for d in docs), path
+        _load_all(path)  # and no duplicate keys
+
+
+def test_kubernetes_manifest_objects() -> None:
+    docs = _load_all(K8S)
+    kinds = [d["kind"] for d in docs]
+    assert sorted(kinds) == sorted(
+        ["ConfigMap", "PersistentVolumeClaim", "Deployment", "Service", "NetworkPolicy"]
+    )
+    for doc in docs:
+        assert doc["apiVersion"] and doc["metadata"]["name"], doc
+    # No Secret with key material in the repository: it is created with kubectl.
+    assert "Secret" not in kinds
+
+
+# --------------------------------------------------------------------------------------------
+# check-config semantics for the shipped configs
+
+
+def _validate(proxy_text: str, acl_text: str, source: str) -> Config:
+    config = parse_config(yaml.load(proxy_text, Loader=Loader), source=f"{source}:proxy.yaml")
+    policy = parse_acl(yaml.load(acl_text, Loader=Loader), source=f"{source}:acl.yaml")
+    assert lint_acl(policy) == [], lint_acl(policy)
+    return config
+
+
+@pytest.mark.parametrize("where", ["kubernetes", "compose"])
+def test_shipped_configs_parse_and_agree(where: str) -> None:
+    if where == "kubernetes":
+        proxy_text, acl_text = _k8s_config_texts()
+    else:
+        proxy_text = (COMPOSE_CONFIG / "proxy.yaml").read_text(encoding="utf-8")
+        acl_text = (COMPOSE_CONFIG / "acl.yaml").read_text(encoding="utf-8")
+    config = _validate(proxy_text, acl_text, where)
+    assert str(config.upstream) == f"unix:{SOCKET}"
+    assert str(config.listen) == "0.0.0.0:11400"
+    assert config.acl == "/config/acl.yaml"
+    tls = config.tls
+    for path in (tls.cert, tls.key, tls.client_ca, *tls.crl):
+        assert path.startswith("/certs/"), path
+    # The image's HEALTHCHECK asks 127.0.0.1:9400; inside a pod/container 0.0.0.0 covers it.
+    assert str(config.metrics_listen) == "0.0.0.0:9400"
+    assert config.limits.max_job_size <= 65535  # beanstalkd -z 65535
+    assert config.log.format == "json"
+
+
+def _rewrite_for_check(text: str, pki: PKI, config_dir: Path) -> str:
+    """The deploy config with its mount points pointed at the test PKI and ``config_dir``."""
+    return text.replace("/certs/", f"{pki.dir}/").replace("/config/", f"{config_dir}/")
+
+
+@pytest.mark.parametrize("where", ["kubernetes", "compose"])
+def test_shipped_configs_pass_check_config(where: str, pki: PKI, tmp_path: Path) -> None:
+    """The real ``check-config`` command, certificate files included (from the test PKI, which
+    has the same file names as ``beanstalk-proxy certs init`` writes)."""
+    if where == "kubernetes":
+        proxy_text, acl_text = _k8s_config_texts()
+    else:
+        proxy_text = (COMPOSE_CONFIG / "proxy.yaml").read_text(encoding="utf-8")
+        acl_text = (COMPOSE_CONFIG / "acl.yaml").read_text(encoding="utf-8")
+    assert (pki.dir / "crl.pem").exists()
+    (tmp_path / "acl.yaml").write_text(acl_text)
+    config_path = tmp_path / "proxy.yaml"
+    config_path.write_text(_rewrite_for_check(proxy_text, pki, tmp_path))
+    result = subprocess.run(
+        [sys.executable, "-m", "proxy", "check-config", "--config", str(config_path)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().endswith("ok")
+    assert "warning" not in result.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# kubernetes: the pieces fit together
+
+
+def test_kubernetes_pod_layout() -> None:
+    objs = _k8s()
+    containers = _containers()
+    assert set(containers) == {"beanstalkd", "proxy"}
+    pod = objs["Deployment"]["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+
+    # beanstalkd listens on the socket only (no -p, no TCP address), in an emptyDir that only
+    # these two containers mount.
+    args = containers["beanstalkd"]["args"]
+    assert args[args.index("-l") + 1] == f"unix:{SOCKET}"
+    assert "-p" not in args
+    assert "ports" not in containers["beanstalkd"]
+    sock_dir = str(Path(SOCKET).parent)
+    mounts = {
+        name: {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+        for name, c in containers.items()
+    }
+    socket_volume = mounts["beanstalkd"][sock_dir]
+    assert mounts["proxy"][sock_dir] == socket_volume
+    assert "emptyDir" in volumes[socket_volume]
+
+    # One uid for both (the socket is srwxr-xr-x), never root.
+    sc = pod["securityContext"]
+    assert sc["runAsNonRoot"] is True and sc["runAsUser"] == 10001 and sc["fsGroup"] == 10001
+    for c in containers.values():
+        assert c["securityContext"]["allowPrivilegeEscalation"] is False
+        assert c["securityContext"]["readOnlyRootFilesystem"] is True
+        assert "runAsUser" not in c["securityContext"]
+
+    # Certificates from a Secret at /certs, config + ACL from the ConfigMap at /config.
+    assert volumes[mounts["proxy"]["/certs"]]["secret"]["secretName"] == "beanstalk-proxy-tls"
+    assert (
+        volumes[mounts["proxy"]["/config"]]["configMap"]["name"]
+        == (objs["ConfigMap"]["metadata"]["name"])
+    )
+    for m in containers["proxy"]["volumeMounts"]:
+        assert "subPath" not in m  # subPath mounts never see ConfigMap/Secret updates
+        if m["mountPath"] in ("/certs", "/config"):
+            assert m["readOnly"] is True
+
+    # Probes: readiness on /readyz, liveness on /healthz, both on the status port.
+    proxy = containers["proxy"]
+    ports = {p["name"]: p["containerPort"] for p in proxy["ports"]}
+    assert ports == {"beanstalk-tls": 11400, "status": 9400}
+    assert proxy["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "status"}
+    assert proxy["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "status"}
+
+    # The grace period covers the proxy's drain.
+    proxy_text, _ = _k8s_config_texts()
+    shutdown = parse_duration(yaml.safe_load(proxy_text)["limits"]["shutdown_timeout"])
+    assert pod["terminationGracePeriodSeconds"] > shutdown
+
+
+def test_kubernetes_service_and_network_policy_expose_only_the_tls_port() -> None:
+    objs = _k8s()
+    labels = objs["Deployment"]["spec"]["template"]["metadata"]["labels"]
+    service = objs["Service"]["spec"]
+    assert service["selector"] == labels
+    assert [(p["port"], p["targetPort"]) for p in service["ports"]] == [(11400, "beanstalk-tls")]
+    policy = objs["NetworkPolicy"]["spec"]
+    assert policy["podSelector"]["matchLabels"] == labels
+    rules = policy["ingress"]
+    open_ports = [p["port"] for r in rules if "from" not in r for p in r["ports"]]
+    assert open_ports == [11400]
+    status_rules = [r for r in rules if any(p["port"] == 9400 for p in r["ports"])]
+    assert status_rules and all("from" in r for r in status_rules)
+    assert all(p["port"] in (11400, 9400) for r in rules for p in r["ports"])
+
+
+# --------------------------------------------------------------------------------------------
+# compose: the same, with beanstalkd off the network
+
+
+def test_compose_layout() -> None:
+    services = _compose()["services"]
+    bs, proxy = services["beanstalkd"], services["proxy"]
+
+    assert bs["network_mode"] == "none"
+    assert "ports" not in bs and "expose" not in bs and "networks" not in bs
+    cmd = bs["command"]
+    assert cmd[cmd.index("-l") + 1] == f"unix:{SOCKET}"
+    assert bs["user"] == proxy["user"] == "10001:10001"
+
+    def mounts(service: dict[str, Any]) -> dict[str, str]:
+        out = {}
+        for spec in service["volumes"]:
+            src, dst, *_ = spec.split(":")
+            out[dst] = src
+        return out
+
+    sock_dir = str(Path(SOCKET).parent)
+    assert mounts(bs)[sock_dir] == mounts(proxy)[sock_dir]
+    assert mounts(bs)[sock_dir] in _compose()["volumes"]
+    # The config directory the proxy mounts is the one checked above.
+    assert (COMPOSE.parent / mounts(proxy)["/config"]).resolve() == COMPOSE_CONFIG
+    assert proxy["volumes"].count("./config:/config:ro") == 1
+    assert "./certs:/certs:ro" in proxy["volumes"]
+
+    # Only 11400 on every interface; the status port on the host's loopback only.
+    assert sorted(proxy["ports"]) == sorted(["11400:11400", "127.0.0.1:9400:9400"])
+    assert proxy["depends_on"]["beanstalkd"]["condition"] == "service_healthy"
+    assert proxy["build"] == "../.."
+
+    config = yaml.safe_load((COMPOSE_CONFIG / "proxy.yaml").read_text())
+    grace = parse_duration(proxy["stop_grace_period"])
+    assert grace > parse_duration(config["limits"]["shutdown_timeout"])
+    assert "/readyz" in " ".join(proxy["healthcheck"]["test"])
+
+
+def test_compose_ignores_generated_keys() -> None:
+    ignored = (COMPOSE.parent / ".gitignore").read_text().split()
+    assert "pki/" in ignored and "certs/" in ignored
+
+
+# --------------------------------------------------------------------------------------------
+# the beanstalkd pre-stop hook, run for real
+
+
+def _prestop_script(sock: Path, max_wait: int) -> str:
+    hook = _containers()["beanstalkd"]["lifecycle"]["preStop"]["exec"]["command"]
+    assert hook[:2] == ["sh", "-c"]
+    script: str = hook[2]
+    assert SOCKET in script and "-lt 30" in script
+    return script.replace(SOCKET, str(sock)).replace("-lt 30", f"-lt {max_wait}")
+
+
+def _wait_for_socket(path: Path, proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 10
+    while not path.is_socket():
+        assert proc.poll() is None, "beanstalkd exited"
+        assert time.monotonic() < deadline, "beanstalkd socket did not appear"
+        time.sleep(0.01)  # no event for a socket file appearing
+
+
+@pytest.mark.skipif(not Path("/proc/net/unix").exists(), reason="needs Linux /proc/net/unix")
+def test_prestop_hook_waits_until_the_proxy_has_closed_its_upstream_connections(
+    tmp_path: Path,
+) -> None:
+    if shutil.which("sh") is None:  # pragma: no cover
+        pytest.fail("sh is required")
+    sock = tmp_path / "beanstalkd.sock"
+    bs = subprocess.Popen(
+        [BEANSTALKD, "-l", f"unix:{sock}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        _wait_for_socket(sock, bs)
+        script = _prestop_script(sock, max_wait=20)
+
+        # No upstream connection: returns at once.
+        started = time.monotonic()
+        subprocess.run(["sh", "-c", script], check=True, timeout=10)
+        assert time.monotonic() - started < 2
+
+        # A live connection (the proxy's upstream): the hook keeps waiting ...
+        client = socket.socket(socket.AF_UNIX)
+        client.connect(str(sock))
+        client.sendall(b"list-tubes\r\n")
+        assert client.recv(100).startswith(b"OK ")
+        hook = subprocess.Popen(["sh", "-c", script])
+        try:
+            with pytest.raises(subprocess.TimeoutExpired):
+                hook.wait(timeout=1.5)
+            # ... and returns within a poll period once it is closed.
+            client.close()
+            assert hook.wait(timeout=5) == 0
+        finally:
+            if hook.poll() is None:
+                hook.kill()
+                hook.wait()
+    finally:
+        bs.terminate()
+        bs.wait(10)
+
+
+def test_prestop_hook_gives_up_after_its_limit(tmp_path: Path) -> None:
+    sock = tmp_path / "beanstalkd.sock"
+    bs = subprocess.Popen(
+        [BEANSTALKD, "-l", f"unix:{sock}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        _wait_for_socket(sock, bs)
+        client = socket.socket(socket.AF_UNIX)
+        client.connect(str(sock))
+        try:
+            started = time.monotonic()
+            subprocess.run(["sh", "-c", _prestop_script(sock, max_wait=1)], check=True, timeout=10)
+            assert 0.9 < time.monotonic() - started < 5
+        finally:
+            client.close()
+    finally:
+        bs.terminate()
+        bs.wait(10)
+
+
+def test_readme_mentions_every_file() -> None:
+    text = (DEPLOY / "README.md").read_text()
+    for name in (
+        "beanstalk-proxy.yaml",
+        "docker-compose.yml",
+        "beanstalkd/Dockerfile",
+        "LISTEN_FDS",
+        "beanstalkd.socket",
+        "/readyz",
+        "/healthz",
+    ):
+        assert name in text, name
+    assert re.search(r"unix:/run/beanstalkd/beanstalkd\.sock", text)
