@@ -42,6 +42,8 @@ audit_log = logging.getLogger("beanstalk_proxy.audit")
 #: Time one burst of commands in this many per connection for the latency histogram (a
 #: histogram observation costs about as much as relaying a small command).
 LATENCY_SAMPLE_EVERY = 16
+#: At shutdown, how long to wait for client TLS transports to finish closing.
+CLOSE_WAIT = 2.0
 #: How long a draining connection may wait for upstream to finish before it is cut.
 DRAIN_TIMEOUT = 30.0
 
@@ -177,6 +179,7 @@ class Connection(asyncio.Protocol):
         return False  # TLS cannot stay half-open; asyncio closes, connection_lost follows
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.server.transport_gone(self)
         if self.closed:
             return
         if exc is None and self.client_ended and self.starting:
@@ -383,6 +386,8 @@ class ProxyServer:
         self._tasks: set[asyncio.Task[None]] = set()
         self._idle = asyncio.Event()
         self._per_principal: dict[str, int] = {}
+        self._open_transports: set[Connection] = set()  # client TLS transports not yet lost
+        self._transports_gone = asyncio.Event()
         self._sweeper: asyncio.Task[None] | None = None
         self.metrics.track(self.connections)
 
@@ -475,6 +480,7 @@ class ProxyServer:
                 return
             tls = transport
             conn.client = tls
+            self._open_transports.add(conn)
             tls.pause_reading()
             conn.reading = False
             ssl_object = tls.get_extra_info("ssl_object")
@@ -578,6 +584,11 @@ class ProxyServer:
         )
         conn.flush()
 
+    def transport_gone(self, conn: Connection) -> None:
+        self._open_transports.discard(conn)
+        if not self._open_transports:
+            self._transports_gone.set()
+
     def forget(self, conn: Connection) -> None:
         self.connections.discard(conn)
         if conn.counted_as is not None:
@@ -641,6 +652,14 @@ class ProxyServer:
                         await self._idle.wait()
         for conn in list(self.connections):
             conn.close("proxy shutting down")
+        if self._open_transports:
+            # Let the TLS layers finish closing (close_notify, reading the client's last
+            # bytes) before the process exits: a socket torn down with unread input is
+            # reset, which can destroy replies the client has not read yet.
+            self._transports_gone.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(CLOSE_WAIT):
+                    await self._transports_gone.wait()
         for task in list(self._tasks):
             task.cancel()
         if self._acceptor is not None:
