@@ -151,13 +151,40 @@ def _spawn_beanstalkd(port: int, max_job: int, extra: list[str]) -> subprocess.P
             "beanstalkd (apt-get install beanstalkd, or run bash .ci/run)"
         )
     wait_for_port(port, proc)
+    # The port was free when chosen, but another test run may have taken it since: make sure
+    # the server answering is ours (its stats name our pid), not a stranger's.
+    pid = _stats_pid(port)
+    if pid != proc.pid:
+        proc.kill()
+        proc.wait()
+        raise RuntimeError(f"port {port} is served by pid {pid}, not our beanstalkd {proc.pid}")
     return proc
+
+
+def _stats_pid(port: int) -> int:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(b"stats\r\n")
+        f = s.makefile("rb")
+        head = f.readline().split()
+        body = f.read(int(head[1]) + 2)
+    for raw in body.decode().splitlines():
+        key, _, value = raw.partition(": ")
+        if key == "pid":
+            return int(value)
+    raise RuntimeError("no pid in beanstalkd stats")
 
 
 @pytest.fixture
 def beanstalkd() -> Iterator[Beanstalkd]:
-    port = free_port()
-    b = Beanstalkd(port, _spawn_beanstalkd(port, TEST_MAX_JOB, []), TEST_MAX_JOB)
+    for attempt in range(3):  # a port taken between free_port() and the bind: try another
+        port = free_port()
+        try:
+            proc = _spawn_beanstalkd(port, TEST_MAX_JOB, [])
+            break
+        except RuntimeError:
+            if attempt == 2:
+                raise
+    b = Beanstalkd(port, proc, TEST_MAX_JOB)
     try:
         yield b
     finally:
