@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import socket
 import ssl
 import subprocess
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -337,3 +338,51 @@ async def server_stats(port: int) -> dict[str, str]:
         return await c.stats()
     finally:
         await c.close()
+
+
+CONN_LOGGER = "beanstalk_proxy.conn"
+
+
+class LogWatch(logging.Handler):
+    """Collects the proxy's connection log lines; a test awaits a line instead of sleeping."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.messages: list[str] = []
+        self._changed = asyncio.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+        self._changed.set()
+
+    async def wait_for(self, predicate: Callable[[str], bool], timeout: float = 5.0) -> str:
+        async with asyncio.timeout(timeout):
+            while True:
+                for message in self.messages:
+                    if predicate(message):
+                        return message
+                self._changed.clear()
+                await self._changed.wait()
+
+    async def wait_count(
+        self, predicate: Callable[[str], bool], n: int, timeout: float = 10.0
+    ) -> list[str]:
+        async with asyncio.timeout(timeout):
+            while True:
+                found = [m for m in self.messages if predicate(m)]
+                if len(found) >= n:
+                    return found
+                self._changed.clear()
+                await self._changed.wait()
+
+
+@pytest.fixture
+def conn_log(caplog: pytest.LogCaptureFixture) -> Iterator[LogWatch]:
+    caplog.set_level(logging.INFO, logger=CONN_LOGGER)
+    watch = LogWatch()
+    logger = logging.getLogger(CONN_LOGGER)
+    logger.addHandler(watch)
+    try:
+        yield watch
+    finally:
+        logger.removeHandler(watch)

@@ -15,13 +15,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-import logging
 import resource
 import shutil
 import socket
 import ssl
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from conftest import (
     PKI,
     TEST_ACL,
     Beanstalkd,
+    LogWatch,
     RunningProxy,
     make_config,
     server_stats,
@@ -42,53 +42,6 @@ from proxy.acl import parse_acl
 from proxy.certs import revoke
 from proxy.relay import PolicyHolder, ProxyServer
 from proxy.tlsctx import server_context
-
-CONN_LOGGER = "beanstalk_proxy.conn"
-
-
-class LogWatch(logging.Handler):
-    """Collects ``beanstalk_proxy.conn`` messages; a test awaits a line instead of sleeping."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.messages: list[str] = []
-        self._changed = asyncio.Event()
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
-        self._changed.set()
-
-    async def wait_for(self, predicate: Callable[[str], bool], timeout: float = 5.0) -> str:
-        async with asyncio.timeout(timeout):
-            while True:
-                for message in self.messages:
-                    if predicate(message):
-                        return message
-                self._changed.clear()
-                await self._changed.wait()
-
-    async def wait_count(
-        self, predicate: Callable[[str], bool], n: int, timeout: float = 10.0
-    ) -> list[str]:
-        async with asyncio.timeout(timeout):
-            while True:
-                found = [m for m in self.messages if predicate(m)]
-                if len(found) >= n:
-                    return found
-                self._changed.clear()
-                await self._changed.wait()
-
-
-@pytest.fixture
-def conn_log(caplog: pytest.LogCaptureFixture) -> Iterator[LogWatch]:
-    caplog.set_level(logging.INFO, logger=CONN_LOGGER)
-    watch = LogWatch()
-    logger = logging.getLogger(CONN_LOGGER)
-    logger.addHandler(watch)
-    try:
-        yield watch
-    finally:
-        logger.removeHandler(watch)
 
 
 def client_ctx(pki: PKI, cert: str, key: str) -> ssl.SSLContext:

@@ -9,50 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from conftest import PKI, Beanstalkd, RunningProxy, server_stats, start_proxy
-
-CONN_LOGGER = "beanstalk_proxy.conn"
-
-
-class LogWatch(logging.Handler):
-    """Collects the proxy's connection log lines and lets a test await one (no sleeping)."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.messages: list[str] = []
-        self._changed = asyncio.Event()
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
-        self._changed.set()
-
-    async def wait_for(self, predicate: Callable[[str], bool], timeout: float = 5.0) -> str:
-        async with asyncio.timeout(timeout):
-            while True:
-                for message in self.messages:
-                    if predicate(message):
-                        return message
-                self._changed.clear()
-                await self._changed.wait()
-
-
-@pytest.fixture
-def conn_log(caplog: pytest.LogCaptureFixture) -> Iterator[LogWatch]:
-    caplog.set_level(logging.INFO, logger=CONN_LOGGER)
-    watch = LogWatch()
-    logger = logging.getLogger(CONN_LOGGER)
-    logger.addHandler(watch)
-    try:
-        yield watch
-    finally:
-        logger.removeHandler(watch)
+from conftest import PKI, Beanstalkd, LogWatch, RunningProxy, server_stats, start_proxy
 
 
 async def tls_attempt(port: int, ctx: ssl.SSLContext) -> str:
