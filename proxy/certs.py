@@ -202,6 +202,27 @@ def _validity(ca: _CA, days: int) -> tuple[dt.datetime, dt.datetime]:
     return now - BACKDATE, not_after
 
 
+def _leaf_builder(
+    ca: _CA, subject: x509.Name, key: PrivateKey, days: int, usage: x509.ObjectIdentifier
+) -> x509.CertificateBuilder:
+    """A leaf certificate signed by ``ca``: not a CA, key usage fitting the key, one EKU."""
+    not_before, not_after = _validity(ca, days)
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(ca.cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(_leaf_key_usage(key), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        .add_extension(_ski(key), critical=False)
+        .add_extension(_aki(ca), critical=False)
+    )
+
+
 def _general_name(name: str) -> x509.GeneralName:
     try:
         return x509.IPAddress(ipaddress.ip_address(name))
@@ -256,23 +277,12 @@ def _make_server(
         n = n.strip()
         if n and n not in all_names:
             all_names.append(n)
-    not_before, not_after = _validity(ca, days)
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, all_names[0])])
     cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, all_names[0])]))
-        .issuer_name(ca.cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(not_before)
-        .not_valid_after(not_after)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(_leaf_key_usage(key), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        _leaf_builder(ca, subject, key, days, ExtendedKeyUsageOID.SERVER_AUTH)
         .add_extension(
             x509.SubjectAlternativeName([_general_name(n) for n in all_names]), critical=False
         )
-        .add_extension(_ski(key), critical=False)
-        .add_extension(_aki(ca), critical=False)
         .sign(ca.key, hashes.SHA256())
     )
     return cert, key
@@ -389,21 +399,7 @@ def issue_client(
     attrs.append(x509.NameAttribute(NameOID.COMMON_NAME, name))
     sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(u) for u in uris]
     sans.extend(x509.DNSName(n) for n in dns)
-    not_before, not_after = _validity(ca, days)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name(attrs))
-        .issuer_name(ca.cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(not_before)
-        .not_valid_after(not_after)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(_leaf_key_usage(key), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-        .add_extension(_ski(key), critical=False)
-        .add_extension(_aki(ca), critical=False)
-    )
+    builder = _leaf_builder(ca, x509.Name(attrs), key, days, ExtendedKeyUsageOID.CLIENT_AUTH)
     if sans:
         builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
     try:

@@ -386,3 +386,26 @@ def conn_log(caplog: pytest.LogCaptureFixture) -> Iterator[LogWatch]:
         yield watch
     finally:
         logger.removeHandler(watch)
+
+
+async def tls_attempt(port: int, ctx: ssl.SSLContext, command: bytes = b"stats\r\n") -> str:
+    """Connect with ``ctx``, send ``command``, read to EOF. Returns where it failed; fails the
+    test if anything answered the command (a refused client must get nothing back)."""
+    async with asyncio.timeout(10):
+        try:
+            reader, writer = await asyncio.open_connection(
+                "127.0.0.1", port, ssl=ctx, server_hostname="localhost"
+            )
+        except (ssl.SSLError, OSError) as exc:
+            return f"handshake failed: {exc!r}"
+        try:
+            writer.write(command)
+            data = await reader.read()
+        except (ssl.SSLError, OSError) as exc:
+            return f"first read failed: {exc!r}"
+        finally:
+            writer.close()
+            with contextlib.suppress(ssl.SSLError, OSError):
+                await writer.wait_closed()
+        assert data == b"", f"the refused client got an answer: {data[:60]!r}"
+        return "closed without a reply"

@@ -34,6 +34,7 @@ from conftest import (
     make_config,
     server_stats,
     start_proxy,
+    tls_attempt,
 )
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from pki_helpers import make_client_cert, utcnow
@@ -49,29 +50,6 @@ def client_ctx(pki: PKI, cert: str, key: str) -> ssl.SSLContext:
     ctx.load_verify_locations(pki.ca)
     ctx.load_cert_chain(cert, key)
     return ctx
-
-
-async def tls_attempt(port: int, ctx: ssl.SSLContext) -> str:
-    """Connect, send a command, read to EOF. Returns where it failed; fails the test if
-    anything answered the command."""
-    async with asyncio.timeout(10):
-        try:
-            reader, writer = await asyncio.open_connection(
-                "127.0.0.1", port, ssl=ctx, server_hostname="localhost"
-            )
-        except (ssl.SSLError, OSError) as exc:
-            return f"handshake failed: {exc!r}"
-        try:
-            writer.write(b"list-tube-used\r\n")
-            data = await reader.read()
-        except (ssl.SSLError, OSError) as exc:
-            return f"first read failed: {exc!r}"
-        finally:
-            writer.close()
-            with contextlib.suppress(ssl.SSLError, OSError):
-                await writer.wait_closed()
-        assert data == b"", f"the refused client got an answer: {data[:60]!r}"
-        return "closed without a reply"
 
 
 class NothingUpstream:

@@ -15,30 +15,15 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from conftest import PKI, Beanstalkd, LogWatch, RunningProxy, server_stats, start_proxy
-
-
-async def tls_attempt(port: int, ctx: ssl.SSLContext) -> str:
-    """Connect with ``ctx``, send a command, read to EOF. Returns how it failed; fails the test
-    if beanstalkd (or anything) answered."""
-    async with asyncio.timeout(10):
-        try:
-            reader, writer = await asyncio.open_connection(
-                "127.0.0.1", port, ssl=ctx, server_hostname="localhost"
-            )
-        except (ssl.SSLError, OSError) as exc:
-            return f"handshake failed: {exc!r}"
-        try:
-            writer.write(b"stats\r\n")
-            data = await reader.read()
-        except (ssl.SSLError, OSError) as exc:
-            return f"first read failed: {exc!r}"
-        finally:
-            writer.close()
-            with contextlib.suppress(ssl.SSLError, OSError):
-                await writer.wait_closed()
-        assert data == b"", f"the refused client got an answer: {data[:60]!r}"
-        return "closed without a reply"
+from conftest import (
+    PKI,
+    Beanstalkd,
+    LogWatch,
+    RunningProxy,
+    server_stats,
+    start_proxy,
+    tls_attempt,
+)
 
 
 async def raw_attempt(port: int, data: bytes) -> bytes:
