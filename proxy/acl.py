@@ -2,19 +2,20 @@
 
 ``parse_acl`` validates the YAML *data* (the CLI loads the file) and compiles it: an ordered list
 of principals, each a set of certificate match conditions (first match names the connection's
-principal), and an ordered list of allow/deny rules over principal x tube patterns x verb classes
-or command names. ``Policy.decide`` answers one question per command -- may this principal run
-this command on this tube? -- with default deny and "a matching deny beats every allow", and
-names the rule that decided. ``COMMAND_VERBS`` maps all 25 beanstalkd 1.12 commands to their verb
-class. Globs are matched by hand-written linear-time matchers (no regex backtracking), and the
-module is pure: no asyncio, socket, ssl, click or yaml imports. The file format is documented in
-``config/ACL.md``.
+principal) and an optional command rate (``Policy.rate_for``), and an ordered list of allow/deny
+rules over principal x tube patterns x verb classes or command names. ``Policy.decide`` answers
+one question per command -- may this principal run this command on this tube? -- with default
+deny and "a matching deny beats every allow", and names the rule that decided. ``COMMAND_VERBS``
+maps all 25 beanstalkd 1.12 commands to their verb class. Globs are matched by hand-written
+linear-time matchers (no regex backtracking), and the module is pure: no asyncio, socket, ssl,
+click or yaml imports. The file format is documented in ``config/ACL.md``.
 """
 
 from __future__ import annotations
 
 import difflib
 import ipaddress
+import math
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -112,6 +113,7 @@ MATCH_KEYS: Final = ("cn", "ou", "dns", "uri", "ip", "fingerprint", "spki")
 
 _ALL: Final = "all"
 _U32_MAX: Final = 2**32 - 1
+_MAX_RATE: Final = 1e9  # commands per second; far beyond what a proxy process can relay
 _PRINCIPAL_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.@:/+-]{0,99}")
 _DNS_PATTERN_CHARS: Final = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-._*")
 _HEX: Final = frozenset("0123456789abcdef")
@@ -309,6 +311,7 @@ class _Principal:
     index: int
     name: str
     conditions: tuple[_Condition, ...]
+    rate: tuple[float, int] | None = None  # (per_second, burst) of the optional rate limit
 
     @property
     def where(self) -> str:
@@ -363,7 +366,15 @@ class _Rule:
 class Policy:
     """A compiled, immutable ACL. Build it with ``parse_acl``; swap whole policies on reload."""
 
-    __slots__ = ("_cache", "_principals", "_rules", "_rules_for", "principals", "source")
+    __slots__ = (
+        "_cache",
+        "_principals",
+        "_rates",
+        "_rules",
+        "_rules_for",
+        "principals",
+        "source",
+    )
 
     def __init__(
         self, principals: Iterable[_Principal], rules: Iterable[_Rule], source: str
@@ -372,6 +383,9 @@ class Policy:
         self._principals = tuple(principals)
         self._rules = tuple(rules)
         self.principals: tuple[str, ...] = tuple(p.name for p in self._principals)
+        self._rates: dict[str, tuple[float, int]] = {
+            p.name: p.rate for p in self._principals if p.rate is not None
+        }
         # Per principal, the rules that can apply to it (its own and "*"), in file order.
         self._rules_for: dict[str, tuple[_Rule, ...]] = {
             name: tuple(r for r in self._rules if r.principal in (name, "*"))
@@ -402,6 +416,10 @@ class Policy:
         """``"principals[i]"`` of the first matching principal, or ``"no principal matches"``."""
         found = self.principal_rule(identity)
         return "no principal matches" if found is None else found[1]
+
+    def rate_for(self, principal: str) -> tuple[float, int] | None:
+        """``(per_second, burst)`` of the principal's command rate limit, or ``None``."""
+        return self._rates.get(principal)
 
     # -- decisions ----------------------------------------------------------------------------
 
@@ -620,7 +638,7 @@ class _Parser:
 
     def principal(self, raw: object, index: int) -> _Principal:
         key = f"principals[{index}]"
-        body = self.mapping(raw, key, ("name", "match"))
+        body = self.mapping(raw, key, ("name", "match", "rate"))
         for required in ("name", "match"):
             if required not in body:
                 raise self.fail(f"{key}.{required}", "missing required key")
@@ -639,7 +657,34 @@ class _Parser:
         conditions = tuple(
             self.condition(k, match[k], f"{key}.match.{k}") for k in MATCH_KEYS if k in match
         )
-        return _Principal(index, name, conditions)
+        rate = self.rate(body["rate"], f"{key}.rate") if "rate" in body else None
+        return _Principal(index, name, conditions, rate)
+
+    def rate(self, raw: object, key: str) -> tuple[float, int]:
+        body = self.mapping(raw, key, ("per_second", "burst"))
+        if "per_second" not in body:
+            raise self.fail(f"{key}.per_second", "missing required key")
+        per_second = self.positive_number(body["per_second"], f"{key}.per_second")
+        if "burst" in body:
+            burst = self.integer(body["burst"], f"{key}.burst", 1, _U32_MAX)
+        else:
+            burst = max(1, math.ceil(per_second))
+        return per_second, burst
+
+    def positive_number(self, value: object, key: str) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            hint = ""
+            if isinstance(value, str):
+                try:
+                    float(value)
+                    hint = " (unquote it; YAML reads 1e3 as a string: write 1000 or 1.0e+3)"
+                except ValueError:
+                    pass
+            raise self.fail(key, f"expected a number > 0, got {_kind(value)}{hint}")
+        number = float(value)
+        if not math.isfinite(number) or not 0 < number <= _MAX_RATE:
+            raise self.fail(key, f"expected a number > 0 (at most {_MAX_RATE:.0f}), got {value}")
+        return number
 
     def condition(self, mkey: str, raw: object, key: str) -> _Condition:
         items: list[tuple[object, str]]

@@ -844,6 +844,7 @@ def client(
     if remote.is_unix:
         raise ConfigError("command line", "--connect", "must be HOST:PORT")
     name = server_name or remote.host or "localhost"
+
     def make_ctx() -> ssl.SSLContext:  # re-run on SIGHUP
         return client_context(ca, cert, key)
 

@@ -1,13 +1,14 @@
 """Prometheus metrics, kept off the per-command hot path.
 
-Per-command figures (commands by name and decision, bytes each way) are plain integers that
-each ``Session``/``Connection`` already keeps; a custom collector adds them up at scrape time
-(live connections plus the totals of closed ones), so relaying a command costs no metric
-call at all. Per-connection and rare events (accepts, handshake failures, denials, upstream
-failures, reloads) use ordinary ``prometheus_client`` counters. Command latency is sampled:
-one burst of commands in 16 per connection is timed (for a request-reply client a burst is
-one command), which bounds the cost. Label values chosen by clients (tube names in denials)
-are capped so a hostile client cannot grow the series count without bound.
+Per-command figures (commands by name and decision, rate-limited commands by principal, bytes
+each way) are plain integers that each ``Session``/``Connection`` already keeps; a custom
+collector adds them up at scrape time (live connections plus the totals of closed ones), so
+relaying a command costs no metric call at all. Per-connection and rare events (accepts,
+handshake failures, denials, upstream failures, reloads) use ordinary ``prometheus_client``
+counters. Command latency is sampled: one burst of commands in 16 per connection is timed (for
+a request-reply client a burst is one command), which bounds the cost. Label values chosen by
+clients (tube names in denials) are capped so a hostile client cannot grow the series count
+without bound; principal labels come from the ACL.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from proxy.protocol import NAMES
 
 if TYPE_CHECKING:
     from proxy.relay import Connection
+    from proxy.session import Session
 
 #: Distinct tube label values kept for denials before new ones are folded into "_other".
 MAX_TUBE_LABELS = 500
@@ -84,6 +86,7 @@ class Metrics:
         self._closed_commands = [0] * len(NAMES)
         self._closed_denied = [0] * len(NAMES)
         self._closed_bytes = {"in": 0, "out": 0}
+        self._closed_rate_limited: dict[str, int] = {}  # principal -> count (ACL-bounded)
         self._tubes: set[str] = set()
         r.register(_LiveCollector(self))
 
@@ -101,6 +104,18 @@ class Metrics:
                 self._closed_commands[i] += n
             for i, n in enumerate(session.denied_counts):
                 self._closed_denied[i] += n
+            self._fold_rate_limited(session.principal, session)
+
+    def principal_changed(self, old: str, session: Session) -> None:
+        """A reload re-mapped a live session away from principal ``old``: keep what it counted
+        so far under ``old`` (counters never move between label values)."""
+        self._fold_rate_limited(old, session)
+        session.rate_limited = 0
+
+    def _fold_rate_limited(self, principal: str, session: Session) -> None:
+        if session.rate_limited:
+            closed = self._closed_rate_limited
+            closed[principal] = closed.get(principal, 0) + session.rate_limited
 
     def denied(self, principal: str, tube: str | None, command: str) -> None:
         label = tube or "-"
@@ -131,6 +146,15 @@ class Metrics:
                     denied[i] += n
         return commands, denied, nbytes, live
 
+    def rate_limited_totals(self) -> dict[str, int]:
+        """Commands answered ``RATE_LIMITED``, by principal (closed plus live sessions)."""
+        out = dict(self._closed_rate_limited)
+        for conn in list(self._live):
+            session = conn.session
+            if session is not None and session.rate_limited:
+                out[session.principal] = out.get(session.principal, 0) + session.rate_limited
+        return out
+
 
 class _LiveCollector(Collector):
     def __init__(self, metrics: Metrics) -> None:
@@ -144,13 +168,23 @@ class _LiveCollector(Collector):
         fam = CounterMetricFamily(
             "beanstalk_proxy_commands",
             "Client commands parsed, by command and decision (allowed includes commands the "
-            "proxy answered itself with a protocol error)",
+            "proxy answered itself with a protocol error; rate-limited commands are counted in "
+            "beanstalk_proxy_rate_limited_total instead)",
             labels=["command", "decision"],
         )
         for i, name in enumerate(NAMES):
             if commands[i] or denied[i]:
                 fam.add_metric([name, "allowed"], commands[i] - denied[i])
                 fam.add_metric([name, "denied"], denied[i])
+        yield fam
+        fam = CounterMetricFamily(
+            "beanstalk_proxy_rate_limited",
+            "Client commands answered RATE_LIMITED (not run) by the ACL's per-principal rate, "
+            "by principal",
+            labels=["principal"],
+        )
+        for principal, n in sorted(self.metrics.rate_limited_totals().items()):
+            fam.add_metric([principal], n)
         yield fam
         fam = CounterMetricFamily(
             "beanstalk_proxy_bytes", "Bytes relayed, by direction", labels=["direction"]

@@ -33,6 +33,7 @@ from proxy.config import Config, Endpoint
 from proxy.identity import Identity, identity_from_der
 from proxy.listen import bind_listener, bound_port
 from proxy.metrics import Metrics
+from proxy.ratelimit import TokenBucket
 from proxy.session import MAX_PENDING, Session
 
 log = logging.getLogger("beanstalk_proxy")
@@ -55,6 +56,12 @@ class PolicyHolder:
 
     def __init__(self, policy: Policy) -> None:
         self.current = policy
+
+
+def _bucket_limiter(bucket: TokenBucket) -> Callable[[], bool]:
+    """The session's ``limiter``: take a token from ``bucket`` now."""
+    take, clock = bucket.take, time.monotonic
+    return lambda: take(clock())
 
 
 def _timed_out(exc: BaseException) -> bool:
@@ -386,6 +393,10 @@ class ProxyServer:
         self._tasks: set[asyncio.Task[None]] = set()
         self._idle = asyncio.Event()
         self._per_principal: dict[str, int] = {}
+        # One command-rate bucket per rate-limited principal, shared by all its connections.
+        # Kept while the principal has no connection (reconnecting must not refill it);
+        # bounded by the principals of the ACL, pruned on reload.
+        self._buckets: dict[str, TokenBucket] = {}
         self._open_transports: set[Connection] = set()  # client TLS transports not yet lost
         self._transports_gone = asyncio.Event()
         self._sweeper: asyncio.Task[None] | None = None
@@ -518,7 +529,12 @@ class ProxyServer:
             self._per_principal[principal] = self._per_principal.get(principal, 0) + 1
             conn.counted_as = principal
             conn.principal = principal
-            conn.session = Session(self.policy, principal, self.config.limits.max_job_size)
+            conn.session = Session(
+                self.policy,
+                principal,
+                self.config.limits.max_job_size,
+                self._limiter_for(principal),
+            )
             if conn.early:
                 conn.session.feed_client(bytes(conn.early))
                 conn.early.clear()
@@ -601,19 +617,38 @@ class ProxyServer:
         if not self.connections:
             self._idle.set()
 
+    def _limiter_for(self, principal: str) -> Callable[[], bool] | None:
+        """The session limiter for ``principal`` under the current policy (``None`` when it
+        has no rate). Its bucket is shared, and replaced only when (rate, burst) changed."""
+        rate = self.policy.current.rate_for(principal)
+        if rate is None:
+            return None
+        bucket = self._buckets.get(principal)
+        if bucket is None or (bucket.rate, bucket.burst) != rate:
+            bucket = self._buckets[principal] = TokenBucket(rate[0], rate[1], time.monotonic())
+        return _bucket_limiter(bucket)
+
     def reload_policy(self, policy: Policy) -> None:
         """Swap the policy; live connections follow it from their next command. A connection
-        whose certificate no longer maps to any principal is closed."""
+        whose certificate no longer maps to any principal is closed. Rate limits follow too:
+        an unchanged (rate, burst) keeps its bucket, a changed one starts a full new bucket,
+        a removed one lifts the limit."""
         self.policy.current = policy
+        for name, bucket in list(self._buckets.items()):
+            if policy.rate_for(name) != (bucket.rate, bucket.burst):
+                del self._buckets[name]
         for conn in list(self.connections):
             if conn.identity is None or conn.session is None:
                 continue
             principal = policy.principal_for(conn.identity)
             if principal is None:
                 conn.close("principal removed by ACL reload")
-            elif principal != conn.principal:
+                continue
+            if principal != conn.principal:
+                self.metrics.principal_changed(conn.principal, conn.session)
                 conn.principal = principal
                 conn.session.set_principal(principal)
+            conn.session.limiter = self._limiter_for(principal)
 
     def reload_tls(
         self, ctx: ssl.SSLContext, revoked: Callable[[bytes], bool] | None = None

@@ -10,7 +10,9 @@ their turn behind earlier forwarded commands). It tracks what beanstalkd tracks 
 connection (used tube, watch list, reserved jobs) so every decision is made against the
 current policy, and it learns job-id -> tube from this connection's own ``INSERTED`` and
 ``RESERVED`` replies, asking beanstalkd with ``stats-job`` on the same upstream connection only
-when a decision depends on it (then ``blocked`` is set until the answer arrives).
+when a decision depends on it (then ``blocked`` is set until the answer arrives). An optional
+``limiter`` (the relay's per-principal token bucket) turns a command into a local
+``RATE_LIMITED`` reply instead of running it.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ from proxy.protocol import (
     OP_TOUCH,
     OP_USE,
     OP_WATCH,
+    RATE_LIMITED,
     ClientParser,
     Command,
     ReplyParser,
@@ -142,9 +145,20 @@ class Session:
     half-closes upstream and closes the client when upstream closes;
     ``failed``: a reason string when the upstream misbehaved and both sides must close now;
     ``denials``: audit records of denied commands, for the relay to log and clear.
+
+    ``limiter`` (set by the relay, ``None`` = unlimited): called once per parsed command other
+    than ``quit`` and the proxy's own error replies; when it returns false the command is not
+    run, ``RATE_LIMITED`` is answered in its turn and ``rate_limited`` counts it (such a
+    command is not in ``op_counts``).
     """
 
-    def __init__(self, policy: PolicySource, principal: str, max_job_size: int = 65535) -> None:
+    def __init__(
+        self,
+        policy: PolicySource,
+        principal: str,
+        max_job_size: int = 65535,
+        limiter: Callable[[], bool] | None = None,
+    ) -> None:
         self._source = policy
         self.principal = principal
         self.parser = ClientParser(max_job_size)
@@ -163,6 +177,8 @@ class Session:
         self.denials: list[dict[str, Any]] = []
         self.op_counts = [0] * len(NAMES)  # commands parsed, by op (read by metrics)
         self.denied_counts = [0] * len(NAMES)  # of which denied
+        self.limiter = limiter
+        self.rate_limited = 0  # commands answered RATE_LIMITED (read by metrics)
         self._policy: Policy | None = None
         self._cache: dict[tuple[str, str, str | None], Decision] = {}
         self._any_cache: dict[str, Decision] = {}
@@ -232,13 +248,20 @@ class Session:
     def _run(self) -> None:
         parser = self.parser
         handlers = self._handlers
+        limiter = self.limiter
         try:
             while not self.blocked and not self.draining:
                 cmd = parser.next_command()
                 if isinstance(cmd, _NeedData):
                     return
-                self.op_counts[cmd[0]] += 1
-                handlers[cmd[0]](cmd)
+                op = cmd[0]
+                if limiter is not None and op != OP_QUIT and op != OP_ERROR and not limiter():
+                    # Not run (a put's body is already consumed); answered in its turn.
+                    self.rate_limited += 1
+                    self._local(RATE_LIMITED)
+                    continue
+                self.op_counts[op] += 1
+                handlers[op](cmd)
         except ProtocolError as exc:
             self._local(BAD_FORMAT)
             self.draining = True
@@ -619,4 +642,3 @@ def _redact_stats(yaml: bytes) -> bytes:
             raw = key + (b": 0" if key == b"pid" else b": redacted")
         lines.append(raw)
     return b"\n".join(lines)
-

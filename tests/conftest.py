@@ -153,26 +153,30 @@ def _spawn_beanstalkd(port: int, max_job: int, extra: list[str]) -> subprocess.P
         )
     wait_for_port(port, proc)
     # The port was free when chosen, but another test run may have taken it since: make sure
-    # the server answering is ours (its stats name our pid), not a stranger's.
-    pid = _stats_pid(port)
-    if pid != proc.pid:
+    # the listening socket is ours. Checked in /proc, without sending beanstalkd a command (the
+    # transparency tests compare its counters exactly).
+    if not _listens_on(proc.pid, port):
         proc.kill()
         proc.wait()
-        raise RuntimeError(f"port {port} is served by pid {pid}, not our beanstalkd {proc.pid}")
+        raise RuntimeError(f"port {port} is not served by our beanstalkd (pid {proc.pid})")
     return proc
 
 
-def _stats_pid(port: int) -> int:
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
-        s.sendall(b"stats\r\n")
-        f = s.makefile("rb")
-        head = f.readline().split()
-        body = f.read(int(head[1]) + 2)
-    for raw in body.decode().splitlines():
-        key, _, value = raw.partition(": ")
-        if key == "pid":
-            return int(value)
-    raise RuntimeError("no pid in beanstalkd stats")
+def _listens_on(pid: int, port: int) -> bool:
+    """Does process ``pid`` own the listening TCP socket on 127.0.0.1:``port``?"""
+    inodes = set()
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            fields = line.split()
+            local, state, inode = fields[1], fields[3], fields[9]
+            if state == "0A" and int(local.split(":")[1], 16) == port:
+                inodes.add(f"socket:[{inode}]")
+    fd_dir = f"/proc/{pid}/fd"
+    for fd in os.listdir(fd_dir):
+        with contextlib.suppress(OSError):
+            if os.readlink(os.path.join(fd_dir, fd)) in inodes:
+                return True
+    return False
 
 
 @pytest.fixture
