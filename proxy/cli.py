@@ -252,18 +252,19 @@ def _file_state(paths: Sequence[str]) -> FileState:
     return state
 
 
-async def _watch_files(config: Config, server: ProxyServer, seen: FileState) -> None:
-    """Reload (as on SIGHUP) when a watched file differs from ``seen``, the state taken
+async def _watch_files(
+    paths: Sequence[str], interval: float, seen: FileState, reload: Callable[[], None]
+) -> None:
+    """Call ``reload`` (as on SIGHUP) when a file differs from ``seen``, the state taken
     before the files were first loaded (so a change during start-up is not missed)."""
-    paths = _watched_files(config)
     while True:
-        await asyncio.sleep(config.watch_interval)
+        await asyncio.sleep(interval)
         now = _file_state(paths)
         if now != seen:
             changed = [p for p, a, b in zip(paths, seen, now, strict=True) if a != b]
             log.info("files changed on disk, reloading: %s", ", ".join(changed))
             seen = now
-            _reload(config, server)
+            reload()
 
 
 def _reload(config: Config, server: ProxyServer) -> None:
@@ -370,9 +371,10 @@ async def _serve(
         watcher = (
             asyncio.get_running_loop().create_task(
                 _watch_files(
-                    config,
-                    server,
+                    _watched_files(config),
+                    config.watch_interval,
                     baseline if baseline is not None else _file_state(_watched_files(config)),
+                    lambda: _reload(config, server),
                 )
             )
             if config.watch_files
@@ -750,10 +752,15 @@ def certs_dev(directory: str) -> None:
 
 
 async def _client(
-    listen: Endpoint, connect: Endpoint, make_ctx: Callable[[], ssl.SSLContext], name: str
+    listen: Endpoint,
+    connect: Endpoint,
+    make_ctx: Callable[[], ssl.SSLContext],
+    name: str,
+    files: Sequence[str],
 ) -> int:
     from proxy.tunnel import TunnelServer
 
+    baseline = _file_state(files)
     tunnel = TunnelServer(listen, connect, make_ctx(), server_hostname=name)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -777,7 +784,10 @@ async def _client(
             connect,
             name,
         )
+        # The certificate, key and CA are reloaded when they change on disk, as on the server.
+        watcher = loop.create_task(_watch_files(files, 5.0, baseline, reload))
         await stop.wait()
+        watcher.cancel()
     except OSError as exc:
         log.error("cannot listen on %s: %s", listen, exc)
         return 1
@@ -849,4 +859,4 @@ def client(
         return client_context(ca, cert, key)
 
     make_ctx()  # fail fast with a precise message
-    sys.exit(_run(_client(local, remote, make_ctx, name)))
+    sys.exit(_run(_client(local, remote, make_ctx, name, [cert, key, ca])))

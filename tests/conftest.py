@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import socket
 import ssl
 import subprocess
@@ -413,3 +414,22 @@ async def tls_attempt(port: int, ctx: ssl.SSLContext, command: bytes = b"stats\r
                 await writer.wait_closed()
         assert data == b"", f"the refused client got an answer: {data[:60]!r}"
         return "closed without a reply"
+
+
+class LogReader:
+    """Reads the child's stderr line by line in a thread, so tests await log lines."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        self.proc = proc
+        self.lines: list[str] = []
+
+    async def wait_for(self, pattern: str, count: int = 1, timeout: float = 20) -> list[str]:
+        regex = re.compile(pattern)
+        async with asyncio.timeout(timeout):
+            while len([ln for ln in self.lines if regex.search(ln)]) < count:
+                assert self.proc.stderr is not None
+                line = await asyncio.to_thread(self.proc.stderr.readline)
+                if not line:
+                    raise AssertionError(f"process exited; log so far:\n{''.join(self.lines)}")
+                self.lines.append(line)
+        return [ln for ln in self.lines if regex.search(ln)]

@@ -4,12 +4,17 @@ local tunnel, which carries it over mutual TLS to the proxy and on to a real bea
 from __future__ import annotations
 
 import asyncio
+import os
+import shutil
 import ssl
+import subprocess
+import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import greenstalk
 import pytest
-from conftest import PKI, Beanstalkd, RunningProxy, server_stats
+from conftest import PKI, Beanstalkd, LogReader, RunningProxy, free_port, server_stats
 
 from proxy.config import Endpoint
 from proxy.tunnel import TunnelServer
@@ -99,3 +104,35 @@ async def test_tunnel_refuses_proxy_with_wrong_hostname(pki: PKI, proxy: Running
             await asyncio.to_thread(_greenstalk_stats, port)
     finally:
         await t.close()
+
+
+async def test_client_command_reloads_its_certificate_when_the_files_change(
+    tmp_path: Path, pki: PKI, proxy: RunningProxy
+) -> None:
+    """The `client` CLI watches its certificate, key and CA like the server does."""
+    cert, key = tmp_path / "me.pem", tmp_path / "me.key"
+    admin_cert, admin_key = pki.cert("admin")
+    shutil.copy(admin_cert, cert)
+    shutil.copy(admin_key, key)
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "proxy", "client", "--listen", f"127.0.0.1:{port}",
+         "--connect", f"127.0.0.1:{proxy.port}", "--server-name", "localhost",
+         "--cert", str(cert), "--key", str(key), "--ca", pki.ca],
+        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )  # fmt: skip
+    log = LogReader(proc)
+    try:
+        await log.wait_for(r"ready: tunnel listening")
+        other_cert, other_key = pki.cert("inspector")
+        for src, dst in ((other_cert, cert), (other_key, key)):
+            tmp = dst.with_suffix(".tmp")
+            shutil.copy(src, tmp)
+            os.replace(tmp, dst)  # atomic, like a secret update
+        await log.wait_for(r"reload: client certificate, key and CA reloaded", timeout=15)
+    finally:
+        proc.terminate()
+        await asyncio.to_thread(proc.wait, 10)
+        assert proc.stderr is not None
+        proc.stderr.close()

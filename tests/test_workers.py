@@ -13,28 +13,9 @@ import sys
 from pathlib import Path
 
 import yaml
-from conftest import PKI, Beanstalkd, Client, free_port
+from conftest import PKI, Beanstalkd, Client, LogReader, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-class LogReader:
-    """Reads the child's stderr line by line in a thread, so tests await log lines."""
-
-    def __init__(self, proc: subprocess.Popen[str]) -> None:
-        self.proc = proc
-        self.lines: list[str] = []
-
-    async def wait_for(self, pattern: str, count: int = 1, timeout: float = 20) -> list[str]:
-        regex = re.compile(pattern)
-        async with asyncio.timeout(timeout):
-            while len([ln for ln in self.lines if regex.search(ln)]) < count:
-                assert self.proc.stderr is not None
-                line = await asyncio.to_thread(self.proc.stderr.readline)
-                if not line:
-                    raise AssertionError(f"process exited; log so far:\n{''.join(self.lines)}")
-                self.lines.append(line)
-        return [ln for ln in self.lines if regex.search(ln)]
 
 
 def _write_config(tmp: Path, pki: PKI, upstream: int, port: int) -> Path:
