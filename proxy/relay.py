@@ -201,11 +201,13 @@ class Connection(asyncio.Protocol):
         self.client_full = True
         if self.upstream is not None:
             self.upstream.pause_reading()
+        self.update_reading()
 
     def resume_writing(self) -> None:
         self.client_full = False
         if self.upstream is not None and not self.closed:
             self.upstream.resume_reading()
+        self.update_reading()
 
     # --- upstream side ------------------------------------------------------------------------
 
@@ -283,13 +285,17 @@ class Connection(asyncio.Protocol):
         self.update_reading()
 
     def update_reading(self) -> None:
-        """Read the client only while upstream, session and reply queue have room."""
+        """Read the client only while both transports, the session and the reply queue have
+        room."""
         session = self.session
         client = self.client
         if session is None or client is None or self.closed:
             return
         want = not (
             self.upstream_full
+            # a client that does not read its replies is not read either: replies the proxy
+            # makes itself (denials, errors) would otherwise pile up without bound
+            or self.client_full
             or self.upstream is None
             or session.blocked
             # after ``quit`` the client is still read, only to notice its EOF; its bytes are

@@ -546,3 +546,29 @@ async def test_client_gone_after_quit_behind_blocking_reserve_releases_upstream(
     assert st["cmd-reserve"] == "1"
     await d.close()
     await c.close()
+
+
+async def test_a_client_that_never_reads_is_not_read_either(
+    proxy: RunningProxy, beanstalkd: Beanstalkd
+) -> None:
+    """Denied commands are answered by the proxy itself: if the client never reads those
+    replies, the proxy must stop reading its commands instead of buffering replies forever."""
+    c = await proxy.connect("billing")
+    chunk = b"watch secrets.x\r\n" * 60_000  # ~1 MB of commands, each answered NOT_PERMITTED
+    sent = 0
+    blocked = False
+    try:
+        while sent < 64 * len(chunk):
+            c.writer.write(chunk)
+            try:
+                await asyncio.wait_for(c.writer.drain(), 3)
+            except TimeoutError:
+                blocked = True
+                break
+            sent += len(chunk)
+        assert blocked, "the proxy read 64 MB of commands from a client that reads nothing"
+        (conn,) = proxy.server.connections
+        assert conn.bytes_in < 32 * len(chunk)
+        assert conn.session is not None and not conn.reading
+    finally:
+        c.writer.transport.abort()
