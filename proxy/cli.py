@@ -504,6 +504,7 @@ def _explain_principal(policy: Policy, cert_path: str | None, name: str | None) 
                 f"can be mapped to it"
             )
         click.echo(f"principal: {name}")
+        _explain_rate(policy, name)
         return name
     assert cert_path is not None
     from cryptography.hazmat.primitives.serialization import Encoding
@@ -523,7 +524,14 @@ def _explain_principal(policy: Policy, cert_path: str | None, name: str | None) 
         click.echo("no principal matches: connection refused")
         sys.exit(1)
     click.echo(f"principal: {principal} ({policy.match_rule_for(identity)})")
+    _explain_rate(policy, principal)
     return principal
+
+
+def _explain_rate(policy: Policy, principal: str) -> None:
+    rate = policy.rate_for(principal)
+    if rate is not None:
+        click.echo(f"  rate limit: {rate[0]:g} commands/s, burst {rate[1]} (else RATE_LIMITED)")
 
 
 @main.command()

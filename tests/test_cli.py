@@ -215,6 +215,15 @@ def test_explain_principal_allowed(setup: Path) -> None:
     assert "decision: ALLOW by rules[0]" in result.output
 
 
+def test_explain_shows_a_principals_rate_limit(setup: Path, tmp_path: Path) -> None:
+    acl = tmp_path / "acl.yaml"
+    before = run("explain", "--config", str(setup), "--principal", "billing", "stats")
+    assert "rate limit" not in before.output
+    edit(acl, "- name: billing\n", "- name: billing\n    rate: {per_second: 2.5, burst: 7}\n")
+    result = run("explain", "--config", str(setup), "--principal", "billing", "stats")
+    assert "rate limit: 2.5 commands/s, burst 7" in result.output, result.output
+
+
 def test_explain_principal_denied_by_default(setup: Path) -> None:
     result = run(
         "explain",
