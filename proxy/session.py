@@ -85,6 +85,9 @@ _STATS: Final = (K_STATS,)
 MAX_PENDING: Final = 4096
 #: Job ids remembered per connection (oldest forgotten first; a forgotten id costs a lookup).
 MAX_KNOWN_JOBS: Final = 65536
+#: Pseudo-verb of release/bury/touch/delete on a job this connection reserved: consume or
+#: manage on the job's tube.
+OWN: Final = "own"
 #: The job-id decisions (command, verb) whose outcome may depend on the job's tube.
 JOB_DECISIONS: Final = (
     ("peek", "inspect"),
@@ -431,12 +434,30 @@ class Session:
     def _job_verb(self, cmd: Command) -> str:
         op = cmd[0]
         if op == OP_DELETE:
-            return "consume" if cmd[1] in self.reserved else DELETE_OTHER_VERB
+            return OWN if cmd[1] in self.reserved else DELETE_OTHER_VERB
         if op in (OP_PEEK, OP_STATS_JOB):
             return "inspect"
         if op in (OP_RELEASE, OP_BURY, OP_TOUCH):
-            return "consume"
+            return OWN
         return "manage"  # kick-job, reserve-job
+
+    def _decide_job_verb(self, command: str, verb: str, tube: str) -> Decision:
+        """``_decide`` that also understands ``OWN``: a job this connection reserved may be
+        released, buried, touched or deleted with consume *or* manage on its tube (a job
+        taken with ``reserve-job``, a manage command, must not be stuck until its TTR)."""
+        if verb != OWN:
+            return self._decide(command, verb, tube)
+        d = self._decide(command, "consume", tube)
+        if not d.allowed:
+            managed = self._decide(command, "manage", tube)
+            if managed.allowed:
+                return managed
+        return d
+
+    def _uniform_job_verb(self, command: str, verb: str) -> bool:
+        if verb != OWN:
+            return self._uniform(command, verb)
+        return self._uniform(command, "consume") or self._uniform(command, "manage")
 
     def _known_tubes(self, job: int) -> tuple[str, ...]:
         """Tubes the job is known to be in: one tube, or the watch list it was reserved from."""
@@ -459,7 +480,7 @@ class Session:
     def _h_own_job(self, cmd: Command) -> None:
         """release, bury, touch: only jobs this connection reserved exist for these."""
         job = cmd[1]
-        if job not in self.reserved and not self._uniform(NAMES[cmd[0]], "consume"):
+        if job not in self.reserved and not self._uniform_job_verb(NAMES[cmd[0]], OWN):
             # beanstalkd would answer NOT_FOUND: every reservation of this connection passed
             # through this session, so a job not in ``reserved`` is not reserved here.
             self._local(NOT_FOUND)
@@ -469,11 +490,11 @@ class Session:
     def _h_job(self, cmd: Command) -> None:
         verb = self._job_verb(cmd)
         name = NAMES[cmd[0]]
-        if self._uniform(name, verb):
+        if self._uniform_job_verb(name, verb):
             self._send_job_cmd(cmd, self._known_tubes(cmd[1]))
             return
         tubes = self._known_tubes(cmd[1])
-        if tubes and all(self._decide(name, verb, t).allowed for t in tubes):
+        if tubes and all(self._decide_job_verb(name, verb, t).allowed for t in tubes):
             self._send_job_cmd(cmd, tubes)
         elif len(tubes) == 1:
             self._decide_job(cmd, verb, tubes[0])
@@ -484,7 +505,7 @@ class Session:
             self.blocked = True
 
     def _decide_job(self, cmd: Command, verb: str, tube: str) -> None:
-        d = self._decide(NAMES[cmd[0]], verb, tube)
+        d = self._decide_job_verb(NAMES[cmd[0]], verb, tube)
         if d.allowed:
             self._send_job_cmd(cmd, (tube,))
         elif not self._visible(tube).allowed:

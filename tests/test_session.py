@@ -14,10 +14,12 @@ ACL = {
     "principals": [
         {"name": "admin", "match": {"cn": "admin"}},
         {"name": "producer", "match": {"cn": "producer"}},
+        {"name": "keeper", "match": {"cn": "keeper"}},
     ],
     "rules": [
         {"principal": "admin", "allow": ["all"]},
         {"principal": "producer", "tubes": ["jobs"], "allow": ["produce", "inspect"]},
+        {"principal": "keeper", "tubes": ["jobs"], "allow": ["manage"]},
     ],
 }
 
@@ -112,3 +114,26 @@ def test_unsolicited_upstream_reply_fails_the_session() -> None:
     s = session()
     s.feed_upstream(b"USING default\r\n")
     assert s.failed and "no command pending" in s.failed
+
+
+def test_a_job_taken_with_reserve_job_can_be_released_with_manage_alone() -> None:
+    """reserve-job is a manage command; its job must not be stuck until the TTR runs out."""
+    s = session("keeper")
+    s.feed_client(b"reserve-job 5\r\n")
+    assert take(s.to_upstream) == b"stats-job 5\r\n"  # the job's tube decides
+    body = b"---\nid: 5\ntube: jobs\nstate: delayed\n"
+    s.feed_upstream(b"OK %d\r\n%s\r\n" % (len(body), body))
+    assert take(s.to_upstream) == b"reserve-job 5\r\n"
+    s.feed_upstream(b"RESERVED 5 1\r\nx\r\n")
+    assert take(s.to_client) == b"RESERVED 5 1\r\nx\r\n"
+    s.feed_client(b"touch 5\r\nrelease 5 0 0\r\n")
+    assert take(s.to_upstream) == b"touch 5\r\nrelease 5 0 0\r\n"
+    assert not s.denials
+
+
+def test_own_job_operations_still_need_consume_or_manage() -> None:
+    s = session("producer")  # produce + inspect on jobs: neither consume nor manage
+    s.feed_client(b"reserve-job 5\r\n")
+    body = b"---\nid: 5\ntube: jobs\nstate: ready\n"
+    s.feed_upstream(b"OK %d\r\n%s\r\n" % (len(body), body))
+    assert take(s.to_client) == b"NOT_PERMITTED\r\n"
