@@ -356,11 +356,13 @@ class Session:
 
     def _tracks_jobs(self) -> bool:
         """Whether job ids must be remembered: only when some job-id decision of this
-        principal depends on the job's tube (never for a principal allowed everything)."""
-        self._fresh_policy()
-        if self._tracking is None:
-            self._tracking = not all(self._uniform(c, v) for c, v in JOB_DECISIONS)
-        return self._tracking
+        principal depends on the job's tube (never for a principal allowed everything).
+        Called right after a ``_decide`` of the same command, which already refreshed the
+        policy (resetting ``_tracking`` if it changed): the hot path checks it only once."""
+        tracking = self._tracking
+        if tracking is None:
+            tracking = self._tracking = not all(self._uniform(c, v) for c, v in JOB_DECISIONS)
+        return tracking
 
     def _h_put(self, cmd: Command) -> None:
         tube = self.used
