@@ -112,8 +112,14 @@ JOB_DECISIONS: Final = (
     ("kick-job", "manage"),
     ("reserve-job", "manage"),
 )
-#: ``stats`` fields that identify the host; replaced for principals without the server class.
-REDACTED_STATS: Final = frozenset({b"pid", b"hostname", b"os", b"platform", b"id"})
+#: ``stats`` fields shown as they are to principals without the server class: facts about the
+#: server's build and configuration, nothing about other tenants' work.
+TENANT_SAFE_STATS: Final = frozenset(
+    {b"version", b"max-job-size", b"draining", b"uptime", b"binlog-max-size"}
+)
+#: ``stats`` fields that name the host; "redacted" for principals without the server class
+#: (every other field, a counter, reads 0).
+REDACTED_STATS: Final = frozenset({b"hostname", b"os", b"platform", b"id"})
 
 
 class PolicySource(Protocol):
@@ -559,19 +565,20 @@ class Session:
     def _h_job(self, cmd: Command) -> None:
         verb = self._job_verb(cmd)
         name = NAMES[cmd[0]]
-        if self._uniform_job_verb(name, verb):
-            self._send_job_cmd(cmd, self._known_tubes(cmd[1]))
-            return
         tubes = self._known_tubes(cmd[1])
-        if tubes and all(self._decide_job_verb(name, verb, t).allowed for t in tubes):
-            self._send_job_cmd(cmd, tubes)
-        elif len(tubes) == 1 and verb != OWN_BURIED:
-            self._decide_job(cmd, verb, tubes[0])
-        else:
-            # Unknown (or ambiguous) tube: ask beanstalkd on this connection, hold the client.
-            self.to_upstream += b"stats-job %d\r\n" % cmd[1]
-            self.pending.append((K_LOOKUP, cmd, verb))
-            self.blocked = True
+        if not self._job_limits_unknown(cmd, tubes):
+            if self._uniform_job_verb(name, verb) or (
+                tubes and all(self._decide_job_verb(name, verb, t).allowed for t in tubes)
+            ):
+                self._send_job_cmd(cmd, tubes)
+                return
+            if len(tubes) == 1 and verb != OWN_BURIED:
+                self._decide_job(cmd, verb, tubes[0])
+                return
+        # Unknown (or ambiguous) tube: ask beanstalkd on this connection, hold the client.
+        self.to_upstream += b"stats-job %d\r\n" % cmd[1]
+        self.pending.append((K_LOOKUP, cmd, verb))
+        self.blocked = True
 
     def _decide_job(self, cmd: Command, verb: str, tube: str) -> None:
         d = self._decide_job_verb(NAMES[cmd[0]], verb, tube)
@@ -585,8 +592,48 @@ class Session:
         if cmd[0] == OP_DELETE and not d.allowed:
             self.buried.pop(cmd[1], None)
 
+    def _job_limits_unknown(self, cmd: Command, tubes: tuple[str, ...]) -> bool:
+        """A ``release``/``bury`` whose producer constraints depend on a tube not yet known."""
+        return (
+            cmd[0] in (OP_RELEASE, OP_BURY)
+            and len(tubes) != 1
+            and self._fresh_policy().has_put_limits(self.principal)
+        )
+
+    def _breaks_put_limits(self, cmd: Command, tube: str) -> bool:
+        """Producer constraints bind ``release`` (priority, delay) and ``bury`` (priority):
+        those of the rule that grants produce on the job's tube, none if no rule does.
+        Denies (and answers) the command when it breaks them."""
+        d = self._decide("put", "produce", tube)
+        limits = d.limits
+        if limits is None:
+            return False
+        op = cmd[0]
+        pri = cmd[2]
+        delay = cmd[3] if op == OP_RELEASE else None
+        broken = None
+        if limits.priority is not None and not limits.priority[0] <= pri <= limits.priority[1]:
+            broken = f"priority {pri} outside [{limits.priority[0]}, {limits.priority[1]}]"
+        elif (
+            delay is not None
+            and limits.delay is not None
+            and not limits.delay[0] <= delay <= limits.delay[1]
+        ):
+            broken = f"delay {delay} outside [{limits.delay[0]}, {limits.delay[1]}]"
+        if broken is None:
+            return False
+        self._deny(cmd, Decision(False, f"{d.rule}: {broken}"), tube, cmd[1])
+        return True
+
     def _send_job_cmd(self, cmd: Command, tubes: tuple[str, ...]) -> None:
         op = cmd[0]
+        if (
+            op in (OP_RELEASE, OP_BURY)
+            and len(tubes) == 1
+            and self._fresh_policy().has_put_limits(self.principal)
+            and self._breaks_put_limits(cmd, tubes[0])
+        ):
+            return
         if op == OP_BURY:
             self._forward(cmd, (K_BURY, cmd[1]))
         elif op in (OP_RELEASE, OP_DELETE):
@@ -748,10 +795,14 @@ def _reply_id(line: bytes) -> int:
 
 
 def _redact_stats(yaml: bytes) -> bytes:
+    """``stats`` for a principal without the server class: the same keys (client libraries
+    read them), real values only for ``TENANT_SAFE_STATS``; host names are "redacted" and
+    every counter (jobs, commands, connections, tubes, resource usage, pid) reads 0, so one
+    tenant learns nothing about another's work."""
     lines = []
     for raw in yaml.split(b"\n"):
         key, sep, _ = raw.partition(b":")
-        if sep and key in REDACTED_STATS:
-            raw = key + (b": 0" if key == b"pid" else b": redacted")
+        if sep and key not in TENANT_SAFE_STATS:
+            raw = key + (b": redacted" if key in REDACTED_STATS else b": 0")
         lines.append(raw)
     return b"\n".join(lines)
