@@ -80,6 +80,7 @@ K_STATS_JOB: Final = 7  # (K_STATS_JOB, id): the client's own stats-job, filtere
 K_LIST_TUBES: Final = 8  # filter the tube list to tubes the principal may see
 K_STATS: Final = 9  # redact host-identifying fields
 K_BURY: Final = 10  # (K_BURY, id): BURIED keeps the job this connection's for delete
+K_WAIT: Final = 11  # (K_WAIT, tubes): a blocking reserve; its reply ends ``waiting``
 
 _PLAIN: Final = (K_PLAIN,)
 _LIST_TUBES: Final = (K_LIST_TUBES,)
@@ -88,6 +89,9 @@ _STATS: Final = (K_STATS,)
 #: Pending entries beyond which the relay stops reading the client (local replies for denied
 #: commands do not go upstream, so upstream backpressure alone would not bound them).
 MAX_PENDING: Final = 4096
+#: Bytes a client may send behind a blocking ``reserve`` before the relay stops reading it
+#: (held commands are parsed only once the reserve has its reply).
+MAX_HELD_BYTES: Final = 65536
 #: Job ids remembered per connection (oldest forgotten first; a forgotten id costs a lookup).
 MAX_KNOWN_JOBS: Final = 65536
 #: Jobs this connection reserved and then buried, remembered so that it may still delete
@@ -217,6 +221,10 @@ class Session:
         self.use_denied: tuple[str, bytes] | None = None
         self._replies, self._rate_limited_reply = denial_replies(denial_reply)
         self.blocked = False
+        # a blocking reserve is outstanding: later commands are held (not parsed, not
+        # forwarded) until its reply, then decided under the policy in force at that moment
+        self.waiting = False
+        self.ended = False  # the client sent EOF; complete commands are still run
         self.draining = False
         self.failed: str | None = None
         self.close_reason = ""
@@ -286,10 +294,25 @@ class Session:
         self._run()
 
     def client_eof(self) -> None:
-        """The client half-closed: no more commands; an incomplete one is dropped."""
-        if not self.draining:
-            self.draining = True
-            self.close_reason = self.close_reason or "client closed"
+        """The client half-closed: no more commands. Those complete are still run, even behind
+        a blocking ``reserve`` (beanstalkd answers a waiting ``reserve`` of a half-closed
+        client ``TIMED_OUT`` and then runs what follows; the relay's half-close upstream does
+        the same here); then the session drains. An incomplete command is dropped."""
+        if self.draining or self.ended:
+            return
+        self.ended = True
+        self.close_reason = self.close_reason or "client closed"
+        self._run()
+
+    def may_keep_waiting(self) -> bool:
+        """Whether the outstanding blocking ``reserve`` is still allowed on every tube it
+        waits on, under the current policy (the relay closes the connection otherwise)."""
+        if not self.waiting:
+            return True
+        for entry in self.pending:
+            if entry[0] == K_WAIT:
+                return all(self._decide("reserve", "consume", t).allowed for t in entry[1])
+        return True
 
     def _run(self) -> None:
         parser = self.parser
@@ -297,8 +320,12 @@ class Session:
         limiter = self.limiter
         try:
             while not self.blocked and not self.draining:
+                if self.waiting and not self.ended:
+                    return  # held until the blocking reserve has its reply
                 cmd = parser.next_command()
                 if isinstance(cmd, _NeedData):
+                    if self.ended and not self.blocked:
+                        self.draining = True
                     return
                 op = cmd[0]
                 if limiter is not None and op != OP_QUIT and op != OP_ERROR and not limiter():
@@ -468,7 +495,11 @@ class Session:
             if not d.allowed:
                 self._deny(cmd, d, tube)
                 return
-        self._forward(cmd, (K_RESERVE, tuple(self.watched)))
+        if cmd[0] == OP_RESERVE or cmd[1] > 0:
+            self._forward(cmd, (K_WAIT, tuple(self.watched)))
+            self.waiting = True
+        else:
+            self._forward(cmd, (K_RESERVE, tuple(self.watched)))
 
     def _h_used_tube(self, cmd: Command) -> None:
         if self.use_denied is not None and self._refuse_after_denied_use(cmd):
@@ -655,7 +686,7 @@ class Session:
         replies.feed(data)
         pending = self.pending
         out = self.to_client
-        was_blocked = self.blocked
+        was_held = self.blocked or self.waiting
         try:
             while True:
                 reply = replies.next_reply()
@@ -682,7 +713,7 @@ class Session:
         except ProtocolError as exc:
             self.failed = f"upstream protocol error: {exc}"
             return
-        if was_blocked and not self.blocked:
+        if was_held and not self.blocked and not self.waiting and not self.draining:
             self._run()
 
     def _remember(self, job: int, tube: str) -> None:
@@ -700,7 +731,9 @@ class Session:
 
     def _on_reply(self, entry: tuple[Any, ...], line: bytes, body: bytes | None) -> None:
         kind = entry[0]
-        if kind == K_RESERVE:
+        if kind in (K_RESERVE, K_WAIT):
+            if kind == K_WAIT:
+                self.waiting = False
             if line.startswith(b"RESERVED "):
                 job = _reply_id(line)
                 tubes: tuple[str, ...] = entry[1]
