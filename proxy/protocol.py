@@ -375,6 +375,12 @@ def parse_command_line(line: bytes) -> ParsedLine:
     )
 
 
+#: ``ClientParser._put[3]`` markers while a put body is being discarded (``-1``: over
+#: max-job-size, then JOB_TOO_BIG; ``-2``: refused by ``on_put``, then the CRLF is checked).
+_SKIPPED_TOO_BIG: Final = -1
+_SKIPPED_DENIED: Final = -2
+
+
 class ClientParser:
     """Frames and parses client bytes into commands, pure and incremental.
 
@@ -383,9 +389,14 @@ class ClientParser:
     ``(OP_PUT, pri, delay, ttr, body)``. A ``put`` over ``max_job_size`` has exactly
     ``n + 2`` bytes skipped (never buffered) and then yields a ``JOB_TOO_BIG`` error command,
     as beanstalkd does. ``ProtocolError`` is sticky: after it the parser refuses all input.
+
+    ``on_put`` (optional) is asked about every ``put`` header within ``max_job_size`` before
+    its body is buffered: when it returns false, the ``n`` body bytes are discarded as they
+    arrive (never held) and, once the trailing CRLF is there, the put is returned as
+    ``(OP_PUT, pri, delay, ttr, None)`` (``EXPECTED_CRLF`` as usual when it is not a CRLF).
     """
 
-    __slots__ = ("_buf", "_failed", "_pos", "_put", "_skip", "max_job_size")
+    __slots__ = ("_buf", "_failed", "_pos", "_put", "_skip", "max_job_size", "on_put")
 
     def __init__(self, max_job_size: int = 65535) -> None:
         if not 0 <= max_job_size <= MAX_JOB_SIZE_CAP:
@@ -396,6 +407,7 @@ class ClientParser:
         self._put: tuple[int, int, int, int] | None = None  # header of a put awaiting its body
         self._skip = 0  # bytes of an oversized put body still to discard
         self._failed: ProtocolError | None = None
+        self.on_put: Callable[[int, int, int, int], bool] | None = None
 
     def feed(self, data: bytes) -> None:
         """Append received bytes."""
@@ -429,11 +441,29 @@ class ClientParser:
             raise
 
     def _next(self) -> Command | _NeedData:
+        while True:
+            cmd = self._step()
+            if cmd is not None:
+                return cmd
+
+    def _step(self) -> Command | _NeedData | None:
+        """The next command, ``NEED_DATA``, or ``None`` to be called again (a body was
+        discarded at once)."""
         buf = self._buf
         pos = self._pos
         if self._put is not None:
             if self._skip:
                 return NEED_DATA
+            if self._put[3] == _SKIPPED_DENIED:  # a refused body has been skipped
+                if len(buf) - pos < 2:
+                    self._compact()
+                    return NEED_DATA
+                pri, delay, ttr, _ = self._put
+                self._put = None
+                self._pos = pos + 2
+                if buf[pos] != 0x0D or buf[pos + 1] != 0x0A:
+                    return _ERR_EXPECTED_CRLF
+                return (OP_PUT, pri, delay, ttr, None)
             if self._put[3] < 0:  # an oversized body has been skipped
                 self._put = None
                 return _ERR_JOB_TOO_BIG
@@ -469,18 +499,26 @@ class ClientParser:
         assert isinstance(nbytes, int)
         if nbytes > self.max_job_size:
             # Discard exactly n + 2 bytes, then answer JOB_TOO_BIG (beanstalkd does the same).
-            have = len(buf) - self._pos
-            need = nbytes + 2
-            if have >= need:
-                self._pos += need
-                return _ERR_JOB_TOO_BIG
-            del buf[:]
-            self._pos = 0
-            self._skip = need - have
-            self._put = (0, 0, 0, -1)
-            return NEED_DATA
+            return self._discard(nbytes + 2, (0, 0, 0, _SKIPPED_TOO_BIG))
+        on_put = self.on_put
+        if on_put is not None and not on_put(pri, delay, ttr, nbytes):
+            return self._discard(nbytes, (pri, delay, ttr, _SKIPPED_DENIED))
         self._put = (pri, delay, ttr, nbytes)
         return self._body()
+
+    def _discard(self, need: int, put: tuple[int, int, int, int]) -> Command | _NeedData | None:
+        """Drop ``need`` bytes as they arrive; ``put`` records what follows (its last item is
+        the marker). ``None``: done at once, parse on."""
+        buf = self._buf
+        have = len(buf) - self._pos
+        self._put = put
+        if have >= need:
+            self._pos += need
+            return None
+        del buf[:]
+        self._pos = 0
+        self._skip = need - have
+        return NEED_DATA
 
     def _body(self) -> Command | _NeedData:
         put = self._put

@@ -93,17 +93,23 @@ MAX_PENDING: Final = 4096
 #: (held commands are parsed only once the reserve has its reply).
 MAX_HELD_BYTES: Final = 65536
 #: Job ids remembered per connection (oldest forgotten first; a forgotten id costs a lookup).
-MAX_KNOWN_JOBS: Final = 65536
+MAX_KNOWN_JOBS: Final = 1024
+#: Reservations remembered per connection (oldest forgotten first). Once one was forgotten,
+#: release/bury/touch/delete of a job not remembered cost a ``stats-job``: a job in state
+#: ``reserved`` may be this connection's, and beanstalkd itself refuses (NOT_FOUND) a release,
+#: bury, touch or delete of a job another connection reserved.
+MAX_RESERVED: Final = 1024
 #: Jobs this connection reserved and then buried, remembered so that it may still delete
 #: them with consume (oldest forgotten first; a forgotten one needs manage, as for any job).
 MAX_OWN_BURIED: Final = 1024
 #: Pseudo-verb of release/bury/touch/delete on a job this connection reserved: consume or
 #: manage on the job's tube.
 OWN: Final = "own"
-#: Pseudo-verb of ``delete`` on a job this connection reserved and then buried: ``OWN`` once a
-#: ``stats-job`` on this connection confirms the job is still buried (not kicked since),
-#: otherwise ``DELETE_OTHER_VERB``.
-OWN_BURIED: Final = "own-buried"
+#: Pseudo-verb of ``delete`` on a job that may be this connection's: one it reserved and then
+#: buried, or any job once a reservation was forgotten. ``OWN`` when a ``stats-job`` on this
+#: connection shows it still buried by us (not kicked since) or reserved (beanstalkd deletes a
+#: reserved job only for its reserver), otherwise ``DELETE_OTHER_VERB``.
+MAYBE_OWN: Final = "maybe-own"
 #: The job-id decisions (command, verb) whose outcome may depend on the job's tube.
 JOB_DECISIONS: Final = (
     ("peek", "inspect"),
@@ -213,13 +219,16 @@ class Session:
         self.used = "default"
         self.watched: dict[str, None] = {"default": None}
         self.jobs: OrderedDict[int, str] = OrderedDict()
-        self.reserved: dict[int, tuple[str, ...]] = {}
+        self.reserved: OrderedDict[int, tuple[str, ...]] = OrderedDict()
+        self.forgot_reserved = False  # a reservation was forgotten (MAX_RESERVED)
         # jobs this connection reserved, then buried: job id -> candidate tubes
         self.buried: OrderedDict[int, tuple[str, ...]] = OrderedDict()
         # after a denied ``use``: (the tube, the reply); commands on the used tube are refused
         # until a ``use`` is allowed, so they never land in the tube used before
         self.use_denied: tuple[str, bytes] | None = None
         self._replies, self._rate_limited_reply = denial_replies(denial_reply)
+        self._put_refusal: tuple[Decision, str, bytes | None] | None = None  # see _put_header
+        self.parser.on_put = self._put_header
         self.blocked = False
         # a blocking reserve is outstanding: later commands are held (not parsed, not
         # forwarded) until its reply, then decided under the policy in force at that moment
@@ -250,6 +259,9 @@ class Session:
             self._any_cache.clear()
             self._uniform_cache.clear()
             self._tracking = None
+            # A principal whose every put is allowed needs no early decision on put lines.
+            free = self._uniform("put", "produce") and not policy.has_put_limits(self.principal)
+            self.parser.on_put = None if free else self._put_header
         return policy
 
     def set_principal(self, principal: str) -> None:
@@ -436,33 +448,62 @@ class Session:
             tracking = self._tracking = not all(self._uniform(c, v) for c, v in JOB_DECISIONS)
         return tracking
 
-    def _refuse_after_denied_use(self, cmd: Command) -> bool:
-        """Refuse a command on the used tube while the last ``use`` was denied: a client
-        library that missed the denial believes it uses the denied tube."""
+    def _denied_use(self) -> tuple[Decision, str, bytes] | None:
+        """While the last ``use`` was denied: (decision, tube, reply) for any command on the
+        used tube (a client library that missed the denial believes it uses that tube)."""
         denied = self.use_denied
         if denied is None:
-            return False
+            return None
         tube, reply = denied
         rule = f"use {tube} was denied; commands on the used tube wait for an allowed use"
-        self._deny(cmd, Decision(False, rule), tube, None, reply)
-        return True
+        return Decision(False, rule), tube, reply
 
-    def _h_put(self, cmd: Command) -> None:
-        if self.use_denied is not None and self._refuse_after_denied_use(cmd):
-            return
+    def _put_denial(
+        self, pri: int, delay: int, ttr: int, size: int
+    ) -> tuple[Decision, str, bytes | None] | None:
+        """Why a ``put`` may not run now, as (decision, tube, reply or None for the usual
+        denial reply), or ``None`` when it may."""
+        if self.use_denied is not None:
+            return self._denied_use()
         tube = self.used
         d = self._decide("put", "produce", tube)
         if not d.allowed:
-            self._deny(cmd, d, tube)
-            return
+            return d, tube, None
         limits = d.limits
         if limits is not None:
-            broken = limits.violation(cmd[1], cmd[2], cmd[3], len(cmd[4]))
+            broken = limits.violation(pri, delay, ttr, size)
             if broken:
-                self._deny(cmd, Decision(False, f"{d.rule}: {broken}"), tube)
-                return
+                return Decision(False, f"{d.rule}: {broken}"), tube, None
+        return None
+
+    def _put_header(self, pri: int, delay: int, ttr: int, size: int) -> bool:
+        """``ClientParser.on_put``: decide a ``put`` from its command line, before its body is
+        buffered. A refused one has its body discarded as it streams in (never held) and is
+        answered in its turn by ``_h_put``; an allowed one is decided again once its body has
+        arrived (a reload may land during the upload)."""
+        refusal = self._put_denial(pri, delay, ttr, size)
+        if refusal is None:
+            return True
+        self._put_refusal = refusal
+        return False
+
+    def _h_put(self, cmd: Command) -> None:
+        body = cmd[4]
+        if body is None:  # refused from its command line; the body was discarded
+            denial = self._put_refusal or (
+                Decision(False, "refused at its put line"),
+                self.used,
+                None,
+            )
+            self._put_refusal = None
+        else:
+            denial = self._put_denial(cmd[1], cmd[2], cmd[3], len(body))
+        if denial is not None:
+            decision, tube, reply = denial
+            self._deny(cmd, decision, tube, None, reply)
+            return
         write_command(self.to_upstream, cmd)
-        self.pending.append((K_PUT, tube) if self._tracks_jobs() else _PLAIN)
+        self.pending.append((K_PUT, self.used) if self._tracks_jobs() else _PLAIN)
 
     def _h_use(self, cmd: Command) -> None:
         tube = cmd[1]
@@ -502,7 +543,10 @@ class Session:
             self._forward(cmd, (K_RESERVE, tuple(self.watched)))
 
     def _h_used_tube(self, cmd: Command) -> None:
-        if self.use_denied is not None and self._refuse_after_denied_use(cmd):
+        denied = self._denied_use()
+        if denied is not None:
+            decision, tube, reply = denied
+            self._deny(cmd, decision, tube, None, reply)
             return
         verb = "manage" if cmd[0] == OP_KICK else "inspect"
         if self._check(cmd, verb, self.used):
@@ -533,7 +577,9 @@ class Session:
             job = cmd[1]
             if job in self.reserved:
                 return OWN
-            return OWN_BURIED if job in self.buried else DELETE_OTHER_VERB
+            if job in self.buried or self.forgot_reserved:
+                return MAYBE_OWN
+            return DELETE_OTHER_VERB
         if op in (OP_PEEK, OP_STATS_JOB):
             return "inspect"
         if op in (OP_RELEASE, OP_BURY, OP_TOUCH):
@@ -545,7 +591,7 @@ class Session:
         released, buried, touched or deleted with consume *or* manage on its tube (a job
         taken with ``reserve-job``, a manage command, must not be stuck until its TTR)."""
         if verb != OWN:
-            if verb == OWN_BURIED:  # not confirmed still buried: the ordinary rule
+            if verb == MAYBE_OWN:  # not confirmed still buried: the ordinary rule
                 verb = DELETE_OTHER_VERB
             return self._decide(command, verb, tube)
         d = self._decide(command, "consume", tube)
@@ -556,7 +602,7 @@ class Session:
         return d
 
     def _uniform_job_verb(self, command: str, verb: str) -> bool:
-        if verb == OWN_BURIED:
+        if verb == MAYBE_OWN:
             return self._uniform(command, DELETE_OTHER_VERB)
         if verb != OWN:
             return self._uniform(command, verb)
@@ -586,7 +632,11 @@ class Session:
     def _h_own_job(self, cmd: Command) -> None:
         """release, bury, touch: only jobs this connection reserved exist for these."""
         job = cmd[1]
-        if job not in self.reserved and not self._uniform_job_verb(NAMES[cmd[0]], OWN):
+        if (
+            job not in self.reserved
+            and not self.forgot_reserved
+            and not self._uniform_job_verb(NAMES[cmd[0]], OWN)
+        ):
             # beanstalkd would answer NOT_FOUND: every reservation of this connection passed
             # through this session, so a job not in ``reserved`` is not reserved here.
             self._local(NOT_FOUND)
@@ -603,7 +653,7 @@ class Session:
             ):
                 self._send_job_cmd(cmd, tubes)
                 return
-            if len(tubes) == 1 and verb != OWN_BURIED:
+            if len(tubes) == 1 and verb != MAYBE_OWN:
                 self._decide_job(cmd, verb, tubes[0])
                 return
         # Unknown (or ambiguous) tube: ask beanstalkd on this connection, hold the client.
@@ -737,7 +787,11 @@ class Session:
             if line.startswith(b"RESERVED "):
                 job = _reply_id(line)
                 tubes: tuple[str, ...] = entry[1]
-                self.reserved[job] = tubes
+                reserved = self.reserved
+                if len(reserved) >= MAX_RESERVED:
+                    reserved.popitem(last=False)
+                    self.forgot_reserved = True
+                reserved[job] = tubes
                 if len(tubes) == 1:
                     self._remember(job, tubes[0])
         elif kind == K_JOB_DONE:
@@ -802,9 +856,14 @@ class Session:
         job = cmd[1]
         if cmd[0] in (OP_RELEASE, OP_BURY, OP_TOUCH, OP_DELETE) and job in self.reserved:
             self.reserved[job] = (tube,)
-        if verb == OWN_BURIED:
-            if state == "buried":
+        if cmd[0] in (OP_RELEASE, OP_BURY, OP_TOUCH) and state != "reserved":
+            self._local(NOT_FOUND)  # beanstalkd's answer: only reserved jobs exist for these
+            return
+        if verb == MAYBE_OWN:
+            if state == "buried" and job in self.buried:
                 self.buried[job] = (tube,)
+                verb = OWN
+            elif state == "reserved":  # ours, or beanstalkd answers NOT_FOUND itself
                 verb = OWN
             else:  # kicked since this connection buried it: no longer its job
                 self.buried.pop(job, None)

@@ -10,7 +10,7 @@ import pytest
 
 from proxy.acl import Policy, parse_acl
 from proxy.protocol import JOB_ID_OPS, NAMES
-from proxy.session import MAX_OWN_BURIED, Session, denial_replies
+from proxy.session import MAX_KNOWN_JOBS, MAX_OWN_BURIED, MAX_RESERVED, Session, denial_replies
 
 ACL = {
     "principals": [
@@ -284,3 +284,60 @@ def test_no_produce_rule_means_no_constraints() -> None:
     reserve(s, 5, b"watch other\r\nignore default\r\n")  # "other": w may not produce there
     s.feed_client(b"bury 5 1\r\n")
     assert take(s.to_upstream) == b"bury 5 1\r\n"
+
+
+# --- issue 9: per-connection memory caps; what lies beyond them stays correct ------------------
+
+
+def many_reserved(n: int) -> Session:
+    s = session("worker", "explicit")
+    s.feed_client(b"watch jobs\r\nignore default\r\n")
+    s.feed_upstream(b"WATCHING 2\r\nWATCHING 1\r\n")
+    for job in range(1, n + 1):
+        s.feed_client(b"reserve-with-timeout 0\r\n")
+        s.feed_upstream(b"RESERVED %d 1\r\nx\r\n" % job)
+    take(s.to_upstream)
+    take(s.to_client)
+    return s
+
+
+def test_reservations_are_capped_and_a_forgotten_one_costs_a_lookup() -> None:
+    s = many_reserved(MAX_RESERVED + 10)
+    assert len(s.reserved) == MAX_RESERVED and s.forgot_reserved
+    assert len(s.jobs) <= MAX_KNOWN_JOBS
+    done = (
+        (b"release 1 0 0", b"RELEASED"),
+        (b"bury 2 0", b"BURIED"),
+        (b"touch 3", b"TOUCHED"),
+        (b"delete 4", b"DELETED"),
+    )
+    for line, reply in done:
+        s.feed_client(line + b"\r\n")
+        job = int(line.split()[1])
+        assert take(s.to_upstream) == b"stats-job %d\r\n" % job
+        s.feed_upstream(stats_job(job, "jobs", "reserved"))
+        assert take(s.to_upstream) == line + b"\r\n", line  # consume suffices: its own job
+        s.feed_upstream(reply + b"\r\n")
+        assert take(s.to_client) == reply + b"\r\n"
+    assert not s.denials
+
+
+def test_after_forgetting_a_job_not_reserved_still_answers_as_beanstalkd() -> None:
+    s = many_reserved(MAX_RESERVED + 1)
+    s.feed_client(b"release 99999 0 0\r\n")
+    assert take(s.to_upstream) == b"stats-job 99999\r\n"
+    s.feed_upstream(stats_job(99999, "jobs", "ready"))
+    assert take(s.to_client) == b"NOT_FOUND\r\n"  # what beanstalkd says: not reserved here
+    s.feed_client(b"delete 99999\r\n")  # may be ours: looked up, a ready job needs manage
+    assert take(s.to_upstream) == b"stats-job 99999\r\n"
+    s.feed_upstream(stats_job(99999, "jobs", "ready"))
+    assert take(s.to_upstream) == b""
+    assert take(s.to_client) == b"NOT_PERMITTED\r\n"
+
+
+def test_without_forgetting_no_lookup_is_needed() -> None:
+    s = many_reserved(3)
+    assert not s.forgot_reserved
+    s.feed_client(b"release 77 0 0\r\n")  # never reserved here
+    assert take(s.to_upstream) == b""
+    assert take(s.to_client) == b"NOT_FOUND\r\n"
