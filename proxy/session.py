@@ -89,6 +89,8 @@ _STATS: Final = (K_STATS,)
 #: Pending entries beyond which the relay stops reading the client (local replies for denied
 #: commands do not go upstream, so upstream backpressure alone would not bound them).
 MAX_PENDING: Final = 4096
+#: Commands naming a tube that beanstalkd answers NOT_FOUND when the tube does not exist.
+NAMED_TUBE_OPS: Final = frozenset({OP_STATS_TUBE, OP_PAUSE_TUBE})
 #: Bytes a client may send behind a blocking ``reserve`` before the relay stops reading it
 #: (held commands are parsed only once the reserve has its reply).
 MAX_HELD_BYTES: Final = 65536
@@ -169,14 +171,19 @@ def denial_replies(mode: str) -> tuple[tuple[bytes, ...], bytes]:
     ``explicit``: ``NOT_PERMITTED`` and ``RATE_LIMITED``, words beanstalkd never sends, which
     some client libraries (Pheanstalk, beaneater) do not treat as errors. ``compatible``: only
     words every measured library raises on (docs/denial-matrix.md): ``NOT_FOUND`` for job-id
-    commands (what beanstalkd answers for a job another connection holds), ``UNKNOWN_COMMAND``
-    for every other command, ``OUT_OF_MEMORY`` ("try again later") when rate limited. A job
-    in a tube the principal may not see answers ``NOT_FOUND`` in both modes."""
+    commands (what beanstalkd answers for a job another connection holds) and for
+    ``stats-tube``/``pause-tube`` (its answer for a tube that does not exist, so a denial does
+    not even tell that the tube exists), ``UNKNOWN_COMMAND`` for every other command,
+    ``OUT_OF_MEMORY`` ("try again later") when rate limited. A job in a tube the principal
+    may not see answers ``NOT_FOUND`` in both modes."""
     if mode == "explicit":
         return (NOT_PERMITTED,) * len(NAMES), RATE_LIMITED
     if mode != "compatible":
         raise ValueError(f"unknown denial mode {mode!r}; expected one of {DENIAL_REPLY_MODES}")
-    table = tuple(NOT_FOUND if op in JOB_ID_OPS else UNKNOWN_COMMAND for op in range(len(NAMES)))
+    table = tuple(
+        NOT_FOUND if op in JOB_ID_OPS or op in NAMED_TUBE_OPS else UNKNOWN_COMMAND
+        for op in range(len(NAMES))
+    )
     return table, OUT_OF_MEMORY
 
 
@@ -489,6 +496,7 @@ class Session:
 
     def _h_put(self, cmd: Command) -> None:
         body = cmd[4]
+        denial: tuple[Decision, str, bytes | None] | None
         if body is None:  # refused from its command line; the body was discarded
             denial = self._put_refusal or (
                 Decision(False, "refused at its put line"),
@@ -623,6 +631,16 @@ class Session:
             self._forward(cmd)
             return
         tubes = self._known_tubes(cmd[1])
+        job = cmd[1]
+        if (
+            (job in self.reserved or job in self.buried)
+            and tubes
+            and all(self._decide_job_verb("stats-job", OWN, t).allowed for t in tubes)
+        ):
+            # The connection holds this job (beaneater asks stats-job before every release
+            # and bury): consume or manage on its tube suffices, as for release itself.
+            self._forward(cmd)
+            return
         if len(tubes) == 1:
             self._decide_job(cmd, "inspect", tubes[0])
         else:

@@ -180,7 +180,8 @@ def test_denied_use_also_refuses_peek_and_kick_on_the_used_tube() -> None:
 def test_compatible_replies_per_command_class() -> None:
     table, rate = denial_replies("compatible")
     for op, name in enumerate(NAMES):
-        expected = b"NOT_FOUND\r\n" if op in JOB_ID_OPS else b"UNKNOWN_COMMAND\r\n"
+        named_tube = name in ("stats-tube", "pause-tube")
+        expected = b"NOT_FOUND\r\n" if op in JOB_ID_OPS or named_tube else b"UNKNOWN_COMMAND\r\n"
         assert table[op] == expected, name
     assert rate == b"OUT_OF_MEMORY\r\n"
     table, rate = denial_replies("explicit")
@@ -193,7 +194,7 @@ def test_compatible_mode_on_the_wire() -> None:
     s = session("producer")
     s.feed_client(b"watch jobs\r\nreserve\r\nkick 1\r\nstats-tube secret\r\n")
     assert take(s.to_upstream) == b""
-    assert take(s.to_client) == b"UNKNOWN_COMMAND\r\n" * 4
+    assert take(s.to_client) == b"UNKNOWN_COMMAND\r\n" * 3 + b"NOT_FOUND\r\n"
     s.feed_client(b"peek 7\r\n")  # a job-id command: looked up, then NOT_FOUND
     assert take(s.to_upstream) == b"stats-job 7\r\n"
     s.feed_upstream(stats_job(7, "jobs", "ready"))
@@ -341,3 +342,17 @@ def test_without_forgetting_no_lookup_is_needed() -> None:
     s.feed_client(b"release 77 0 0\r\n")  # never reserved here
     assert take(s.to_upstream) == b""
     assert take(s.to_client) == b"NOT_FOUND\r\n"
+
+
+def test_stats_job_of_a_job_the_connection_holds_needs_only_consume() -> None:
+    """beaneater sends stats-job before every release and bury."""
+    s = session("worker", "explicit")
+    reserve_and_bury(s, 6)
+    s.feed_client(b"stats-job 6\r\n")
+    assert take(s.to_upstream) == b"stats-job 6\r\n"  # buried by this connection: its job
+    s.feed_upstream(stats_job(6, "jobs", "buried"))
+    assert take(s.to_client).startswith(b"OK ")
+    s.feed_client(b"stats-job 8\r\n")  # not held here: inspect is needed, the worker has none
+    assert take(s.to_upstream) == b"stats-job 8\r\n"
+    s.feed_upstream(stats_job(8, "jobs", "ready"))
+    assert take(s.to_client) == b"NOT_PERMITTED\r\n"
