@@ -69,8 +69,8 @@ ARGV[1..].each do |token|
     detail = "#{e.class.name}: #{e.message[0, 50]}"
   end
   begin
-    s = b.stats
-    sync = "stats pid=#{s.pid} uptime=#{s.uptime}"
+    s = b.connection.transmit('stats')[:body]  # one command (Beaneater#stats sends one per field)
+    sync = "stats pid=#{s['pid']} uptime=#{s['uptime']}"
   rescue StandardError => e
     sync = "stats failed: #{e.class.name}: #{e.message[0, 40]}"
   end
