@@ -531,7 +531,10 @@ def _explain_principal(policy: Policy, cert_path: str | None, name: str | None) 
 def _explain_rate(policy: Policy, principal: str) -> None:
     rate = policy.rate_for(principal)
     if rate is not None:
-        click.echo(f"  rate limit: {rate[0]:g} commands/s, burst {rate[1]} (else RATE_LIMITED)")
+        click.echo(
+            f"  rate limit: {rate[0]:g} commands/s, burst {rate[1]} (over it: OUT_OF_MEMORY, "
+            "or RATE_LIMITED with acl_denial_reply: explicit)"
+        )
 
 
 @main.command()
@@ -558,6 +561,7 @@ def explain(
     Exits 0 when allowed, 1 when denied or refused, 2 on configuration errors."""
     from proxy.acl import ALWAYS, COMMAND_VERBS, DELETE_OTHER_VERB
     from proxy.protocol import parse_command_line
+    from proxy.session import denial_replies
 
     config = load_config(config_path)
     policy = load_acl(config.acl)
@@ -615,7 +619,10 @@ def explain(
 
     click.echo(f"command: {name} ({verb}) on {where}")
     decision = policy.decide(principal, name, verb, check_tube)
-    denied_reply = "NOT_FOUND" if job_id is not None else "NOT_PERMITTED"
+    replies, _ = denial_replies(config.denial_reply)
+    denied_reply = replies[parsed.command[0]].decode().strip()
+    if job_id is not None and check_tube and not policy.any_right(principal, check_tube).allowed:
+        denied_reply = "NOT_FOUND"  # a job in a tube the principal may not see
     if decision.allowed:
         click.echo(f"decision: ALLOW by {decision.rule}")
         limits = decision.limits
@@ -623,7 +630,7 @@ def explain(
             _, pri, delay, ttr, size = parsed.command
             problem = limits.violation(pri, delay, ttr, size)
             if problem is not None:
-                click.echo(f"but refused by the rule's put limits: {problem}: NOT_PERMITTED")
+                click.echo(f"but refused by the rule's put limits: {problem}: {denied_reply}")
                 sys.exit(1)
     else:
         click.echo(f"decision: DENY by {decision.rule}: the client gets {denied_reply}")

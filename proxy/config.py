@@ -125,6 +125,7 @@ class Config:
     source: str
     watch_files: bool = True  # reload when the ACL or TLS files change on disk
     watch_interval: float = 5.0  # seconds between checks of those files
+    denial_reply: str = "compatible"  # acl_denial_reply: how a denied command is answered
 
 
 # --------------------------------------------------------------------------------------------
@@ -352,7 +353,10 @@ _TOP_KEYS = (
     "metrics",
     "log",
     "reload",
+    "acl_denial_reply",
 )
+#: ``acl_denial_reply`` values (see ``proxy.session.denial_replies``).
+DENIAL_REPLY_MODES = ("compatible", "explicit")
 _TLS_KEYS = (
     "cert",
     "key",
@@ -521,4 +525,5 @@ def parse_config(data: object, source: str) -> Config:
         source=source,
         watch_files=reload.get_bool("watch", True),
         watch_interval=reload.duration("interval", 5.0),
+        denial_reply=top.choice("acl_denial_reply", "compatible", DENIAL_REPLY_MODES),
     )

@@ -112,6 +112,7 @@ EXPECTED_CRLF: Final = b"EXPECTED_CRLF\r\n"
 JOB_TOO_BIG: Final = b"JOB_TOO_BIG\r\n"
 NOT_FOUND: Final = b"NOT_FOUND\r\n"
 NOT_PERMITTED: Final = b"NOT_PERMITTED\r\n"
+OUT_OF_MEMORY: Final = b"OUT_OF_MEMORY\r\n"
 RATE_LIMITED: Final = b"RATE_LIMITED\r\n"  # the proxy's own reply; beanstalkd never sends it
 
 #: A command: a tuple whose first item is an ``OP_*`` code. Shapes:

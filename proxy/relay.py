@@ -540,6 +540,7 @@ class ProxyServer:
                 principal,
                 self.config.limits.max_job_size,
                 self._limiter_for(principal),
+                self.config.denial_reply,
             )
             if conn.early:
                 conn.session.feed_client(bytes(conn.early))

@@ -22,10 +22,12 @@ from collections.abc import Callable
 from typing import Any, Final, Protocol
 
 from proxy.acl import DELETE_OTHER_VERB, Decision, Policy
+from proxy.config import DENIAL_REPLY_MODES
 from proxy.errors import ProtocolError
 from proxy.protocol import (
     BAD_FORMAT,
     CRLF,
+    JOB_ID_OPS,
     NAMES,
     NEED_DATA,
     NOT_FOUND,
@@ -56,7 +58,9 @@ from proxy.protocol import (
     OP_TOUCH,
     OP_USE,
     OP_WATCH,
+    OUT_OF_MEMORY,
     RATE_LIMITED,
+    UNKNOWN_COMMAND,
     ClientParser,
     Command,
     ReplyParser,
@@ -75,6 +79,7 @@ K_LOOKUP: Final = 6  # (K_LOOKUP, cmd, verb): stats-job sent to learn a job's tu
 K_STATS_JOB: Final = 7  # (K_STATS_JOB, id): the client's own stats-job, filtered by tube
 K_LIST_TUBES: Final = 8  # filter the tube list to tubes the principal may see
 K_STATS: Final = 9  # redact host-identifying fields
+K_BURY: Final = 10  # (K_BURY, id): BURIED keeps the job this connection's for delete
 
 _PLAIN: Final = (K_PLAIN,)
 _LIST_TUBES: Final = (K_LIST_TUBES,)
@@ -85,9 +90,16 @@ _STATS: Final = (K_STATS,)
 MAX_PENDING: Final = 4096
 #: Job ids remembered per connection (oldest forgotten first; a forgotten id costs a lookup).
 MAX_KNOWN_JOBS: Final = 65536
+#: Jobs this connection reserved and then buried, remembered so that it may still delete
+#: them with consume (oldest forgotten first; a forgotten one needs manage, as for any job).
+MAX_OWN_BURIED: Final = 1024
 #: Pseudo-verb of release/bury/touch/delete on a job this connection reserved: consume or
 #: manage on the job's tube.
 OWN: Final = "own"
+#: Pseudo-verb of ``delete`` on a job this connection reserved and then buried: ``OWN`` once a
+#: ``stats-job`` on this connection confirms the job is still buried (not kicked since),
+#: otherwise ``DELETE_OTHER_VERB``.
+OWN_BURIED: Final = "own-buried"
 #: The job-id decisions (command, verb) whose outcome may depend on the job's tube.
 JOB_DECISIONS: Final = (
     ("peek", "inspect"),
@@ -134,6 +146,24 @@ def job_stats_fields(body: bytes) -> tuple[str, str]:
     return tube.decode("ascii", "replace"), state.decode("ascii", "replace")
 
 
+def denial_replies(mode: str) -> tuple[tuple[bytes, ...], bytes]:
+    """(reply to a denied command, indexed by op; reply to a rate-limited command) for an
+    ``acl_denial_reply`` mode.
+
+    ``explicit``: ``NOT_PERMITTED`` and ``RATE_LIMITED``, words beanstalkd never sends, which
+    some client libraries (Pheanstalk, beaneater) do not treat as errors. ``compatible``: only
+    words every measured library raises on (docs/denial-matrix.md): ``NOT_FOUND`` for job-id
+    commands (what beanstalkd answers for a job another connection holds), ``UNKNOWN_COMMAND``
+    for every other command, ``OUT_OF_MEMORY`` ("try again later") when rate limited. A job
+    in a tube the principal may not see answers ``NOT_FOUND`` in both modes."""
+    if mode == "explicit":
+        return (NOT_PERMITTED,) * len(NAMES), RATE_LIMITED
+    if mode != "compatible":
+        raise ValueError(f"unknown denial mode {mode!r}; expected one of {DENIAL_REPLY_MODES}")
+    table = tuple(NOT_FOUND if op in JOB_ID_OPS else UNKNOWN_COMMAND for op in range(len(NAMES)))
+    return table, OUT_OF_MEMORY
+
+
 def ok_reply(yaml: bytes) -> bytes:
     """An ``OK <n>`` reply carrying ``yaml`` as its body."""
     return b"OK %d\r\n%s\r\n" % (len(yaml), yaml)
@@ -161,6 +191,7 @@ class Session:
         principal: str,
         max_job_size: int = 65535,
         limiter: Callable[[], bool] | None = None,
+        denial_reply: str = "compatible",
     ) -> None:
         self._source = policy
         self.principal = principal
@@ -173,6 +204,12 @@ class Session:
         self.watched: dict[str, None] = {"default": None}
         self.jobs: OrderedDict[int, str] = OrderedDict()
         self.reserved: dict[int, tuple[str, ...]] = {}
+        # jobs this connection reserved, then buried: job id -> candidate tubes
+        self.buried: OrderedDict[int, tuple[str, ...]] = OrderedDict()
+        # after a denied ``use``: (the tube, the reply); commands on the used tube are refused
+        # until a ``use`` is allowed, so they never land in the tube used before
+        self.use_denied: tuple[str, bytes] | None = None
+        self._replies, self._rate_limited_reply = denial_replies(denial_reply)
         self.blocked = False
         self.draining = False
         self.failed: str | None = None
@@ -261,7 +298,7 @@ class Session:
                 if limiter is not None and op != OP_QUIT and op != OP_ERROR and not limiter():
                     # Not run (a put's body is already consumed); answered in its turn.
                     self.rate_limited += 1
-                    self._local(RATE_LIMITED)
+                    self._local(self._rate_limited_reply)
                     continue
                 self.op_counts[op] += 1
                 handlers[op](cmd)
@@ -286,8 +323,10 @@ class Session:
         decision: Decision,
         tube: str | None,
         job: int | None = None,
-        reply: bytes = NOT_PERMITTED,
+        reply: bytes | None = None,
     ) -> None:
+        if reply is None:
+            reply = self._replies[cmd[0]]
         self._audit(cmd, decision, tube, job, reply)
         self._local(reply)
 
@@ -364,7 +403,20 @@ class Session:
             tracking = self._tracking = not all(self._uniform(c, v) for c, v in JOB_DECISIONS)
         return tracking
 
+    def _refuse_after_denied_use(self, cmd: Command) -> bool:
+        """Refuse a command on the used tube while the last ``use`` was denied: a client
+        library that missed the denial believes it uses the denied tube."""
+        denied = self.use_denied
+        if denied is None:
+            return False
+        tube, reply = denied
+        rule = f"use {tube} was denied; commands on the used tube wait for an allowed use"
+        self._deny(cmd, Decision(False, rule), tube, None, reply)
+        return True
+
     def _h_put(self, cmd: Command) -> None:
+        if self.use_denied is not None and self._refuse_after_denied_use(cmd):
+            return
         tube = self.used
         d = self._decide("put", "produce", tube)
         if not d.allowed:
@@ -383,9 +435,12 @@ class Session:
         tube = cmd[1]
         d = self._visible(tube)
         if not d.allowed:
-            self._deny(cmd, d, tube)
+            reply = self._replies[cmd[0]]
+            self.use_denied = (tube, reply)
+            self._deny(cmd, d, tube, None, reply)
             return
         self.used = tube
+        self.use_denied = None
         self._forward(cmd)
 
     def _h_watch(self, cmd: Command) -> None:
@@ -410,6 +465,8 @@ class Session:
         self._forward(cmd, (K_RESERVE, tuple(self.watched)))
 
     def _h_used_tube(self, cmd: Command) -> None:
+        if self.use_denied is not None and self._refuse_after_denied_use(cmd):
+            return
         verb = "manage" if cmd[0] == OP_KICK else "inspect"
         if self._check(cmd, verb, self.used):
             self._forward(cmd)
@@ -436,7 +493,10 @@ class Session:
     def _job_verb(self, cmd: Command) -> str:
         op = cmd[0]
         if op == OP_DELETE:
-            return OWN if cmd[1] in self.reserved else DELETE_OTHER_VERB
+            job = cmd[1]
+            if job in self.reserved:
+                return OWN
+            return OWN_BURIED if job in self.buried else DELETE_OTHER_VERB
         if op in (OP_PEEK, OP_STATS_JOB):
             return "inspect"
         if op in (OP_RELEASE, OP_BURY, OP_TOUCH):
@@ -448,6 +508,8 @@ class Session:
         released, buried, touched or deleted with consume *or* manage on its tube (a job
         taken with ``reserve-job``, a manage command, must not be stuck until its TTR)."""
         if verb != OWN:
+            if verb == OWN_BURIED:  # not confirmed still buried: the ordinary rule
+                verb = DELETE_OTHER_VERB
             return self._decide(command, verb, tube)
         d = self._decide(command, "consume", tube)
         if not d.allowed:
@@ -457,6 +519,8 @@ class Session:
         return d
 
     def _uniform_job_verb(self, command: str, verb: str) -> bool:
+        if verb == OWN_BURIED:
+            return self._uniform(command, DELETE_OTHER_VERB)
         if verb != OWN:
             return self._uniform(command, verb)
         return self._uniform(command, "consume") or self._uniform(command, "manage")
@@ -466,7 +530,10 @@ class Session:
         tube = self.jobs.get(job)
         if tube is not None:
             return (tube,)
-        return self.reserved.get(job, ())
+        tubes = self.reserved.get(job)
+        if tubes is None:
+            tubes = self.buried.get(job, ())
+        return tubes
 
     def _h_stats_job(self, cmd: Command) -> None:
         if self._uniform("stats-job", "inspect"):
@@ -498,7 +565,7 @@ class Session:
         tubes = self._known_tubes(cmd[1])
         if tubes and all(self._decide_job_verb(name, verb, t).allowed for t in tubes):
             self._send_job_cmd(cmd, tubes)
-        elif len(tubes) == 1:
+        elif len(tubes) == 1 and verb != OWN_BURIED:
             self._decide_job(cmd, verb, tubes[0])
         else:
             # Unknown (or ambiguous) tube: ask beanstalkd on this connection, hold the client.
@@ -515,10 +582,14 @@ class Session:
             self._deny(cmd, d, tube, cmd[1], NOT_FOUND)
         else:
             self._deny(cmd, d, tube, cmd[1])
+        if cmd[0] == OP_DELETE and not d.allowed:
+            self.buried.pop(cmd[1], None)
 
     def _send_job_cmd(self, cmd: Command, tubes: tuple[str, ...]) -> None:
         op = cmd[0]
-        if op in (OP_RELEASE, OP_BURY, OP_DELETE):
+        if op == OP_BURY:
+            self._forward(cmd, (K_BURY, cmd[1]))
+        elif op in (OP_RELEASE, OP_DELETE):
             self._forward(cmd, (K_JOB_DONE, cmd[1]))
         elif op == OP_TOUCH:
             self._forward(cmd, (K_TOUCH, cmd[1]))
@@ -590,9 +661,19 @@ class Session:
                 if len(tubes) == 1:
                     self._remember(job, tubes[0])
         elif kind == K_JOB_DONE:
-            self.reserved.pop(entry[1], None)
+            job = entry[1]
+            self.reserved.pop(job, None)
+            self.buried.pop(job, None)
             if line == b"DELETED":
-                self.jobs.pop(entry[1], None)
+                self.jobs.pop(job, None)
+        elif kind == K_BURY:
+            job = entry[1]
+            candidates = self.reserved.pop(job, None)
+            if line == b"BURIED" and candidates is not None:
+                buried = self.buried
+                if len(buried) >= MAX_OWN_BURIED:
+                    buried.popitem(last=False)  # forgotten: deleting it needs manage
+                buried[job] = candidates
         elif kind == K_TOUCH:
             if line == b"NOT_FOUND":
                 self.reserved.pop(entry[1], None)
@@ -604,7 +685,8 @@ class Session:
             d = self._decide("stats-job", "inspect", tube)
             if not d.allowed:
                 # Answer in this reply's turn (not behind later pending entries).
-                reply = NOT_PERMITTED if self._visible(tube).allowed else NOT_FOUND
+                visible = self._visible(tube).allowed
+                reply = self._replies[OP_STATS_JOB] if visible else NOT_FOUND
                 self._audit(cmd, d, tube, entry[1], reply)
                 self.to_client += reply
                 return
@@ -625,6 +707,7 @@ class Session:
         if body is None:
             if line != b"NOT_FOUND":
                 raise ProtocolError(f"unexpected reply to stats-job lookup: {line[:40]!r}")
+            self.buried.pop(cmd[1], None)
             self._local(NOT_FOUND)
             return
         tube, state = job_stats_fields(body[:-2])
@@ -636,8 +719,15 @@ class Session:
             # A job still uploading must not be remembered: a later ``peek`` of a known job
             # skips the lookup, and so would skip this check.
             self._remember(cmd[1], tube)
-        if cmd[0] in (OP_RELEASE, OP_BURY, OP_TOUCH, OP_DELETE) and cmd[1] in self.reserved:
-            self.reserved[cmd[1]] = (tube,)
+        job = cmd[1]
+        if cmd[0] in (OP_RELEASE, OP_BURY, OP_TOUCH, OP_DELETE) and job in self.reserved:
+            self.reserved[job] = (tube,)
+        if verb == OWN_BURIED:
+            if state == "buried":
+                self.buried[job] = (tube,)
+                verb = OWN
+            else:  # kicked since this connection buried it: no longer its job
+                self.buried.pop(job, None)
         self._decide_job(cmd, verb, tube)
 
     def _filter_tubes(self, body: bytes) -> bytes:

@@ -29,6 +29,7 @@ from proxy.certs import init_ca_and_server, issue_client
 from proxy.config import Config, Endpoint, Limits, LogConfig, TLSConfig
 from proxy.relay import PolicyHolder, ProxyServer
 from proxy.tlsctx import server_context
+from proxy.tunnel import TunnelServer
 
 BEANSTALKD = os.environ.get("BEANSTALKD", "beanstalkd")
 #: max-job-size used by the test beanstalkd and proxy (small, so size limits are cheap to hit).
@@ -197,7 +198,9 @@ def beanstalkd() -> Iterator[Beanstalkd]:
         b.stop()
 
 
-def make_config(pki: PKI, upstream_port: int, **limits: Any) -> Config:
+def make_config(
+    pki: PKI, upstream_port: int, denial_reply: str = "explicit", **limits: Any
+) -> Config:
     base = Limits(
         max_connections=100,
         handshake_timeout=2.0,
@@ -220,6 +223,9 @@ def make_config(pki: PKI, upstream_port: int, **limits: Any) -> Config:
         metrics_listen=None,
         log=LogConfig("text", "info"),
         source="<test>",
+        # Most tests assert decisions; NOT_PERMITTED tells a denial from a missing job.
+        # The default (compatible) replies have tests of their own.
+        denial_reply=denial_reply,
     )
 
 
@@ -243,13 +249,32 @@ class RunningProxy:
 
 
 async def start_proxy(
-    pki: PKI, upstream_port: int, acl: dict[str, Any] | None = None, **limits: Any
+    pki: PKI,
+    upstream_port: int,
+    acl: dict[str, Any] | None = None,
+    denial_reply: str = "explicit",
+    **limits: Any,
 ) -> RunningProxy:
-    config = make_config(pki, upstream_port, **limits)
+    config = make_config(pki, upstream_port, denial_reply, **limits)
     policy = parse_acl(acl if acl is not None else TEST_ACL, "<test acl>")
     server = ProxyServer(config, server_context(config.tls), PolicyHolder(policy))
     await server.start()
     return RunningProxy(server, pki)
+
+
+async def start_tunnel(
+    pki: PKI, proxy_port: int, name: str, hostname: str = "localhost"
+) -> TunnelServer:
+    """A client-mode tunnel on a free local port presenting ``name``'s certificate."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.load_verify_locations(pki.ca)
+    cert, key = pki.cert(name)
+    ctx.load_cert_chain(cert, key)
+    t = TunnelServer(
+        Endpoint("127.0.0.1", 0, None), Endpoint("127.0.0.1", proxy_port, None), ctx, hostname
+    )
+    await t.start()
+    return t
 
 
 @pytest.fixture

@@ -237,7 +237,7 @@ def test_explain_principal_denied_by_default(setup: Path) -> None:
     )
     assert result.exit_code == 1
     assert "decision: DENY by default deny" in result.output
-    assert "NOT_PERMITTED" in result.output
+    assert "the client gets UNKNOWN_COMMAND" in result.output  # acl_denial_reply: compatible
 
 
 def test_explain_deny_beats_allow(setup: Path) -> None:

@@ -240,7 +240,12 @@ class FakeLimiter:
 
 
 def session(principal: str = "admin", limiter: Callable[[], bool] | None = None) -> Session:
-    s = Session(Holder(parse_acl(SESSION_ACL, "<test>")), principal, max_job_size=100)
+    s = Session(
+        Holder(parse_acl(SESSION_ACL, "<test>")),
+        principal,
+        max_job_size=100,
+        denial_reply="explicit",
+    )
     s.limiter = limiter
     return s
 

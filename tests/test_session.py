@@ -29,8 +29,10 @@ class Holder:
     current: Policy
 
 
-def session(principal: str = "admin") -> Session:
-    return Session(Holder(parse_acl(ACL, "<test>")), principal, max_job_size=100)
+def session(principal: str = "admin", denial_reply: str = "explicit") -> Session:
+    return Session(
+        Holder(parse_acl(ACL, "<test>")), principal, max_job_size=100, denial_reply=denial_reply
+    )
 
 
 def take(buf: bytearray) -> bytes:

@@ -363,7 +363,7 @@ async def test_sighup_broken_acl_keeps_policy_good_acl_changes_live_connection(
     mark = len(serve.lines)
     serve.signal(signal.SIGHUP)
     await serve.wait_for(rf"reload: ACL {re.escape(str(acl))} loaded", start=mark)
-    assert await billing.put(b"four") == b"NOT_PERMITTED"
+    assert await billing.put(b"four") == b"UNKNOWN_COMMAND"  # acl_denial_reply: compatible
     assert await billing.line(b"use invoices.v2") == b"USING invoices.v2"
     assert (await billing.put(b"five")).startswith(b"INSERTED ")
     await serve.wait_for(r'"command": "put"', start=mark)  # the audit line of the denial

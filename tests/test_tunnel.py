@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import ssl
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -14,29 +13,22 @@ from pathlib import Path
 
 import greenstalk
 import pytest
-from conftest import PKI, Beanstalkd, LogReader, RunningProxy, free_port, server_stats
+from conftest import (
+    PKI,
+    Beanstalkd,
+    LogReader,
+    RunningProxy,
+    free_port,
+    server_stats,
+    start_tunnel,
+)
 
-from proxy.config import Endpoint
 from proxy.tunnel import TunnelServer
-
-
-async def _tunnel(
-    pki: PKI, proxy_port: int, name: str, hostname: str = "localhost"
-) -> TunnelServer:
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.load_verify_locations(pki.ca)
-    cert, key = pki.cert(name)
-    ctx.load_cert_chain(cert, key)
-    t = TunnelServer(
-        Endpoint("127.0.0.1", 0, None), Endpoint("127.0.0.1", proxy_port, None), ctx, hostname
-    )
-    await t.start()
-    return t
 
 
 @pytest.fixture
 async def admin_tunnel(pki: PKI, proxy: RunningProxy) -> AsyncIterator[TunnelServer]:
-    t = await _tunnel(pki, proxy.port, "admin")
+    t = await start_tunnel(pki, proxy.port, "admin")
     yield t
     await t.close()
 
@@ -78,7 +70,7 @@ def _greenstalk_denied(port: int) -> list[bytes]:
 async def test_tunnel_denial_reaches_library_as_error(
     pki: PKI, proxy: RunningProxy, beanstalkd: Beanstalkd
 ) -> None:
-    t = await _tunnel(pki, proxy.port, "billing")
+    t = await start_tunnel(pki, proxy.port, "billing")
     try:
         port = t.port
         assert port is not None
@@ -96,7 +88,7 @@ def _greenstalk_stats(port: int) -> dict[str, object]:
 
 
 async def test_tunnel_refuses_proxy_with_wrong_hostname(pki: PKI, proxy: RunningProxy) -> None:
-    t = await _tunnel(pki, proxy.port, "admin", hostname="not-the-proxy.example")
+    t = await start_tunnel(pki, proxy.port, "admin", hostname="not-the-proxy.example")
     try:
         port = t.port
         assert port is not None

@@ -1,0 +1,210 @@
+"""Issue 8 in the pure session: a worker may delete the job it buried with consume alone (after
+a ``stats-job`` on its own connection confirms the job is still buried), a denied ``use`` never
+lets later commands land in the tube used before, and the two denial-reply modes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+
+from proxy.acl import Policy, parse_acl
+from proxy.protocol import JOB_ID_OPS, NAMES
+from proxy.session import MAX_OWN_BURIED, Session, denial_replies
+
+ACL = {
+    "principals": [
+        {"name": "worker", "match": {"cn": "worker"}},
+        {"name": "ops", "match": {"cn": "ops"}},
+        {"name": "producer", "match": {"cn": "producer"}},
+        {"name": "limited", "match": {"cn": "limited"}},
+    ],
+    "rules": [
+        {"principal": "worker", "tubes": ["jobs"], "allow": ["consume"]},
+        {"principal": "ops", "allow": ["all"]},
+        {"principal": "producer", "tubes": ["jobs"], "allow": ["produce"]},
+        {"principal": "limited", "tubes": ["jobs"], "allow": ["all"]},
+    ],
+}
+
+
+@dataclass
+class Holder:
+    current: Policy
+
+
+def session(principal: str, denial_reply: str = "compatible") -> Session:
+    return Session(
+        Holder(parse_acl(ACL, "<test>")), principal, max_job_size=100, denial_reply=denial_reply
+    )
+
+
+def take(buf: bytearray) -> bytes:
+    data = bytes(buf)
+    buf.clear()
+    return data
+
+
+def stats_job(job: int, tube: str, state: str) -> bytes:
+    body = f'---\nid: {job}\ntube: "{tube}"\nstate: {state}\npri: 0\n'.encode()
+    return b"OK %d\r\n%s\r\n" % (len(body), body)
+
+
+def reserve_and_bury(s: Session, job: int = 1) -> None:
+    """The worker's workflow up to the bury: watch jobs, ignore default, reserve, bury."""
+    s.feed_client(b"watch jobs\r\nignore default\r\nreserve-with-timeout 1\r\n")
+    assert take(s.to_upstream) == b"watch jobs\r\nignore default\r\nreserve-with-timeout 1\r\n"
+    s.feed_upstream(b"WATCHING 2\r\nWATCHING 1\r\nRESERVED %d 3\r\nabc\r\n" % job)
+    assert take(s.to_client) == b"WATCHING 2\r\nWATCHING 1\r\nRESERVED %d 3\r\nabc\r\n" % job
+    s.feed_client(b"bury %d 0\r\n" % job)
+    assert take(s.to_upstream) == b"bury %d 0\r\n" % job
+    s.feed_upstream(b"BURIED\r\n")
+    assert take(s.to_client) == b"BURIED\r\n"
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 1000])
+def test_worker_deletes_the_job_it_buried_with_consume_only(chunk: int) -> None:
+    s = session("worker")
+    reserve_and_bury(s, 1)
+    wire = b"delete 1\r\n"
+    for i in range(0, len(wire), chunk):
+        s.feed_client(wire[i : i + chunk])
+    # consume alone does not allow delete of a buried job: the proxy confirms it is still
+    # buried (not kicked since) on the worker's own connection, holding the client meanwhile
+    assert take(s.to_upstream) == b"stats-job 1\r\n"
+    assert s.blocked
+    s.feed_client(b"list-tube-used\r\n")  # held behind the lookup, in order
+    assert take(s.to_upstream) == b""
+    s.feed_upstream(stats_job(1, "jobs", "buried"))
+    assert take(s.to_upstream) == b"delete 1\r\nlist-tube-used\r\n"
+    assert take(s.to_client) == b""
+    s.feed_upstream(b"DELETED\r\nUSING default\r\n")
+    assert take(s.to_client) == b"DELETED\r\nUSING default\r\n"
+    assert not s.buried and not s.denials
+
+
+@pytest.mark.parametrize(
+    ("mode", "reply"), [("compatible", b"NOT_FOUND"), ("explicit", b"NOT_PERMITTED")]
+)
+def test_a_buried_job_kicked_since_is_no_longer_the_workers(mode: str, reply: bytes) -> None:
+    s = session("worker", mode)
+    reserve_and_bury(s, 5)
+    s.feed_client(b"delete 5\r\n")
+    assert take(s.to_upstream) == b"stats-job 5\r\n"
+    s.feed_upstream(stats_job(5, "jobs", "ready"))  # an operator kicked it
+    assert take(s.to_upstream) == b""  # decided as delete of another's job: manage
+    assert take(s.to_client) == reply + b"\r\n"
+    assert 5 not in s.buried
+    assert s.denials and s.denials[0]["command"] == "delete"
+    # the next delete is the ordinary rule straight away (no second lookup: the tube is known)
+    s.feed_client(b"delete 5\r\n")
+    assert take(s.to_upstream) == b""
+    assert take(s.to_client) == reply + b"\r\n"
+
+
+def test_a_job_another_connection_buried_needs_manage() -> None:
+    s = session("worker", "explicit")
+    s.feed_client(b"delete 9\r\n")  # never reserved here: delete of another's job
+    assert take(s.to_upstream) == b"stats-job 9\r\n"
+    s.feed_upstream(stats_job(9, "jobs", "buried"))
+    assert take(s.to_upstream) == b""
+    assert take(s.to_client) == b"NOT_PERMITTED\r\n"
+
+
+def test_manage_deletes_its_buried_job_without_a_lookup() -> None:
+    s = session("ops")
+    reserve_and_bury(s, 2)
+    s.feed_client(b"delete 2\r\n")
+    assert take(s.to_upstream) == b"delete 2\r\n"  # allowed everything: no extra command
+    s.feed_upstream(b"DELETED\r\n")
+    assert take(s.to_client) == b"DELETED\r\n"
+    assert not s.buried
+
+
+def test_a_delete_that_finds_no_job_forgets_it() -> None:
+    s = session("worker")
+    reserve_and_bury(s, 3)
+    s.feed_client(b"delete 3\r\n")
+    s.feed_upstream(b"NOT_FOUND\r\n")  # deleted by someone else meanwhile
+    assert take(s.to_client) == b"NOT_FOUND\r\n"
+    assert 3 not in s.buried
+
+
+def test_forgotten_buried_jobs_fall_back_to_the_ordinary_rule() -> None:
+    s = session("worker", "explicit")
+    for job in range(1, MAX_OWN_BURIED + 2):
+        s.reserved[job] = ("jobs",)
+        s.feed_client(b"bury %d 0\r\n" % job)
+        s.feed_upstream(b"BURIED\r\n")
+    take(s.to_upstream)
+    take(s.to_client)
+    assert len(s.buried) == MAX_OWN_BURIED and 1 not in s.buried
+    s.feed_client(b"delete 1\r\n")  # forgotten: manage is needed, as for any job
+    assert take(s.to_upstream) == b"stats-job 1\r\n"
+    s.feed_upstream(stats_job(1, "jobs", "buried"))
+    assert take(s.to_client) == b"NOT_PERMITTED\r\n"
+    s.feed_client(b"delete %d\r\n" % (MAX_OWN_BURIED + 1))  # remembered: still its own
+    assert take(s.to_upstream) == b"stats-job %d\r\n" % (MAX_OWN_BURIED + 1)
+
+
+@pytest.mark.parametrize(
+    ("mode", "reply"), [("compatible", b"UNKNOWN_COMMAND"), ("explicit", b"NOT_PERMITTED")]
+)
+def test_denied_use_refuses_pipelined_puts_until_a_use_is_allowed(mode: str, reply: bytes) -> None:
+    s = session("producer", mode)
+    put = b"put 0 0 10 2\r\nhi\r\n"
+    s.feed_client(b"use secret\r\n" + put * 3 + b"list-tube-used\r\n")
+    # nothing lands in "default" (the tube the connection really uses)
+    assert take(s.to_upstream) == b"list-tube-used\r\n"
+    s.feed_upstream(b"USING default\r\n")
+    assert take(s.to_client) == (reply + b"\r\n") * 4 + b"USING default\r\n"
+    assert [d["command"] for d in s.denials] == ["use", "put", "put", "put"]
+    assert all(d["tube"] == "secret" for d in s.denials)
+    s.denials.clear()
+    s.feed_client(b"use jobs\r\n" + put)
+    assert take(s.to_upstream) == b"use jobs\r\n" + put
+    s.feed_upstream(b"USING jobs\r\nINSERTED 4\r\n")
+    assert take(s.to_client) == b"USING jobs\r\nINSERTED 4\r\n"
+    assert not s.denials
+
+
+def test_denied_use_also_refuses_peek_and_kick_on_the_used_tube() -> None:
+    s = session("ops")
+    s.use_denied = ("secret", b"UNKNOWN_COMMAND\r\n")  # as after a denied use
+    s.feed_client(b"peek-ready\r\nkick 5\r\nwatch jobs\r\n")
+    assert take(s.to_upstream) == b"watch jobs\r\n"  # other tubes are unaffected
+    s.feed_upstream(b"WATCHING 2\r\n")
+    assert take(s.to_client) == b"UNKNOWN_COMMAND\r\n" * 2 + b"WATCHING 2\r\n"
+
+
+def test_compatible_replies_per_command_class() -> None:
+    table, rate = denial_replies("compatible")
+    for op, name in enumerate(NAMES):
+        expected = b"NOT_FOUND\r\n" if op in JOB_ID_OPS else b"UNKNOWN_COMMAND\r\n"
+        assert table[op] == expected, name
+    assert rate == b"OUT_OF_MEMORY\r\n"
+    table, rate = denial_replies("explicit")
+    assert set(table) == {b"NOT_PERMITTED\r\n"} and rate == b"RATE_LIMITED\r\n"
+    with pytest.raises(ValueError, match="unknown denial mode"):
+        denial_replies("silent")
+
+
+def test_compatible_mode_on_the_wire() -> None:
+    s = session("producer")
+    s.feed_client(b"watch jobs\r\nreserve\r\nkick 1\r\nstats-tube secret\r\n")
+    assert take(s.to_upstream) == b""
+    assert take(s.to_client) == b"UNKNOWN_COMMAND\r\n" * 4
+    s.feed_client(b"peek 7\r\n")  # a job-id command: looked up, then NOT_FOUND
+    assert take(s.to_upstream) == b"stats-job 7\r\n"
+    s.feed_upstream(stats_job(7, "jobs", "ready"))
+    assert take(s.to_client) == b"NOT_FOUND\r\n"
+    assert [d["reply"] for d in s.denials][-1] == "NOT_FOUND"
+
+
+def test_rate_limited_reply_follows_the_mode() -> None:
+    for mode, reply in (("compatible", b"OUT_OF_MEMORY\r\n"), ("explicit", b"RATE_LIMITED\r\n")):
+        s = session("limited", mode)
+        s.limiter = lambda: False
+        s.feed_client(b"use jobs\r\n")
+        assert take(s.to_client) == reply
+        assert s.rate_limited == 1
