@@ -15,17 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import os
-import ssl
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import PKI, Beanstalkd, RunningProxy, direct, start_proxy
-
-from proxy.config import Endpoint
-from proxy.tunnel import TunnelServer
+from conftest import PKI, Beanstalkd, direct, parse_yaml_map, start_proxy, start_tunnel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "clients"))
 
@@ -55,33 +51,22 @@ def require(lib: str) -> None:
     pytest.skip(f"{lib} not installed: {why}")
 
 
-@pytest.fixture
-async def lib_proxy(pki: PKI, beanstalkd: Beanstalkd) -> AsyncIterator[RunningProxy]:
-    running = await start_proxy(pki, beanstalkd.port, acl=LIB_ACL)
+@pytest.fixture(params=["compatible"])
+async def app_tunnel(
+    request: pytest.FixtureRequest, pki: PKI, beanstalkd: Beanstalkd
+) -> AsyncIterator[int]:
+    """Proxy (``acl_denial_reply`` = the param) and a client tunnel into it presenting the
+    ``worker`` certificate; yields the tunnel's plain-TCP port."""
+    proxy = await start_proxy(pki, beanstalkd.port, acl=LIB_ACL, denial_reply=request.param)
     try:
-        yield running
+        tunnel = await start_tunnel(pki, proxy.port, "worker")
+        try:
+            assert tunnel.port is not None
+            yield tunnel.port
+        finally:
+            await tunnel.close()
     finally:
-        await running.server.close()
-
-
-@pytest.fixture
-async def app_tunnel(pki: PKI, lib_proxy: RunningProxy) -> AsyncIterator[int]:
-    """A client tunnel (plain TCP in, mTLS as ``worker`` out); yields its local port."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.load_verify_locations(pki.ca)
-    ctx.load_cert_chain(*pki.cert("worker"))
-    tunnel = TunnelServer(
-        Endpoint("127.0.0.1", 0, None),
-        Endpoint("127.0.0.1", lib_proxy.port, None),
-        ctx,
-        "localhost",
-    )
-    await tunnel.start()
-    try:
-        assert tunnel.port is not None
-        yield tunnel.port
-    finally:
-        await tunnel.close()
+        await proxy.server.close()
 
 
 async def seed(beanstalkd: Beanstalkd) -> dict[str, int]:
@@ -105,8 +90,6 @@ async def tube_counts(beanstalkd: Beanstalkd, tube: str) -> tuple[str, str]:
     try:
         line, body = await c.call(b"stats-tube " + tube.encode())
         assert line.startswith(b"OK "), line
-        from conftest import parse_yaml_map
-
         assert body is not None
         stats = parse_yaml_map(body)
         return stats["current-jobs-ready"], stats["cmd-delete"]
@@ -149,6 +132,20 @@ async def test_library_raises_on_every_denial_through_the_proxy(
     assert await tube_counts(beanstalkd, "open") == ("1", "0")
     assert await tube_counts(beanstalkd, "drop") == ("1", "0")
     assert await tube_counts(beanstalkd, "secret") == ("1", "0")
+
+
+@pytest.mark.parametrize("app_tunnel", ["explicit"], indirect=True)
+@pytest.mark.parametrize("lib", ["pheanstalk", "beaneater"])
+async def test_explicit_mode_is_missed_by_pheanstalk_and_beaneater(
+    lib: str, app_tunnel: int, beanstalkd: Beanstalkd
+) -> None:
+    """Why ``compatible`` is the default: with ``acl_denial_reply: explicit`` (bare
+    NOT_PERMITTED) these two libraries return normally from a denied use and watch."""
+    require(lib)
+    results = await asyncio.to_thread(
+        libdrivers.run, lib, app_tunnel, ["use:secret", "watch:secret", "put:open"], 10.0
+    )
+    assert [r.outcome for r in results] == ["returned"] * 3, results
 
 
 # --- the drivers themselves, against a fake server -------------------------------------------
