@@ -61,6 +61,12 @@ def _flat(text: str) -> str:
     return " ".join(text.replace("|", "\\|").split())
 
 
+def _kind(result: Result) -> str:
+    """The error class (or, for fivebeans, the error word) a raised result names."""
+    head = result.detail.split(": ", 1)[0]
+    return head.removeprefix("error ").strip('"')
+
+
 def _cell(results: list[Result]) -> str:
     applicable = [r for r in results if r.outcome != "n/a"]
     silent = [r for r in applicable if r.outcome != "raised"]
@@ -113,6 +119,15 @@ def render(
         "Every library answered the `stats` sent after every reply with the fake server's own "
         "`stats` body on the same connection: no reply desynchronised any library."
     ]
+    lines += ["", "### What each library raises", "",
+              "| library | " + " | ".join(f"`{r}`" for r in replies) + " |",
+              "|---|" + "---|" * len(replies)]  # fmt: skip
+    for lib in libraries:
+        cells = []
+        for reply in replies:
+            kinds = sorted({_kind(r) for r in results[lib, reply] if r.outcome == "raised"})
+            cells.append(", ".join(f"`{k}`" for k in kinds) or "-")
+        lines.append(f"| {lib} | " + " | ".join(cells) + " |")
     lines += ["", "### Per operation: how many libraries raise", "",
               "| operation | " + " | ".join(f"`{r}`" for r in replies) + " |",
               "|---|" + "---|" * len(replies)]  # fmt: skip
