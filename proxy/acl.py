@@ -421,6 +421,11 @@ class Policy:
         """``(per_second, burst)`` of the principal's command rate limit, or ``None``."""
         return self._rates.get(principal)
 
+    def has_put_limits(self, principal: str) -> bool:
+        """Whether any allow rule that can apply to ``principal`` constrains ``put`` (those
+        constraints also bind its ``release`` and ``bury``)."""
+        return any(r.limits is not None for r in self._rules_for.get(principal, ()))
+
     # -- decisions ----------------------------------------------------------------------------
 
     def decide(self, principal: str, command: str, verb: str, tube: str | None) -> Decision:

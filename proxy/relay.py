@@ -34,7 +34,7 @@ from proxy.identity import Identity, identity_from_der
 from proxy.listen import bind_listener, bound_port
 from proxy.metrics import Metrics
 from proxy.ratelimit import TokenBucket
-from proxy.session import MAX_PENDING, Session
+from proxy.session import MAX_HELD_BYTES, MAX_PENDING, Session
 
 log = logging.getLogger("beanstalk_proxy")
 conn_log = logging.getLogger("beanstalk_proxy.conn")
@@ -298,6 +298,9 @@ class Connection(asyncio.Protocol):
             or self.client_full
             or self.upstream is None
             or session.blocked
+            # behind a blocking reserve the client is read (to notice its EOF) only up to a
+            # bound: those commands are decided when the reserve returns
+            or (session.waiting and session.parser.buffered > MAX_HELD_BYTES)
             # after ``quit`` the client is still read, only to notice its EOF; its bytes are
             # ignored by the session
             or (session.draining and (session.close_reason != "quit" or self.client_ended))
@@ -656,6 +659,16 @@ class ProxyServer:
                 conn.principal = principal
                 conn.session.set_principal(principal)
             conn.session.limiter = self._limiter_for(principal)
+            if not conn.session.may_keep_waiting():
+                # A reserve waiting on a tube the principal may no longer consume: closing
+                # the upstream connection ends it (beanstalkd puts back anything it reserved);
+                # a release or ignore on the client's behalf would be a command it never sent.
+                conn_log.warning(
+                    "closing peer=%s principal=%s reason=consume revoked while waiting in reserve",
+                    conn.peer,
+                    conn.principal,
+                )
+                conn.close("consume revoked while waiting in reserve")
 
     def reload_tls(
         self, ctx: ssl.SSLContext, revoked: Callable[[bytes], bool] | None = None

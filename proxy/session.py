@@ -80,6 +80,7 @@ K_STATS_JOB: Final = 7  # (K_STATS_JOB, id): the client's own stats-job, filtere
 K_LIST_TUBES: Final = 8  # filter the tube list to tubes the principal may see
 K_STATS: Final = 9  # redact host-identifying fields
 K_BURY: Final = 10  # (K_BURY, id): BURIED keeps the job this connection's for delete
+K_WAIT: Final = 11  # (K_WAIT, tubes): a blocking reserve; its reply ends ``waiting``
 
 _PLAIN: Final = (K_PLAIN,)
 _LIST_TUBES: Final = (K_LIST_TUBES,)
@@ -88,6 +89,9 @@ _STATS: Final = (K_STATS,)
 #: Pending entries beyond which the relay stops reading the client (local replies for denied
 #: commands do not go upstream, so upstream backpressure alone would not bound them).
 MAX_PENDING: Final = 4096
+#: Bytes a client may send behind a blocking ``reserve`` before the relay stops reading it
+#: (held commands are parsed only once the reserve has its reply).
+MAX_HELD_BYTES: Final = 65536
 #: Job ids remembered per connection (oldest forgotten first; a forgotten id costs a lookup).
 MAX_KNOWN_JOBS: Final = 65536
 #: Jobs this connection reserved and then buried, remembered so that it may still delete
@@ -112,8 +116,14 @@ JOB_DECISIONS: Final = (
     ("kick-job", "manage"),
     ("reserve-job", "manage"),
 )
-#: ``stats`` fields that identify the host; replaced for principals without the server class.
-REDACTED_STATS: Final = frozenset({b"pid", b"hostname", b"os", b"platform", b"id"})
+#: ``stats`` fields shown as they are to principals without the server class: facts about the
+#: server's build and configuration, nothing about other tenants' work.
+TENANT_SAFE_STATS: Final = frozenset(
+    {b"version", b"max-job-size", b"draining", b"uptime", b"binlog-max-size"}
+)
+#: ``stats`` fields that name the host; "redacted" for principals without the server class
+#: (every other field, a counter, reads 0).
+REDACTED_STATS: Final = frozenset({b"hostname", b"os", b"platform", b"id"})
 
 
 class PolicySource(Protocol):
@@ -211,6 +221,10 @@ class Session:
         self.use_denied: tuple[str, bytes] | None = None
         self._replies, self._rate_limited_reply = denial_replies(denial_reply)
         self.blocked = False
+        # a blocking reserve is outstanding: later commands are held (not parsed, not
+        # forwarded) until its reply, then decided under the policy in force at that moment
+        self.waiting = False
+        self.ended = False  # the client sent EOF; complete commands are still run
         self.draining = False
         self.failed: str | None = None
         self.close_reason = ""
@@ -280,10 +294,25 @@ class Session:
         self._run()
 
     def client_eof(self) -> None:
-        """The client half-closed: no more commands; an incomplete one is dropped."""
-        if not self.draining:
-            self.draining = True
-            self.close_reason = self.close_reason or "client closed"
+        """The client half-closed: no more commands. Those complete are still run, even behind
+        a blocking ``reserve`` (beanstalkd answers a waiting ``reserve`` of a half-closed
+        client ``TIMED_OUT`` and then runs what follows; the relay's half-close upstream does
+        the same here); then the session drains. An incomplete command is dropped."""
+        if self.draining or self.ended:
+            return
+        self.ended = True
+        self.close_reason = self.close_reason or "client closed"
+        self._run()
+
+    def may_keep_waiting(self) -> bool:
+        """Whether the outstanding blocking ``reserve`` is still allowed on every tube it
+        waits on, under the current policy (the relay closes the connection otherwise)."""
+        if not self.waiting:
+            return True
+        for entry in self.pending:
+            if entry[0] == K_WAIT:
+                return all(self._decide("reserve", "consume", t).allowed for t in entry[1])
+        return True
 
     def _run(self) -> None:
         parser = self.parser
@@ -291,8 +320,12 @@ class Session:
         limiter = self.limiter
         try:
             while not self.blocked and not self.draining:
+                if self.waiting and not self.ended:
+                    return  # held until the blocking reserve has its reply
                 cmd = parser.next_command()
                 if isinstance(cmd, _NeedData):
+                    if self.ended and not self.blocked:
+                        self.draining = True
                     return
                 op = cmd[0]
                 if limiter is not None and op != OP_QUIT and op != OP_ERROR and not limiter():
@@ -462,7 +495,11 @@ class Session:
             if not d.allowed:
                 self._deny(cmd, d, tube)
                 return
-        self._forward(cmd, (K_RESERVE, tuple(self.watched)))
+        if cmd[0] == OP_RESERVE or cmd[1] > 0:
+            self._forward(cmd, (K_WAIT, tuple(self.watched)))
+            self.waiting = True
+        else:
+            self._forward(cmd, (K_RESERVE, tuple(self.watched)))
 
     def _h_used_tube(self, cmd: Command) -> None:
         if self.use_denied is not None and self._refuse_after_denied_use(cmd):
@@ -559,19 +596,20 @@ class Session:
     def _h_job(self, cmd: Command) -> None:
         verb = self._job_verb(cmd)
         name = NAMES[cmd[0]]
-        if self._uniform_job_verb(name, verb):
-            self._send_job_cmd(cmd, self._known_tubes(cmd[1]))
-            return
         tubes = self._known_tubes(cmd[1])
-        if tubes and all(self._decide_job_verb(name, verb, t).allowed for t in tubes):
-            self._send_job_cmd(cmd, tubes)
-        elif len(tubes) == 1 and verb != OWN_BURIED:
-            self._decide_job(cmd, verb, tubes[0])
-        else:
-            # Unknown (or ambiguous) tube: ask beanstalkd on this connection, hold the client.
-            self.to_upstream += b"stats-job %d\r\n" % cmd[1]
-            self.pending.append((K_LOOKUP, cmd, verb))
-            self.blocked = True
+        if not self._job_limits_unknown(cmd, tubes):
+            if self._uniform_job_verb(name, verb) or (
+                tubes and all(self._decide_job_verb(name, verb, t).allowed for t in tubes)
+            ):
+                self._send_job_cmd(cmd, tubes)
+                return
+            if len(tubes) == 1 and verb != OWN_BURIED:
+                self._decide_job(cmd, verb, tubes[0])
+                return
+        # Unknown (or ambiguous) tube: ask beanstalkd on this connection, hold the client.
+        self.to_upstream += b"stats-job %d\r\n" % cmd[1]
+        self.pending.append((K_LOOKUP, cmd, verb))
+        self.blocked = True
 
     def _decide_job(self, cmd: Command, verb: str, tube: str) -> None:
         d = self._decide_job_verb(NAMES[cmd[0]], verb, tube)
@@ -585,8 +623,48 @@ class Session:
         if cmd[0] == OP_DELETE and not d.allowed:
             self.buried.pop(cmd[1], None)
 
+    def _job_limits_unknown(self, cmd: Command, tubes: tuple[str, ...]) -> bool:
+        """A ``release``/``bury`` whose producer constraints depend on a tube not yet known."""
+        return (
+            cmd[0] in (OP_RELEASE, OP_BURY)
+            and len(tubes) != 1
+            and self._fresh_policy().has_put_limits(self.principal)
+        )
+
+    def _breaks_put_limits(self, cmd: Command, tube: str) -> bool:
+        """Producer constraints bind ``release`` (priority, delay) and ``bury`` (priority):
+        those of the rule that grants produce on the job's tube, none if no rule does.
+        Denies (and answers) the command when it breaks them."""
+        d = self._decide("put", "produce", tube)
+        limits = d.limits
+        if limits is None:
+            return False
+        op = cmd[0]
+        pri = cmd[2]
+        delay = cmd[3] if op == OP_RELEASE else None
+        broken = None
+        if limits.priority is not None and not limits.priority[0] <= pri <= limits.priority[1]:
+            broken = f"priority {pri} outside [{limits.priority[0]}, {limits.priority[1]}]"
+        elif (
+            delay is not None
+            and limits.delay is not None
+            and not limits.delay[0] <= delay <= limits.delay[1]
+        ):
+            broken = f"delay {delay} outside [{limits.delay[0]}, {limits.delay[1]}]"
+        if broken is None:
+            return False
+        self._deny(cmd, Decision(False, f"{d.rule}: {broken}"), tube, cmd[1])
+        return True
+
     def _send_job_cmd(self, cmd: Command, tubes: tuple[str, ...]) -> None:
         op = cmd[0]
+        if (
+            op in (OP_RELEASE, OP_BURY)
+            and len(tubes) == 1
+            and self._fresh_policy().has_put_limits(self.principal)
+            and self._breaks_put_limits(cmd, tubes[0])
+        ):
+            return
         if op == OP_BURY:
             self._forward(cmd, (K_BURY, cmd[1]))
         elif op in (OP_RELEASE, OP_DELETE):
@@ -608,7 +686,7 @@ class Session:
         replies.feed(data)
         pending = self.pending
         out = self.to_client
-        was_blocked = self.blocked
+        was_held = self.blocked or self.waiting
         try:
             while True:
                 reply = replies.next_reply()
@@ -635,7 +713,7 @@ class Session:
         except ProtocolError as exc:
             self.failed = f"upstream protocol error: {exc}"
             return
-        if was_blocked and not self.blocked:
+        if was_held and not self.blocked and not self.waiting and not self.draining:
             self._run()
 
     def _remember(self, job: int, tube: str) -> None:
@@ -653,7 +731,9 @@ class Session:
 
     def _on_reply(self, entry: tuple[Any, ...], line: bytes, body: bytes | None) -> None:
         kind = entry[0]
-        if kind == K_RESERVE:
+        if kind in (K_RESERVE, K_WAIT):
+            if kind == K_WAIT:
+                self.waiting = False
             if line.startswith(b"RESERVED "):
                 job = _reply_id(line)
                 tubes: tuple[str, ...] = entry[1]
@@ -748,10 +828,14 @@ def _reply_id(line: bytes) -> int:
 
 
 def _redact_stats(yaml: bytes) -> bytes:
+    """``stats`` for a principal without the server class: the same keys (client libraries
+    read them), real values only for ``TENANT_SAFE_STATS``; host names are "redacted" and
+    every counter (jobs, commands, connections, tubes, resource usage, pid) reads 0, so one
+    tenant learns nothing about another's work."""
     lines = []
     for raw in yaml.split(b"\n"):
         key, sep, _ = raw.partition(b":")
-        if sep and key in REDACTED_STATS:
-            raw = key + (b": 0" if key == b"pid" else b": redacted")
+        if sep and key not in TENANT_SAFE_STATS:
+            raw = key + (b": redacted" if key in REDACTED_STATS else b": 0")
         lines.append(raw)
     return b"\n".join(lines)

@@ -208,3 +208,79 @@ def test_rate_limited_reply_follows_the_mode() -> None:
         s.feed_client(b"use jobs\r\n")
         assert take(s.to_client) == reply
         assert s.rate_limited == 1
+
+
+# --- issue 10: producer constraints also bind release and bury ---------------------------------
+
+LIMITED_ACL = {
+    "principals": [{"name": "w", "match": {"cn": "w"}}, {"name": "free", "match": {"cn": "f"}}],
+    "rules": [
+        {
+            "principal": "w",
+            "tubes": ["jobs"],
+            "allow": ["produce"],
+            "put": {"priority": [100, 200], "delay": [0, 10]},
+        },
+        {"principal": "w", "tubes": ["jobs", "other"], "allow": ["consume"]},
+        {"principal": "free", "tubes": ["jobs"], "allow": ["consume"]},
+    ],
+}
+
+
+def limited(principal: str = "w") -> Session:
+    return Session(
+        Holder(parse_acl(LIMITED_ACL, "<test>")), principal, 100, denial_reply="explicit"
+    )
+
+
+def reserve(s: Session, job: int, watch: bytes = b"watch jobs\r\nignore default\r\n") -> None:
+    s.feed_client(watch + b"reserve\r\n")
+    s.feed_upstream(b"WATCHING 1\r\n" * watch.count(b"\r\n"))
+    s.feed_upstream(b"RESERVED %d 1\r\nx\r\n" % job)
+    take(s.to_upstream)
+    take(s.to_client)
+
+
+@pytest.mark.parametrize(
+    ("line", "allowed"),
+    [
+        (b"release 1 5 0", False),  # priority below the produce rule's range
+        (b"release 1 150 60", False),  # delay above it
+        (b"release 1 150 5", True),
+        (b"bury 1 7", False),
+        (b"bury 1 200", True),
+    ],
+)
+def test_release_and_bury_obey_the_put_constraints(line: bytes, allowed: bool) -> None:
+    s = limited()
+    reserve(s, 1)
+    s.feed_client(line + b"\r\n")
+    if allowed:
+        assert take(s.to_upstream) == line + b"\r\n"
+        assert not s.denials
+    else:
+        assert take(s.to_upstream) == b""
+        assert take(s.to_client) == b"NOT_PERMITTED\r\n"
+        assert "outside" in s.denials[0]["rule"] and s.denials[0]["rule"].startswith("rules[0]")
+
+
+def test_constraints_of_an_unknown_tube_are_looked_up() -> None:
+    s = limited()
+    reserve(s, 3, b"watch jobs\r\nwatch other\r\nignore default\r\n")  # one of two tubes
+    s.feed_client(b"release 3 1 0\r\n")
+    assert take(s.to_upstream) == b"stats-job 3\r\n"
+    s.feed_upstream(stats_job(3, "jobs", "reserved"))
+    assert take(s.to_client) == b"NOT_PERMITTED\r\n"
+    s.feed_client(b"release 3 150 0\r\n")  # now known: no second lookup
+    assert take(s.to_upstream) == b"release 3 150 0\r\n"
+
+
+def test_no_produce_rule_means_no_constraints() -> None:
+    s = limited("free")
+    reserve(s, 4)
+    s.feed_client(b"release 4 1 3600\r\n")
+    assert take(s.to_upstream) == b"release 4 1 3600\r\n"
+    s = limited()
+    reserve(s, 5, b"watch other\r\nignore default\r\n")  # "other": w may not produce there
+    s.feed_client(b"bury 5 1\r\n")
+    assert take(s.to_upstream) == b"bury 5 1\r\n"
