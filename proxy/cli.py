@@ -21,7 +21,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Collection, Coroutine, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +32,8 @@ from proxy import __version__
 from proxy.config import Config, Endpoint, parse_config
 from proxy.errors import ConfigError, ProtocolError
 from proxy.logs import LOGGER, setup_logging
+from proxy.watch import Kinds, Snapshot, changed_paths, watch
+from proxy.watch import snapshot as _file_state
 
 if TYPE_CHECKING:
     import ssl
@@ -229,54 +231,57 @@ def _revocation_check(config: Config) -> Callable[[bytes], bool] | None:
     return is_revoked
 
 
-#: (st_dev, st_ino, st_size, st_mtime_ns) per watched file, None where it is missing.
-FileState = list[tuple[int, int, int, int] | None]
+def _kind_files(config: Config) -> dict[str, list[str]]:
+    """The watched files of each reload kind."""
+    tls = config.tls
+    return {"acl": [config.acl], "tls": [tls.cert, tls.key, tls.client_ca, *tls.crl]}
 
 
 def _watched_files(config: Config) -> list[str]:
-    tls = config.tls
-    return [config.acl, tls.cert, tls.key, tls.client_ca, *tls.crl]
+    return Kinds(_kind_files(config)).paths
 
 
-def _file_state(paths: Sequence[str]) -> FileState:
-    """What identifies each file's current content: stat() following symlinks, so the
-    atomic ``..data`` symlink swap Kubernetes does for mounted Secrets is a change."""
-    state: list[tuple[int, int, int, int] | None] = []
-    for path in paths:
-        try:
-            st = os.stat(path)
-        except OSError:
-            state.append(None)
-        else:
-            state.append((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
-    return state
-
-
-async def _watch_files(
-    paths: Sequence[str], interval: float, seen: FileState, reload: Callable[[], None]
+def _files_changed(
+    config: Config, server: ProxyServer, kinds: Kinds, old: Snapshot, new: Snapshot
 ) -> None:
-    """Call ``reload`` (as on SIGHUP) when a file differs from ``seen``, the state taken
-    before the files were first loaded (so a change during start-up is not missed)."""
-    while True:
-        await asyncio.sleep(interval)
-        now = _file_state(paths)
-        if now != seen:
-            changed = [p for p, a, b in zip(paths, seen, now, strict=True) if a != b]
-            log.info("files changed on disk, reloading: %s", ", ".join(changed))
-            seen = now
-            reload()
+    """The watcher saw a settled change: reload the kinds whose content changed."""
+    todo = kinds.changed(new)
+    if not todo:  # touched, changed back, or already reloaded by SIGHUP
+        return
+    paths = [p for p in changed_paths(old, new) if any(p in kinds.groups[k] for k in todo)]
+    log.info(
+        "files changed on disk, reloading %s: %s",
+        " and ".join(todo),
+        ", ".join(paths or [p for k in todo for p in kinds.groups[k]]),
+    )
+    _reload(config, server, kinds, todo)
 
 
-def _reload(config: Config, server: ProxyServer) -> None:
-    """SIGHUP: re-read the ACL and the TLS files; keep what is running on any error."""
-    reloads = server.metrics.reloads
+def _reload(
+    config: Config,
+    server: ProxyServer,
+    kinds: Kinds | None = None,
+    only: Collection[str] = ("acl", "tls"),
+) -> None:
+    """SIGHUP (every kind) or the watcher (the kinds that changed): re-read the ACL and the TLS
+    files; keep what is running on any error. ``kinds`` remembers what each kind was last
+    loaded from: a reload is counted in ``reloads_total`` only when that content changed."""
+    if kinds is None:
+        kinds = Kinds(_kind_files(config))
+    if "acl" in only:
+        _reload_acl(config, server, kinds.attempt("acl"))
+    if "tls" in only:
+        _reload_tls(config, server, kinds.attempt("tls"))
+
+
+def _reload_acl(config: Config, server: ProxyServer, counted: bool) -> None:
     try:
         policy = load_acl(config.acl)
     except Exception as exc:
-        reloads.labels("acl", "failure").inc()
+        server.metrics.reload_result("acl", False, counted)
         log.error("reload: ACL not reloaded, keeping the previous policy: %s", exc)
     else:
-        reloads.labels("acl", "success").inc()
+        server.metrics.reload_result("acl", True, counted)
         server.reload_policy(policy)
         log.info(
             "reload: ACL %s loaded (%d principals)",
@@ -284,10 +289,13 @@ def _reload(config: Config, server: ProxyServer) -> None:
             len(policy.principals),
             extra={"fields": {"event": "reload", "what": "acl"}},
         )
+
+
+def _reload_tls(config: Config, server: ProxyServer, counted: bool) -> None:
     try:
         ctx = _server_context(config)
     except Exception as exc:
-        reloads.labels("tls", "failure").inc()
+        server.metrics.reload_result("tls", False, counted)
         crl_broken = isinstance(exc, ConfigError) and exc.key.startswith("tls.crl")
         if crl_broken and config.tls.crl_failure == "refuse":
             from proxy.tlsctx import refuse_all_context
@@ -305,7 +313,7 @@ def _reload(config: Config, server: ProxyServer) -> None:
             return
         log.error("reload: TLS files not reloaded, keeping the previous context: %s", exc)
     else:
-        reloads.labels("tls", "success").inc()
+        server.metrics.reload_result("tls", True, counted)
         _record_expiry(config, server)
         try:
             revoked = _revocation_check(config)
@@ -324,7 +332,7 @@ async def _serve(
     ctx: ssl.SSLContext,
     policy: Policy,
     worker: int | None = None,
-    baseline: FileState | None = None,
+    baseline: Snapshot | None = None,
 ) -> int:
     from proxy.httpd import StatusServer
     from proxy.relay import PolicyHolder, ProxyServer
@@ -332,6 +340,11 @@ async def _serve(
     holder = PolicyHolder(policy)
     server = ProxyServer(config, ctx, holder, reuse_port=worker is not None)
     _record_expiry(config, server)
+    if baseline is None:
+        baseline = _file_state(_watched_files(config))
+    kinds = Kinds(_kind_files(config), baseline)  # what the running policy and context came from
+    for kind in kinds.groups:
+        server.metrics.reload_result(kind, True, counted=False)
     status_listen = config.metrics_listen
     if status_listen is not None and worker and status_listen.port:
         # Each worker has its own counters: worker k serves them on metrics port + k.
@@ -346,7 +359,7 @@ async def _serve(
     # Handlers go in before anything can announce readiness: a SIGHUP sent by a supervisor
     # right after "ready" must reload, not kill the process (SIGHUP's default action).
     signals = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT)
-    loop.add_signal_handler(signal.SIGHUP, _reload, config, server)
+    loop.add_signal_handler(signal.SIGHUP, _reload, config, server, kinds)
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
     try:
@@ -370,11 +383,11 @@ async def _serve(
         )
         watcher = (
             asyncio.get_running_loop().create_task(
-                _watch_files(
-                    _watched_files(config),
+                watch(
+                    kinds.paths,
                     config.watch_interval,
-                    baseline if baseline is not None else _file_state(_watched_files(config)),
-                    lambda: _reload(config, server),
+                    baseline,
+                    lambda old, new: _files_changed(config, server, kinds, old, new),
                 )
             )
             if config.watch_files
@@ -452,7 +465,7 @@ def serve(config_path: str, workers: int) -> None:
 
     config = load_config(config_path)
     setup_logging(config.log.format, config.log.level)
-    baseline = _file_state(_watched_files(config))  # before reading them: see _watch_files
+    baseline = _file_state(_watched_files(config))  # before reading them: see watch()
     policy = load_acl(config.acl)
     for warning in lint_acl(policy):
         log.warning("%s: %s", config.acl, warning)
@@ -779,8 +792,10 @@ async def _client(
     tunnel = TunnelServer(listen, connect, make_ctx(), server_hostname=name)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+    kinds = Kinds({"tls": files}, baseline)
 
     def reload() -> None:
+        kinds.attempt("tls")
         try:
             tunnel.reload_tls(make_ctx())
         except ConfigError as exc:
@@ -799,8 +814,13 @@ async def _client(
             connect,
             name,
         )
+
         # The certificate, key and CA are reloaded when they change on disk, as on the server.
-        watcher = loop.create_task(_watch_files(files, 5.0, baseline, reload))
+        def changed(_old: Snapshot, new: Snapshot) -> None:
+            if kinds.changed(new):  # not on a mere touch, nor after a SIGHUP already did it
+                reload()
+
+        watcher = loop.create_task(watch(files, 5.0, baseline, changed))
         await stop.wait()
         watcher.cancel()
     except OSError as exc:

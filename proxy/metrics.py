@@ -5,8 +5,9 @@ each way) are plain integers that each ``Session``/``Connection`` already keeps;
 collector adds them up at scrape time (live connections plus the totals of closed ones), so
 relaying a command costs no metric call at all. Per-connection and rare events (accepts,
 handshake failures, denials, upstream failures, reloads) use ordinary ``prometheus_client``
-counters. Command latency is sampled: one burst of commands in 16 per connection is timed (for
-a request-reply client a burst is one command), which bounds the cost. Label values chosen by
+counters; two gauges per reload kind show whether the files on disk last loaded. Command
+latency is sampled: one burst of commands in 16 per connection is timed (for a request-reply
+client a burst is one command), which bounds the cost. Label values chosen by
 clients (tube names in denials) are capped so a hostile client cannot grow the series count
 without bound; principal labels come from the ACL.
 """
@@ -68,6 +69,19 @@ class Metrics:
             ["kind", "result"],
             registry=r,
         )
+        self.last_reload_ok = Gauge(
+            "beanstalk_proxy_config_last_reload_successful",
+            "1 if the last load of this kind of file (acl, tls) succeeded, 0 if the files on "
+            "disk could not be loaded (the previous ones stay in force)",
+            ["kind"],
+            registry=r,
+        )
+        self.last_reload_ok_time = Gauge(
+            "beanstalk_proxy_config_last_reload_success_timestamp_seconds",
+            "When this kind of file (acl, tls) was last loaded successfully (unix time)",
+            ["kind"],
+            registry=r,
+        )
         self.cert_expiry = Gauge(
             "beanstalk_proxy_certificate_expiry_timestamp_seconds",
             "notAfter of the certificates the proxy loaded (unix time)",
@@ -125,6 +139,15 @@ class Metrics:
             else:
                 self._tubes.add(label)
         self.denials.labels(principal, label, command).inc()
+
+    def reload_result(self, kind: str, ok: bool, counted: bool) -> None:
+        """A load of ``kind`` ended; ``counted``: its files' content had changed since the
+        previous load (only real changes count in ``reloads_total``)."""
+        if counted:
+            self.reloads.labels(kind, "success" if ok else "failure").inc()
+        self.last_reload_ok.labels(kind).set(1 if ok else 0)
+        if ok:
+            self.last_reload_ok_time.labels(kind).set(time.time())
 
     def set_expiry(self, cert: str, not_after_unix: float) -> None:
         self.cert_expiry.labels(cert).set(not_after_unix)

@@ -130,21 +130,22 @@ class ProxyProcess:
         return [str(m.get("message", "")) for m in self.lines[since:]]
 
     async def arm_watcher(self, path: Path) -> None:
-        """Make sure the file watcher has taken its first snapshot.
+        """Make sure the file watcher is running.
 
-        ``ready`` is logged just before the watcher task starts, so a change made at once
-        could predate the snapshot and go unnoticed. Touching a watched file (new mtime) until
-        a "files changed" line appears proves the watcher is running (bounded log polling)."""
+        Changing the ACL file's content (a comment; a mere touch is not a change) until a
+        "files changed" line and the ACL reload appear proves it (bounded log polling)."""
+        original = path.read_text()
         for attempt in range(10):
             mark = self.mark()
-            ns = time.time_ns() + attempt * 1_000_000_000
-            os.utime(path, ns=(ns, ns))
+            tmp = path.with_name(f".{path.name}.arm")
+            tmp.write_text(f"{original}# arm {attempt}\n")
+            os.replace(tmp, path)
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(1.0):
+                async with asyncio.timeout(2.0):
                     while not any("files changed on disk" in m for m in self.messages(mark)):
                         self._changed.clear()
                         await self._changed.wait()
-                    await self.message(RELOADED, since=mark)
+                    await self.message("reload: ACL", since=mark)
                     return
         pytest.fail("the file watcher never noticed a change")
 

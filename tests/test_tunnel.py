@@ -4,22 +4,29 @@ local tunnel, which carries it over mutual TLS to the proxy and on to a real bea
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
+import socket
+import struct
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from pathlib import Path
+from typing import Any
 
 import greenstalk
 import pytest
+import uvloop
 from conftest import (
     PKI,
     Beanstalkd,
     LogReader,
     RunningProxy,
+    direct,
     free_port,
     server_stats,
+    start_proxy,
     start_tunnel,
 )
 
@@ -122,9 +129,255 @@ async def test_client_command_reloads_its_certificate_when_the_files_change(
             tmp = dst.with_suffix(".tmp")
             shutil.copy(src, tmp)
             os.replace(tmp, dst)  # atomic, like a secret update
-        await log.wait_for(r"reload: client certificate, key and CA reloaded", timeout=15)
+        await log.wait_for(r"reload: client certificate, key and CA reloaded", timeout=25)
     finally:
         proc.terminate()
         await asyncio.to_thread(proc.wait, 10)
         assert proc.stderr is not None
         proc.stderr.close()
+
+
+# --- nothing lost at the edges (issue 9, item 7 and 8), on asyncio and uvloop ----------------
+
+LOOPS = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
+FIRE_AND_FORGET = b"put 0 0 60 5\r\nhello\r\nquit\r\n"
+
+
+def run_on(loop_name: str, coro: Coroutine[Any, Any, None]) -> None:
+    """Run ``coro`` (the proxy, the tunnel and the clients) on a fresh loop of that kind."""
+    with asyncio.Runner(loop_factory=LOOPS[loop_name]) as runner:
+        runner.run(coro)
+
+
+async def until(what: str, check: Callable[[], Awaitable[bool]], timeout: float = 10) -> None:
+    """Poll ``check`` until it holds (bounded); fail naming ``what`` otherwise."""
+    try:
+        async with asyncio.timeout(timeout):
+            while not await check():
+                await asyncio.sleep(0.01)  # polling counters that have no event
+    except TimeoutError:
+        pytest.fail(f"never true: {what}")
+
+
+class Gate:
+    """A TCP forwarder in front of the proxy that holds every connection until ``open()``:
+    the tunnel's TLS leg is then certainly not up while the local client sends and leaves."""
+
+    def __init__(self, upstream: int) -> None:
+        self.upstream = upstream
+        self.opened = asyncio.Event()
+        self.accepted = 0
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._writers: list[asyncio.StreamWriter] = []
+        self._changed = asyncio.Event()
+
+    async def start(self) -> int:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def wait_accepted(self, n: int) -> None:
+        async with asyncio.timeout(10):
+            while self.accepted < n:
+                self._changed.clear()
+                await self._changed.wait()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.append(writer)
+        self.accepted += 1
+        self._changed.set()
+        await self.opened.wait()
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream)
+        self._writers.append(up_writer)
+        await asyncio.gather(self._pump(reader, up_writer), self._pump(up_reader, writer))
+        for w in (writer, up_writer):
+            w.close()
+
+    @staticmethod
+    async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError):
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+            if writer.can_write_eof() and not writer.is_closing():
+                writer.write_eof()
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for w in self._writers:
+            w.close()
+        for w in self._writers:
+            with contextlib.suppress(ConnectionError):
+                await w.wait_closed()
+        if self._server is not None:
+            await self._server.wait_closed()
+
+
+async def beanstalkd_connections(port: int) -> int:
+    """beanstalkd's ``current-connections``, not counting the connection that asks."""
+    return int((await server_stats(port))["current-connections"]) - 1
+
+
+async def no_leak(proxy: RunningProxy, tunnel: TunnelServer, beanstalkd_port: int) -> None:
+    """Every tunnel, proxy and beanstalkd connection is gone again (bounded polling)."""
+
+    async def gone() -> bool:
+        return (
+            not tunnel._pipes
+            and not proxy.server.connections
+            and proxy.server.handshaking == 0
+            and await beanstalkd_connections(beanstalkd_port) == 0
+        )
+
+    await until("all tunnel, proxy and beanstalkd connections closed", gone)
+
+
+async def fire_and_forget(port: int, data: bytes = FIRE_AND_FORGET) -> None:
+    """A producer that sends and closes at once, reading nothing."""
+    _, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(data)
+    writer.close()
+    with contextlib.suppress(ConnectionError):
+        await writer.wait_closed()
+
+
+async def jobs_ready(port: int, n: int) -> bool:
+    stats = await server_stats(port)
+    return stats["cmd-put"] == str(n) and stats["current-jobs-ready"] == str(n)
+
+
+@pytest.mark.parametrize("loop_name", LOOPS)
+def test_fire_and_forget_producer_through_the_tunnel(
+    pki: PKI, beanstalkd: Beanstalkd, loop_name: str
+) -> None:
+    """``put`` + ``quit`` sent and closed before the TLS leg is up: the job is inserted and
+    every connection (tunnel, TLS, beanstalkd) is closed afterwards."""
+
+    async def scenario() -> None:
+        proxy = await start_proxy(pki, beanstalkd.port)
+        gate = Gate(proxy.port)
+        tunnel = await start_tunnel(pki, await gate.start(), "admin")
+        try:
+            assert tunnel.port is not None
+            # before the TLS leg exists: the gate holds it until the clients are gone
+            for _ in range(3):
+                await fire_and_forget(tunnel.port)
+            await gate.wait_accepted(3)
+            assert (await server_stats(beanstalkd.port))["cmd-put"] == "0"
+            gate.opened.set()
+            await until("3 jobs inserted", lambda: jobs_ready(beanstalkd.port, 3))
+            await no_leak(proxy, tunnel, beanstalkd.port)
+            # and racing the handshake, the way a real producer does
+            for _ in range(20):
+                await fire_and_forget(tunnel.port)
+            await until("23 jobs inserted", lambda: jobs_ready(beanstalkd.port, 23))
+            await no_leak(proxy, tunnel, beanstalkd.port)
+        finally:
+            await tunnel.close()
+            await gate.close()
+            await proxy.server.close()
+
+    run_on(loop_name, scenario())
+
+
+@pytest.mark.parametrize("loop_name", LOOPS)
+def test_fire_and_forget_without_quit_and_a_client_that_sent_nothing(
+    pki: PKI, beanstalkd: Beanstalkd, loop_name: str
+) -> None:
+    """Without ``quit`` the proxy does not close by itself: the tunnel closes once the reply
+    came and no other followed (``linger``); a client that sent nothing is closed at once."""
+
+    async def scenario() -> None:
+        proxy = await start_proxy(pki, beanstalkd.port)
+        gate = Gate(proxy.port)
+        tunnel = await start_tunnel(pki, await gate.start(), "admin")
+        try:
+            assert tunnel.port is not None
+            await fire_and_forget(tunnel.port, b"put 0 0 60 5\r\nhello\r\n")
+            await fire_and_forget(tunnel.port, b"")
+            await gate.wait_accepted(2)
+            gate.opened.set()
+            await until("1 job inserted", lambda: jobs_ready(beanstalkd.port, 1))
+            await no_leak(proxy, tunnel, beanstalkd.port)
+        finally:
+            await tunnel.close()
+            await gate.close()
+            await proxy.server.close()
+
+    run_on(loop_name, scenario())
+
+
+@pytest.mark.parametrize("early", [False, True], ids=["after-tls", "before-tls"])
+@pytest.mark.parametrize("loop_name", LOOPS)
+def test_half_closing_client_gets_its_replies(
+    pki: PKI, beanstalkd: Beanstalkd, loop_name: str, early: bool
+) -> None:
+    """``list-tube-used`` then a FIN (``shutdown(SHUT_WR)``): the replies come back through
+    the tunnel, as they would from beanstalkd directly, then the tunnel closes."""
+
+    async def scenario() -> None:
+        proxy = await start_proxy(pki, beanstalkd.port)
+        gate = Gate(proxy.port)
+        tunnel = await start_tunnel(pki, await gate.start(), "admin")
+        try:
+            assert tunnel.port is not None
+            if not early:
+                gate.opened.set()
+                warm = await direct(tunnel.port)  # the TLS leg of this one is up...
+                assert await warm.line(b"list-tube-used") == b"USING default"
+                reader, writer = warm.reader, warm.writer
+            else:
+                reader, writer = await asyncio.open_connection("127.0.0.1", tunnel.port)
+            writer.write(b"use half\r\nlist-tube-used\r\nput 0 0 60 2\r\nhi\r\n")
+            writer.write_eof()
+            if early:
+                await gate.wait_accepted(1)
+                gate.opened.set()
+            async with asyncio.timeout(10):
+                replies = await reader.read()  # until the tunnel closes
+            assert replies == b"USING half\r\nUSING half\r\nINSERTED 1\r\n"
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+            await no_leak(proxy, tunnel, beanstalkd.port)
+            assert (await server_stats(beanstalkd.port))["current-jobs-ready"] == "1"
+        finally:
+            await tunnel.close()
+            await gate.close()
+            await proxy.server.close()
+
+    run_on(loop_name, scenario())
+
+
+@pytest.mark.parametrize("loop_name", LOOPS)
+def test_a_client_gone_with_a_reset_before_the_tls_leg_still_delivers(
+    pki: PKI, beanstalkd: Beanstalkd, loop_name: str
+) -> None:
+    """The local client resets its connection (SO_LINGER 0) right after sending, while the
+    TLS leg is held: what the tunnel read from it is still delivered, and both legs close."""
+
+    async def scenario() -> None:
+        proxy = await start_proxy(pki, beanstalkd.port)
+        gate = Gate(proxy.port)
+        tunnel = await start_tunnel(pki, await gate.start(), "admin")
+        try:
+            assert tunnel.port is not None
+            _, writer = await asyncio.open_connection("127.0.0.1", tunnel.port)
+            writer.write(FIRE_AND_FORGET)
+            await writer.drain()
+            await gate.wait_accepted(1)
+            sock = writer.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+            gate.opened.set()
+            await until("1 job inserted", lambda: jobs_ready(beanstalkd.port, 1))
+            await no_leak(proxy, tunnel, beanstalkd.port)
+        finally:
+            await tunnel.close()
+            await gate.close()
+            await proxy.server.close()
+
+    run_on(loop_name, scenario())
