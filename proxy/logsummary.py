@@ -40,7 +40,7 @@ class _Window:
 class KeyedWindowCounter:
     """At most ``limit`` events per key per ``window`` seconds; the rest counted by label."""
 
-    __slots__ = ("limit", "window", "max_keys", "_windows", "_ended")
+    __slots__ = ("_ended", "_windows", "limit", "max_keys", "window")
 
     def __init__(self, limit: int, window: float, max_keys: int = 10_000) -> None:
         if limit < 0 or window <= 0 or max_keys < 1:
