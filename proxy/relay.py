@@ -80,6 +80,8 @@ def _timed_out(exc: BaseException) -> bool:
 
 
 def _ssl_reason(exc: BaseException) -> str:
+    if _unreadable(exc):
+        return f"unparseable_certificate ({type(exc).__name__}: {str(exc)[:200]!r})"
     if isinstance(exc, ssl.SSLCertVerificationError):
         return f"certificate verify failed: {exc.verify_message}"
     if isinstance(exc, ssl.SSLError):
@@ -89,8 +91,17 @@ def _ssl_reason(exc: BaseException) -> str:
     return f"tls handshake failed: {type(exc).__name__}: {exc}"
 
 
+def _unreadable(exc: BaseException) -> bool:
+    # The stock SSL transports decode the peer certificate (``getpeercert()``) when the
+    # handshake completes; a URI SAN that is not valid UTF-8 fails there with a
+    # UnicodeDecodeError, which fails the handshake.
+    return isinstance(exc, ValueError)
+
+
 def _failure_kind(exc: BaseException) -> str:
     """A low-cardinality label for a failed handshake."""
+    if _unreadable(exc):
+        return "unparseable_certificate"
     if isinstance(exc, ssl.SSLCertVerificationError):
         return "verify_failed"
     if isinstance(exc, ssl.SSLError):
@@ -471,6 +482,7 @@ class ProxyServer:
         exception (so every failure is logged with its reason) and never loses the bytes a
         client sends before the TLS layer is in place, on asyncio and uvloop alike."""
         loop = asyncio.get_running_loop()
+        _quiet_unreadable_certificates(loop)
         self._listener = bind_listener(self.config.listen, self.reuse_port)
         self._acceptor = loop.create_task(self._accept_loop(self._listener))
         log.info("listening on %s, upstream %s", self.config.listen, self.config.upstream)
@@ -652,7 +664,7 @@ class ProxyServer:
                 conn.closed = True
                 conn.close_transport()
                 raise
-            except (OSError, TimeoutError, ConnectionError) as exc:
+            except (OSError, TimeoutError, ConnectionError, ValueError) as exc:
                 kind = _failure_kind(exc)
                 self.metrics.handshake_failures.labels(kind).inc()
                 self._peer_event(
@@ -937,3 +949,24 @@ def _log_suppressed(s: Suppressed) -> None:
             }
         },
     )
+
+
+def _quiet_unreadable_certificates(loop: asyncio.AbstractEventLoop) -> None:
+    """The stock SSL transports report a handshake that failed on an unreadable client
+    certificate (a ValueError, see ``_unreadable``) to the loop's exception handler, which logs
+    a traceback per connection. The proxy counts and logs those itself (summarised per source),
+    so they are dropped here; every other report goes to the previous handler."""
+    previous = loop.get_exception_handler()
+
+    def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        message = str(context.get("message", ""))
+        if message.startswith("SSL handshake failed") and _unreadable(
+            context.get("exception") or Exception()
+        ):
+            return
+        if previous is not None:
+            previous(loop, context)
+        else:
+            loop.default_exception_handler(context)
+
+    loop.set_exception_handler(handler)
