@@ -86,7 +86,28 @@ def test_check_config_ok(setup: Path) -> None:
     result = run("check-config", "--config", str(setup))
     assert result.exit_code == 0, result.output
     assert result.stdout.strip().splitlines()[-1] == "ok"
-    assert "warning" not in result.output
+    # (the default limits may need more descriptors than this machine's hard limit allows)
+    warnings = [ln for ln in result.output.splitlines() if "warning" in ln]
+    assert all("RLIMIT_NOFILE" in ln for ln in warnings), warnings
+
+
+def test_check_config_warns_when_the_fd_limit_is_below_the_fd_budget(setup: Path) -> None:
+    import resource
+
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard == resource.RLIM_INFINITY:
+        pytest.skip("no hard limit on open files here")
+    with setup.open("a") as f:
+        f.write(f"limits: {{max_connections: {hard}, max_handshakes: 10}}\n")
+    result = run("check-config", "--config", str(setup))
+    assert result.exit_code == 0, result.output
+    (line,) = [ln for ln in result.output.splitlines() if "RLIMIT_NOFILE" in ln]
+    assert line.startswith("warning: ") and f"{2 * hard + 10 + 32} descriptors" in line, line
+
+    setup.write_text(setup.read_text().replace(f"max_connections: {hard}", "max_connections: 8"))
+    result = run("check-config", "--config", str(setup))
+    assert result.exit_code == 0, result.output
+    assert "RLIMIT_NOFILE" not in result.output
 
 
 def test_shipped_configs_pass_check_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
