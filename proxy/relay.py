@@ -14,6 +14,11 @@ close by itself, as beanstalkd does once everything before the ``quit`` is answe
 half-close would turn a blocking ``reserve`` into ``TIMED_OUT``), and the client is still read
 only to notice its EOF; a client that vanishes closes its upstream connection so beanstalkd
 releases its reservations; an upstream that vanishes closes the client with a logged reason.
+Limits: a client socket counts against ``max_connections`` from the end of its handshake until
+``connection_lost`` (closing waits ``close_timeout`` for the peer's close_notify, then aborts);
+handshakes in progress have their own budget (``max_handshakes``, oldest dropped when full)
+and a per-source cap; refusals and failed handshakes are logged at most ``PEER_LOG_LINES`` per
+source address per window, the rest summarised.
 """
 
 from __future__ import annotations
