@@ -528,13 +528,15 @@ class ProxyServer:
                 log.error("accept failed on %s: %s", self.config.listen, exc)
                 await asyncio.sleep(0.1)
                 continue
-            self.accepted(sock, addr)
-            # sock_accept does not yield while connections are queued: let the handshake just
-            # started (and one dropped to make room for it) run, so the socket of a dropped
-            # handshake is closed before the next accept.
-            await asyncio.sleep(0)
+            if self.accepted(sock, addr):
+                # sock_accept does not yield while connections are queued: let the handshake
+                # dropped to make room run its cancellation (which closes its socket) before
+                # the next accept, so dropped sockets cannot pile up during a burst.
+                await asyncio.sleep(0)
 
-    def accepted(self, sock: socket.socket, addr: Any) -> None:
+    def accepted(self, sock: socket.socket, addr: Any) -> bool:
+        """Start the handshake of an accepted socket, or refuse it; True when a pending
+        handshake was dropped to make room."""
         tcp = isinstance(addr, tuple)
         peer = f"{addr[0]}:{addr[1]}" if tcp else "unix"
         source: str | None = addr[0] if tcp else None
@@ -542,7 +544,7 @@ class ProxyServer:
         self.metrics.connections_total.inc()
         if len(self._open_transports) >= limits.max_connections:
             self._refused_at_accept(sock, peer, source, "max_connections", limits.max_connections)
-            return
+            return False
         per_source = limits.max_handshakes_per_source
         if (
             per_source is not None
@@ -550,8 +552,9 @@ class ProxyServer:
             and self._pending_per_source.get(source, 0) >= per_source
         ):
             self._refused_at_accept(sock, peer, source, "max_handshakes_per_source", per_source)
-            return
-        if len(self._pending) >= limits.handshake_limit():
+            return False
+        dropped = len(self._pending) >= limits.handshake_limit()
+        if dropped:
             self._drop_oldest_handshake()
         if tcp:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -562,6 +565,7 @@ class ProxyServer:
             self._pending_per_source[source] = self._pending_per_source.get(source, 0) + 1
         self._tasks.add(task)
         task.add_done_callback(lambda t: self._handshake_task_done(t, conn, sock))
+        return dropped
 
     def _refused_at_accept(
         self, sock: socket.socket, peer: str, source: str | None, kind: str, limit: int
