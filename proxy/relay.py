@@ -99,8 +99,9 @@ def _ssl_reason(exc: BaseException) -> str:
 def _unreadable(exc: BaseException) -> bool:
     # The stock SSL transports decode the peer certificate (``getpeercert()``) when the
     # handshake completes; a URI SAN that is not valid UTF-8 fails there with a
-    # UnicodeDecodeError, which fails the handshake.
-    return isinstance(exc, ValueError)
+    # UnicodeDecodeError, which fails the handshake. (ssl.SSLCertVerificationError is a
+    # ValueError too: a certificate that failed verification is not this case.)
+    return isinstance(exc, ValueError) and not isinstance(exc, ssl.SSLError)
 
 
 def _failure_kind(exc: BaseException) -> str:
