@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -108,6 +109,31 @@ def test_check_config_warns_when_the_fd_limit_is_below_the_fd_budget(setup: Path
     result = run("check-config", "--config", str(setup))
     assert result.exit_code == 0, result.output
     assert "RLIMIT_NOFILE" not in result.output
+
+
+def test_serve_raises_the_soft_fd_limit_towards_the_budget(setup: Path) -> None:
+    import resource
+
+    from proxy.cli import _fd_limit_problem, load_config
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard < 300:
+        pytest.skip("needs a finite hard limit on open files of at least 300")
+    config = load_config(str(setup))
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+        small = replace(config, limits=replace(config.limits, max_connections=8))
+        assert _fd_limit_problem(small, raise_soft=True) is None  # 8*2 + 8 + 32 fits in 256
+        assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == 256
+        fits = replace(config, limits=replace(config.limits, max_connections=100))
+        assert _fd_limit_problem(fits, raise_soft=True) is None  # 332 > 256: raised to it
+        assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == 2 * 100 + 100 + 32
+        huge = replace(config, limits=replace(config.limits, max_connections=hard))
+        problem = _fd_limit_problem(huge, raise_soft=True)  # raised to the hard limit only
+        assert problem is not None and f"soft limit {hard})" in problem
+        assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == hard
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 def test_shipped_configs_pass_check_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
