@@ -177,6 +177,35 @@ def _run(coro: Coroutine[Any, Any, int]) -> int:
         return runner.run(coro)
 
 
+def _fd_limit_problem(config: Config, raise_soft: bool) -> str | None:
+    """Compare the open-file limit (RLIMIT_NOFILE) with the descriptors the limits allow the
+    proxy to hold (``Limits.fd_budget``). With ``raise_soft`` the soft limit is first raised
+    towards the budget, up to the hard limit (what ``serve`` does). Returns a warning, or None
+    when the limit is enough (or unknown)."""
+    try:
+        import resource
+    except ImportError:  # not a Unix
+        return None
+    limits = config.limits
+    need = limits.fd_budget()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    reachable = need if hard == resource.RLIM_INFINITY else min(need, hard)
+    if raise_soft and soft != resource.RLIM_INFINITY and soft < reachable:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (reachable, hard))
+            soft = reachable
+    have = soft if raise_soft else hard
+    if have == resource.RLIM_INFINITY or have >= need:
+        return None
+    return (
+        f"the open-file limit (RLIMIT_NOFILE {'soft' if raise_soft else 'hard'} limit {have}) "
+        f"is below the {need} descriptors the limits allow (2 x limits.max_connections "
+        f"{limits.max_connections} + limits.max_handshakes {limits.handshake_limit()} + 32): "
+        "at full load accept() fails with 'Too many open files'; raise the limit (ulimit -n, "
+        "LimitNOFILE=) or lower limits.max_connections (per worker with --workers)"
+    )
+
+
 def _cert_expiry(path: str) -> float | None:
     """notAfter (unix time) of the first certificate in ``path``, or None if unreadable."""
     from cryptography import x509
@@ -470,6 +499,9 @@ def serve(config_path: str, workers: int) -> None:
     for warning in lint_acl(policy):
         log.warning("%s: %s", config.acl, warning)
     ctx = _server_context(config)
+    fd_problem = _fd_limit_problem(config, raise_soft=True)
+    if fd_problem is not None:
+        log.warning("%s", fd_problem)
     if workers == 1:
         sys.exit(_run(_serve(config, ctx, policy, baseline=baseline)))
     if config.listen.is_unix or config.listen.port == 0:
@@ -500,6 +532,9 @@ def check_config(config_path: str) -> None:
     _server_context(config)
     for warning in lint_acl(policy):
         click.echo(f"warning: {config.acl}: {warning}", err=True)
+    fd_problem = _fd_limit_problem(config, raise_soft=False)
+    if fd_problem is not None:
+        click.echo(f"warning: {config.source}: {fd_problem}", err=True)
     click.echo("ok")
 
 

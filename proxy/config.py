@@ -40,6 +40,13 @@ DEFAULT_HANDSHAKE_TIMEOUT = 5.0
 DEFAULT_UPSTREAM_CONNECT_TIMEOUT = 5.0
 DEFAULT_MAX_JOB_SIZE = 65535
 DEFAULT_SHUTDOWN_TIMEOUT = 10.0
+DEFAULT_CLOSE_TIMEOUT = 2.0
+#: ``limits.max_handshakes`` defaults to min(max_connections, this).
+DEFAULT_MAX_HANDSHAKES = 1024
+DEFAULT_MAX_HANDSHAKES_PER_SOURCE = 64
+#: Descriptors a proxy process needs besides its client and upstream sockets (listener, event
+#: loop, metrics listener, standard streams, log and watched files), with room to spare.
+FD_OVERHEAD = 32
 MAX_JOB_SIZE_LIMIT = 1073741824  # beanstalkd's own ceiling for -z (2**30)
 MAX_DURATION = 86400.0  # one day; anything longer is almost certainly a unit mistake
 
@@ -104,6 +111,19 @@ class Limits:
     idle_timeout: float | None = None  # close connections silent this long (never mid-reserve)
     max_connection_lifetime: float | None = None  # close connections older than this
     max_connections_per_principal: int | None = None
+    close_timeout: float = DEFAULT_CLOSE_TIMEOUT  # seconds to wait for the peer's TLS close
+    max_handshakes: int | None = None  # None: min(max_connections, DEFAULT_MAX_HANDSHAKES)
+    max_handshakes_per_source: int | None = DEFAULT_MAX_HANDSHAKES_PER_SOURCE  # None: no cap
+
+    def handshake_limit(self) -> int:
+        """Connections allowed in the TLS handshake at once (``max_handshakes`` or its
+        default)."""
+        return self.max_handshakes or min(self.max_connections, DEFAULT_MAX_HANDSHAKES)
+
+    def fd_budget(self) -> int:
+        """File descriptors the proxy may hold at most: a client socket and an upstream socket
+        per connection, a socket per pending handshake, and ``FD_OVERHEAD``."""
+        return 2 * self.max_connections + self.handshake_limit() + FD_OVERHEAD
 
 
 @dataclass(frozen=True)
@@ -377,6 +397,9 @@ _LIMIT_KEYS = (
     "idle_timeout",
     "max_connection_lifetime",
     "max_connections_per_principal",
+    "close_timeout",
+    "max_handshakes",
+    "max_handshakes_per_source",
 )
 _METRICS_KEYS = ("listen",)
 _LOG_KEYS = ("format", "level")
@@ -455,6 +478,12 @@ def _parse_limits(source: str, data: object) -> Limits:
         idle_timeout=r.duration("idle_timeout", 0.0) or None,
         max_connection_lifetime=r.duration("max_connection_lifetime", 0.0) or None,
         max_connections_per_principal=r.get_int("max_connections_per_principal", 0, 1) or None,
+        close_timeout=r.duration("close_timeout", DEFAULT_CLOSE_TIMEOUT),
+        max_handshakes=r.get_int("max_handshakes", 0, 1) or None,
+        max_handshakes_per_source=r.get_int(
+            "max_handshakes_per_source", DEFAULT_MAX_HANDSHAKES_PER_SOURCE, 0
+        )
+        or None,
     )
 
 

@@ -14,8 +14,9 @@ without bound; principal labels come from the ACL.
 
 from __future__ import annotations
 
+import os
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -97,6 +98,8 @@ class Metrics:
             registry=r,
         )
         self._live: Iterable[Connection] = ()
+        self._client_sockets: Callable[[], int] = lambda: 0
+        self._handshakes: Callable[[], int] = lambda: 0
         self._closed_commands = [0] * len(NAMES)
         self._closed_denied = [0] * len(NAMES)
         self._closed_bytes = {"in": 0, "out": 0}
@@ -107,6 +110,14 @@ class Metrics:
     def track(self, live: Iterable[Connection]) -> None:
         """Where to find the live connections at scrape time."""
         self._live = live
+
+    def track_sockets(
+        self, client_sockets: Callable[[], int], handshakes: Callable[[], int]
+    ) -> None:
+        """How to count, at scrape time, the client sockets past the handshake (relayed,
+        refused or closing) and the handshakes in progress."""
+        self._client_sockets = client_sockets
+        self._handshakes = handshakes
 
     def connection_closed(self, conn: Connection) -> None:
         """Fold a closed connection's counters into the totals."""
@@ -218,9 +229,37 @@ class _LiveCollector(Collector):
         g = GaugeMetricFamily("beanstalk_proxy_connections_open", "Relayed connections open now")
         g.add_metric([], live)
         yield g
+        g = GaugeMetricFamily(
+            "beanstalk_proxy_client_sockets",
+            "Client sockets past the TLS handshake and not yet closed (relayed, refused or "
+            "closing): what counts against limits.max_connections",
+        )
+        g.add_metric([], self.metrics._client_sockets())
+        yield g
+        g = GaugeMetricFamily(
+            "beanstalk_proxy_handshakes_pending",
+            "Client connections in the TLS handshake (limited by limits.max_handshakes)",
+        )
+        g.add_metric([], self.metrics._handshakes())
+        yield g
+        fds = _open_fds()
+        if fds >= 0:
+            g = GaugeMetricFamily(
+                "beanstalk_proxy_open_fds", "File descriptors the process holds now"
+            )
+            g.add_metric([], fds)
+            yield g
         g = GaugeMetricFamily("beanstalk_proxy_start_time_seconds", "Process start (unix time)")
         g.add_metric([], _START)
         yield g
 
 
 _START = time.time()
+
+
+def _open_fds() -> int:
+    """File descriptors this process holds now (Linux; -1 where /proc is not available)."""
+    try:
+        return len(os.listdir("/proc/self/fd"))
+    except OSError:
+        return -1

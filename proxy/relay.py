@@ -14,6 +14,11 @@ close by itself, as beanstalkd does once everything before the ``quit`` is answe
 half-close would turn a blocking ``reserve`` into ``TIMED_OUT``), and the client is still read
 only to notice its EOF; a client that vanishes closes its upstream connection so beanstalkd
 releases its reservations; an upstream that vanishes closes the client with a logged reason.
+Limits: a client socket counts against ``max_connections`` from the end of its handshake until
+``connection_lost`` (closing waits ``close_timeout`` for the peer's close_notify, then aborts);
+handshakes in progress have their own budget (``max_handshakes``, oldest dropped when full)
+and a per-source cap; refusals and failed handshakes are logged at most ``PEER_LOG_LINES`` per
+source address per window, the rest summarised.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from proxy.acl import Policy
 from proxy.config import Config, Endpoint
 from proxy.identity import Identity, identity_from_der
 from proxy.listen import bind_listener, bound_port
+from proxy.logsummary import KeyedWindowCounter, Suppressed
 from proxy.metrics import Metrics
 from proxy.ratelimit import TokenBucket
 from proxy.session import MAX_HELD_BYTES, MAX_PENDING, Session
@@ -47,6 +53,11 @@ LATENCY_SAMPLE_EVERY = 16
 CLOSE_WAIT = 2.0
 #: How long a draining connection may wait for upstream to finish before it is cut.
 DRAIN_TIMEOUT = 30.0
+#: Log lines about refusals and failed handshakes per source address and window; the rest of a
+#: burst is summarised in one line per window (an unauthenticated peer must not be able to
+#: write the log at the rate it can open sockets).
+PEER_LOG_LINES = 10
+PEER_LOG_WINDOW = 10.0
 
 
 class PolicyHolder:
@@ -74,6 +85,8 @@ def _timed_out(exc: BaseException) -> bool:
 
 
 def _ssl_reason(exc: BaseException) -> str:
+    if _unreadable(exc):
+        return f"unparseable_certificate ({type(exc).__name__}: {str(exc)[:200]!r})"
     if isinstance(exc, ssl.SSLCertVerificationError):
         return f"certificate verify failed: {exc.verify_message}"
     if isinstance(exc, ssl.SSLError):
@@ -83,8 +96,18 @@ def _ssl_reason(exc: BaseException) -> str:
     return f"tls handshake failed: {type(exc).__name__}: {exc}"
 
 
+def _unreadable(exc: BaseException) -> bool:
+    # The stock SSL transports decode the peer certificate (``getpeercert()``) when the
+    # handshake completes; a URI SAN that is not valid UTF-8 fails there with a
+    # UnicodeDecodeError, which fails the handshake. (ssl.SSLCertVerificationError is a
+    # ValueError too: a certificate that failed verification is not this case.)
+    return isinstance(exc, ValueError) and not isinstance(exc, ssl.SSLError)
+
+
 def _failure_kind(exc: BaseException) -> str:
     """A low-cardinality label for a failed handshake."""
+    if _unreadable(exc):
+        return "unparseable_certificate"
     if isinstance(exc, ssl.SSLCertVerificationError):
         return "verify_failed"
     if isinstance(exc, ssl.SSLError):
@@ -131,9 +154,10 @@ class _Upstream(asyncio.Protocol):
 class Connection(asyncio.Protocol):
     """One client connection after its TLS handshake: the pump around a ``Session``."""
 
-    def __init__(self, server: ProxyServer, peer: str) -> None:
+    def __init__(self, server: ProxyServer, peer: str, source: str | None = None) -> None:
         self.server = server
         self.peer = peer
+        self.source = source  # the client's IP address (None for unix sockets)
         self.started = time.monotonic()
         self.last_active = self.started
         self.client: asyncio.Transport | None = None
@@ -159,12 +183,17 @@ class Connection(asyncio.Protocol):
         self.counted_as: str | None = None  # principal this connection counts against
         self.der: bytes | None = None  # the client certificate, for revocation re-checks
         self._expiry_timer: asyncio.TimerHandle | None = None
+        self.tls_started = False  # the socket was handed to the TLS layer, which now owns it
+        self.lost = False  # the client transport reported connection_lost: its socket is closed
+        self._abort_timer: asyncio.TimerHandle | None = None
 
     # --- client transport callbacks ---------------------------------------------------------
 
     def connection_made(self, base: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, base)  # uvloop's transports do not subclass it
         self.client = transport
+        # From here until connection_lost the socket counts against max_connections.
+        self.server.transport_made(self)
 
     def data_received(self, data: bytes) -> None:
         session = self.session
@@ -186,6 +215,9 @@ class Connection(asyncio.Protocol):
         return False  # TLS cannot stay half-open; asyncio closes, connection_lost follows
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        if self._abort_timer is not None:
+            self._abort_timer.cancel()
         self.server.transport_gone(self)
         if self.closed:
             return
@@ -352,8 +384,7 @@ class Connection(asyncio.Protocol):
             self.session.to_client = bytearray()
         if self.upstream is not None:
             self.upstream.close()
-        if self.client is not None:
-            self.client.close()
+        self.close_transport()
         self.server.forget(self)
         self.server.metrics.connection_closed(self)
         fields = {
@@ -378,6 +409,24 @@ class Connection(asyncio.Protocol):
             extra={"fields": fields},
         )
 
+    def close_transport(self) -> None:
+        """Close the client transport: flush it, send the TLS close_notify and wait for the
+        peer's at most ``limits.close_timeout``, then abort. Until ``connection_lost`` the
+        socket still counts against the limits, so a peer that never answers the close cannot
+        make the proxy hold more sockets than it counts."""
+        client = self.client
+        if client is None or self.lost:
+            return
+        client.close()
+        if self._abort_timer is None and not self.lost:
+            self._abort_timer = asyncio.get_running_loop().call_later(
+                self.server.config.limits.close_timeout, self._abort_client
+            )
+
+    def _abort_client(self) -> None:
+        if self.client is not None and not self.lost:
+            self.client.abort()
+
 
 class ProxyServer:
     """The listening proxy. See the module docstring."""
@@ -396,7 +445,12 @@ class ProxyServer:
         self.ssl_context = ssl_context
         self.policy = policy
         self.connections: set[Connection] = set()
-        self.handshaking = 0
+        # Handshakes in progress, oldest first (the one dropped when max_handshakes is full),
+        # and how many of them each source address has.
+        self._pending: dict[Connection, asyncio.Task[None]] = {}
+        self._pending_per_source: dict[str, int] = {}
+        self._peer_log = KeyedWindowCounter(PEER_LOG_LINES, PEER_LOG_WINDOW)
+        self._peer_log_timer: asyncio.TimerHandle | None = None
         self._listener: socket.socket | None = None
         self._acceptor: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -406,10 +460,23 @@ class ProxyServer:
         # Kept while the principal has no connection (reconnecting must not refill it);
         # bounded by the principals of the ACL, pruned on reload.
         self._buckets: dict[str, TokenBucket] = {}
-        self._open_transports: set[Connection] = set()  # client TLS transports not yet lost
+        # Client TLS transports not yet lost: what counts against max_connections.
+        self._open_transports: set[Connection] = set()
         self._transports_gone = asyncio.Event()
         self._sweeper: asyncio.Task[None] | None = None
         self.metrics.track(self.connections)
+        self.metrics.track_sockets(lambda: len(self._open_transports), lambda: len(self._pending))
+
+    @property
+    def handshaking(self) -> int:
+        """Connections in the TLS handshake now."""
+        return len(self._pending)
+
+    @property
+    def client_sockets(self) -> int:
+        """Client sockets past the handshake and not yet closed (relayed, refused or closing):
+        what counts against ``max_connections``."""
+        return len(self._open_transports)
 
     @property
     def port(self) -> int | None:
@@ -424,6 +491,7 @@ class ProxyServer:
         exception (so every failure is logged with its reason) and never loses the bytes a
         client sends before the TLS layer is in place, on asyncio and uvloop alike."""
         loop = asyncio.get_running_loop()
+        _quiet_unreadable_certificates(loop)
         self._listener = bind_listener(self.config.listen, self.reuse_port)
         self._acceptor = loop.create_task(self._accept_loop(self._listener))
         log.info("listening on %s, upstream %s", self.config.listen, self.config.upstream)
@@ -464,76 +532,233 @@ class ProxyServer:
                 log.error("accept failed on %s: %s", self.config.listen, exc)
                 await asyncio.sleep(0.1)
                 continue
-            self.accepted(sock, addr)
+            if self.accepted(sock, addr):
+                # sock_accept does not yield while connections are queued: let the handshake
+                # dropped to make room run its cancellation (which closes its socket) before
+                # the next accept, so dropped sockets cannot pile up during a burst.
+                await asyncio.sleep(0)
 
-    def accepted(self, sock: socket.socket, addr: Any) -> None:
-        peer = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else "unix"
-        limit = self.config.limits.max_connections
+    def accepted(self, sock: socket.socket, addr: Any) -> bool:
+        """Start the handshake of an accepted socket, or refuse it; True when a pending
+        handshake was dropped to make room."""
+        tcp = isinstance(addr, tuple)
+        peer = f"{addr[0]}:{addr[1]}" if tcp else "unix"
+        source: str | None = addr[0] if tcp else None
+        limits = self.config.limits
         self.metrics.connections_total.inc()
-        if len(self.connections) + self.handshaking >= limit:
-            self.metrics.handshake_failures.labels("max_connections").inc()
-            conn_log.warning("refused peer=%s reason=max_connections (%d) reached", peer, limit)
-            sock.close()
-            return
-        if sock.family != socket.AF_UNIX:
+        if len(self._open_transports) >= limits.max_connections:
+            self._refused_at_accept(sock, peer, source, "max_connections", limits.max_connections)
+            return False
+        per_source = limits.max_handshakes_per_source
+        if (
+            per_source is not None
+            and source is not None
+            and self._pending_per_source.get(source, 0) >= per_source
+        ):
+            self._refused_at_accept(sock, peer, source, "max_handshakes_per_source", per_source)
+            return False
+        dropped = len(self._pending) >= limits.handshake_limit()
+        if dropped:
+            self._drop_oldest_handshake()
+        if tcp:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.handshaking += 1
-        task = asyncio.get_running_loop().create_task(self._handshake(sock, peer))
+        conn = Connection(self, peer, source)
+        task = asyncio.get_running_loop().create_task(self._handshake(conn, sock))
+        self._pending[conn] = task
+        if source is not None:
+            self._pending_per_source[source] = self._pending_per_source.get(source, 0) + 1
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(lambda t: self._handshake_task_done(t, conn, sock))
+        return dropped
 
-    async def _handshake(self, sock: socket.socket, peer: str) -> None:
+    def _refused_at_accept(
+        self, sock: socket.socket, peer: str, source: str | None, kind: str, limit: int
+    ) -> None:
+        sock.close()
+        self.metrics.handshake_failures.labels(kind).inc()
+        self._peer_event(
+            source,
+            kind,
+            logging.WARNING,
+            "refused peer=%s reason=%s (%d) reached",
+            peer,
+            kind,
+            limit,
+        )
+
+    def _drop_oldest_handshake(self) -> None:
+        """max_handshakes is full: drop the oldest pending handshake (its task is cancelled,
+        which closes its socket) so sockets that never finish cannot hold the door shut."""
+        conn, task = next(iter(self._pending.items()))
+        self._leave_pending(conn)
+        task.cancel()
+        self.metrics.handshake_failures.labels("dropped").inc()
+        self._peer_event(
+            conn.source,
+            "dropped",
+            logging.INFO,
+            "handshake failed peer=%s reason=dropped: oldest pending handshake, "
+            "max_handshakes (%d) reached",
+            conn.peer,
+            self.config.limits.handshake_limit(),
+        )
+
+    def _leave_pending(self, conn: Connection) -> None:
+        if self._pending.pop(conn, None) is None:
+            return
+        source = conn.source
+        if source is not None:
+            left = self._pending_per_source.get(source, 1) - 1
+            if left > 0:
+                self._pending_per_source[source] = left
+            else:
+                self._pending_per_source.pop(source, None)
+
+    def _handshake_task_done(
+        self, task: asyncio.Task[None], conn: Connection, sock: socket.socket
+    ) -> None:
+        self._tasks.discard(task)
+        self._leave_pending(conn)
+        if not conn.tls_started:
+            sock.close()  # cancelled before the TLS layer took the socket over
+        if not task.cancelled() and task.exception() is not None:
+            # A bug, never a client's doing: logged once (never "exception never retrieved")
+            # and the connection closed like any other.
+            exc = task.exception()
+            log.error("connection from %s failed: %r", conn.peer, exc, exc_info=exc)
+            conn.close(f"internal error: {type(exc).__name__}")
+
+    def _peer_event(
+        self, source: str | None, kind: str, level: int, message: str, *args: object
+    ) -> None:
+        """Log one refusal or failed handshake, unless its source address already had its
+        ``PEER_LOG_LINES`` in this window: then it is only counted, and summarised later."""
+        if self._peer_log.admit(source or "unix", kind, time.monotonic()):
+            conn_log.log(level, message, *args)
+        elif self._peer_log_timer is None:
+            self._peer_log_timer = asyncio.get_running_loop().call_later(
+                PEER_LOG_WINDOW, self._report_suppressed
+            )
+
+    def _report_suppressed(self, now: float | None = None) -> None:
+        self._peer_log_timer = None
+        for s in self._peer_log.due(time.monotonic() if now is None else now):
+            _log_suppressed(s)
+        if now is None and self._peer_log.pending():
+            self._peer_log_timer = asyncio.get_running_loop().call_later(
+                PEER_LOG_WINDOW, self._report_suppressed
+            )
+
+    def _refuse(self, conn: Connection, kind: str, level: int, message: str, *args: object) -> None:
+        """Refuse a connection whose handshake completed: counted, logged (summarised per
+        source), and closed like every other connection (counted until its socket is)."""
+        self.metrics.handshake_failures.labels(kind).inc()
+        self._peer_event(conn.source, kind, level, message, *args)
+        conn.closed = True
+        conn.reason = kind
+        conn.close_transport()
+
+    async def _handshake(self, conn: Connection, sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
-        conn = Connection(self, peer)
+        peer = conn.peer
+        limits = self.config.limits
         try:
             try:
+                conn.tls_started = True
                 transport, _ = await loop.connect_accepted_socket(
                     lambda: conn,
                     sock,
                     ssl=self.ssl_context,
-                    ssl_handshake_timeout=self.config.limits.handshake_timeout,
+                    ssl_handshake_timeout=limits.handshake_timeout,
                 )
-            except (OSError, TimeoutError, ConnectionError) as exc:
-                self.metrics.handshake_failures.labels(_failure_kind(exc)).inc()
-                conn_log.info("handshake failed peer=%s reason=%s", peer, _ssl_reason(exc))
+            except asyncio.CancelledError:
+                # Dropped for a newer handshake, or the proxy is closing. Had the handshake
+                # just completed, the transport is open: close it like any other.
+                conn.closed = True
+                conn.close_transport()
+                raise
+            except (OSError, TimeoutError, ConnectionError, ValueError) as exc:
+                kind = _failure_kind(exc)
+                self.metrics.handshake_failures.labels(kind).inc()
+                self._peer_event(
+                    conn.source,
+                    kind,
+                    logging.INFO,
+                    "handshake failed peer=%s reason=%s",
+                    peer,
+                    _ssl_reason(exc),
+                )
                 sock.close()
                 return
+            finally:
+                self._leave_pending(conn)
             tls = transport
             conn.client = tls
-            self._open_transports.add(conn)
             tls.pause_reading()
             conn.reading = False
+            if len(self._open_transports) > limits.max_connections:
+                # Handshakes that completed together overshot the limit: cut this one at once.
+                self.metrics.handshake_failures.labels("max_connections").inc()
+                self._peer_event(
+                    conn.source,
+                    "max_connections",
+                    logging.WARNING,
+                    "refused peer=%s reason=max_connections (%d) reached",
+                    peer,
+                    limits.max_connections,
+                )
+                conn.closed = True
+                tls.abort()
+                return
             ssl_object = tls.get_extra_info("ssl_object")
             der = ssl_object.getpeercert(binary_form=True) if ssl_object else None
             if not der:
-                self.metrics.handshake_failures.labels("no_certificate").inc()
-                conn_log.info("refused peer=%s reason=no client certificate", peer)
-                tls.abort()
+                self._refuse(
+                    conn,
+                    "no_certificate",
+                    logging.INFO,
+                    "refused peer=%s reason=no client certificate",
+                    peer,
+                )
                 return
-            identity = identity_from_der(der)
+            try:
+                identity = identity_from_der(der)
+                principal = self.policy.current.principal_for(identity)
+            except Exception as exc:  # a certificate OpenSSL accepted but we cannot read
+                self._refuse(
+                    conn,
+                    "unparseable_certificate",
+                    logging.WARNING,
+                    "refused peer=%s reason=unparseable_certificate (%s: %.200r)",
+                    peer,
+                    type(exc).__name__,
+                    str(exc),
+                )
+                return
             conn.identity = identity
             conn.der = der
-            principal = self.policy.current.principal_for(identity)
             if principal is None:
-                self.metrics.handshake_failures.labels("no_principal").inc()
-                conn_log.warning(
+                self._refuse(
+                    conn,
+                    "no_principal",
+                    logging.WARNING,
                     "refused peer=%s subject=%s fingerprint=%s reason=no principal matches",
                     peer,
                     identity.subject,
                     identity.fingerprint,
                 )
-                tls.close()
                 return
-            cap = self.config.limits.max_connections_per_principal
+            cap = limits.max_connections_per_principal
             if cap is not None and self._per_principal.get(principal, 0) >= cap:
-                self.metrics.handshake_failures.labels("max_connections_per_principal").inc()
-                conn_log.warning(
+                self._refuse(
+                    conn,
+                    "max_connections_per_principal",
+                    logging.WARNING,
                     "refused peer=%s principal=%s reason=max_connections_per_principal (%d)",
                     peer,
                     principal,
                     cap,
                 )
-                tls.close()
                 return
             self._per_principal[principal] = self._per_principal.get(principal, 0) + 1
             conn.counted_as = principal
@@ -541,7 +766,7 @@ class ProxyServer:
             conn.session = Session(
                 self.policy,
                 principal,
-                self.config.limits.max_job_size,
+                limits.max_job_size,
                 self._limiter_for(principal),
                 self.config.denial_reply,
             )
@@ -551,7 +776,6 @@ class ProxyServer:
             if conn.client_ended:
                 conn.session.client_eof()
         finally:
-            self.handshaking -= 1
             if conn.session is None:
                 conn.starting = False
                 if conn.lost_early:
@@ -610,13 +834,13 @@ class ProxyServer:
         )
         conn.flush()
 
-    def transport_gone(self, conn: Connection) -> None:
-        self._open_transports.discard(conn)
-        if not self._open_transports:
-            self._transports_gone.set()
+    def transport_made(self, conn: Connection) -> None:
+        self._open_transports.add(conn)
 
-    def forget(self, conn: Connection) -> None:
-        self.connections.discard(conn)
+    def transport_gone(self, conn: Connection) -> None:
+        """The client's socket is closed: only now does it stop counting against
+        max_connections and max_connections_per_principal."""
+        self._open_transports.discard(conn)
         if conn.counted_as is not None:
             left = self._per_principal.get(conn.counted_as, 1) - 1
             if left > 0:
@@ -624,6 +848,11 @@ class ProxyServer:
             else:
                 self._per_principal.pop(conn.counted_as, None)
             conn.counted_as = None
+        if not self._open_transports:
+            self._transports_gone.set()
+
+    def forget(self, conn: Connection) -> None:
+        self.connections.discard(conn)
         if not self.connections:
             self._idle.set()
 
@@ -707,16 +936,61 @@ class ProxyServer:
                         await self._idle.wait()
         for conn in list(self.connections):
             conn.close("proxy shutting down")
+        for task in list(self._pending.values()):
+            task.cancel()
+        if self._peer_log_timer is not None:
+            self._peer_log_timer.cancel()
+        self._report_suppressed(now=float("inf"))
         if self._open_transports:
             # Let the TLS layers finish closing (close_notify, reading the client's last
             # bytes) before the process exits: a socket torn down with unread input is
             # reset, which can destroy replies the client has not read yet.
             self._transports_gone.clear()
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(CLOSE_WAIT):
+                async with asyncio.timeout(max(CLOSE_WAIT, self.config.limits.close_timeout)):
                     await self._transports_gone.wait()
         for task in list(self._tasks):
             task.cancel()
         if self._acceptor is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._acceptor
+
+
+def _log_suppressed(s: Suppressed) -> None:
+    by_kind = ", ".join(f"{kind}={n}" for kind, n in sorted(s.by_label.items()))
+    conn_log.warning(
+        "suppressed %d more refusals and failed handshakes from source=%s in %.0fs (%s)",
+        s.count,
+        s.key,
+        PEER_LOG_WINDOW,
+        by_kind,
+        extra={
+            "fields": {
+                "event": "suppressed",
+                "source": s.key,
+                "count": s.count,
+                "by_reason": s.by_label,
+            }
+        },
+    )
+
+
+def _quiet_unreadable_certificates(loop: asyncio.AbstractEventLoop) -> None:
+    """The stock SSL transports report a handshake that failed on an unreadable client
+    certificate (a ValueError, see ``_unreadable``) to the loop's exception handler, which logs
+    a traceback per connection. The proxy counts and logs those itself (summarised per source),
+    so they are dropped here; every other report goes to the previous handler."""
+    previous = loop.get_exception_handler()
+
+    def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        message = str(context.get("message", ""))
+        if message.startswith("SSL handshake failed") and _unreadable(
+            context.get("exception") or Exception()
+        ):
+            return
+        if previous is not None:
+            previous(loop, context)
+        else:
+            loop.default_exception_handler(context)
+
+    loop.set_exception_handler(handler)

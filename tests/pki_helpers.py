@@ -11,7 +11,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID
 
 
 def utcnow() -> dt.datetime:
@@ -27,9 +27,12 @@ def make_client_cert(
     not_before: dt.datetime,
     not_after: dt.datetime,
     eku: Sequence[x509.ObjectIdentifier] | None = (ExtendedKeyUsageOID.CLIENT_AUTH,),
+    san_der: bytes | None = None,
 ) -> tuple[str, str]:
     """Write ``out_dir/file_name.pem`` and ``.key`` (ECDSA P-256) for ``CN=cn`` signed by the CA
-    in ``ca_dir``; ``eku=None`` leaves the EKU extension out. Returns (cert path, key path)."""
+    in ``ca_dir``; ``eku=None`` leaves the EKU extension out. ``san_der`` is the DER value of a
+    subjectAltName extension written as given, unchecked (``cryptography`` would refuse to build
+    a malformed one). Returns (cert path, key path)."""
     ca_cert = x509.load_pem_x509_certificate((ca_dir / "ca.pem").read_bytes())
     ca_key = serialization.load_pem_private_key((ca_dir / "ca.key").read_bytes(), password=None)
     assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
@@ -64,6 +67,9 @@ def make_client_cert(
     )
     if eku is not None:
         builder = builder.add_extension(x509.ExtendedKeyUsage(list(eku)), critical=False)
+    if san_der is not None:
+        raw = x509.UnrecognizedExtension(ExtensionOID.SUBJECT_ALTERNATIVE_NAME, san_der)
+        builder = builder.add_extension(raw, critical=False)
     cert = builder.sign(ca_key, hashes.SHA256())
     out_dir.mkdir(parents=True, exist_ok=True)
     cert_path = out_dir / f"{file_name}.pem"

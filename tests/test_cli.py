@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -86,7 +87,53 @@ def test_check_config_ok(setup: Path) -> None:
     result = run("check-config", "--config", str(setup))
     assert result.exit_code == 0, result.output
     assert result.stdout.strip().splitlines()[-1] == "ok"
-    assert "warning" not in result.output
+    # (the default limits may need more descriptors than this machine's hard limit allows)
+    warnings = [ln for ln in result.output.splitlines() if "warning" in ln]
+    assert all("RLIMIT_NOFILE" in ln for ln in warnings), warnings
+
+
+def test_check_config_warns_when_the_fd_limit_is_below_the_fd_budget(setup: Path) -> None:
+    import resource
+
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard == resource.RLIM_INFINITY:
+        pytest.skip("no hard limit on open files here")
+    with setup.open("a") as f:
+        f.write(f"limits: {{max_connections: {hard}, max_handshakes: 10}}\n")
+    result = run("check-config", "--config", str(setup))
+    assert result.exit_code == 0, result.output
+    (line,) = [ln for ln in result.output.splitlines() if "RLIMIT_NOFILE" in ln]
+    assert line.startswith("warning: ") and f"{2 * hard + 10 + 32} descriptors" in line, line
+
+    setup.write_text(setup.read_text().replace(f"max_connections: {hard}", "max_connections: 8"))
+    result = run("check-config", "--config", str(setup))
+    assert result.exit_code == 0, result.output
+    assert "RLIMIT_NOFILE" not in result.output
+
+
+def test_serve_raises_the_soft_fd_limit_towards_the_budget(setup: Path) -> None:
+    import resource
+
+    from proxy.cli import _fd_limit_problem, load_config
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard < 300:
+        pytest.skip("needs a finite hard limit on open files of at least 300")
+    config = load_config(str(setup))
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+        small = replace(config, limits=replace(config.limits, max_connections=8))
+        assert _fd_limit_problem(small, raise_soft=True) is None  # 8*2 + 8 + 32 fits in 256
+        assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == 256
+        fits = replace(config, limits=replace(config.limits, max_connections=100))
+        assert _fd_limit_problem(fits, raise_soft=True) is None  # 332 > 256: raised to it
+        assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == 2 * 100 + 100 + 32
+        huge = replace(config, limits=replace(config.limits, max_connections=hard))
+        problem = _fd_limit_problem(huge, raise_soft=True)  # raised to the hard limit only
+        assert problem is not None and f"soft limit {hard})" in problem
+        assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == hard
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 def test_shipped_configs_pass_check_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

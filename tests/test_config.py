@@ -111,6 +111,22 @@ def test_minimal_config_gets_documented_defaults() -> None:
     assert cfg.log.level == "info"
 
 
+def test_handshake_and_close_limits_defaults_and_fd_budget() -> None:
+    limits = parse_config(minimal(), SOURCE).limits
+    assert limits.close_timeout == 2.0
+    assert limits.max_handshakes is None and limits.handshake_limit() == 1024
+    assert limits.max_handshakes_per_source == 64
+    assert limits.fd_budget() == 2 * 10000 + 1024 + 32
+    small = parse_config(with_change("limits.max_connections", 100), SOURCE).limits
+    assert small.handshake_limit() == 100  # min(max_connections, 1024)
+    data = with_change("limits.max_handshakes", 7)
+    data["limits"].update(max_handshakes_per_source=0, close_timeout="250ms")
+    set_ = parse_config(data, SOURCE).limits
+    assert set_.handshake_limit() == 7
+    assert set_.max_handshakes_per_source is None  # 0: no cap
+    assert set_.close_timeout == 0.25
+
+
 def test_full_config_round_trip() -> None:
     cfg = parse_config(full(), SOURCE)
     assert cfg.listen == Endpoint("::1", 11401, None)
@@ -466,6 +482,13 @@ def test_is_loopback(endpoint: Endpoint, loopback: bool) -> None:
             "at most",
         ),
         # log
+        (with_change("limits.max_handshakes", 0), "limits.max_handshakes", "at least 1"),
+        (
+            with_change("limits.max_handshakes_per_source", -1),
+            "limits.max_handshakes_per_source",
+            "at least 0",
+        ),
+        (with_change("limits.close_timeout", 0), "limits.close_timeout", "positive"),
         (with_change("log.format", "xml"), "log.format", "text, json"),
         (with_change("log.format", 1), "log.format", "text, json"),
         (with_change("log.level", "verbose"), "log.level", "debug, info, warning, error"),

@@ -140,7 +140,9 @@ def test_shipped_configs_pass_check_config(where: str, pki: PKI, tmp_path: Path)
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().endswith("ok")
-    assert "warning" not in result.stderr
+    # (the shipped limits may need more open files than this machine's hard limit allows)
+    warnings = [ln for ln in result.stderr.splitlines() if "warning" in ln]
+    assert all("RLIMIT_NOFILE" in ln for ln in warnings), warnings
 
 
 # --------------------------------------------------------------------------------------------
