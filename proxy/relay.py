@@ -30,11 +30,12 @@ from typing import Any, cast
 
 from proxy.acl import Policy
 from proxy.config import Config, Endpoint
-from proxy.identity import Identity, identity_from_der
+from proxy.identity import Identity
 from proxy.listen import bind_listener, bound_port
 from proxy.metrics import Metrics
 from proxy.ratelimit import TokenBucket
 from proxy.session import MAX_PENDING, Session
+from proxy.tlsctx import peer_identity
 
 log = logging.getLogger("beanstalk_proxy")
 conn_log = logging.getLogger("beanstalk_proxy.conn")
@@ -507,17 +508,18 @@ class ProxyServer:
                 conn_log.info("refused peer=%s reason=no client certificate", peer)
                 tls.abort()
                 return
-            identity = identity_from_der(der)
+            identity = peer_identity(ssl_object, der)  # issuer, EKU and CN checks: tlsctx
             conn.identity = identity
             conn.der = der
             principal = self.policy.current.principal_for(identity)
             if principal is None:
                 self.metrics.handshake_failures.labels("no_principal").inc()
                 conn_log.warning(
-                    "refused peer=%s subject=%s fingerprint=%s reason=no principal matches",
+                    "refused peer=%s subject=%s fingerprint=%s reason=%s",
                     peer,
                     identity.subject,
                     identity.fingerprint,
+                    identity.refusal or "no principal matches",
                 )
                 tls.close()
                 return
