@@ -685,3 +685,21 @@ def test_explain_shows_issuer_and_refusal(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["explain", "--config", str(cfg), "--cert", two, "stats"])
     assert result.exit_code == 1
     assert "refused: the subject has 2 common names" in result.output
+
+
+def test_example_acl_binds_deploy_to_its_ca() -> None:
+    import yaml
+
+    path = Path(__file__).resolve().parent.parent / "config" / "acl.example.yaml"
+    policy = parse_acl(yaml.safe_load(path.read_text()), str(path))
+
+    def ident(issuer: str | None) -> Identity:
+        return Identity(
+            subject="CN=deploy", cn="deploy", ous=(), dns=(), uris=(), ips=(),
+            fingerprint="sha256:00", spki="sha256:00", serial=1, not_after=utcnow(),
+            issuer=issuer,
+        )  # fmt: skip
+
+    assert policy.principal_for(ident("CN=Deploy CA,O=Example")) == "deploy"
+    assert policy.principal_for(ident("CN=Other CA,O=Example")) is None
+    assert policy.principal_for(ident(None)) is None
