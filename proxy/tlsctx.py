@@ -235,6 +235,7 @@ class ServerContext(ssl.SSLContext):
     """The proxy's server context, carrying what ``peer_identity`` needs after a handshake."""
 
     client_cas: tuple[x509.Certificate, ...] = ()  # the certificates of tls.client_ca
+    chains: ChainBuilder | None = None  # rebuilds chains up to client_cas (Python < 3.13)
     require_client_auth_eku: bool = True
 
 
@@ -291,6 +292,7 @@ def server_context(tls: TLSConfig, source: str = "config") -> ServerContext:
 
     ctx = _bare_server_context(tls, source)
     ctx.client_cas = tuple(cas)
+    ctx.chains = ChainBuilder(cas)
     _load_verify_file(ctx, tls.client_ca, source, "tls.client_ca")
 
     for key, path, crl, is_pem in crls:
@@ -354,7 +356,7 @@ def _issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
     """``ca`` is a CA certificate whose key signed ``cert`` under ``cert``'s issuer name."""
     try:
         constraints = ca.extensions.get_extension_for_class(x509.BasicConstraints).value
-    except x509.ExtensionNotFound:
+    except (x509.ExtensionNotFound, ValueError):
         return False
     if not constraints.ca:
         return False
@@ -373,6 +375,60 @@ def _self_signed(cert: x509.Certificate) -> bool:
     return True
 
 
+class ChainBuilder:
+    """Rebuilds verified chains up to the trusted CAs ``cas`` (see ``rebuild_chain``),
+    remembering the chain above each trusted CA, so a leaf costs one signature check."""
+
+    def __init__(self, cas: Sequence[x509.Certificate]) -> None:
+        self.cas = tuple(cas)
+        self._ders = [ca.public_bytes(serialization.Encoding.DER) for ca in self.cas]
+        self._above: dict[bytes, list[x509.Certificate] | None] = {}
+
+    def candidates(self, cert: x509.Certificate) -> list[x509.Certificate]:
+        """Trusted CAs named as ``cert``'s issuer, in file order."""
+        return [ca for ca in self.cas if ca.subject == cert.issuer]
+
+    def above(self, ca: x509.Certificate) -> list[x509.Certificate] | None:
+        """``[ca, ..., anchor]`` for a CA of ``cas``, or None when it reaches no anchor."""
+        der = ca.public_bytes(serialization.Encoding.DER)
+        if der not in self._above:
+            self._above[der] = None  # a loop back to this CA finds no anchor
+            self._above[der] = self._walk([ca], ())
+        return self._above[der]
+
+    def build(
+        self, leaf: x509.Certificate, sent: Sequence[x509.Certificate] = ()
+    ) -> list[x509.Certificate] | None:
+        return self._walk([leaf], sent)
+
+    def _walk(
+        self, chain: list[x509.Certificate], sent: Sequence[x509.Certificate]
+    ) -> list[x509.Certificate] | None:
+        current = chain[-1]
+        while len(chain) <= _MAX_CHAIN:
+            der = current.public_bytes(serialization.Encoding.DER)
+            if der in self._ders and _self_signed(current):
+                return chain
+            for cand in self.candidates(current):
+                if cand not in chain and _issued_by(current, cand):
+                    rest = self.above(cand)
+                    if rest is not None and not any(c in chain for c in rest):
+                        return chain + rest
+            nxt = next(
+                (
+                    c
+                    for c in sent
+                    if c.subject == current.issuer and c not in chain and _issued_by(current, c)
+                ),
+                None,
+            )
+            if nxt is None:
+                return None
+            chain = [*chain, nxt]
+            current = nxt
+        return None
+
+
 def rebuild_chain(
     leaf: x509.Certificate,
     cas: Sequence[x509.Certificate],
@@ -387,22 +443,7 @@ def rebuild_chain(
     order. Used before Python 3.13, which has no public ``get_verified_chain()``; after a
     handshake OpenSSL has already verified a chain, this only finds which CAs it went through.
     """
-    anchors = {ca.public_bytes(serialization.Encoding.DER) for ca in cas}
-    pool = [*cas, *sent]
-    chain = [leaf]
-    current = leaf
-    while len(chain) <= _MAX_CHAIN:
-        der = current.public_bytes(serialization.Encoding.DER)
-        if der in anchors and _self_signed(current):
-            return chain
-        for cand in pool:
-            if cand.subject == current.issuer and cand not in chain and _issued_by(current, cand):
-                chain.append(cand)
-                current = cand
-                break
-        else:
-            return None
-    return None
+    return ChainBuilder(cas).build(leaf, sent)
 
 
 def _der_list(items: Sequence[Any]) -> list[bytes]:
@@ -431,14 +472,16 @@ def verified_issuer(ssl_object: Any, leaf: x509.Certificate) -> x509.Certificate
         chain = [x509.load_der_x509_certificate(d) for d in _der_list(getter())]
     else:
         ctx = getattr(ssl_object, "context", None)
-        cas = ctx.client_cas if isinstance(ctx, ServerContext) else ()
+        chains = ctx.chains if isinstance(ctx, ServerContext) else None
+        if chains is None:
+            return None
         sent: list[x509.Certificate] = []
         try:
             raw = ssl_object._sslobj.get_unverified_chain() or []
             sent = [x509.load_der_x509_certificate(d) for d in _der_list(raw)[1:]]
         except (AttributeError, ValueError, TypeError):
             sent = []
-        rebuilt = rebuild_chain(leaf, cas, sent)
+        rebuilt = chains.build(leaf, sent)
         if rebuilt is None:
             return None
         chain = rebuilt
@@ -481,9 +524,21 @@ def revocation_check(tls: TLSConfig) -> Callable[[bytes], bool] | None:
         revoked.update((issuer, entry.serial_number) for entry in crl)
     chain_mode = tls.crl_check == "chain"
     cas = x509.load_pem_x509_certificates(Path(tls.client_ca).read_bytes()) if chain_mode else []
+    chains = ChainBuilder(cas)
 
     def listed(cert: x509.Certificate) -> bool:
         return (cert.issuer.public_bytes(), cert.serial_number) in revoked
+
+    def issuing_chain(leaf: x509.Certificate) -> list[x509.Certificate]:
+        """``[issuer, ..., anchor]`` of a leaf the handshake verified. With one CA of that
+        name in client_ca it is that CA (no signature check: a live connection's leaf was
+        verified at its handshake, and the chain above each CA is computed once per reload);
+        CAs sharing a name are told apart by signature."""
+        named = chains.candidates(leaf)
+        if len(named) == 1:
+            return chains.above(named[0]) or []
+        full = chains.build(leaf)
+        return full[1:] if full else []
 
     def is_revoked(der: bytes) -> bool:
         leaf = x509.load_der_x509_certificate(der)
@@ -491,9 +546,8 @@ def revocation_check(tls: TLSConfig) -> Callable[[bytes], bool] | None:
             return True
         if not chain_mode:
             return False
-        chain = rebuild_chain(leaf, cas) or [leaf]
         # every CA of the chain but the self-signed anchor (which no CRL can revoke)
-        return any(listed(ca) for ca in chain[1:-1])
+        return any(listed(ca) for ca in issuing_chain(leaf)[:-1])
 
     return is_revoked
 
