@@ -451,11 +451,11 @@ def _der_list(items: Sequence[Any]) -> list[bytes]:
     Certificate objects from the private one before)."""
     out: list[bytes] = []
     for item in items:
-        out.append(item if isinstance(item, bytes) else item.public_bytes(ssl_der_encoding()))
+        out.append(item if isinstance(item, bytes) else item.public_bytes(_ssl_der_encoding()))
     return out
 
 
-def ssl_der_encoding() -> int:
+def _ssl_der_encoding() -> int:
     import _ssl
 
     return int(_ssl.ENCODING_DER)
@@ -478,7 +478,8 @@ def verified_issuer(ssl_object: Any, leaf: x509.Certificate) -> x509.Certificate
         sent: list[x509.Certificate] = []
         try:
             raw = ssl_object._sslobj.get_unverified_chain() or []
-            sent = [x509.load_der_x509_certificate(d) for d in _der_list(raw)[1:]]
+            sent = [x509.load_der_x509_certificate(d) for d in _der_list(raw)]
+            sent = [c for c in sent if c != leaf]
         except (AttributeError, ValueError, TypeError):
             sent = []
         rebuilt = chains.build(leaf, sent)

@@ -703,3 +703,21 @@ def test_example_acl_binds_deploy_to_its_ca() -> None:
     assert policy.principal_for(ident("CN=Deploy CA,O=Example")) == "deploy"
     assert policy.principal_for(ident("CN=Other CA,O=Example")) is None
     assert policy.principal_for(ident(None)) is None
+
+
+async def test_issuer_is_an_intermediate_the_client_sends(
+    pki: PKI, beanstalkd: Beanstalkd, conn_log: LogWatch, tmp_path: Path
+) -> None:
+    """client_ca holds only the root; the client sends its intermediate after its leaf. The
+    issuer is the intermediate (checked by signature below the trusted root); a leaf straight
+    under the root has the root as issuer and is not ops."""
+    make_ca(tmp_path / "root", "Sent Root", path_length=1)
+    make_ca(tmp_path / "inter", "Sent Intermediate", issuer_dir=tmp_path / "root")
+    acl = acl_for({"name": "ops", "match": {"cn": "ops", "issuer": "CN=Sent Intermediate"}})
+    cert, key = make_client_cert(tmp_path / "inter", tmp_path, "ops", cn="ops")
+    Path(cert).write_bytes(Path(cert).read_bytes() + (tmp_path / "inter" / "ca.pem").read_bytes())
+    direct = make_client_cert(tmp_path / "root", tmp_path, "ops-root", cn="ops")
+    tls = replace(make_config(pki, beanstalkd.port).tls, client_ca=str(tmp_path / "root/ca.pem"))
+    async with running(pki, beanstalkd, acl, tls) as (proxy, _):
+        assert await accepted_as(proxy, pki, (cert, key)) == "ops"
+        await refused(proxy, pki, direct, conn_log, "no principal matches")  # issuer: the root
