@@ -511,7 +511,13 @@ def _explain_principal(
     cert = load_cert(cert_path)
     issuer_der: bytes | None = None
     if config is not None:
-        chain = rebuild_chain(cert, load_client_cas(config.tls, config.source))
+        from cryptography import x509
+
+        try:  # intermediates may follow the leaf in the file, as a client would send them
+            sent = x509.load_pem_x509_certificates(Path(cert_path).read_bytes())[1:]
+        except (OSError, ValueError):
+            sent = []
+        chain = rebuild_chain(cert, load_client_cas(config.tls, config.source), sent)
         if chain is not None and len(chain) > 1:
             issuer_der = chain[1].public_bytes(Encoding.DER)
     identity = identity_from_der(
@@ -524,7 +530,10 @@ def _explain_principal(
     if identity.issuer is not None:
         click.echo(f"  issuer: {identity.issuer} ({identity.issuer_fingerprint})")
     else:
-        click.echo("  issuer: not a CA of tls.client_ca (the proxy refuses this certificate)")
+        click.echo(
+            "  issuer: unknown (no chain from this file to a CA of tls.client_ca; "
+            "`issuer` match keys do not hold)"
+        )
     for label, values in (("dns", identity.dns), ("uri", identity.uris), ("ip", identity.ips)):
         if values:
             click.echo(f"  {label}: {', '.join(values)}")
