@@ -721,3 +721,23 @@ async def test_issuer_is_an_intermediate_the_client_sends(
     async with running(pki, beanstalkd, acl, tls) as (proxy, _):
         assert await accepted_as(proxy, pki, (cert, key)) == "ops"
         await refused(proxy, pki, direct, conn_log, "no principal matches")  # issuer: the root
+
+
+async def test_chain_mode_refuses_an_intermediate_without_crl_that_the_client_sends(
+    pki: PKI, beanstalkd: Beanstalkd, conn_log: LogWatch, chain_pki: ChainPKI, tmp_path: Path
+) -> None:
+    """The documented choice for a CA that has no CRL under crl_check: chain: in client_ca it
+    is a startup error (test_chain_mode_needs_a_crl_for_every_ca); sent only by the client, it
+    cannot have a CRL loaded, so its clients are refused at the handshake."""
+    acl = acl_for({"name": "admin", "match": {"cn": "admin"}})
+    cert, key = chain_pki.leaf
+    with_chain = tmp_path / "admin-with-chain.pem"
+    with_chain.write_bytes(Path(cert).read_bytes() + (chain_pki.inter_dir / "ca.pem").read_bytes())
+    tls = replace(
+        make_config(pki, beanstalkd.port).tls,
+        client_ca=str(chain_pki.root_dir / "ca.pem"),
+        crl=(str(chain_pki.root_crl),),
+    )
+    async with running(pki, beanstalkd, acl, tls) as (proxy, _):
+        await refused(proxy, pki, (str(with_chain), key), conn_log, "unable to get certificate CRL")
+        assert await accepted_as(proxy, pki, chain_pki.direct) == "admin"  # control
