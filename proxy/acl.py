@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
 from proxy.errors import ConfigError
+from proxy.identity import dns_match_form, normalize_dn, uri_match_form
 
 if TYPE_CHECKING:
     from proxy.identity import Identity
@@ -109,7 +110,7 @@ TUBE_CHARS: Final = frozenset(
 """beanstalkd's NAME_CHARS (protocol reference section 2.5); all are literal in tube patterns."""
 
 MAX_TUBE_PATTERN: Final = 200
-MATCH_KEYS: Final = ("cn", "ou", "dns", "uri", "ip", "fingerprint", "spki")
+MATCH_KEYS: Final = ("cn", "ou", "dns", "uri", "ip", "fingerprint", "spki", "issuer")
 
 _ALL: Final = "all"
 _U32_MAX: Final = 2**32 - 1
@@ -296,11 +297,13 @@ class _Condition:
         elif key == "ou":
             values = identity.ous
         elif key == "dns":
-            values = [d.lower() for d in identity.dns]
+            values = [f for f in map(dns_match_form, identity.dns) if f is not None]
         elif key == "uri":
-            values = identity.uris
+            values = [f for f in map(uri_match_form, identity.uris) if f is not None]
         elif key == "fingerprint":
             values = (identity.fingerprint.lower(),)
+        elif key == "issuer":  # unknown issuer (None): never holds
+            values = [v for v in (identity.issuer, identity.issuer_fingerprint) if v is not None]
         else:  # spki
             values = (identity.spki.lower(),)
         return any(m(v) for v in values for m in self.matchers)
@@ -318,7 +321,12 @@ class _Principal:
         return f"principals[{self.index}]"
 
     def matches(self, identity: Identity) -> bool:
-        return all(c.holds(identity) for c in self.conditions)
+        return identity.refusal is None and all(c.holds(identity) for c in self.conditions)
+
+    @property
+    def bound_to_ca(self) -> bool:
+        """Only certificates from one CA (``issuer``) or pinned ones can match."""
+        return any(c.key in ("issuer", "fingerprint", "spki") for c in self.conditions)
 
 
 @dataclass(frozen=True, slots=True)
@@ -401,7 +409,8 @@ class Policy:
     # -- identity -> principal ----------------------------------------------------------------
 
     def principal_for(self, identity: Identity) -> str | None:
-        """The name of the first principal whose match block holds, or ``None``."""
+        """The name of the first principal whose match block holds, or ``None`` (always for an
+        identity with a ``refusal``)."""
         found = self.principal_rule(identity)
         return None if found is None else found[0]
 
@@ -416,6 +425,11 @@ class Policy:
         """``"principals[i]"`` of the first matching principal, or ``"no principal matches"``."""
         found = self.principal_rule(identity)
         return "no principal matches" if found is None else found[1]
+
+    def unbound_principals(self) -> tuple[str, ...]:
+        """Principals whose match block any trusted CA could satisfy: no ``issuer`` key and no
+        ``fingerprint``/``spki`` pin."""
+        return tuple(p.name for p in self._principals if not p.bound_to_ca)
 
     def rate_for(self, principal: str) -> tuple[float, int] | None:
         """``(per_second, burst)`` of the principal's command rate limit, or ``None``."""
@@ -708,7 +722,9 @@ class _Parser:
                 patterns.append(text)
                 matchers.append(_star_matcher(text))
             elif mkey == "dns":
-                text = text.lower()
+                if not text.isascii():
+                    raise self.fail(vkey, _non_ascii_dns(text))
+                text = text.encode("ascii").lower().decode("ascii")
                 bad = sorted(set(text) - _DNS_PATTERN_CHARS)
                 if bad:
                     raise self.fail(vkey, f"invalid character {bad[0]!r} in DNS pattern {text!r}")
@@ -719,8 +735,17 @@ class _Parser:
                 if any(ch.isspace() or not ch.isprintable() for ch in text):
                     raise self.fail(vkey, f"URI pattern {text!r} contains whitespace or controls")
                 self.no_triple_star(text, vkey)
-                patterns.append(text)
-                matchers.append(_segment_matcher(text, "/"))
+                form = uri_match_form(text, pattern=True)
+                if form is None:
+                    raise self.fail(
+                        vkey,
+                        f"URI pattern {text!r} is not a plain URI: it needs a scheme and must "
+                        f"have no userinfo, query, fragment, '.' or '..' segment, malformed "
+                        f"'%' escape or percent-encoded unreserved character (no certificate "
+                        f"URI of that form ever matches)",
+                    )
+                patterns.append(form)
+                matchers.append(_segment_matcher(form, "/"))
             elif mkey == "ip":
                 try:
                     net = ipaddress.ip_network(text, strict=True)
@@ -730,7 +755,20 @@ class _Parser:
                     ) from None
                 networks.append(net)
                 patterns.append(str(net))
-            else:  # fingerprint, spki
+            elif mkey == "issuer" and not text.lower().startswith("sha256:"):
+                try:
+                    dn = normalize_dn(text)
+                except ValueError:
+                    raise self.fail(
+                        vkey,
+                        f"expected the CA's subject as an RFC 4514 string (e.g. "
+                        f"'CN=Example CA,O=Example', attribute names in upper case, no space "
+                        f"after ',') or 'sha256:' and the CA certificate's fingerprint, "
+                        f"got {text!r}",
+                    ) from None
+                patterns.append(dn)
+                matchers.append(_exact(dn))
+            else:  # fingerprint, spki, issuer as sha256: pin
                 pin = _normalize_pin(text)
                 if pin is None:
                     raise self.fail(
@@ -910,6 +948,17 @@ class _Parser:
 def _suggest(word: str, choices: Iterable[str]) -> str:
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.5)
     return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _non_ascii_dns(text: str) -> str:
+    """The error for a DNS pattern with non-ASCII characters, naming its A-label form."""
+    try:
+        alabel = text.encode("idna").decode("ascii").lower()
+    except UnicodeError:
+        return f"DNS pattern {text!r} is not ASCII; write internationalized names as IDNA A-labels"
+    return (
+        f"DNS pattern {text!r} is not ASCII; names are compared as IDNA A-labels, write {alabel!r}"
+    )
 
 
 def _normalize_pin(text: str) -> str | None:

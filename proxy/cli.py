@@ -236,28 +236,11 @@ def _record_expiry(config: Config, server: ProxyServer) -> None:
 
 
 def _revocation_check(config: Config) -> Callable[[bytes], bool] | None:
-    """A predicate over DER client certificates: listed in one of the configured CRLs?"""
-    if not config.tls.crl:
-        return None
-    from cryptography import x509
+    """A predicate over DER client certificates: listed, or (``tls.crl_check: chain``) one of
+    the CAs of its chain listed, in one of the configured CRLs?"""
+    from proxy.tlsctx import revocation_check
 
-    revoked: set[tuple[bytes, int]] = set()
-    for path in config.tls.crl:
-        with open(path, "rb") as f:
-            data = f.read()
-        crl = (
-            x509.load_pem_x509_crl(data)
-            if data.lstrip().startswith(b"-----")
-            else x509.load_der_x509_crl(data)
-        )
-        issuer = crl.issuer.public_bytes()
-        revoked.update((issuer, entry.serial_number) for entry in crl)
-
-    def is_revoked(der: bytes) -> bool:
-        cert = x509.load_der_x509_certificate(der)
-        return (cert.issuer.public_bytes(), cert.serial_number) in revoked
-
-    return is_revoked
+    return revocation_check(config.tls)
 
 
 def _kind_files(config: Config) -> dict[str, list[str]]:
@@ -526,6 +509,7 @@ def check_config(config_path: str) -> None:
 
     Prints ACL lint warnings, then "ok". Exits 2 with file, key path and reason on a problem."""
     from proxy.acl import lint_acl
+    from proxy.tlsctx import load_client_cas
 
     config = load_config(config_path)
     policy = load_acl(config.acl)
@@ -535,6 +519,15 @@ def check_config(config_path: str) -> None:
     fd_problem = _fd_limit_problem(config, raise_soft=False)
     if fd_problem is not None:
         click.echo(f"warning: {config.source}: {fd_problem}", err=True)
+    cas = load_client_cas(config.tls, config.source)
+    unbound = policy.unbound_principals()
+    if len(cas) > 1 and unbound:
+        click.echo(
+            f"warning: {config.acl}: tls.client_ca ({config.tls.client_ca}) holds {len(cas)} CA "
+            f"certificates and principal(s) {', '.join(unbound)} are not bound to one: any of "
+            f"these CAs can issue a certificate that becomes them; add an 'issuer' match key",
+            err=True,
+        )
     click.echo("ok")
 
 
@@ -542,7 +535,9 @@ def check_config(config_path: str) -> None:
 # explain
 
 
-def _explain_principal(policy: Policy, cert_path: str | None, name: str | None) -> str:
+def _explain_principal(
+    policy: Policy, cert_path: str | None, name: str | None, config: Config | None = None
+) -> str:
     if (cert_path is None) == (name is None):
         raise click.UsageError("give exactly one of --cert PEM or --principal NAME")
     if name is not None:
@@ -559,14 +554,41 @@ def _explain_principal(policy: Policy, cert_path: str | None, name: str | None) 
 
     from proxy.certs import load_cert
     from proxy.identity import identity_from_der
+    from proxy.tlsctx import load_client_cas, rebuild_chain
 
-    identity = identity_from_der(load_cert(cert_path).public_bytes(Encoding.DER))
+    cert = load_cert(cert_path)
+    issuer_der: bytes | None = None
+    if config is not None:
+        from cryptography import x509
+
+        try:  # intermediates may follow the leaf in the file, as a client would send them
+            sent = x509.load_pem_x509_certificates(Path(cert_path).read_bytes())[1:]
+        except (OSError, ValueError):
+            sent = []
+        chain = rebuild_chain(cert, load_client_cas(config.tls, config.source), sent)
+        if chain is not None and len(chain) > 1:
+            issuer_der = chain[1].public_bytes(Encoding.DER)
+    identity = identity_from_der(
+        cert.public_bytes(Encoding.DER),
+        issuer_der=issuer_der,
+        require_client_auth_eku=config is None or config.tls.require_client_auth_eku,
+    )
     click.echo(f"certificate: {identity.describe()}")
     click.echo(f"  subject: {identity.subject}")
+    if identity.issuer is not None:
+        click.echo(f"  issuer: {identity.issuer} ({identity.issuer_fingerprint})")
+    else:
+        click.echo(
+            "  issuer: unknown (no chain from this file to a CA of tls.client_ca; "
+            "`issuer` match keys do not hold)"
+        )
     for label, values in (("dns", identity.dns), ("uri", identity.uris), ("ip", identity.ips)):
         if values:
             click.echo(f"  {label}: {', '.join(values)}")
     click.echo(f"  fingerprint: {identity.fingerprint}")
+    if identity.refusal is not None:
+        click.echo(f"refused: {identity.refusal}")
+        sys.exit(1)
     principal = policy.principal_for(identity)
     if principal is None:
         click.echo("no principal matches: connection refused")
@@ -613,7 +635,7 @@ def explain(
 
     config = load_config(config_path)
     policy = load_acl(config.acl)
-    principal = _explain_principal(policy, cert_path, principal_name)
+    principal = _explain_principal(policy, cert_path, principal_name, config)
 
     try:
         parsed = parse_command_line(commandline.encode("utf-8"))

@@ -99,6 +99,8 @@ class TLSConfig:
     min_version: str  # "1.2" or "1.3"
     expiry_warning_days: int = 14  # warn when the server certificate expires within this
     crl_failure: str = "refuse"  # on a reload with an unusable CRL: "refuse" | "keep_last"
+    crl_check: str = "chain"  # with CRLs: "chain" (every CA in the chain) | "leaf"
+    require_client_auth_eku: bool = True  # refuse client certificates without clientAuth EKU
 
 
 @dataclass(frozen=True)
@@ -385,8 +387,11 @@ _TLS_KEYS = (
     "min_version",
     "expiry_warning_days",
     "crl_failure",
+    "crl_check",
+    "require_client_auth_eku",
 )
 CRL_FAILURE_MODES = ("refuse", "keep_last")
+CRL_CHECK_MODES = ("chain", "leaf")
 _RELOAD_KEYS = ("watch", "interval")
 _LIMIT_KEYS = (
     "max_connections",
@@ -454,6 +459,8 @@ def _parse_tls(source: str, data: object) -> TLSConfig:
         min_version = text
     warn_days = r.get_int("expiry_warning_days", 14, 0, 3650)
     crl_failure = r.choice("crl_failure", "refuse", CRL_FAILURE_MODES)
+    crl_check = r.choice("crl_check", "chain", CRL_CHECK_MODES)
+    require_eku = r.get_bool("require_client_auth_eku", True)
     return TLSConfig(
         cert=cert,
         key=key,
@@ -462,6 +469,8 @@ def _parse_tls(source: str, data: object) -> TLSConfig:
         min_version=min_version,
         expiry_warning_days=warn_days,
         crl_failure=crl_failure,
+        crl_check=crl_check,
+        require_client_auth_eku=require_eku,
     )
 
 

@@ -35,12 +35,13 @@ from typing import Any, cast
 
 from proxy.acl import Policy
 from proxy.config import Config, Endpoint
-from proxy.identity import Identity, identity_from_der
+from proxy.identity import Identity
 from proxy.listen import bind_listener, bound_port
 from proxy.logsummary import KeyedWindowCounter, Suppressed
 from proxy.metrics import Metrics
 from proxy.ratelimit import TokenBucket
 from proxy.session import MAX_HELD_BYTES, MAX_PENDING, Session
+from proxy.tlsctx import peer_identity
 
 log = logging.getLogger("beanstalk_proxy")
 conn_log = logging.getLogger("beanstalk_proxy.conn")
@@ -722,7 +723,7 @@ class ProxyServer:
                 )
                 return
             try:
-                identity = identity_from_der(der)
+                identity = peer_identity(ssl_object, der)  # issuer, EKU and CN checks: tlsctx
                 principal = self.policy.current.principal_for(identity)
             except Exception as exc:  # a certificate OpenSSL accepted but we cannot read
                 self._refuse(
@@ -742,10 +743,11 @@ class ProxyServer:
                     conn,
                     "no_principal",
                     logging.WARNING,
-                    "refused peer=%s subject=%s fingerprint=%s reason=no principal matches",
+                    "refused peer=%s subject=%s fingerprint=%s reason=%s",
                     peer,
                     identity.subject,
                     identity.fingerprint,
+                    identity.refusal or "no principal matches",
                 )
                 return
             cap = limits.max_connections_per_principal

@@ -3,12 +3,18 @@ client-side context used by the producer-side tunnel and the tests.
 
 The server context requires a client certificate chaining to ``tls.client_ca``, negotiates TLS
 1.2 or newer (1.3 when configured), restricts TLS 1.2 to forward-secret AEAD suites, disables
-compression and renegotiation and, when CRLs are configured, checks the client's leaf
-certificate against them (a client whose issuer has no CRL loaded is then refused: fail
-closed). Before handing the files to OpenSSL every one of them is read and checked with
-``cryptography`` so a problem is reported as ``ConfigError`` naming the config key
-(``tls.key``, ``tls.crl[1]``, ...) and a plain reason, instead of OpenSSL's generic
-``[SSL] PEM lib``. Python's ``ssl`` module then reads the files itself.
+compression and renegotiation and, when CRLs are configured, checks every certificate of the
+client's chain against them (``tls.crl_check: chain``; every CA in ``tls.client_ca`` must then
+have its CRL, else ``ConfigError``) or only the leaf (``leaf``; a client whose issuer has no
+CRL loaded is refused: fail closed). ``peer_identity`` turns a completed handshake into an
+``Identity``: it finds the CA that issued the client's certificate in the verified chain
+(``get_verified_chain()`` from Python 3.13; before that the chain is rebuilt from
+``tls.client_ca`` and the certificates the client sent, by issuer name and signature, ending at
+a CA of ``tls.client_ca``) and applies ``tls.require_client_auth_eku``. ``revocation_check``
+is the CRL re-check of live connections on reload. Before handing the files to OpenSSL every
+one of them is read and checked with ``cryptography`` so a problem is reported as
+``ConfigError`` naming the config key (``tls.key``, ``tls.crl[1]``, ...) and a plain reason,
+instead of OpenSSL's generic ``[SSL] PEM lib``. Python's ``ssl`` module then reads the files itself.
 """
 
 from __future__ import annotations
@@ -17,18 +23,31 @@ import datetime as dt
 import os
 import ssl
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
 from proxy.config import TLSConfig
 from proxy.errors import ConfigError
+from proxy.identity import Identity, identity_from_der
 
-__all__ = ["TLS12_CIPHERS", "client_context", "refuse_all_context", "server_context"]
+__all__ = [
+    "TLS12_CIPHERS",
+    "ServerContext",
+    "client_context",
+    "load_client_cas",
+    "peer_identity",
+    "rebuild_chain",
+    "refuse_all_context",
+    "revocation_check",
+    "server_context",
+]
 
 TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
 
@@ -212,9 +231,18 @@ def _load_verify_file(ctx: ssl.SSLContext, path: str, source: str, key: str) -> 
         raise ConfigError(source, key, f"OpenSSL could not load {path}: {exc}") from None
 
 
-def _bare_server_context(tls: TLSConfig, source: str) -> ssl.SSLContext:
+class ServerContext(ssl.SSLContext):
+    """The proxy's server context, carrying what ``peer_identity`` needs after a handshake."""
+
+    client_cas: tuple[x509.Certificate, ...] = ()  # the certificates of tls.client_ca
+    chains: ChainBuilder | None = None  # rebuilds chains up to client_cas (Python < 3.13)
+    require_client_auth_eku: bool = True
+
+
+def _bare_server_context(tls: TLSConfig, source: str) -> ServerContext:
     """The server side without any trusted client CA: every client certificate fails."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx = ServerContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.require_client_auth_eku = tls.require_client_auth_eku
     ctx.minimum_version = _VERSIONS[tls.min_version]
     ctx.verify_mode = ssl.CERT_REQUIRED
     ctx.set_ciphers(TLS12_CIPHERS)
@@ -229,19 +257,24 @@ def _bare_server_context(tls: TLSConfig, source: str) -> ssl.SSLContext:
     return ctx
 
 
-def refuse_all_context(tls: TLSConfig, source: str = "config") -> ssl.SSLContext:
+def refuse_all_context(tls: TLSConfig, source: str = "config") -> ServerContext:
     """A server context that completes no client handshake (it trusts no client CA): what
     ``tls.crl_failure: refuse`` installs while the configured CRL cannot be used."""
     _check_pair(tls.cert, tls.key, source, "tls.cert", "tls.key", server=True)
     return _bare_server_context(tls, source)
 
 
-def server_context(tls: TLSConfig, source: str = "config") -> ssl.SSLContext:
+def server_context(tls: TLSConfig, source: str = "config") -> ServerContext:
     """Build the proxy's server-side context from ``tls``.
 
     ``source`` names the configuration file for error messages. Raises ``ConfigError`` with the
     key path (``tls.cert``, ``tls.key``, ``tls.client_ca``, ``tls.crl``/``tls.crl[i]``,
-    ``tls.min_version``) on any problem."""
+    ``tls.min_version``, ``tls.crl_check``) on any problem, including, with ``tls.crl_check:
+    chain``, a CA certificate in ``tls.client_ca`` that no configured CRL covers."""
+    if tls.crl_check not in ("chain", "leaf"):
+        raise ConfigError(
+            source, "tls.crl_check", f'must be "chain" or "leaf", got {tls.crl_check!r}'
+        )
     if tls.min_version not in _VERSIONS:
         raise ConfigError(
             source, "tls.min_version", f'must be "1.2" or "1.3", got {tls.min_version!r}'
@@ -254,8 +287,12 @@ def server_context(tls: TLSConfig, source: str = "config") -> ssl.SSLContext:
         crl, is_pem = _load_crl(path, source, key)
         _check_crl(crl, cas, path, source, key)
         crls.append((key, path, crl, is_pem))
+    if crls and tls.crl_check == "chain":
+        _check_chain_coverage(cas, [crl for _, _, crl, _ in crls], tls, source)
 
     ctx = _bare_server_context(tls, source)
+    ctx.client_cas = tuple(cas)
+    ctx.chains = ChainBuilder(cas)
     _load_verify_file(ctx, tls.client_ca, source, "tls.client_ca")
 
     for key, path, crl, is_pem in crls:
@@ -270,8 +307,250 @@ def server_context(tls: TLSConfig, source: str = "config") -> ssl.SSLContext:
                 f.write(crl.public_bytes(serialization.Encoding.PEM))
             _load_verify_file(ctx, pem_path, source, key)
     if crls:
-        ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
+        # CHAIN = CRL_CHECK | CRL_CHECK_ALL: every certificate of the verified chain.
+        chain = tls.crl_check == "chain"
+        ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_CHAIN if chain else ssl.VERIFY_CRL_CHECK_LEAF
     return ctx
+
+
+def _check_chain_coverage(
+    cas: Sequence[x509.Certificate],
+    crls: Sequence[x509.CertificateRevocationList],
+    tls: TLSConfig,
+    source: str,
+) -> None:
+    """Under ``crl_check: chain`` OpenSSL needs a CRL from the issuer of every certificate of a
+    chain: a CA of ``client_ca`` without one would refuse every client below it. Say so now."""
+    for i, ca in enumerate(cas):
+        public_key = ca.public_key()
+        covered = any(
+            crl.issuer == ca.subject
+            and isinstance(public_key, _IssuerKey)
+            and crl.is_signature_valid(public_key)
+            for crl in crls
+        )
+        if not covered:
+            raise ConfigError(
+                source,
+                "tls.crl",
+                f"tls.crl_check is chain, but no CRL in tls.crl is issued by "
+                f"{ca.subject.rfc4514_string()} (certificate {i + 1} of tls.client_ca "
+                f"{tls.client_ca}); add that CA's CRL to tls.crl, or set tls.crl_check: leaf "
+                f"to check client certificates only",
+            )
+
+
+def load_client_cas(tls: TLSConfig, source: str = "config") -> list[x509.Certificate]:
+    """The certificates of ``tls.client_ca`` (``ConfigError`` naming the key on a problem)."""
+    return _load_certs(tls.client_ca, source, "tls.client_ca", "client CA")
+
+
+# --------------------------------------------------------------------------------------------
+# After the handshake: the verified chain, the peer's identity, revocation of live connections
+# --------------------------------------------------------------------------------------------
+
+_MAX_CHAIN = 10  # certificates in a rebuilt chain, leaf included (OpenSSL's default is 100)
+
+
+def _issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
+    """``ca`` is a CA certificate whose key signed ``cert`` under ``cert``'s issuer name."""
+    try:
+        constraints = ca.extensions.get_extension_for_class(x509.BasicConstraints).value
+    except (x509.ExtensionNotFound, ValueError):
+        return False
+    if not constraints.ca:
+        return False
+    try:
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
+
+
+def _self_signed(cert: x509.Certificate) -> bool:
+    try:
+        cert.verify_directly_issued_by(cert)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
+
+
+class ChainBuilder:
+    """Rebuilds verified chains up to the trusted CAs ``cas`` (see ``rebuild_chain``),
+    remembering the chain above each trusted CA, so a leaf costs one signature check."""
+
+    def __init__(self, cas: Sequence[x509.Certificate]) -> None:
+        self.cas = tuple(cas)
+        self._ders = [ca.public_bytes(serialization.Encoding.DER) for ca in self.cas]
+        self._above: dict[bytes, list[x509.Certificate] | None] = {}
+
+    def candidates(self, cert: x509.Certificate) -> list[x509.Certificate]:
+        """Trusted CAs named as ``cert``'s issuer, in file order."""
+        return [ca for ca in self.cas if ca.subject == cert.issuer]
+
+    def above(self, ca: x509.Certificate) -> list[x509.Certificate] | None:
+        """``[ca, ..., anchor]`` for a CA of ``cas``, or None when it reaches no anchor."""
+        der = ca.public_bytes(serialization.Encoding.DER)
+        if der not in self._above:
+            self._above[der] = None  # a loop back to this CA finds no anchor
+            self._above[der] = self._walk([ca], ())
+        return self._above[der]
+
+    def build(
+        self, leaf: x509.Certificate, sent: Sequence[x509.Certificate] = ()
+    ) -> list[x509.Certificate] | None:
+        return self._walk([leaf], sent)
+
+    def _walk(
+        self, chain: list[x509.Certificate], sent: Sequence[x509.Certificate]
+    ) -> list[x509.Certificate] | None:
+        current = chain[-1]
+        while len(chain) <= _MAX_CHAIN:
+            der = current.public_bytes(serialization.Encoding.DER)
+            if der in self._ders and _self_signed(current):
+                return chain
+            for cand in self.candidates(current):
+                if cand not in chain and _issued_by(current, cand):
+                    rest = self.above(cand)
+                    if rest is not None and not any(c in chain for c in rest):
+                        return chain + rest
+            nxt = next(
+                (
+                    c
+                    for c in sent
+                    if c.subject == current.issuer and c not in chain and _issued_by(current, c)
+                ),
+                None,
+            )
+            if nxt is None:
+                return None
+            chain = [*chain, nxt]
+            current = nxt
+        return None
+
+
+def rebuild_chain(
+    leaf: x509.Certificate,
+    cas: Sequence[x509.Certificate],
+    sent: Sequence[x509.Certificate] = (),
+) -> list[x509.Certificate] | None:
+    """The chain ``[leaf, issuer, ..., anchor]`` from ``leaf`` to a self-signed CA of ``cas``,
+    each link checked by issuer name and signature; ``None`` when there is none.
+
+    ``sent`` (certificates the client sent) may only provide intermediate links; a chain must
+    end at a trusted CA of ``cas``, so nothing unverified is ever trusted. Where several CAs
+    fit a link (two CAs with the same name and key), those of ``cas`` come first, in file
+    order. Used before Python 3.13, which has no public ``get_verified_chain()``; after a
+    handshake OpenSSL has already verified a chain, this only finds which CAs it went through.
+    """
+    return ChainBuilder(cas).build(leaf, sent)
+
+
+def _der_list(items: Sequence[Any]) -> list[bytes]:
+    """DER bytes of certificates from ``ssl`` (bytes from 3.13's public API, ``_ssl``
+    Certificate objects from the private one before)."""
+    out: list[bytes] = []
+    for item in items:
+        out.append(item if isinstance(item, bytes) else item.public_bytes(_ssl_der_encoding()))
+    return out
+
+
+def _ssl_der_encoding() -> int:
+    import _ssl
+
+    return int(_ssl.ENCODING_DER)
+
+
+def verified_issuer(ssl_object: Any, leaf: x509.Certificate) -> x509.Certificate | None:
+    """The CA certificate that issued ``leaf`` in the chain the handshake verified, or None.
+
+    Python 3.13+: ``get_verified_chain()``. Python 3.11/3.12: rebuilt by ``rebuild_chain`` from
+    the context's ``client_cas`` and the certificates the client sent (read with the private
+    ``get_unverified_chain`` where it exists; without it only ``client_cas`` are used)."""
+    getter = getattr(ssl_object, "get_verified_chain", None)
+    if getter is not None:  # Python 3.13+
+        chain = [x509.load_der_x509_certificate(d) for d in _der_list(getter())]
+    else:
+        ctx = getattr(ssl_object, "context", None)
+        chains = ctx.chains if isinstance(ctx, ServerContext) else None
+        if chains is None:
+            return None
+        sent: list[x509.Certificate] = []
+        try:
+            raw = ssl_object._sslobj.get_unverified_chain() or []
+            sent = [x509.load_der_x509_certificate(d) for d in _der_list(raw)]
+            sent = [c for c in sent if c != leaf]
+        except (AttributeError, ValueError, TypeError):
+            sent = []
+        rebuilt = chains.build(leaf, sent)
+        if rebuilt is None:
+            return None
+        chain = rebuilt
+    if len(chain) >= 2:
+        return chain[1]
+    return chain[0] if chain and _self_signed(chain[0]) else None
+
+
+def peer_identity(ssl_object: Any, der: bytes) -> Identity:
+    """The ``Identity`` of the client of a completed handshake (``der``: its certificate).
+
+    Adds the issuing CA (for the ACL's ``issuer`` key) and applies the context's
+    ``require_client_auth_eku`` (a ``ServerContext``; any other context: required). Raises
+    ``ValueError`` when the certificate cannot be parsed, like ``identity_from_der``."""
+    ctx = getattr(ssl_object, "context", None)
+    require = ctx.require_client_auth_eku if isinstance(ctx, ServerContext) else True
+    issuer = verified_issuer(ssl_object, x509.load_der_x509_certificate(der))
+    return identity_from_der(
+        der,
+        issuer_der=None if issuer is None else issuer.public_bytes(serialization.Encoding.DER),
+        require_client_auth_eku=require,
+    )
+
+
+def revocation_check(tls: TLSConfig) -> Callable[[bytes], bool] | None:
+    """A predicate over DER client certificates: is it, or (``crl_check: chain``) a CA
+    certificate of its chain to ``tls.client_ca``, listed in one of the configured CRLs?
+    ``None`` without CRLs. Raises ``OSError``/``ValueError`` when a file cannot be read."""
+    if not tls.crl:
+        return None
+    revoked: set[tuple[bytes, int]] = set()
+    for path in tls.crl:
+        data = Path(path).read_bytes()
+        crl = (
+            x509.load_pem_x509_crl(data)
+            if data.lstrip().startswith(b"-----")
+            else x509.load_der_x509_crl(data)
+        )
+        issuer = crl.issuer.public_bytes()
+        revoked.update((issuer, entry.serial_number) for entry in crl)
+    chain_mode = tls.crl_check == "chain"
+    cas = x509.load_pem_x509_certificates(Path(tls.client_ca).read_bytes()) if chain_mode else []
+    chains = ChainBuilder(cas)
+
+    def listed(cert: x509.Certificate) -> bool:
+        return (cert.issuer.public_bytes(), cert.serial_number) in revoked
+
+    def issuing_chain(leaf: x509.Certificate) -> list[x509.Certificate]:
+        """``[issuer, ..., anchor]`` of a leaf the handshake verified. With one CA of that
+        name in client_ca it is that CA (no signature check: a live connection's leaf was
+        verified at its handshake, and the chain above each CA is computed once per reload);
+        CAs sharing a name are told apart by signature."""
+        named = chains.candidates(leaf)
+        if len(named) == 1:
+            return chains.above(named[0]) or []
+        full = chains.build(leaf)
+        return full[1:] if full else []
+
+    def is_revoked(der: bytes) -> bool:
+        leaf = x509.load_der_x509_certificate(der)
+        if listed(leaf):
+            return True
+        if not chain_mode:
+            return False
+        # every CA of the chain but the self-signed anchor (which no CRL can revoke)
+        return any(listed(ca) for ca in issuing_chain(leaf)[:-1])
+
+    return is_revoked
 
 
 def client_context(

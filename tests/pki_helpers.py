@@ -1,6 +1,7 @@
-"""Certificates the ``certs`` command never makes (expired, not yet valid, wrong EKU, expiring
-in a few seconds), built with ``cryptography`` directly and signed by a test CA directory
-(``ca.pem`` / ``ca.key`` as written by ``proxy.certs.init_ca_and_server``)."""
+"""Certificates the ``certs`` command never makes (expired, not yet valid, wrong or no EKU,
+expiring in a few seconds, several CNs, raw non-ASCII or dot-segment SANs, intermediate CAs),
+built with ``cryptography`` directly and signed by a test CA directory (``ca.pem`` / ``ca.key``
+as written by ``proxy.certs.init_ca_and_server`` or ``make_ca``)."""
 
 from __future__ import annotations
 
@@ -24,22 +25,34 @@ def make_client_cert(
     file_name: str,
     *,
     cn: str,
-    not_before: dt.datetime,
-    not_after: dt.datetime,
+    not_before: dt.datetime | None = None,
+    not_after: dt.datetime | None = None,
     eku: Sequence[x509.ObjectIdentifier] | None = (ExtendedKeyUsageOID.CLIENT_AUTH,),
     san_der: bytes | None = None,
+    extra_cns: Sequence[str] = (),
+    ous: Sequence[str] = (),
+    dns: Sequence[str] = (),
+    uris: Sequence[str] = (),
 ) -> tuple[str, str]:
     """Write ``out_dir/file_name.pem`` and ``.key`` (ECDSA P-256) for ``CN=cn`` signed by the CA
-    in ``ca_dir``; ``eku=None`` leaves the EKU extension out. ``san_der`` is the DER value of a
-    subjectAltName extension written as given, unchecked (``cryptography`` would refuse to build
-    a malformed one). Returns (cert path, key path)."""
+    in ``ca_dir``; ``eku=None`` leaves the EKU extension out, ``extra_cns`` adds more CN
+    attributes after the first, ``ous`` OU attributes, ``dns``/``uris`` SANs written as given
+    (no IDNA or URI validation: non-ASCII and dot segments go in raw). ``san_der`` is the DER
+    value of a subjectAltName extension written as given, unchecked (``cryptography`` would
+    refuse to build a malformed one); it replaces ``dns``/``uris``. Validity defaults to five
+    minutes ago .. thirty days ahead. Returns (cert path, key path)."""
+    now = utcnow()
+    not_before = not_before or now - dt.timedelta(minutes=5)
+    not_after = not_after or now + dt.timedelta(days=30)
     ca_cert = x509.load_pem_x509_certificate((ca_dir / "ca.pem").read_bytes())
     ca_key = serialization.load_pem_private_key((ca_dir / "ca.key").read_bytes(), password=None)
     assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
     key = ec.generate_private_key(ec.SECP256R1())
+    attrs = [x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, ou) for ou in ous]
+    attrs += [x509.NameAttribute(NameOID.COMMON_NAME, name) for name in (cn, *extra_cns)]
     builder = (
         x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
+        .subject_name(x509.Name(attrs))
         .issuer_name(ca_cert.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
@@ -70,6 +83,11 @@ def make_client_cert(
     if san_der is not None:
         raw = x509.UnrecognizedExtension(ExtensionOID.SUBJECT_ALTERNATIVE_NAME, san_der)
         builder = builder.add_extension(raw, critical=False)
+    else:
+        sans: list[x509.GeneralName] = [x509.DNSName._init_without_validation(d) for d in dns]
+        sans += [x509.UniformResourceIdentifier._init_without_validation(u) for u in uris]
+        if sans:
+            builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
     cert = builder.sign(ca_key, hashes.SHA256())
     out_dir.mkdir(parents=True, exist_ok=True)
     cert_path = out_dir / f"{file_name}.pem"
@@ -112,3 +130,66 @@ def make_crl(
             .build()
         )
     path.write_bytes(builder.sign(ca_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM))
+
+
+def make_ca(
+    out_dir: Path,
+    cn: str,
+    *,
+    issuer_dir: Path | None = None,
+    path_length: int | None = None,
+) -> x509.Certificate:
+    """Write a CA directory ``out_dir`` (``ca.pem``, ``ca.key``; ECDSA P-256) for ``CN=cn``:
+    a self-signed root, or with ``issuer_dir`` an intermediate signed by that directory's CA.
+    ``make_client_cert``, ``make_crl`` and ``proxy.certs.issue_client`` can sign with it."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+    issuer_name, signing_key, issuer_public = name, key, key.public_key()
+    if issuer_dir is not None:
+        parent = x509.load_pem_x509_certificate((issuer_dir / "ca.pem").read_bytes())
+        parent_key = serialization.load_pem_private_key(
+            (issuer_dir / "ca.key").read_bytes(), password=None
+        )
+        assert isinstance(parent_key, ec.EllipticCurvePrivateKey)
+        issuer_name, signing_key = parent.subject, parent_key
+        issuer_public = parent_key.public_key()
+    now = utcnow()
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(issuer_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(hours=1))
+        .not_valid_after(now + dt.timedelta(days=60))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=path_length), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_public), critical=False
+        )
+        .sign(signing_key, hashes.SHA256())
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "ca.key").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    (out_dir / "ca.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return cert

@@ -122,6 +122,7 @@ def test_first_cn_wins_and_sans_without_cn() -> None:
         make_cert(attrs=[(NameOID.COMMON_NAME, "first"), (NameOID.COMMON_NAME, "second")])[0]
     )
     assert ident.cn == "first"
+    assert ident.refusal is not None and "2 common names" in ident.refusal  # names no one
     only_uri = identity_from_der(make_cert(uris=("spiffe://example.org/w",))[0])
     assert only_uri.cn is None and only_uri.uris == ("spiffe://example.org/w",)
 
