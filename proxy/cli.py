@@ -21,7 +21,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Collection, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Collection, Coroutine, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -430,10 +430,10 @@ async def _serve(
     return 0
 
 
-def _sessions_of(server: ProxyServer) -> Callable[[], dict[str, Any]]:
-    from proxy.sessions_view import snapshot
+def _sessions_of(server: ProxyServer) -> Callable[[], Awaitable[bytes]]:
+    from proxy.sessions_view import render
 
-    return lambda: snapshot(server)
+    return lambda: render(server)
 
 
 def _supervise(workers: int, run_worker: Callable[[int], int]) -> int:

@@ -6,7 +6,7 @@ A deliberately tiny HTTP/1.0 responder on its own listener (loopback by default,
 a fresh connection to the upstream beanstalkd, sends ``stats`` and answers 200 only if the
 reply is a well-formed ``OK`` body that does not say ``draining: true``; otherwise 503 with the
 reason. ``/connections`` (only when ``metrics.connections: true``, else 404) is the JSON list
-of live sessions that ``proxy.sessions_view`` builds at request time. Requests are capped in
+of live sessions that ``proxy.sessions_view.render`` builds at request time. Requests are capped in
 size and time; only GET and HEAD are served.
 """
 
@@ -14,11 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import socket
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -80,13 +78,14 @@ class StatusServer:
         metrics: Metrics,
         upstream: Endpoint,
         timeout: float = 2.0,
-        connections: Callable[[], dict[str, Any]] | None = None,
+        connections: Callable[[], Awaitable[bytes]] | None = None,
     ) -> None:
         self.listen = listen
         self.metrics = metrics
         self.upstream = upstream
         self.timeout = timeout
-        self.connections = connections  # builds the /connections document; None: not served
+        self.connections = connections  # builds the /connections JSON; None: not served
+        self._one_build = asyncio.Lock()  # one /connections document in memory at a time
         self._server: asyncio.AbstractServer | None = None
         self._sock: socket.socket | None = None
 
@@ -144,8 +143,8 @@ class StatusServer:
         if path == b"/connections":
             if self.connections is None:
                 return 404, "text/plain", b"/connections is off (metrics.connections: false)\n"
-            body = json.dumps(self.connections(), separators=(",", ":")).encode() + b"\n"
-            return 200, "application/json", body
+            async with self._one_build:
+                return 200, "application/json", await self.connections()
         return 404, "text/plain", b"not found\n"
 
     async def close(self) -> None:

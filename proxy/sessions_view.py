@@ -9,15 +9,19 @@ certificate subject and fingerprint, when the connection started (``since``, ISO
 connection holds reserved, and its ``state``. Nothing is kept or counted per command for it: it
 reads the counters the relay and the session already keep. The list is bounded (``limit``
 entries, the oldest first, with ``truncated`` set when more exist) and so is each entry's list
-of watched tubes (``watched_count`` has the full number).
+of watched tubes (``watched_count`` has the full number). ``render`` encodes the same document
+to JSON a slice of ``CHUNK`` sessions at a time and lets the event loop run between slices, so
+listing thousands of sessions does not stall the relay for the whole build.
 """
 
 from __future__ import annotations
 
-import heapq
+import asyncio
+import json
 import os
 import time
 from datetime import UTC, datetime
+from operator import attrgetter
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -27,6 +31,10 @@ if TYPE_CHECKING:
 MAX_SESSIONS = 10_000
 #: At most this many watched tube names per session (``watched_count`` has them all).
 MAX_WATCHED = 20
+#: Sessions described and encoded between two returns to the event loop in ``render``.
+CHUNK = 200
+
+_STARTED = attrgetter("started")
 
 #: Values of ``state``, in the order they are tested.
 STATES = ("connecting", "draining", "blocked", "waiting", "relaying", "idle")
@@ -86,15 +94,42 @@ def describe(conn: Connection, now_mono: float, now_wall: float) -> dict[str, An
     return entry
 
 
-def snapshot(server: ProxyServer, limit: int = MAX_SESSIONS) -> dict[str, Any]:
-    """The live sessions of ``server``, oldest first, at most ``limit`` of them."""
-    conns = list(server.connections)
-    now_mono, now_wall = time.monotonic(), time.time()
-    chosen = heapq.nsmallest(limit, conns, key=lambda c: c.started)
+def _header(conns: list[Connection], chosen: list[Connection], now_wall: float) -> dict[str, Any]:
     return {
         "pid": os.getpid(),
         "time": datetime.fromtimestamp(now_wall, UTC).isoformat(timespec="seconds"),
         "count": len(conns),
         "truncated": len(conns) > len(chosen),
-        "connections": [describe(c, now_mono, now_wall) for c in chosen],
     }
+
+
+def _choose(server: ProxyServer, limit: int) -> tuple[list[Connection], list[Connection]]:
+    conns = list(server.connections)
+    return conns, sorted(conns, key=_STARTED)[:limit]  # C-level sort: ~10 ms for 50,000
+
+
+def snapshot(server: ProxyServer, limit: int = MAX_SESSIONS) -> dict[str, Any]:
+    """The live sessions of ``server``, oldest first, at most ``limit`` of them."""
+    now_mono, now_wall = time.monotonic(), time.time()
+    conns, chosen = _choose(server, limit)
+    doc = _header(conns, chosen, now_wall)
+    doc["connections"] = [describe(c, now_mono, now_wall) for c in chosen]
+    return doc
+
+
+async def render(server: ProxyServer, limit: int = MAX_SESSIONS, chunk: int = CHUNK) -> bytes:
+    """``snapshot(server, limit)`` as JSON bytes, built ``chunk`` sessions at a time with the
+    event loop free in between (a session that closes meanwhile is still listed, as
+    ``draining``: the list is what was connected when the request came)."""
+    now_mono, now_wall = time.monotonic(), time.time()
+    conns, chosen = _choose(server, limit)
+    head = json.dumps(_header(conns, chosen, now_wall), separators=(",", ":"))
+    parts = [head[:-1].encode(), b',"connections":[']
+    for start in range(0, len(chosen), chunk):
+        if start:
+            await asyncio.sleep(0)
+            parts.append(b",")
+        entries = [describe(c, now_mono, now_wall) for c in chosen[start : start + chunk]]
+        parts.append(json.dumps(entries, separators=(",", ":"))[1:-1].encode())
+    parts.append(b"]}\n")
+    return b"".join(parts)

@@ -29,7 +29,7 @@ from test_metrics import http, scrape
 from proxy.config import Endpoint, parse_config
 from proxy.errors import ConfigError
 from proxy.httpd import StatusServer
-from proxy.sessions_view import snapshot
+from proxy.sessions_view import render, snapshot
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -52,7 +52,7 @@ async def _live(pki: PKI, beanstalkd: Beanstalkd, enabled: bool) -> tuple[Status
         Endpoint("127.0.0.1", 0, None),
         running.server.metrics,
         running.server.config.upstream,
-        connections=(lambda: snapshot(running.server)) if enabled else None,
+        connections=(lambda: render(running.server)) if enabled else None,
     )
     await srv.start()
     return srv, running
@@ -264,6 +264,20 @@ async def test_the_list_is_bounded(live: Live) -> None:
     assert ages == sorted(ages, reverse=True)  # the oldest are kept
     full = snapshot(live.proxy.server)
     assert full["truncated"] is False and len(full["connections"]) == 3
+    # render() builds the same document a slice at a time, whatever the slice size.
+    for chunk in (1, 2, 3, 200):
+        for limit in (2, 3):
+            doc = json.loads(await render(live.proxy.server, limit=limit, chunk=chunk))
+            want = snapshot(live.proxy.server, limit=limit)
+            assert {k: v for k, v in doc.items() if k not in ("time", "connections")} == {
+                k: v for k, v in want.items() if k not in ("time", "connections")
+            }
+            strip = ("age", "idle")
+            assert [{k: v for k, v in e.items() if k not in strip} for e in doc["connections"]] == [
+                {k: v for k, v in e.items() if k not in strip} for e in want["connections"]
+            ]
+    empty = json.loads(await render(live.proxy.server, limit=0))
+    assert empty["connections"] == [] and empty["truncated"] is True
     # Each entry lists at most MAX_WATCHED tubes, with the full count beside.
     from proxy.sessions_view import MAX_WATCHED
 
