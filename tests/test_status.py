@@ -446,3 +446,18 @@ async def test_serve_wires_connections_and_build_info(
         proc.wait(timeout=30)
         assert proc.stderr is not None
         proc.stderr.close()
+
+
+async def test_status_cli_reads_several_listeners(live: Live) -> None:
+    # With --workers N each worker has its own listener; here the same one twice.
+    c = await live.proxy.connect("billing")
+    assert await c.line(b"use invoices") == b"USING invoices"
+    url = f"http://127.0.0.1:{live.port}"
+    code, out, err = await cli("status", "--metrics-url", url, "--metrics-url", url)
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0].split()[:3] == ["PID", "PEER", "PRINCIPAL"]
+    assert [line.split()[0] for line in lines[1:3]] == [str(os.getpid())] * 2
+    assert [line.split()[2] for line in lines[1:3]] == ["billing", "billing"]
+    assert lines[3:] == ["2 connections"]
+    await c.close()
