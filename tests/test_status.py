@@ -461,3 +461,25 @@ async def test_status_cli_reads_several_listeners(live: Live) -> None:
     assert [line.split()[2] for line in lines[1:3]] == ["billing", "billing"]
     assert lines[3:] == ["2 connections"]
     await c.close()
+
+
+@pytest.mark.parametrize(("host", "warned"), [("0.0.0.0", True), ("127.0.0.1", False)])
+async def test_connections_on_a_non_loopback_listener_is_warned_about(
+    pki: PKI, beanstalkd: Beanstalkd, caplog: pytest.LogCaptureFixture, host: str, warned: bool
+) -> None:
+    running = await start_proxy(pki, beanstalkd.port)
+    srv = StatusServer(
+        Endpoint(host, 0, None),
+        running.server.metrics,
+        running.server.config.upstream,
+        connections=lambda: render(running.server),
+    )
+    with caplog.at_level("INFO", logger="beanstalk_proxy"):
+        await srv.start()
+    try:
+        warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+        assert [("not loopback" in r.getMessage()) for r in warnings] == ([True] if warned else [])
+        assert any("/connections" in r.getMessage() for r in caplog.records)
+    finally:
+        await srv.close()
+        await running.server.close()
