@@ -148,6 +148,7 @@ class Config:
     watch_files: bool = True  # reload when the ACL or TLS files change on disk
     watch_interval: float = 5.0  # seconds between checks of those files
     denial_reply: str = "compatible"  # acl_denial_reply: how a denied command is answered
+    metrics_connections: bool = False  # serve /connections (live sessions) on metrics.listen
 
 
 # --------------------------------------------------------------------------------------------
@@ -406,7 +407,7 @@ _LIMIT_KEYS = (
     "max_handshakes",
     "max_handshakes_per_source",
 )
-_METRICS_KEYS = ("listen",)
+_METRICS_KEYS = ("listen", "connections")
 _LOG_KEYS = ("format", "level")
 
 
@@ -548,6 +549,11 @@ def parse_config(data: object, source: str) -> Config:
     ):
         which = "listen" if metrics_listen == listen else "upstream"
         raise metrics.error("listen", f"is the same address as {which} ({metrics_listen})")
+    metrics_connections = metrics.get_bool("connections", False)
+    if metrics_connections and metrics_listen is None:
+        raise metrics.error(
+            "connections", "needs metrics.listen (/connections is served on the status listener)"
+        )
 
     log = _parse_log(source, top.get("log"))
     reload = _Reader(source, "reload", top.get("reload"), _RELOAD_KEYS)
@@ -564,4 +570,5 @@ def parse_config(data: object, source: str) -> Config:
         watch_files=reload.get_bool("watch", True),
         watch_interval=reload.duration("interval", 5.0),
         denial_reply=top.choice("acl_denial_reply", "compatible", DENIAL_REPLY_MODES),
+        metrics_connections=metrics_connections,
     )

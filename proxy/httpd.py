@@ -1,10 +1,13 @@
-"""The status listener: ``/metrics`` (Prometheus text), ``/healthz`` and ``/readyz``.
+"""The status listener: ``/metrics`` (Prometheus text), ``/healthz``, ``/readyz`` and, when
+enabled, ``/connections``.
 
 A deliberately tiny HTTP/1.0 responder on its own listener (loopback by default, off unless
 ``metrics.listen`` is set). ``/healthz`` answers 200 while the process runs. ``/readyz`` opens
 a fresh connection to the upstream beanstalkd, sends ``stats`` and answers 200 only if the
 reply is a well-formed ``OK`` body that does not say ``draining: true``; otherwise 503 with the
-reason. Requests are capped in size and time; only GET and HEAD are served.
+reason. ``/connections`` (only when ``metrics.connections: true``, else 404) is the JSON list
+of live sessions that ``proxy.sessions_view.render`` builds at request time. Requests are capped in
+size and time; only GET and HEAD are served.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+from collections.abc import Awaitable, Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -69,12 +73,19 @@ class StatusServer:
     """Serves the status endpoints on ``listen``."""
 
     def __init__(
-        self, listen: Endpoint, metrics: Metrics, upstream: Endpoint, timeout: float = 2.0
+        self,
+        listen: Endpoint,
+        metrics: Metrics,
+        upstream: Endpoint,
+        timeout: float = 2.0,
+        connections: Callable[[], Awaitable[bytes]] | None = None,
     ) -> None:
         self.listen = listen
         self.metrics = metrics
         self.upstream = upstream
         self.timeout = timeout
+        self.connections = connections  # builds the /connections JSON; None: not served
+        self._one_build = asyncio.Lock()  # one /connections document in memory at a time
         self._server: asyncio.AbstractServer | None = None
         self._sock: socket.socket | None = None
 
@@ -88,7 +99,14 @@ class StatusServer:
             self._server = await asyncio.start_unix_server(self._handle, sock=self._sock)
         else:
             self._server = await asyncio.start_server(self._handle, sock=self._sock)
-        log.info("status endpoints (/metrics, /healthz, /readyz) on %s", self.listen)
+        paths = "/metrics, /healthz, /readyz" + (", /connections" if self.connections else "")
+        log.info("status endpoints (%s) on %s", paths, self.listen)
+        if self.connections is not None and not self.listen.is_loopback:
+            log.warning(
+                "/connections is served on %s, which is not loopback: whoever reaches it sees "
+                "every client's address, principal and certificate subject",
+                self.listen,
+            )
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -122,6 +140,11 @@ class StatusServer:
         if path == b"/readyz":
             ready, reason = await check_upstream(self.upstream, self.timeout)
             return (200 if ready else 503), "text/plain", reason.encode() + b"\n"
+        if path == b"/connections":
+            if self.connections is None:
+                return 404, "text/plain", b"/connections is off (metrics.connections: false)\n"
+            async with self._one_build:
+                return 200, "application/json", await self.connections()
         return 404, "text/plain", b"not found\n"
 
     async def close(self) -> None:

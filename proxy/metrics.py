@@ -9,20 +9,35 @@ counters; two gauges per reload kind show whether the files on disk last loaded.
 latency is sampled: one burst of commands in 16 per connection is timed (for a request-reply
 client a burst is one command), which bounds the cost. Label values chosen by
 clients (tube names in denials) are capped so a hostile client cannot grow the series count
-without bound; principal labels come from the ACL.
+without bound; principal labels come from the ACL. The registry also carries the standard
+``process_*`` and ``python_*`` collectors and ``beanstalk_proxy_build_info``; counters export
+no ``_created`` series (switched off process-wide when this module is imported).
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
+import platform
+import ssl
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    disable_created_metrics,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from proxy import __version__
 from proxy.protocol import NAMES
 
 if TYPE_CHECKING:
@@ -31,6 +46,10 @@ if TYPE_CHECKING:
 
 #: Distinct tube label values kept for denials before new ones are folded into "_other".
 MAX_TUBE_LABELS = 500
+
+# ``<counter>_created`` doubles the series count and no dashboard of ours reads it. The switch
+# is process-wide in prometheus_client; it must be set before the first Counter is made.
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 
 class Metrics:
@@ -106,6 +125,10 @@ class Metrics:
         self._closed_rate_limited: dict[str, int] = {}  # principal -> count (ACL-bounded)
         self._tubes: set[str] = set()
         r.register(_LiveCollector(self))
+        ProcessCollector(registry=r)  # process_cpu_seconds_total, _open_fds, _resident_memory...
+        PlatformCollector(registry=r)  # python_info
+        GCCollector(registry=r)  # python_gc_*
+        r.register(_BuildInfoCollector())
 
     def track(self, live: Iterable[Connection]) -> None:
         """Where to find the live connections at scrape time."""
@@ -254,7 +277,41 @@ class _LiveCollector(Collector):
         yield g
 
 
+class _BuildInfoCollector(Collector):
+    """``beanstalk_proxy_build_info``: 1, with what this process runs on as labels. The loop
+    label is read from the running loop at scrape time (the status listener runs on it)."""
+
+    def __init__(self) -> None:
+        self.loop = _loop_name()
+
+    def describe(self) -> Iterator[Any]:
+        return iter(())
+
+    def collect(self) -> Iterator[Any]:
+        self.loop = _loop_name() or self.loop
+        g = GaugeMetricFamily(
+            "beanstalk_proxy_build_info",
+            "Always 1; the labels say which version runs on which Python, OpenSSL and event loop",
+            labels=["version", "python", "openssl", "loop"],
+        )
+        g.add_metric(
+            [__version__, platform.python_version(), _OPENSSL, self.loop or "unknown"],
+            1,
+        )
+        yield g
+
+
+def _loop_name() -> str:
+    """ "uvloop" or "asyncio": the event loop running in this thread ("" when none runs)."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return ""
+    return "uvloop" if type(loop).__module__.split(".", 1)[0] == "uvloop" else "asyncio"
+
+
 _START = time.time()
+_OPENSSL = " ".join(ssl.OPENSSL_VERSION.split()[:2])  # "OpenSSL 3.0.13", without the date
 
 
 def _open_fds() -> int:

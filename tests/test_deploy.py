@@ -109,6 +109,8 @@ def test_shipped_configs_parse_and_agree(where: str) -> None:
         assert path.startswith("/certs/"), path
     # The image's HEALTHCHECK asks 127.0.0.1:9400; inside a pod/container 0.0.0.0 covers it.
     assert str(config.metrics_listen) == "0.0.0.0:9400"
+    # ... so the live-sessions list (peers, principals, subjects) stays off on it.
+    assert config.metrics_connections is False
     assert config.limits.max_job_size <= 65535  # beanstalkd -z 65535
     assert config.log.format == "json"
 

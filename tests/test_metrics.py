@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import platform
 import signal
 import ssl
 import time
@@ -17,6 +18,7 @@ from conftest import PKI, Beanstalkd, Client, RunningProxy, start_proxy
 from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client.parser import text_string_to_metric_families
 
+import proxy
 from proxy.config import Endpoint
 from proxy.httpd import StatusServer
 
@@ -278,3 +280,41 @@ async def test_readyz_fails_while_beanstalkd_drains(status: Status, beanstalkd: 
         return code == 503 and b"draining" in body
 
     await until(draining)
+
+
+async def test_standard_series_and_no_created(status: Status) -> None:
+    # One connection so every counter family has moved at least once.
+    c = await status.proxy.connect("admin")
+    assert await c.line(b"list-tube-used") == b"USING default"
+    code, _, body = await http(status.port, "/metrics")
+    assert code == 200
+    text = body.decode()
+    names = {
+        line.split("{", 1)[0].split(" ", 1)[0]
+        for line in text.splitlines()
+        if line and not line.startswith("#")
+    }
+    created = sorted(n for n in names if n.endswith("_created"))
+    assert created == []
+    assert "_created" not in text
+    s = await scrape(status.port)
+    # The standard process and Python collectors run on the proxy's own registry.
+    assert value(s, "process_open_fds") > 0
+    assert value(s, "process_resident_memory_bytes") > 0
+    assert value(s, "process_start_time_seconds") > 0
+    assert ("process_cpu_seconds_total", frozenset()) in s
+    assert any(name == "python_info" for name, _ in s)
+    assert any(name == "python_gc_collections_total" for name, _ in s)
+    # build_info: one series, value 1, labels saying what runs (pytest runs the default loop).
+    info = [(labels, v) for (name, labels), v in s.items() if name == "beanstalk_proxy_build_info"]
+    assert len(info) == 1
+    labels, v = info[0]
+    assert v == 1
+    assert dict(labels) == {
+        "version": proxy.__version__,
+        "python": platform.python_version(),
+        "openssl": " ".join(ssl.OPENSSL_VERSION.split()[:2]),
+        "loop": "asyncio",
+    }
+    assert dict(labels)["openssl"].startswith(("OpenSSL ", "LibreSSL "))
+    await c.close()
