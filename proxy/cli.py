@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     import ssl
 
     from proxy.acl import Policy
+    from proxy.identity import Identity
     from proxy.relay import ProxyServer
 
 __all__ = ["load_acl", "load_config", "load_yaml", "main"]
@@ -714,6 +715,111 @@ def explain(
     if name == "list-tubes":
         click.echo("(the reply lists only the tubes the principal holds some right on)")
     if not decision.allowed:
+        sys.exit(1)
+
+
+# --------------------------------------------------------------------------------------------
+# acl: decision tables and diffs
+
+
+@main.group()
+def acl() -> None:
+    """Tools for changing the ACL safely: decision tables (test) and rights diffs (diff)."""
+
+
+def _cert_case_identity(path: str, config: Config | None) -> Identity:
+    """The identity the proxy would see for the certificate at ``path`` (with ``config``: its
+    issuer from tls.client_ca, and a refusal when it does not chain to one of those CAs)."""
+    from dataclasses import replace
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    from proxy.certs import load_cert
+    from proxy.identity import identity_from_der
+    from proxy.tlsctx import load_client_cas, rebuild_chain
+
+    cert = load_cert(path)
+    issuer_der: bytes | None = None
+    unchained = False
+    if config is not None:
+        try:
+            sent = x509.load_pem_x509_certificates(Path(path).read_bytes())[1:]
+        except (OSError, ValueError):
+            sent = []
+        chain = rebuild_chain(cert, load_client_cas(config.tls, config.source), sent)
+        unchained = chain is None
+        if chain is not None and len(chain) > 1:
+            issuer_der = chain[1].public_bytes(Encoding.DER)
+    identity = identity_from_der(
+        cert.public_bytes(Encoding.DER),
+        issuer_der=issuer_der,
+        require_client_auth_eku=config is None or config.tls.require_client_auth_eku,
+    )
+    if unchained and identity.refusal is None:
+        assert config is not None
+        reason = f"no chain to a CA of tls.client_ca ({config.tls.client_ca}): TLS handshake fails"
+        identity = replace(identity, refusal=reason)
+    return identity
+
+
+@acl.command("test")
+@click.option(
+    "--config",
+    "config_path",
+    metavar="PATH",
+    help="Proxy configuration: its ACL, limits.max_job_size and tls.client_ca (for cert cases).",
+)
+@click.option(
+    "--acl",
+    "acl_path",
+    metavar="PATH",
+    help="ACL file to test instead of the config's `acl` (e.g. a proposed change).",
+)
+@click.argument("cases_path", metavar="CASES")
+def acl_test(config_path: str | None, acl_path: str | None, cases_path: str) -> None:
+    """Run the decision table CASES (YAML) against the ACL, deciding each case as the proxy.
+
+    Prints one line per failing case and a summary "N passed, M failed". Exits 0 when every
+    case passes, 1 when one fails, 2 on a config, ACL or case-file error (with its key path).
+    The case format is in config/ACL.md; config/acl.example.test.yaml is an example."""
+    from proxy.acltest import Case, parse_cases, run_cases
+    from proxy.certs import PKIError
+
+    if config_path is None and acl_path is None:
+        raise click.UsageError("give --config PATH, --acl PATH or both")
+    config = load_config(config_path) if config_path is not None else None
+    policy_path = acl_path if acl_path is not None else config.acl if config else ""
+    policy = load_acl(policy_path)
+    cases = parse_cases(load_yaml(cases_path), cases_path)
+    base = Path(cases_path).parent
+
+    def identities(case: Case) -> Identity:
+        assert case.cert is not None
+        path = base / case.cert
+        try:
+            return _cert_case_identity(str(path), config)
+        except (PKIError, ValueError) as exc:
+            raise ConfigError(cases_path, f"cases[{case.index}].cert", str(exc)) from None
+
+    report = run_cases(
+        policy,
+        cases,
+        identities=identities,
+        max_job_size=config.limits.max_job_size if config else 65535,
+        source=cases_path,
+    )
+    for result in report.failures:
+        case = result.case
+        want = case.expect if case.rule is None else f"{case.expect} by {case.rule}"
+        who = f" as {result.principal}" if result.principal else ""
+        click.echo(
+            f"FAIL {case.label}: {case.command!r}{who}: expected {want}, "
+            f"got {result.outcome} by {result.rule}"
+        )
+    failed = len(report.failures)
+    click.echo(f"{report.passed} passed, {failed} failed ({policy_path} against {cases_path})")
+    if failed:
         sys.exit(1)
 
 
