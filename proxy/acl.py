@@ -541,6 +541,17 @@ class Policy:
                 allowed_everywhere = True
         return allowed_everywhere
 
+    def match_block(self, principal: str) -> tuple[tuple[str, tuple[str, ...]], ...] | None:
+        """The principal's match keys and their normalized patterns (``None``: not defined)."""
+        for p in self._principals:
+            if p.name == principal:
+                return tuple((c.key, c.patterns) for c in p.conditions)
+        return None
+
+    def tube_patterns(self) -> frozenset[str]:
+        """Every tube pattern named by some rule (normalized, as matched)."""
+        return frozenset(t for r in self._rules for t in r.tubes)
+
     def _remember(self, key: tuple[str, str, str, str | None], decision: Decision) -> None:
         if len(self._cache) >= _CACHE_MAX:
             self._cache.clear()

@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     import ssl
 
     from proxy.acl import Policy
+    from proxy.acldiff import PolicyDiff
     from proxy.identity import Identity
     from proxy.relay import ProxyServer
 
@@ -295,13 +296,50 @@ def _reload_acl(config: Config, server: ProxyServer, counted: bool) -> None:
         log.error("reload: ACL not reloaded, keeping the previous policy: %s", exc)
     else:
         server.metrics.reload_result("acl", True, counted)
-        server.reload_policy(policy)
+        diff = _policy_diff(server.policy.current, policy)
+        affected = server.reload_policy(policy, diff.changed if diff is not None else ())
         log.info(
             "reload: ACL %s loaded (%d principals)",
             config.acl,
             len(policy.principals),
             extra={"fields": {"event": "reload", "what": "acl"}},
         )
+        if diff is not None:
+            _log_reload_diff(config.acl, diff, affected)
+
+
+def _policy_diff(old: Policy, new: Policy) -> PolicyDiff | None:
+    from proxy.acldiff import diff_policies
+
+    try:
+        return diff_policies(old, new)
+    except Exception:  # the summary must never stop a valid policy from loading
+        log.exception("reload: cannot compute the ACL diff; the new ACL is loaded anyway")
+        return None
+
+
+def _log_reload_diff(path: str, diff: PolicyDiff, affected: int) -> None:
+    """One structured ``acl_reload_diff`` event: what ``acl diff`` would print, and how many
+    live connections changed principal or rights."""
+    from proxy.acldiff import render
+
+    lines = render(diff)
+    log.info(
+        "reload: ACL %s diff: %s; %d live connection(s) affected",
+        path,
+        lines[-1],
+        affected,
+        extra={
+            "fields": {
+                "event": "acl_reload_diff",
+                "principals_changed": sorted(diff.changed),
+                "rights_gained": diff.gained,
+                "rights_lost": diff.lost,
+                "connections_affected": affected,
+                "summary": lines,
+            }
+        },
+    )
 
 
 def _reload_tls(config: Config, server: ProxyServer, counted: bool) -> None:
@@ -820,6 +858,27 @@ def acl_test(config_path: str | None, acl_path: str | None, cases_path: str) -> 
     failed = len(report.failures)
     click.echo(f"{report.passed} passed, {failed} failed ({policy_path} against {cases_path})")
     if failed:
+        sys.exit(1)
+
+
+@acl.command("diff")
+@click.option(
+    "--exit-code", is_flag=True, help="Exit 1 when the effective rights differ (like git diff)."
+)
+@click.argument("old_path", metavar="OLD")
+@click.argument("new_path", metavar="NEW")
+def acl_diff(old_path: str, new_path: str, exit_code: bool) -> None:
+    """Show, per principal, the effective rights NEW grants and revokes compared with OLD.
+
+    Both are ACL files. Reports rights gained and lost (verb classes or commands x tube
+    patterns), principals added, removed or matched differently, rate limit and put limit
+    changes. Exits 0 (with --exit-code: 1 when there are differences), 2 on an invalid file."""
+    from proxy.acldiff import diff_policies, render
+
+    diff = diff_policies(load_acl(old_path), load_acl(new_path))
+    for line in render(diff):
+        click.echo(line)
+    if exit_code and diff.principals:
         sys.exit(1)
 
 
