@@ -851,8 +851,9 @@ def acl_test(config_path: str | None, acl_path: str | None, cases_path: str) -> 
         case = result.case
         want = case.expect if case.rule is None else f"{case.expect} by {case.rule}"
         who = f" as {result.principal}" if result.principal else ""
+        command = "" if case.name == case.command else f": {case.command!r}"
         click.echo(
-            f"FAIL {case.label}: {case.command!r}{who}: expected {want}, "
+            f"FAIL {case.label}{command}{who}: expected {want}, "
             f"got {result.outcome} by {result.rule}"
         )
     failed = len(report.failures)
