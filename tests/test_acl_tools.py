@@ -560,3 +560,66 @@ async def test_reload_logs_the_diff_and_counts_affected_connections(
             await c.close()
     finally:
         await proxy.server.close()
+
+
+# ------------------------------------------------------------------------------ agreement
+
+#: (certificate, command, used tube, job's tube): each is run by ``acl test`` and by the live
+#: proxy (explicit denial replies), and the outcomes must be the same.
+LIVE_CASES: list[tuple[str, str, str, str | None]] = [
+    ("billing", "put 0 0 60 3", "invoices", None),
+    ("billing", "put 0 0 60 3", "default", None),
+    ("billing", "use reports", "default", None),
+    ("billing", "use invoices.eu", "default", None),
+    ("billing", "peek-ready", "invoices", None),
+    ("billing", "stats-tube invoices", "default", None),
+    ("billing", "pause-tube invoices 0", "default", None),
+    ("billing", "peek {job}", "default", "invoices"),
+    ("billing", "peek {job}", "default", "elsewhere"),
+    ("worker", "watch invoices", "default", None),
+    ("worker", "watch secrets.x", "default", None),
+    ("worker", "kick 1", "default", None),
+    ("worker", "delete {job}", "default", "invoices"),
+    ("worker", "release {job} 0 0", "default", "invoices"),
+    ("inspector", "peek {job}", "default", "secrets.a"),
+    ("inspector", "stats-job {job}", "default", "other"),
+    ("inspector", "put 0 0 60 3", "default", None),
+    ("admin", "kick-job {job}", "default", "secrets.b"),
+    ("admin", "pause-tube default 0", "default", None),
+]
+
+
+@pytest.mark.integration
+async def test_acl_test_agrees_with_the_live_proxy(pki: PKI, beanstalkd: Beanstalkd) -> None:
+    from conftest import direct
+
+    policy = parse_acl(TEST_ACL, "<acl>")
+    proxy = await start_proxy(pki, beanstalkd.port)
+    plain = await direct(beanstalkd.port)
+    try:
+        for name, template, used, job_tube in LIVE_CASES:
+            job = 0
+            if job_tube is not None:
+                assert (await plain.line(f"use {job_tube}".encode())).startswith(b"USING")
+                inserted = await plain.put(b"job")
+                job = int(inserted.split()[1])
+            command = template.format(job=job)
+            client = await proxy.connect(name)
+            if used != "default":
+                assert await client.line(f"use {used}".encode()) == f"USING {used}".encode()
+            if command.startswith("put"):
+                reply = await client.line(command.encode(), b"abc")
+            else:
+                reply = (await client.call(command.encode()))[0]
+            await client.close()
+            live = {b"NOT_PERMITTED": "deny", b"NOT_FOUND": "not_found"}.get(reply, "allow")
+            row: dict[str, Any] = {"principal": name, "command": command, "expect": live}
+            if used != "default":
+                row["used"] = used
+            if job_tube is not None:
+                row["job_tube"] = job_tube
+            (result,) = run_cases(policy, parse_cases({"cases": [row]}, "<live>")).results
+            assert (name, command, result.outcome) == (name, command, live), reply
+    finally:
+        await plain.close()
+        await proxy.server.close()
