@@ -6,7 +6,9 @@ files or YAML.
 key, CA and CRL files named in the config and swaps them in, keeping the previous policy or
 context (and logging the precise error) when the new one does not load. ``check-config``
 validates everything ``serve`` would load, ``explain`` shows which principal a certificate maps
-to and how the ACL decides one command line, and ``certs`` makes a development PKI. YAML is read
+to and how the ACL decides one command line, ``acl test`` runs a decision table and ``acl diff``
+compares the rights of two ACLs (also logged on every ACL reload), and ``certs`` makes a
+development PKI. YAML is read
 with a ``yaml.SafeLoader`` subclass that also rejects duplicate keys. Every ``ConfigError``
 exits with status 2 and ``error: <file>: <key path>: <reason>`` on stderr; PKI errors exit 1.
 """
