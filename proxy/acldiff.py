@@ -2,14 +2,15 @@
 policies, and the text a reviewer reads.
 
 ``diff_policies(old, new)`` compares two compiled ``Policy`` objects by their decisions, not
-their text: for every principal of either policy and every tube pattern named by a rule of
-either policy (one representative tube per pattern; the bare ``"*"`` stands for a tube no other
-pattern names), it asks both policies about every tube command (and ``stats``) and reports the
-commands that became allowed or denied, grouped back into verb classes where a whole class
-changed, and dropped for a pattern when a broader pattern already reports the same change. It
-also reports principals added and removed, match blocks and first-match positions changed,
-rate limits and producer constraints (``put`` limits) changed. ``render`` writes it as text;
-``PolicyDiff`` carries the counts the reload event logs. Pure: no I/O.
+their text: for every principal whose rules differ, and every tube pattern named by a rule that
+applies to it in either policy and matched by a rule added or removed (one representative tube
+per pattern; the bare ``"*"`` stands for a tube no other pattern names), it asks both policies
+about every tube command (and ``stats``) and reports the commands that became allowed or
+denied, grouped back into verb classes where a whole class changed, and dropped for a pattern
+when a broader pattern already reports the same change. It also reports principals added and
+removed, match blocks and first-match positions changed, rate limits and producer constraints
+(``put`` limits) changed. ``render`` writes it as text; ``PolicyDiff`` carries the counts the
+reload event logs. Pure: no I/O.
 """
 
 from __future__ import annotations
@@ -127,10 +128,11 @@ def _rights(old: Policy, new: Policy, name: str, patterns: list[str]) -> list[Ri
                 lost.add((command, verb))
         per[pattern] = (gained, lost, allowed)
     changes: list[RightsChange] = []
-    for pattern in patterns:
+    changed = [p for p in patterns if per[p][0] or per[p][1]]
+    for pattern in changed:
         gained, lost, _ = per[pattern]
         gained, lost = set(gained), set(lost)
-        for broad in patterns:
+        for broad in changed:
             if _covers(broad, pattern):
                 gained -= per[broad][0]
                 lost -= per[broad][1]
@@ -169,8 +171,11 @@ def _put_limits(
     ]
 
 
-def _block(policy: Policy, name: str) -> dict[str, frozenset[str]]:
-    return {key: frozenset(pats) for key, pats in policy.match_block(name) or ()}
+def _blocks(policy: Policy) -> dict[str, dict[str, frozenset[str]]]:
+    return {
+        name: {key: frozenset(pats) for key, pats in block}
+        for name, block in policy.match_blocks().items()
+    }
 
 
 def _describe(block: dict[str, frozenset[str]]) -> tuple[str, ...]:
@@ -195,15 +200,28 @@ def _match_changes(old: dict[str, frozenset[str]], new: dict[str, frozenset[str]
 
 def diff_policies(old: Policy, new: Policy) -> PolicyDiff:
     """The structured difference between two policies (see the module docstring)."""
-    patterns = sorted(old.tube_patterns() | new.tube_patterns() | {"*"})
-    common = [n for n in old.principals if n in new.principals]
-    new_rank = {n: i for i, n in enumerate(p for p in new.principals if p in common)}
-    names = [*old.principals, *(n for n in new.principals if n not in old.principals)]
+    old_blocks, new_blocks = _blocks(old), _blocks(new)
+    common = [n for n in old.principals if n in new_blocks]
+    old_rank = {n: i for i, n in enumerate(common)}
+    new_rank = {n: i for i, n in enumerate(p for p in new.principals if p in old_rank)}
+    names = [*old.principals, *(n for n in new.principals if n not in old_blocks)]
     out: list[PrincipalDiff] = []
     for name in names:
-        in_old, in_new = name in old.principals, name in new.principals
-        rights = tuple(_rights(old, new, name, patterns))
-        old_match, new_match = _block(old, name), _block(new, name)
+        in_old, in_new = name in old_blocks, name in new_blocks
+        old_rules, new_rules = old.rules_of(name), new.rules_of(name)
+        rights: tuple[RightsChange, ...] = ()
+        limits: tuple[tuple[str, PutLimits | None, PutLimits | None], ...] = ()
+        if old_rules != new_rules:  # else every decision is the same
+            patterns = sorted({t for r in (*old_rules, *new_rules) for t in r[1]} | {"*"})
+            moved = set(old_rules) ^ set(new_rules)
+            if moved:  # only tubes a rule added or removed matches can decide differently
+                touched = {t for r in moved for t in r[1]}
+                patterns = [
+                    p for p in patterns if any(fnmatchcase(_witness(p), t) for t in touched)
+                ]
+            rights = tuple(_rights(old, new, name, patterns))
+            limits = tuple(_put_limits(old, new, name, patterns))
+        old_match, new_match = old_blocks.get(name, {}), new_blocks.get(name, {})
         if not (in_old and in_new):
             out.append(
                 PrincipalDiff(
@@ -214,7 +232,7 @@ def diff_policies(old: Policy, new: Policy) -> PolicyDiff:
                 )
             )
             continue
-        rank = common.index(name)
+        rank = old_rank[name]
         position = (rank, new_rank[name]) if rank != new_rank[name] else None
         rates = (old.rate_for(name), new.rate_for(name))
         diff = PrincipalDiff(
@@ -224,7 +242,7 @@ def diff_policies(old: Policy, new: Policy) -> PolicyDiff:
             tuple(_match_changes(old_match, new_match)),
             position,
             rates if rates[0] != rates[1] else None,
-            tuple(_put_limits(old, new, name, patterns)),
+            limits,
         )
         if diff.rights or diff.match or diff.position or diff.rate or diff.put_limits:
             out.append(diff)

@@ -8,9 +8,9 @@ context (and logging the precise error) when the new one does not load. ``check-
 validates everything ``serve`` would load, ``explain`` shows which principal a certificate maps
 to and how the ACL decides one command line, ``acl test`` runs a decision table and ``acl diff``
 compares the rights of two ACLs (also logged on every ACL reload), and ``certs`` makes a
-development PKI. YAML is read
-with a ``yaml.SafeLoader`` subclass that also rejects duplicate keys. Every ``ConfigError``
-exits with status 2 and ``error: <file>: <key path>: <reason>`` on stderr; PKI errors exit 1.
+development PKI. YAML is read with a ``yaml.SafeLoader`` subclass that also rejects duplicate
+keys. Every ``ConfigError`` exits with status 2 and ``error: <file>: <key path>: <reason>`` on
+stderr; PKI errors exit 1.
 """
 
 from __future__ import annotations
