@@ -190,9 +190,8 @@ class _Parser:
                 issuer_fp = self.pin(text, f"{key}.issuer")
             else:
                 issuer = text
-        subject = ",".join(
-            [*(f"CN={cn}" for _ in (cn,) if cn is not None), *(f"OU={o}" for o in lists["ou"])]
-        )
+        names = ([f"CN={cn}"] if cn is not None else []) + [f"OU={o}" for o in lists["ou"]]
+        subject = ",".join(names)
         return Identity(
             subject=subject,
             cn=cn,
@@ -359,13 +358,13 @@ def _run_one(
         data += b"x" * size + b"\r\n"
     session.feed_client(data)
     state = "reserved" if case.reserved else "buried" if case.buried else "ready"
-    stats_kind = None
+    forwarded_kind = None
     for _ in range(3):  # a lookup, then the command it held (at most one more lookup)
         if not session.pending or session.failed:
             break
         kind = session.pending[-1][0]
         if kind not in (K_LOOKUP, K_STATS_JOB):
-            stats_kind = kind
+            forwarded_kind = kind
             break
         if case.job_tube is None:
             raise ConfigError(
@@ -381,10 +380,10 @@ def _run_one(
         denial = session.denials[-1]
         outcome = "not_found" if denial["reply"] == NOT_FOUND.decode().strip() else "deny"
         return outcome, str(denial["rule"])
-    if session.to_upstream or (stats_kind is None and session.to_client.startswith(b"OK ")):
+    if session.to_upstream or (forwarded_kind is None and session.to_client.startswith(b"OK ")):
         tube = parsed.tube or (case.job_tube if job is not None else None)
         rule = _allow_rule(policy, principal, case, parsed.name, tube, job is not None)
-        if stats_kind == K_STATS:
+        if forwarded_kind == K_STATS:
             return "deny", f"{rule}: stats answered with counters zeroed and hosts redacted"
         return "allow", rule
     reply = bytes(session.to_client).strip().decode("ascii", "replace")
