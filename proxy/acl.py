@@ -541,6 +541,19 @@ class Policy:
                 allowed_everywhere = True
         return allowed_everywhere
 
+    def match_blocks(self) -> dict[str, tuple[tuple[str, tuple[str, ...]], ...]]:
+        """Principal name -> its match keys with their normalized patterns, in file order."""
+        return {p.name: tuple((c.key, c.patterns) for c in p.conditions) for p in self._principals}
+
+    def rules_of(
+        self, principal: str
+    ) -> tuple[tuple[str, tuple[str, ...], tuple[str, ...], PutLimits | None], ...]:
+        """(effect, tube patterns, entries, put limits) of each rule that applies to the
+        principal (its own and ``"*"``), in file order: what its decisions depend on."""
+        return tuple(
+            (r.effect, r.tubes, r.entries, r.limits) for r in self._rules_for.get(principal, ())
+        )
+
     def _remember(self, key: tuple[str, str, str, str | None], decision: Decision) -> None:
         if len(self._cache) >= _CACHE_MAX:
             self._cache.clear()

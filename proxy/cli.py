@@ -6,9 +6,11 @@ files or YAML.
 key, CA and CRL files named in the config and swaps them in, keeping the previous policy or
 context (and logging the precise error) when the new one does not load. ``check-config``
 validates everything ``serve`` would load, ``explain`` shows which principal a certificate maps
-to and how the ACL decides one command line, and ``certs`` makes a development PKI. YAML is read
-with a ``yaml.SafeLoader`` subclass that also rejects duplicate keys. Every ``ConfigError``
-exits with status 2 and ``error: <file>: <key path>: <reason>`` on stderr; PKI errors exit 1.
+to and how the ACL decides one command line, ``acl test`` runs a decision table and ``acl diff``
+compares the rights of two ACLs (also logged on every ACL reload), and ``certs`` makes a
+development PKI. YAML is read with a ``yaml.SafeLoader`` subclass that also rejects duplicate
+keys. Every ``ConfigError`` exits with status 2 and ``error: <file>: <key path>: <reason>`` on
+stderr; PKI errors exit 1.
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ if TYPE_CHECKING:
     import ssl
 
     from proxy.acl import Policy
+    from proxy.acldiff import PolicyDiff
+    from proxy.identity import Identity
     from proxy.relay import ProxyServer
 
 __all__ = ["load_acl", "load_config", "load_yaml", "main"]
@@ -294,13 +298,50 @@ def _reload_acl(config: Config, server: ProxyServer, counted: bool) -> None:
         log.error("reload: ACL not reloaded, keeping the previous policy: %s", exc)
     else:
         server.metrics.reload_result("acl", True, counted)
-        server.reload_policy(policy)
+        diff = _policy_diff(server.policy.current, policy)
+        affected = server.reload_policy(policy, diff.changed if diff is not None else ())
         log.info(
             "reload: ACL %s loaded (%d principals)",
             config.acl,
             len(policy.principals),
             extra={"fields": {"event": "reload", "what": "acl"}},
         )
+        if diff is not None:
+            _log_reload_diff(config.acl, diff, affected)
+
+
+def _policy_diff(old: Policy, new: Policy) -> PolicyDiff | None:
+    from proxy.acldiff import diff_policies
+
+    try:
+        return diff_policies(old, new)
+    except Exception:  # the summary must never stop a valid policy from loading
+        log.exception("reload: cannot compute the ACL diff; the new ACL is loaded anyway")
+        return None
+
+
+def _log_reload_diff(path: str, diff: PolicyDiff, affected: int) -> None:
+    """One structured ``acl_reload_diff`` event: what ``acl diff`` would print, and how many
+    live connections changed principal or rights."""
+    from proxy.acldiff import render
+
+    lines = render(diff)
+    log.info(
+        "reload: ACL %s diff: %s; %d live connection(s) affected",
+        path,
+        lines[-1],
+        affected,
+        extra={
+            "fields": {
+                "event": "acl_reload_diff",
+                "principals_changed": sorted(diff.changed),
+                "rights_gained": diff.gained,
+                "rights_lost": diff.lost,
+                "connections_affected": affected,
+                "summary": lines,
+            }
+        },
+    )
 
 
 def _reload_tls(config: Config, server: ProxyServer, counted: bool) -> None:
@@ -725,6 +766,133 @@ def explain(
     if name == "list-tubes":
         click.echo("(the reply lists only the tubes the principal holds some right on)")
     if not decision.allowed:
+        sys.exit(1)
+
+
+# --------------------------------------------------------------------------------------------
+# acl: decision tables and diffs
+
+
+@main.group()
+def acl() -> None:
+    """Tools for changing the ACL safely: decision tables (test) and rights diffs (diff)."""
+
+
+def _cert_case_identity(path: str, config: Config | None) -> Identity:
+    """The identity the proxy would see for the certificate at ``path`` (with ``config``: its
+    issuer from tls.client_ca, and a refusal when it does not chain to one of those CAs)."""
+    from dataclasses import replace
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    from proxy.certs import load_cert
+    from proxy.identity import identity_from_der
+    from proxy.tlsctx import load_client_cas, rebuild_chain
+
+    cert = load_cert(path)
+    issuer_der: bytes | None = None
+    unchained = False
+    if config is not None:
+        try:
+            sent = x509.load_pem_x509_certificates(Path(path).read_bytes())[1:]
+        except (OSError, ValueError):
+            sent = []
+        chain = rebuild_chain(cert, load_client_cas(config.tls, config.source), sent)
+        unchained = chain is None
+        if chain is not None and len(chain) > 1:
+            issuer_der = chain[1].public_bytes(Encoding.DER)
+    identity = identity_from_der(
+        cert.public_bytes(Encoding.DER),
+        issuer_der=issuer_der,
+        require_client_auth_eku=config is None or config.tls.require_client_auth_eku,
+    )
+    if unchained and identity.refusal is None:
+        assert config is not None
+        reason = f"no chain to a CA of tls.client_ca ({config.tls.client_ca}): TLS handshake fails"
+        identity = replace(identity, refusal=reason)
+    return identity
+
+
+@acl.command("test")
+@click.option(
+    "--config",
+    "config_path",
+    metavar="PATH",
+    help="Proxy configuration: its ACL, limits.max_job_size and tls.client_ca (for cert cases).",
+)
+@click.option(
+    "--acl",
+    "acl_path",
+    metavar="PATH",
+    help="ACL file to test instead of the config's `acl` (e.g. a proposed change).",
+)
+@click.argument("cases_path", metavar="CASES")
+def acl_test(config_path: str | None, acl_path: str | None, cases_path: str) -> None:
+    """Run the decision table CASES (YAML) against the ACL, deciding each case as the proxy.
+
+    Prints one line per failing case and a summary "N passed, M failed". Exits 0 when every
+    case passes, 1 when one fails, 2 on a config, ACL or case-file error (with its key path).
+    The case format is in config/ACL.md; config/acl.example.test.yaml is an example."""
+    from proxy.acltest import Case, parse_cases, run_cases
+    from proxy.certs import PKIError
+
+    if config_path is None and acl_path is None:
+        raise click.UsageError("give --config PATH, --acl PATH or both")
+    config = load_config(config_path) if config_path is not None else None
+    policy_path = acl_path if acl_path is not None else config.acl if config else ""
+    policy = load_acl(policy_path)
+    cases = parse_cases(load_yaml(cases_path), cases_path)
+    base = Path(cases_path).parent
+
+    def identities(case: Case) -> Identity:
+        assert case.cert is not None
+        path = base / case.cert
+        try:
+            return _cert_case_identity(str(path), config)
+        except (PKIError, ValueError) as exc:
+            raise ConfigError(cases_path, f"cases[{case.index}].cert", str(exc)) from None
+
+    report = run_cases(
+        policy,
+        cases,
+        identities=identities,
+        max_job_size=config.limits.max_job_size if config else 65535,
+        source=cases_path,
+    )
+    for result in report.failures:
+        case = result.case
+        want = case.expect if case.rule is None else f"{case.expect} by {case.rule}"
+        who = f" as {result.principal}" if result.principal else ""
+        command = "" if case.name == case.command else f": {case.command!r}"
+        click.echo(
+            f"FAIL {case.label}{command}{who}: expected {want}, "
+            f"got {result.outcome} by {result.rule}"
+        )
+    failed = len(report.failures)
+    click.echo(f"{report.passed} passed, {failed} failed ({policy_path} against {cases_path})")
+    if failed:
+        sys.exit(1)
+
+
+@acl.command("diff")
+@click.option(
+    "--exit-code", is_flag=True, help="Exit 1 when the effective rights differ (like git diff)."
+)
+@click.argument("old_path", metavar="OLD")
+@click.argument("new_path", metavar="NEW")
+def acl_diff(old_path: str, new_path: str, exit_code: bool) -> None:
+    """Show, per principal, the effective rights NEW grants and revokes compared with OLD.
+
+    Both are ACL files. Reports rights gained and lost (verb classes or commands x tube
+    patterns), principals added, removed or matched differently, rate limit and put limit
+    changes. Exits 0 (with --exit-code: 1 when there are differences), 2 on an invalid file."""
+    from proxy.acldiff import diff_policies, render
+
+    diff = diff_policies(load_acl(old_path), load_acl(new_path))
+    for line in render(diff):
+        click.echo(line)
+    if exit_code and diff.principals:
         sys.exit(1)
 
 

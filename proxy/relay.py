@@ -30,7 +30,7 @@ import logging
 import socket
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any, cast
 
 from proxy.acl import Policy
@@ -869,11 +869,13 @@ class ProxyServer:
             bucket = self._buckets[principal] = TokenBucket(rate[0], rate[1], time.monotonic())
         return _bucket_limiter(bucket)
 
-    def reload_policy(self, policy: Policy) -> None:
+    def reload_policy(self, policy: Policy, changed: Collection[str] = ()) -> int:
         """Swap the policy; live connections follow it from their next command. A connection
         whose certificate no longer maps to any principal is closed. Rate limits follow too:
         an unchanged (rate, burst) keeps its bucket, a changed one starts a full new bucket,
-        a removed one lifts the limit."""
+        a removed one lifts the limit. Returns the number of live connections whose principal
+        changed (or was removed) or whose principal is in ``changed`` (rights changed)."""
+        affected = 0
         self.policy.current = policy
         for name, bucket in list(self._buckets.items()):
             if policy.rate_for(name) != (bucket.rate, bucket.burst):
@@ -883,8 +885,11 @@ class ProxyServer:
                 continue
             principal = policy.principal_for(conn.identity)
             if principal is None:
+                affected += 1
                 conn.close("principal removed by ACL reload")
                 continue
+            if principal != conn.principal or principal in changed:
+                affected += 1
             if principal != conn.principal:
                 self.metrics.principal_changed(conn.principal, conn.session)
                 conn.principal = principal
@@ -900,6 +905,7 @@ class ProxyServer:
                     conn.principal,
                 )
                 conn.close("consume revoked while waiting in reserve")
+        return affected
 
     def reload_tls(
         self, ctx: ssl.SSLContext, revoked: Callable[[bytes], bool] | None = None
