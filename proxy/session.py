@@ -83,6 +83,10 @@ _STATS: Final = (K_STATS,)
 #: Pending entries beyond which the relay stops reading the client (local replies for denied
 #: commands do not go upstream, so upstream backpressure alone would not bound them).
 MAX_PENDING: Final = 4096
+#: Commands one turn (``feed_client``, ``resume``, or an answered lookup) runs at most. The
+#: rest stays buffered (``backlog``) and the relay runs it in later event-loop turns, reading
+#: nothing more meanwhile, so one client's pipelined input cannot hold the loop for long.
+TURN_BUDGET: Final = 256
 #: Job ids remembered per connection (oldest forgotten first; a forgotten id costs a lookup).
 MAX_KNOWN_JOBS: Final = 65536
 #: Pseudo-verb of release/bury/touch/delete on a job this connection reserved: consume or
@@ -147,7 +151,10 @@ class Session:
     ``draining``: the client will send nothing more; once ``blocked`` is false, the relay
     half-closes upstream and closes the client when upstream closes;
     ``failed``: a reason string when the upstream misbehaved and both sides must close now;
-    ``denials``: audit records of denied commands, for the relay to log and clear.
+    ``denials``: audit records of denied commands, for the relay to log and clear;
+    ``backlog``: a turn stopped after ``TURN_BUDGET`` commands with input still buffered: the
+    relay calls ``resume`` in a later event-loop turn (and reads nothing more until then);
+    ``yields`` counts those stops.
 
     ``limiter`` (set by the relay, ``None`` = unlimited): called once per parsed command other
     than ``quit`` and the proxy's own error replies; when it returns false the command is not
@@ -174,6 +181,8 @@ class Session:
         self.jobs: OrderedDict[int, str] = OrderedDict()
         self.reserved: dict[int, tuple[str, ...]] = {}
         self.blocked = False
+        self.backlog = False
+        self.yields = 0
         self.draining = False
         self.failed: str | None = None
         self.close_reason = ""
@@ -242,6 +251,12 @@ class Session:
         self.parser.feed(data)
         self._run()
 
+    def resume(self) -> None:
+        """Run the next turn of commands already buffered (after ``backlog`` was set)."""
+        self.backlog = False
+        if not self.draining and not self.failed:
+            self._run()
+
     def client_eof(self) -> None:
         """The client half-closed: no more commands; an incomplete one is dropped."""
         if not self.draining:
@@ -252,8 +267,16 @@ class Session:
         parser = self.parser
         handlers = self._handlers
         limiter = self.limiter
+        budget = TURN_BUDGET
+        self.backlog = False
         try:
             while not self.blocked and not self.draining:
+                if not budget:
+                    if parser.buffered:
+                        self.backlog = True
+                        self.yields += 1
+                    return
+                budget -= 1
                 cmd = parser.next_command()
                 if isinstance(cmd, _NeedData):
                     return
