@@ -386,6 +386,7 @@ class Policy:
 
     __slots__ = (
         "_cache",
+        "_deniable",
         "_principals",
         "_rates",
         "_rules",
@@ -412,6 +413,10 @@ class Policy:
         }
         self._cache: dict[tuple[str, str, str, str | None], Decision] = {}
         self._visible: dict[str, VisibleTubes] = {}  # bounded by the principals (+ unknowns)
+        # Principals some deny rule applies to (their denials name the deny, see any_right).
+        self._deniable = frozenset(
+            name for name, rules in self._rules_for.items() if any(r.deny for r in rules)
+        )
 
     def __repr__(self) -> str:
         return (
@@ -494,28 +499,38 @@ class Policy:
         if cached is not None:
             return cached
         rules = self._rules_for.get(principal)
-        if rules is None:
-            decision = Decision(False, f"default deny (unknown principal {principal!r})")
-        else:
-            first_deny: _Rule | None = None
-            granted: _Rule | None = None
-            for command, verb in _TUBE_COMBOS:
-                deny, allow = _evaluate(rules, command, verb, tube)
-                if deny is None and allow is not None:
-                    granted = allow
-                    break
-                if first_deny is None:
-                    first_deny = deny
-            if granted is not None:
-                decision = Decision(True, granted.text)
-            elif first_deny is not None:
-                decision = Decision(False, first_deny.text)
+        if rules is not None and principal not in self._deniable:
+            if self.visible_tubes(principal).match(tube):
+                decision = self._any_right_full(principal, tube)  # to name the allow rule
             else:
+                # The compiled matcher says no and no deny rule can be the one to name: the
+                # default deny, without evaluating every (command, verb) a right consists of
+                # (the cost of each distinct name in a flood of denied ``use``).
                 decision = Decision(
                     False, f"default deny (no rule grants any right on {tube!r} for {principal})"
                 )
+        else:
+            decision = self._any_right_full(principal, tube)
         self._remember(key, decision)
         return decision
+
+    def _any_right_full(self, principal: str, tube: str) -> Decision:
+        """``any_right`` evaluated rule by rule (uncached; the reference of the matcher)."""
+        rules = self._rules_for.get(principal)
+        if rules is None:
+            return Decision(False, f"default deny (unknown principal {principal!r})")
+        first_deny: _Rule | None = None
+        for command, verb in _TUBE_COMBOS:
+            deny, allow = _evaluate(rules, command, verb, tube)
+            if deny is None and allow is not None:
+                return Decision(True, allow.text)
+            if first_deny is None:
+                first_deny = deny
+        if first_deny is not None:
+            return Decision(False, first_deny.text)
+        return Decision(
+            False, f"default deny (no rule grants any right on {tube!r} for {principal})"
+        )
 
     def visible_tubes(self, principal: str) -> VisibleTubes:
         """``any_right`` for ``principal`` on every tube at once, compiled once per policy.
