@@ -86,7 +86,7 @@ MAX_PENDING: Final = 4096
 #: Commands one turn (``feed_client``, ``resume``, or an answered lookup) runs at most. The
 #: rest stays buffered (``backlog``) and the relay runs it in later event-loop turns, reading
 #: nothing more meanwhile, so one client's pipelined input cannot hold the loop for long.
-TURN_BUDGET: Final = 256
+TURN_BUDGET: Final = 64
 #: Job ids remembered per connection (oldest forgotten first; a forgotten id costs a lookup).
 MAX_KNOWN_JOBS: Final = 65536
 #: Pseudo-verb of release/bury/touch/delete on a job this connection reserved: consume or
