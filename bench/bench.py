@@ -29,11 +29,13 @@ hits all of them alike, and throughputs are the medians over the rounds:
 
 ``--fairness`` runs the ``fairness`` workload instead (direct and proxy targets): beanstalkd gets
 ``--tubes`` tubes (100,000 by default, held by direct connections that watch them), then a
-bystander connection (all rights) does sequential ``list-tube-used`` round trips for
-``--seconds`` in each of three phases: idle; while a client with no rights pipelines distinct
-denied ``use`` commands as fast as it can (its own process); while a tube-restricted client
-(``t1*``) runs five pipelined ``list-tubes`` at a time. It prints the bystander's p50, p99 and
-worst round trip per phase, the flood's rate, the time per ``list-tubes``, and how many bytes
+bystander connection (all rights) does sequential round trips for ``--seconds`` in each of
+three phases, alternating ``list-tube-used`` (answered by beanstalkd) and an unknown command
+(answered by the proxy itself: the proxy's own share, whatever beanstalkd is busy with). The
+phases: idle; while a client with no rights pipelines distinct denied ``use`` commands as
+fast as it can (its own process); while a tube-restricted client (``t1*``) runs five
+pipelined ``list-tubes`` at a time. It prints the bystander's p50, p99 and worst round trip
+of both kinds per phase, the flood's rate, the time per ``list-tubes``, and how many bytes
 the proxy's log grew per byte the flood sent. ``direct`` (no ACL, so no flood phase) shows
 what beanstalkd itself costs the bystander with that many tubes.
 
@@ -834,35 +836,46 @@ def _lister(
     conn.close()
 
 
-def _bystander(target: Endpoint, seconds: float) -> list[int]:
-    """Sequential ``list-tube-used`` round trips for ``seconds``: the samples in ns."""
+def _bystander(target: Endpoint, seconds: float) -> tuple[list[int], list[int]]:
+    """Sequential round trips for ``seconds``, alternating ``list-tube-used`` (answered by
+    beanstalkd) and an unknown command (answered by the proxy itself, so its round trip is
+    the proxy's own responsiveness, whatever beanstalkd is busy with): two sample lists, ns."""
     conn = Conn(target)
-    samples: list[int] = []
+    upstream: list[int] = []
+    local: list[int] = []
     clock = time.perf_counter_ns
+    sock = conn.sock
     try:
         for _ in range(50):
             conn.call(b"list-tube-used\r\n")
         deadline = time.perf_counter() + seconds
         while time.perf_counter() < deadline:
             t = clock()
-            conn.sock.sendall(b"list-tube-used\r\n")
+            sock.sendall(b"list-tube-used\r\n")
             reply = conn.line()
-            samples.append(clock() - t)
+            upstream.append(clock() - t)
             if reply != b"USING default":
                 raise BenchError(f"list-tube-used answered {reply!r}")
+            t = clock()
+            sock.sendall(b"no-such-command\r\n")
+            reply = conn.line()
+            local.append(clock() - t)
+            if reply != b"UNKNOWN_COMMAND":
+                raise BenchError(f"no-such-command answered {reply!r}")
     finally:
         conn.close()
-    return samples
+    return upstream, local
 
 
-def _latency(samples: list[int]) -> dict[str, Any]:
-    ordered = sorted(samples)
-    return {
-        "round_trips": len(ordered),
-        "p50_ms": _percentile(ordered, 0.5) / 1e6,
-        "p99_ms": _percentile(ordered, 0.99) / 1e6,
-        "worst_ms": ordered[-1] / 1e6 if ordered else float("nan"),
-    }
+def _latency(samples: tuple[list[int], list[int]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for prefix, values in zip(("", "local_"), samples, strict=True):
+        ordered = sorted(values)
+        out[f"{prefix}round_trips"] = len(ordered)
+        out[f"{prefix}p50_ms"] = _percentile(ordered, 0.5) / 1e6
+        out[f"{prefix}p99_ms"] = _percentile(ordered, 0.99) / 1e6
+        out[f"{prefix}worst_ms"] = ordered[-1] / 1e6 if ordered else float("nan")
+    return out
 
 
 def run_fairness(t: Target, pki: PKI, seconds: float, tubes: int) -> dict[str, Any]:
@@ -918,8 +931,9 @@ def run_fairness(t: Target, pki: PKI, seconds: float, tubes: int) -> dict[str, A
 def render_fairness(name: str, r: dict[str, Any]) -> str:
     lines = [
         f"fairness {name}: {r['tubes']:,} tubes (made in {r['tube_setup_s']} s); bystander "
-        "list-tube-used round trips",
-        f"  {'phase':<12}{'trips':>8}{'p50 ms':>9}{'p99 ms':>9}{'worst ms':>10}  load",
+        "round trips: list-tube-used (via beanstalkd) | unknown command (answered locally)",
+        f"  {'phase':<12}{'trips':>8}{'p50 ms':>9}{'p99 ms':>9}{'worst ms':>10} |"
+        f"{'p50 ms':>9}{'p99 ms':>9}{'worst ms':>10}  load",
     ]
     for phase in ("idle", "flood", "list_tubes"):
         if phase not in r:
@@ -941,7 +955,8 @@ def render_fairness(name: str, r: dict[str, Any]) -> str:
             )
         lines.append(
             f"  {phase:<12}{x['round_trips']:>8}{x['p50_ms']:>9.2f}{x['p99_ms']:>9.2f}"
-            f"{x['worst_ms']:>10.2f}  {extra}"
+            f"{x['worst_ms']:>10.2f} |{x['local_p50_ms']:>9.2f}{x['local_p99_ms']:>9.2f}"
+            f"{x['local_worst_ms']:>10.2f}  {extra}"
         )
     return "\n".join(lines)
 

@@ -11,8 +11,13 @@ in bounded turns, every bystander reply delivered), and the audit log's size dur
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import re
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -186,6 +191,7 @@ FAIR_ACL: dict[str, Any] = {
     ],
 }
 N_TUBES = 10_000
+ROOT = Path(__file__).resolve().parent.parent
 
 
 async def _make_tubes(port: int, names: list[bytes], per_conn: int) -> list[Client]:
@@ -386,3 +392,34 @@ async def test_denial_summary_is_logged_when_the_window_ends(
         await attacker.close()
     finally:
         await running.server.close()
+
+
+@pytest.mark.integration
+def test_bench_fairness_workload_runs(tmp_path: Path) -> None:
+    """``bench/bench.py --fairness`` runs to the end on a few tubes (never asserts speed)."""
+    out_json = tmp_path / "fair.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "bench.py"),
+            "--fairness",
+            "--tubes",
+            "300",
+            "--seconds",
+            "0.5",
+            "--json",
+            str(out_json),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output
+    result = json.loads(out_json.read_text())["results"]["proxy"]["fairness"]
+    for phase in ("idle", "flood", "list_tubes"):
+        assert result[phase]["round_trips"] > 0, output
+    assert result["flood"]["denials_per_s"] > 0
+    assert result["list_tubes"]["visible_tubes"] == 111  # t1, t10..t19, t100..t199 of t0..t299
+    assert re.search(r"^  flood\s+\d+\s+[\d.]+\s+[\d.]+\s+[\d.]+", proc.stdout, re.M), output
