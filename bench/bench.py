@@ -27,7 +27,20 @@ hits all of them alike, and throughputs are the medians over the rounds:
 4. ``conns``: connect, TLS handshake with the client certificate (plain TCP for ``direct``),
    one ``list-tube-used``, close; sequential: connections/s.
 
-Usage: ``python bench/bench.py [--quick] [--targets direct,proxy,...] [--json PATH]``.
+``--fairness`` runs the ``fairness`` workload instead (direct and proxy targets): beanstalkd gets
+``--tubes`` tubes (100,000 by default, held by direct connections that watch them), then a
+bystander connection (all rights) does sequential round trips for ``--seconds`` in each of
+three phases, alternating ``list-tube-used`` (answered by beanstalkd) and an unknown command
+(answered by the proxy itself: the proxy's own share, whatever beanstalkd is busy with). The
+phases: idle; while a client with no rights pipelines distinct denied ``use`` commands as
+fast as it can (its own process); while a tube-restricted client (``t1*``) runs five
+pipelined ``list-tubes`` at a time. It prints the bystander's p50, p99 and worst round trip
+of both kinds per phase, the flood's rate, the time per ``list-tubes``, and how many bytes
+the proxy's log grew per byte the flood sent. ``direct`` (no ACL, so no flood phase) shows
+what beanstalkd itself costs the bystander with that many tubes.
+
+Usage: ``python bench/bench.py [--quick] [--targets direct,proxy,...] [--json PATH]``;
+``python bench/bench.py --fairness [--targets proxy,proxy-asyncio] [--seconds S]``.
 ``--profile DIR`` runs the proxy targets under cProfile (slower; for finding hot spots).
 Exit status: 0 when every requested, installed target ran; 1 when one failed; 2 on bad usage.
 """
@@ -38,9 +51,12 @@ import argparse
 import contextlib
 import ctypes
 import json
+import multiprocessing
+import multiprocessing.synchronize
 import os
 import platform
 import pstats
+import select
 import shutil
 import signal
 import socket
@@ -65,14 +81,23 @@ BEANSTALKD = os.environ.get("BEANSTALKD", "beanstalkd")
 STUNNEL = os.environ.get("STUNNEL", "stunnel")
 HAPROXY = os.environ.get("HAPROXY", "haproxy")
 CLIENT_CN = "bench"
+FLOOD_CN = "flood"  # fairness workload: a principal with no rights at all
+LISTER_CN = "lister"  # fairness workload: sees only the tubes t1*
 BENCH_ACL = f"""\
 principals:
   - name: bench
     match: {{cn: {CLIENT_CN}}}
+  - name: flood
+    match: {{cn: {FLOOD_CN}}}
+  - name: lister
+    match: {{cn: {LISTER_CN}}}
 rules:
   - principal: bench
     tubes: ["*"]
     allow: [all]
+  - principal: lister
+    tubes: ["t1*"]
+    allow: [inspect]
 """
 
 
@@ -231,10 +256,10 @@ class PKI:
         """Certificate and key in one PEM (HAProxy's ``crt``)."""
         return str(self.dir / "server-combined.pem")
 
-    def client_context(self) -> ssl.SSLContext:
+    def client_context(self, cn: str = CLIENT_CN) -> ssl.SSLContext:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         ctx.load_verify_locations(self.ca)
-        ctx.load_cert_chain(str(self.dir / f"{CLIENT_CN}.pem"), str(self.dir / f"{CLIENT_CN}.key"))
+        ctx.load_cert_chain(str(self.dir / f"{cn}.pem"), str(self.dir / f"{cn}.key"))
         return ctx
 
 
@@ -242,7 +267,8 @@ def make_pki(directory: Path) -> PKI:
     from proxy.certs import init_ca_and_server, issue_client
 
     init_ca_and_server(directory)
-    issue_client(directory, CLIENT_CN)
+    for cn in (CLIENT_CN, FLOOD_CN, LISTER_CN):
+        issue_client(directory, cn)
     pki = PKI(directory)
     combined = Path(pki.server_combined)
     combined.write_bytes(Path(pki.server_cert).read_bytes() + Path(pki.server_key).read_bytes())
@@ -737,6 +763,205 @@ def tls_details(target: Endpoint) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------
+# the fairness workload
+
+
+def _make_tubes(port: int, n: int, per_conn: int = 5000) -> list[Conn]:
+    """``n`` tubes t0..t<n-1> in beanstalkd, which exist while these connections watch them."""
+    holders = []
+    for start in range(0, n, per_conn):
+        conn = Conn(Endpoint(port, None))
+        holders.append(conn)
+        names = range(start, min(n, start + per_conn))
+        conn.sock.sendall(b"".join(b"watch t%d\r\n" % i for i in names))
+        for _ in names:
+            reply = conn.line()
+            if not reply.startswith(b"WATCHING "):
+                raise BenchError(f"watch answered {reply!r}")
+    return holders
+
+
+def _load_endpoint(port: int, pki_dir: str | None, cn: str) -> Endpoint:
+    return Endpoint(port, PKI(Path(pki_dir)).client_context(cn) if pki_dir else None)
+
+
+def _flood(
+    port: int, pki_dir: str | None, stop: multiprocessing.synchronize.Event, counts: Any
+) -> None:  # pragma: no cover - runs in a child process
+    """Pipeline distinct denied ``use`` commands until ``stop``; counts[0] = bytes sent,
+    counts[1] = replies received."""
+    conn = Conn(_load_endpoint(port, pki_dir, FLOOD_CN))
+    sock = conn.sock
+    sock.setblocking(False)  # one thread: an SSL socket must not be read and written at once
+    i = sent = got = 0
+    out = b""
+    while not stop.is_set():
+        if not out:
+            out = b"".join(b"use z%07d\r\n" % n for n in range(i, i + 2000))
+            i += 2000
+        readable, writable, _ = select.select([sock], [sock], [], 0.1)
+        if readable or sock.pending():  # type: ignore[attr-defined]
+            with contextlib.suppress(ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                while chunk := sock.recv(262144):
+                    got += chunk.count(b"\n")
+                    counts[1] = got
+                    if not sock.pending():  # type: ignore[attr-defined]
+                        break
+        if writable:
+            with contextlib.suppress(ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                n = sock.send(out[:65536])
+                out = out[n:]
+                sent += n
+                counts[0] = sent
+    conn.close()
+
+
+def _lister(
+    port: int, pki_dir: str | None, stop: multiprocessing.synchronize.Event, counts: Any
+) -> None:  # pragma: no cover - runs in a child process
+    """Five pipelined ``list-tubes`` at a time until ``stop``; counts[0] = calls answered,
+    counts[1] = names in the last reply."""
+    conn = Conn(_load_endpoint(port, pki_dir, LISTER_CN))
+    n = 0
+    while not stop.is_set():
+        conn.sock.sendall(b"list-tubes\r\n" * 5)
+        for _ in range(5):
+            line = conn.line()
+            if not line.startswith(b"OK "):
+                raise BenchError(f"list-tubes answered {line!r}")
+            body = conn.exact(int(line[3:]) + 2)
+            n += 1
+            counts[0] = n
+            counts[1] = body.count(b"\n- ")
+    conn.close()
+
+
+def _bystander(target: Endpoint, seconds: float) -> tuple[list[int], list[int]]:
+    """Sequential round trips for ``seconds``, alternating ``list-tube-used`` (answered by
+    beanstalkd) and an unknown command (answered by the proxy itself, so its round trip is
+    the proxy's own responsiveness, whatever beanstalkd is busy with): two sample lists, ns."""
+    conn = Conn(target)
+    upstream: list[int] = []
+    local: list[int] = []
+    clock = time.perf_counter_ns
+    sock = conn.sock
+    try:
+        for _ in range(50):
+            conn.call(b"list-tube-used\r\n")
+        deadline = time.perf_counter() + seconds
+        while time.perf_counter() < deadline:
+            t = clock()
+            sock.sendall(b"list-tube-used\r\n")
+            reply = conn.line()
+            upstream.append(clock() - t)
+            if reply != b"USING default":
+                raise BenchError(f"list-tube-used answered {reply!r}")
+            t = clock()
+            sock.sendall(b"no-such-command\r\n")
+            reply = conn.line()
+            local.append(clock() - t)
+            if reply != b"UNKNOWN_COMMAND":
+                raise BenchError(f"no-such-command answered {reply!r}")
+    finally:
+        conn.close()
+    return upstream, local
+
+
+def _latency(samples: tuple[list[int], list[int]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for prefix, values in zip(("", "local_"), samples, strict=True):
+        ordered = sorted(values)
+        out[f"{prefix}round_trips"] = len(ordered)
+        out[f"{prefix}p50_ms"] = _percentile(ordered, 0.5) / 1e6
+        out[f"{prefix}p99_ms"] = _percentile(ordered, 0.99) / 1e6
+        out[f"{prefix}worst_ms"] = ordered[-1] / 1e6 if ordered else float("nan")
+    return out
+
+
+def run_fairness(t: Target, pki: PKI, seconds: float, tubes: int) -> dict[str, Any]:
+    """The ``fairness`` workload against one proxy target (see the module docstring)."""
+    ep = t.endpoint
+    assert ep is not None
+    t0 = time.monotonic()
+    holders = _make_tubes(t.info["beanstalkd_port"], tubes)
+    out: dict[str, Any] = {"tubes": tubes, "tube_setup_s": round(time.monotonic() - t0, 2)}
+    mp = multiprocessing.get_context("fork")
+    log = Path(t.info["log"]) if t.info.get("log") else None
+    try:
+        out["idle"] = _latency(_bystander(ep, seconds))
+        for phase, body in (("flood", _flood), ("list_tubes", _lister)):
+            if phase == "flood" and ep.ctx is None:
+                continue  # direct: beanstalkd has no ACL; the flood would create tubes
+            stop = mp.Event()
+            counts = mp.Array("q", 2)
+            log_before = log.stat().st_size if log else 0
+            pki_dir = str(pki.dir) if ep.ctx is not None else None
+            proc = mp.Process(target=body, args=(ep.port, pki_dir, stop, counts))
+            proc.start()
+            try:
+                while counts[1] == 0 and proc.is_alive():  # the load is under way
+                    time.sleep(0.01)
+                started = time.monotonic()
+                first = counts[1]
+                result = _latency(_bystander(ep, seconds))
+                elapsed = time.monotonic() - started
+                progress = counts[1] - first if phase == "flood" else counts[0]
+            finally:
+                stop.set()
+                proc.join(10)
+                if proc.is_alive():
+                    proc.kill()
+            if phase == "flood":
+                result["denials_per_s"] = round(progress / elapsed)
+                result["flood_bytes"] = counts[0]
+                grown = (log.stat().st_size if log else 0) - log_before
+                result["log_bytes"] = grown
+                result["log_per_flood_byte"] = grown / counts[0] if counts[0] else None
+            else:
+                result["list_tubes_calls"] = counts[0]
+                result["ms_per_list_tubes"] = 1000 * elapsed / max(counts[0], 1)
+                result["visible_tubes"] = counts[1]
+            out[phase] = result
+    finally:
+        for h in holders:
+            h.close()
+    return out
+
+
+def render_fairness(name: str, r: dict[str, Any]) -> str:
+    lines = [
+        f"fairness {name}: {r['tubes']:,} tubes (made in {r['tube_setup_s']} s); bystander "
+        "round trips: list-tube-used (via beanstalkd) | unknown command (answered locally)",
+        f"  {'phase':<12}{'trips':>8}{'p50 ms':>9}{'p99 ms':>9}{'worst ms':>10} |"
+        f"{'p50 ms':>9}{'p99 ms':>9}{'worst ms':>10}  load",
+    ]
+    for phase in ("idle", "flood", "list_tubes"):
+        if phase not in r:
+            lines.append(f"  {phase:<12}{'n/a':>8}")
+            continue
+        x = r[phase]
+        extra = ""
+        if phase == "flood":
+            ratio = x["log_per_flood_byte"]
+            extra = (
+                f"{x['denials_per_s']:,} denied commands/s; log grew {x['log_bytes']:,} B for "
+                f"{x['flood_bytes']:,} B sent"
+                + (f" ({100 * ratio:.3f}%)" if ratio is not None else "")
+            )
+        elif phase == "list_tubes":
+            extra = (
+                f"{x['list_tubes_calls']} list-tubes, {x['ms_per_list_tubes']:.1f} ms each, "
+                f"{x['visible_tubes']:,} visible"
+            )
+        lines.append(
+            f"  {phase:<12}{x['round_trips']:>8}{x['p50_ms']:>9.2f}{x['p99_ms']:>9.2f}"
+            f"{x['worst_ms']:>10.2f} |{x['local_p50_ms']:>9.2f}{x['local_p99_ms']:>9.2f}"
+            f"{x['local_worst_ms']:>10.2f}  {extra}"
+        )
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
 # running the targets
 
 
@@ -995,7 +1220,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="pass --workers N to `serve` (default 1: a single process, the flag is not passed)",
     )
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory (logs)")
+    ap.add_argument(
+        "--fairness",
+        action="store_true",
+        help="run the fairness workload instead of the others (direct and proxy targets; "
+        "default proxy)",
+    )
+    ap.add_argument(
+        "--tubes", type=int, default=100_000, help="tubes for --fairness (default 100000)"
+    )
     args = ap.parse_args(argv)
+    if args.fairness and args.targets == ",".join(ALL_TARGETS):
+        args.targets = "proxy"
     names = [t.strip() for t in args.targets.split(",") if t.strip()]
     unknown = [t for t in names if t not in ALL_TARGETS]
     if unknown or not names:
@@ -1067,8 +1303,19 @@ def main(argv: list[str] | None = None) -> int:
                 loop = t.info.get("loop", "")
                 extra = f", {how} launch, {loop} loop" if how else ""
                 print(f"  {name:<14} started ({t.info.get('tls') or 'plain'}{extra})", flush=True)
+            if args.fairness:
+                for t in targets.values():
+                    if t.status != "ok" or t.name not in ("direct", "proxy", "proxy-asyncio"):
+                        continue
+                    try:
+                        t.info["fairness"] = run_fairness(t, pki, p.seconds, args.tubes)
+                    except (BenchError, OSError, ssl.SSLError) as exc:
+                        t.status, t.reason = "failed", diagnose(t, exc)
+                        print(f"  {t.name:<14} FAILED: {t.reason}", flush=True)
+                        continue
+                    print(render_fairness(t.name, t.info["fairness"]), flush=True)
             # Rounds interleave the targets, so background load hits them all alike.
-            for rnd in range(1, p.rounds + 1):
+            for rnd in range(1, 0 if args.fairness else p.rounds + 1):
                 for t in targets.values():
                     if t.status != "ok":
                         continue
@@ -1092,6 +1339,8 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(tmp, ignore_errors=True)
     info["loadavg_end"] = os.getloadavg()
     total = time.monotonic() - t_start
+    if args.fairness:
+        return _fairness_report(args, info, targets, skipped, total)
     results = {
         name: skipped[name] if name in skipped else summarize(targets[name])
         for name in args.target_list
@@ -1108,6 +1357,36 @@ def main(argv: list[str] | None = None) -> int:
             "params": {**vars(p), "mode": mode, "targets": args.target_list},
             "results": results,
             "ratios": ratios(results),
+            "total_seconds": round(total, 2),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        args.json.write_text(json.dumps(doc, indent=2, default=str) + "\n")
+        print(f"wrote {args.json}")
+    return 1 if any(t.status != "ok" for t in targets.values()) else 0
+
+
+def _fairness_report(
+    args: argparse.Namespace,
+    info: dict[str, Any],
+    targets: dict[str, Target],
+    skipped: dict[str, dict[str, Any]],
+    total: float,
+) -> int:
+    start, end = info["loadavg_start"], info["loadavg_end"]
+    print(
+        f"\nmachine: {info['cpu']}, nproc {info['nproc']}, {info['python']}, "
+        f"uvloop {info['uvloop'] or 'not installed'}\n"
+        f"load:    1-min load average {start[0]:.2f} at start, {end[0]:.2f} at end\n"
+        f"total {total:.1f} s"
+    )
+    results: dict[str, Any] = dict(skipped)
+    for name, t in targets.items():
+        results[name] = {"status": t.status, "reason": t.reason, **t.info}
+    if args.json is not None:
+        doc = {
+            "machine": info,
+            "params": {"workload": "fairness", "seconds": args.seconds, "tubes": args.tubes},
+            "results": results,
             "total_seconds": round(total, 2),
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }

@@ -39,6 +39,7 @@ __all__ = [
     "Decision",
     "Policy",
     "PutLimits",
+    "VisibleTubes",
     "lint_acl",
     "parse_acl",
 ]
@@ -155,6 +156,23 @@ class Decision:
     allowed: bool
     rule: str  # "rules[3] (deny all on secrets.*)" style, or "default deny (...)"
     limits: PutLimits | None = None  # for an allowed `put`: the first matching allow's limits
+
+
+@dataclass(frozen=True, slots=True)
+class VisibleTubes:
+    """One principal's ``any_right`` compiled into a regex (``Policy.visible_tubes``).
+
+    ``match(tube)`` answers exactly what ``Policy.any_right(principal, tube).allowed`` answers.
+    ``lines.findall`` returns, from a ``list-tubes`` YAML body (bytes, lines ``- name`` each
+    after a newline), every visible name, in one pass in C. ``everything`` / ``nothing``: the
+    answer is the same for every tube name. Glob pieces are matched with atomic groups, so
+    matching stays linear (no backtracking blow-up whatever the tube name).
+    """
+
+    match: Callable[[str], bool]
+    lines: re.Pattern[bytes]
+    everything: bool
+    nothing: bool
 
 
 # --------------------------------------------------------------------------------------------
@@ -376,10 +394,12 @@ class Policy:
 
     __slots__ = (
         "_cache",
+        "_deniable",
         "_principals",
         "_rates",
         "_rules",
         "_rules_for",
+        "_visible",
         "principals",
         "source",
     )
@@ -400,6 +420,11 @@ class Policy:
             for name in self.principals
         }
         self._cache: dict[tuple[str, str, str, str | None], Decision] = {}
+        self._visible: dict[str, VisibleTubes] = {}  # bounded by the principals (+ unknowns)
+        # Principals some deny rule applies to (their denials name the deny, see any_right).
+        self._deniable = frozenset(
+            name for name, rules in self._rules_for.items() if any(r.deny for r in rules)
+        )
 
     def __repr__(self) -> str:
         return (
@@ -493,28 +518,53 @@ class Policy:
         if cached is not None:
             return cached
         rules = self._rules_for.get(principal)
-        if rules is None:
-            decision = Decision(False, f"default deny (unknown principal {principal!r})")
-        else:
-            first_deny: _Rule | None = None
-            granted: _Rule | None = None
-            for command, verb in _TUBE_COMBOS:
-                deny, allow = _evaluate(rules, command, verb, tube)
-                if deny is None and allow is not None:
-                    granted = allow
-                    break
-                if first_deny is None:
-                    first_deny = deny
-            if granted is not None:
-                decision = Decision(True, granted.text)
-            elif first_deny is not None:
-                decision = Decision(False, first_deny.text)
+        if rules is not None and principal not in self._deniable:
+            if self.visible_tubes(principal).match(tube):
+                decision = self._any_right_full(principal, tube)  # to name the allow rule
             else:
+                # The compiled matcher says no and no deny rule can be the one to name: the
+                # default deny, without evaluating every (command, verb) a right consists of
+                # (the cost of each distinct name in a flood of denied ``use``).
                 decision = Decision(
                     False, f"default deny (no rule grants any right on {tube!r} for {principal})"
                 )
+        else:
+            decision = self._any_right_full(principal, tube)
         self._remember(key, decision)
         return decision
+
+    def _any_right_full(self, principal: str, tube: str) -> Decision:
+        """``any_right`` evaluated rule by rule (uncached; the reference of the matcher)."""
+        rules = self._rules_for.get(principal)
+        if rules is None:
+            return Decision(False, f"default deny (unknown principal {principal!r})")
+        first_deny: _Rule | None = None
+        for command, verb in _TUBE_COMBOS:
+            deny, allow = _evaluate(rules, command, verb, tube)
+            if deny is None and allow is not None:
+                return Decision(True, allow.text)
+            if first_deny is None:
+                first_deny = deny
+        if first_deny is not None:
+            return Decision(False, first_deny.text)
+        return Decision(
+            False, f"default deny (no rule grants any right on {tube!r} for {principal})"
+        )
+
+    def visible_tubes(self, principal: str) -> VisibleTubes:
+        """``any_right`` for ``principal`` on every tube at once, compiled once per policy.
+
+        For each (command, verb) a tube right consists of, the tube is visible through it when
+        an allow rule covering it matches and no deny rule covering it does; combinations with
+        the same allow and deny patterns share one alternative of the regex."""
+        found = self._visible.get(principal)
+        if found is None:
+            if principal not in self._rules_for and len(self._visible) >= _CACHE_MAX:
+                self._visible.clear()
+            found = self._visible[principal] = _compile_visible(
+                self._rules_for.get(principal, ())
+            )
+        return found
 
     def uniform(self, principal: str, command: str, verb: str) -> bool:
         """True when ``decide`` allows this command on *every* possible tube name.
@@ -573,6 +623,71 @@ def _evaluate(
         if first_allow is None:
             first_allow = rule
     return None, first_allow
+
+
+def _glob_regex(pattern: str) -> str:
+    """A tube glob as a linear-time regex: ``*`` is any run; each middle piece is found at its
+    leftmost place inside an atomic group (as ``_StarGlob`` does), the tail at the end."""
+    if pattern == "*":
+        return ".*"
+    parts = pattern.split("*")
+    if len(parts) == 1:
+        return re.escape(pattern)
+    head, *middle, tail = parts
+    out = [re.escape(head)]
+    out.extend(f"(?>.*?{re.escape(piece)})" for piece in middle if piece)
+    out.append(f".*{re.escape(tail)}")
+    return "".join(out)
+
+
+def _union(patterns: Iterable[str]) -> str:
+    return "(?:" + "|".join(_glob_regex(p) for p in sorted(patterns)) + ")"
+
+
+_NEVER: Final = "(?!)"
+
+
+def _compile_visible(rules: tuple[_Rule, ...]) -> VisibleTubes:
+    classes: set[tuple[frozenset[str], frozenset[str]]] = set()
+    for command, verb in _TUBE_COMBOS:
+        allow: set[str] = set()
+        deny: set[str] = set()
+        for rule in rules:
+            if rule.covers(command, verb):
+                (deny if rule.deny else allow).update(rule.tubes)
+        if allow and "*" not in deny:
+            classes.add((frozenset(allow), frozenset(deny)))
+    # (A1 and not D) or (A2 and not D) == (A1 or A2) and not D: one alternative per deny set.
+    by_deny: dict[frozenset[str], set[str]] = {}
+    for allowed, denied in classes:
+        by_deny.setdefault(denied, set()).update(allowed)
+    everything = any("*" in a and not d for d, a in by_deny.items())
+    nothing = not by_deny
+    ordered = sorted((sorted(a), sorted(d)) for d, a in by_deny.items())
+
+    def regex(end: str) -> str:
+        if everything:
+            return ".*"
+        if nothing:
+            return _NEVER
+        alternatives = []
+        for allowed, denied in ordered:
+            guard = f"(?!{_union(denied)}{end})" if denied else ""
+            alternatives.append(f"{guard}{_union(allowed)}")
+        return "|".join(alternatives)
+
+    # Single names: the whole string (DOTALL and \Z, so any string is judged like _StarGlob).
+    single = re.compile(regex(r"\Z"), re.DOTALL)
+    # list-tubes bodies: the names of lines "- name" (each after a newline); "." never
+    # crosses a line; the literal prefix lets the regex engine skip to each line in C.
+    lines = re.compile(f"\n- ({regex('$')})$".encode("ascii"), re.MULTILINE)
+    fullmatch = single.fullmatch
+    return VisibleTubes(
+        match=lambda tube: fullmatch(tube) is not None,
+        lines=lines,
+        everything=everything,
+        nothing=nothing,
+    )
 
 
 # --------------------------------------------------------------------------------------------

@@ -4,9 +4,11 @@
 again replaces it, so SIGHUP-style re-configuration and tests do not stack handlers). Records
 may carry structured data as ``extra={"fields": {...}}``: in JSON those keys are merged into
 the object next to ``time`` (ISO 8601, UTC), ``level``, ``logger`` and ``message``; in text
-they are appended as ``key=value`` pairs. The proxy logs under three names: ``beanstalk_proxy``
-(general), ``beanstalk_proxy.conn`` (one line per connection open/close) and
-``beanstalk_proxy.audit`` (one line per denial).
+they are appended as ``key=value`` pairs, except a pair the message already shows word for
+word. Such a record's message is a short phrase, never the record again. The proxy logs under
+three names: ``beanstalk_proxy`` (general), ``beanstalk_proxy.conn`` (one line per connection
+open/close) and ``beanstalk_proxy.audit`` (denials: a burst per connection and window one line
+each, then one "denials suppressed" summary line per window; see ``proxy.audit``).
 """
 
 from __future__ import annotations
@@ -58,11 +60,16 @@ class TextFormatter(logging.Formatter):
         if not fields:
             return line
         parts = []
+        said = set(record.getMessage().split())
         for key, value in fields.items():
             text = value if isinstance(value, str) else json.dumps(value, default=str)
             if text == "" or any(c.isspace() or c in '"=' for c in text):
                 text = json.dumps(text)
-            parts.append(f"{key}={text}")
+            pair = f"{key}={text}"
+            if pair not in said:  # said once: not again as a field
+                parts.append(pair)
+        if not parts:
+            return line
         first, newline, rest = line.partition("\n")  # keep tracebacks after the fields
         return f"{first} {' '.join(parts)}{newline}{rest}"
 

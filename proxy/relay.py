@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import socket
 import ssl
@@ -34,10 +33,12 @@ from collections.abc import Callable, Collection
 from typing import Any, cast
 
 from proxy.acl import Policy
+from proxy.audit import AUDIT_BURST, AUDIT_WINDOW, Suppressed, WindowCounter
 from proxy.config import Config, Endpoint
 from proxy.identity import Identity
 from proxy.listen import bind_listener, bound_port
-from proxy.logsummary import KeyedWindowCounter, Suppressed
+from proxy.logsummary import KeyedWindowCounter
+from proxy.logsummary import Suppressed as SourceSummary
 from proxy.metrics import Metrics
 from proxy.ratelimit import TokenBucket
 from proxy.session import MAX_HELD_BYTES, MAX_PENDING, Session
@@ -187,6 +188,7 @@ class Connection(asyncio.Protocol):
         self.tls_started = False  # the socket was handed to the TLS layer, which now owns it
         self.lost = False  # the client transport reported connection_lost: its socket is closed
         self._abort_timer: asyncio.TimerHandle | None = None
+        self._turn: asyncio.Handle | None = None  # the session's next turn, when scheduled
 
     # --- client transport callbacks ---------------------------------------------------------
 
@@ -319,12 +321,38 @@ class Connection(asyncio.Protocol):
 
     def update_reading(self) -> None:
         """Read the client only while both transports, the session and the reply queue have
-        room."""
+        room, and the session has no backlog: commands it already holds run first, one
+        ``TURN_BUDGET`` per event-loop turn (fair turns), and only then is more read."""
         session = self.session
         client = self.client
         if session is None or client is None or self.closed:
             return
-        want = not (
+        want = self._may_run(session)
+        if want and session.backlog:
+            want = False
+            if self._turn is None:
+                self._turn = asyncio.get_running_loop().call_soon(self._next_turn)
+        if want != self.reading:
+            self.reading = want
+            if want:
+                client.resume_reading()
+            else:
+                client.pause_reading()
+
+    def _next_turn(self) -> None:
+        """Run the session's next turn of buffered commands (scheduled by ``update_reading``)."""
+        self._turn = None
+        session = self.session
+        if session is None or self.closed or not session.backlog:
+            return
+        if self._may_run(session):
+            session.resume()
+            self.flush()
+        else:
+            self.update_reading()  # backpressure: wait for resume_writing and friends
+
+    def _may_run(self, session: Session) -> bool:
+        return not (
             self.upstream_full
             # a client that does not read its replies is not read either: replies the proxy
             # makes itself (denials, errors) would otherwise pile up without bound
@@ -339,12 +367,6 @@ class Connection(asyncio.Protocol):
             or (session.draining and (session.close_reason != "quit" or self.client_ended))
             or len(session.pending) > MAX_PENDING
         )
-        if want != self.reading:
-            self.reading = want
-            if want:
-                client.resume_reading()
-            else:
-                client.pause_reading()
 
     def drain(self, reason: str) -> None:
         """Stop reading the client; let upstream answer what it was sent, then close."""
@@ -360,14 +382,21 @@ class Connection(asyncio.Protocol):
         self.flush()
 
     def _audit(self, denials: list[dict[str, Any]]) -> None:
+        """Count every denial; log the first ``AUDIT_BURST`` per window of this connection,
+        one line each, and leave the rest to a "denials suppressed" summary."""
         fingerprint = self.identity.fingerprint if self.identity else None
-        metrics = self.server.metrics
+        server = self.server
+        metrics = server.metrics
+        counter = server.denial_audit
+        now = time.monotonic()
         for record in denials:
             metrics.denied(record["principal"], record["tube"], record["command"])
-            record["peer"] = self.peer
-            record["fingerprint"] = fingerprint
-            record["time"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-            audit_log.info(json.dumps(record, sort_keys=True), extra={"fields": record})
+            if counter.hit(self, record["command"], now):
+                record["peer"] = self.peer
+                record["fingerprint"] = fingerprint
+                audit_log.info("denied", extra={"fields": record})
+        if counter.suppressed(self):
+            server.schedule_audit()
 
     def close(self, reason: str) -> None:
         """Close both sides (flushing what is buffered) and log the connection once."""
@@ -379,6 +408,7 @@ class Connection(asyncio.Protocol):
             self._drain_timer.cancel()
         if self._expiry_timer is not None:
             self._expiry_timer.cancel()
+        self.server.audit_summary(self.server.denial_audit.pop(self, time.monotonic()))
         if self.session is not None and self.session.to_client and self.client is not None:
             self.client.write(self.session.to_client)
             self.bytes_out += len(self.session.to_client)
@@ -467,6 +497,9 @@ class ProxyServer:
         self._sweeper: asyncio.Task[None] | None = None
         self.metrics.track(self.connections)
         self.metrics.track_sockets(lambda: len(self._open_transports), lambda: len(self._pending))
+        # Per connection, a burst of denial lines per window; the rest summarised.
+        self.denial_audit = WindowCounter(AUDIT_BURST, AUDIT_WINDOW)
+        self._audit_timer: asyncio.TimerHandle | None = None
 
     @property
     def handshaking(self) -> int:
@@ -838,6 +871,35 @@ class ProxyServer:
 
     def transport_made(self, conn: Connection) -> None:
         self._open_transports.add(conn)
+    def schedule_audit(self) -> None:
+        """Log the denial summaries when the earliest suppressing window ends."""
+        if self._audit_timer is not None:
+            return
+        deadline = self.denial_audit.deadline()
+        if deadline is not None:
+            loop = asyncio.get_running_loop()
+            self._audit_timer = loop.call_at(
+                loop.time() + max(deadline - time.monotonic(), 0.0), self._audit_tick
+            )
+
+    def _audit_tick(self) -> None:
+        self._audit_timer = None
+        for summary in self.denial_audit.expired(time.monotonic()):
+            self.audit_summary(summary)
+        self.schedule_audit()
+
+    def audit_summary(self, summary: Suppressed | None) -> None:
+        """One line for the denials a connection's window did not log."""
+        if summary is None:
+            return
+        conn = summary.key
+        fields: dict[str, Any] = {"suppressed": summary.total, "by_command": summary.by_kind}
+        if isinstance(conn, Connection):
+            fields["principal"] = conn.principal
+            fields["peer"] = conn.peer
+            fields["fingerprint"] = conn.identity.fingerprint if conn.identity else None
+        fields["seconds"] = round(summary.end - summary.start, 3)
+        audit_log.info("denials suppressed", extra={"fields": fields})
 
     def transport_gone(self, conn: Connection) -> None:
         """The client's socket is closed: only now does it stop counting against
@@ -964,7 +1026,7 @@ class ProxyServer:
                 await self._acceptor
 
 
-def _log_suppressed(s: Suppressed) -> None:
+def _log_suppressed(s: SourceSummary) -> None:
     by_kind = ", ".join(f"{kind}={n}" for kind, n in sorted(s.by_label.items()))
     conn_log.warning(
         "suppressed %d more refusals and failed handshakes from source=%s in %.0fs (%s)",

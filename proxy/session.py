@@ -21,7 +21,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import Any, Final, Protocol
 
-from proxy.acl import DELETE_OTHER_VERB, Decision, Policy
+from proxy.acl import DELETE_OTHER_VERB, TUBE_CHARS, Decision, Policy
 from proxy.config import DENIAL_REPLY_MODES
 from proxy.errors import ProtocolError
 from proxy.protocol import (
@@ -94,6 +94,10 @@ NAMED_TUBE_OPS: Final = frozenset({OP_STATS_TUBE, OP_PAUSE_TUBE})
 #: Bytes a client may send behind a blocking ``reserve`` before the relay stops reading it
 #: (held commands are parsed only once the reserve has its reply).
 MAX_HELD_BYTES: Final = 65536
+#: Commands one turn (``feed_client``, ``resume``, or an answered lookup) runs at most. The
+#: rest stays buffered (``backlog``) and the relay runs it in later event-loop turns, reading
+#: nothing more meanwhile, so one client's pipelined input cannot hold the loop for long.
+TURN_BUDGET: Final = 64
 #: Job ids remembered per connection (oldest forgotten first; a forgotten id costs a lookup).
 MAX_KNOWN_JOBS: Final = 1024
 #: Reservations remembered per connection (oldest forgotten first). Once one was forgotten,
@@ -200,7 +204,10 @@ class Session:
     ``draining``: the client will send nothing more; once ``blocked`` is false, the relay
     half-closes upstream and closes the client when upstream closes;
     ``failed``: a reason string when the upstream misbehaved and both sides must close now;
-    ``denials``: audit records of denied commands, for the relay to log and clear.
+    ``denials``: audit records of denied commands, for the relay to log and clear;
+    ``backlog``: a turn stopped after ``TURN_BUDGET`` commands with input still buffered: the
+    relay calls ``resume`` in a later event-loop turn (and reads nothing more until then);
+    ``yields`` counts those stops.
 
     ``limiter`` (set by the relay, ``None`` = unlimited): called once per parsed command other
     than ``quit`` and the proxy's own error replies; when it returns false the command is not
@@ -241,6 +248,8 @@ class Session:
         # forwarded) until its reply, then decided under the policy in force at that moment
         self.waiting = False
         self.ended = False  # the client sent EOF; complete commands are still run
+        self.backlog = False
+        self.yields = 0
         self.draining = False
         self.failed: str | None = None
         self.close_reason = ""
@@ -312,6 +321,12 @@ class Session:
         self.parser.feed(data)
         self._run()
 
+    def resume(self) -> None:
+        """Run the next turn of commands already buffered (after ``backlog`` was set)."""
+        self.backlog = False
+        if not self.draining and not self.failed:
+            self._run()
+
     def client_eof(self) -> None:
         """The client half-closed: no more commands. Those complete are still run, even behind
         a blocking ``reserve`` (beanstalkd answers a waiting ``reserve`` of a half-closed
@@ -337,10 +352,18 @@ class Session:
         parser = self.parser
         handlers = self._handlers
         limiter = self.limiter
+        budget = TURN_BUDGET
+        self.backlog = False
         try:
             while not self.blocked and not self.draining:
                 if self.waiting and not self.ended:
                     return  # held until the blocking reserve has its reply
+                if not budget:
+                    if parser.buffered:
+                        self.backlog = True
+                        self.yields += 1
+                    return
+                budget -= 1
                 cmd = parser.next_command()
                 if isinstance(cmd, _NeedData):
                     if self.ended and not self.blocked:
@@ -888,13 +911,38 @@ class Session:
         self._decide_job(cmd, verb, tube)
 
     def _filter_tubes(self, body: bytes) -> bytes:
-        keep = [b"---"]
-        for raw in body[:-2].split(b"\n"):
-            if raw.startswith(b"- "):
-                name = _yaml_scalar(raw[2:]).decode("ascii", "replace")
-                if self._visible(name).allowed:
-                    keep.append(raw)
-        return ok_reply(b"\n".join(keep) + b"\n")
+        """The ``list-tubes`` reply with only the tubes this principal may see: one compiled
+        regex pass over the whole body (names are matched in C, no per-name Python work);
+        a body that is not a plain list of ``- name`` lines is judged line by line."""
+        visible = self._fresh_policy().visible_tubes(self.principal)
+        yaml = body[:-2]
+        if visible.nothing:
+            keep: list[bytes] = []
+        elif _plain_tube_list(yaml):
+            keep = visible.lines.findall(yaml)  # the names, without their "- "
+        else:
+            match = visible.match
+            keep = [
+                raw[2:]
+                for raw in yaml.split(b"\n")
+                if raw.startswith(b"- ")
+                and match(_yaml_scalar(raw[2:]).decode("ascii", "replace"))
+            ]
+        return ok_reply(b"---\n- " + b"\n- ".join(keep) + b"\n" if keep else b"---\n")
+
+
+#: Bytes of a plain ``list-tubes`` body: tube-name characters, newlines and the space of
+#: each ``- name`` line.
+_TUBE_LIST_BYTES: Final = "".join(sorted(TUBE_CHARS)).encode("ascii") + b"\n "
+
+
+def _plain_tube_list(yaml: bytes) -> bool:
+    """True when every space in ``yaml`` is the one of a ``\\n- name`` line and every other
+    byte is a tube-name character or a newline: then each ``- `` line's name is its exact
+    rest, with nothing for ``_yaml_scalar`` to strip or unquote."""
+    return not yaml.translate(None, _TUBE_LIST_BYTES) and yaml.count(b" ") == yaml.count(
+        b"\n- "
+    )
 
 
 def _reply_id(line: bytes) -> int:

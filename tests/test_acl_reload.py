@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -155,7 +154,7 @@ async def test_revoke_applies_to_the_next_command(
         assert await c.line(b"pause-tube alpha 10") == b"NOT_PERMITTED"
         assert await c.line(b"peek 1") == b"FOUND 1 5"  # inspect is still granted
         assert await c.line(b"list-tube-used") == b"USING alpha"
-        records = [json.loads(r.getMessage()) for r in caplog.records if r.name.endswith("audit")]
+        records = [r.fields for r in caplog.records if r.name.endswith("audit")]  # type: ignore[attr-defined]
         assert [r["command"] for r in records] == [
             "put",
             "reserve-with-timeout",
@@ -351,7 +350,7 @@ async def test_certificate_mapped_to_another_principal_gets_its_rights(
         assert await c.put(b"two") == b"NOT_PERMITTED"
         (line, _) = await c.call(b"stats-tube default")
         assert line.startswith(b"OK")
-        records = [json.loads(r.getMessage()) for r in caplog.records if r.name.endswith("audit")]
+        records = [r.fields for r in caplog.records if r.name.endswith("audit")]  # type: ignore[attr-defined]
         assert [(r["principal"], r["command"]) for r in records] == [("watcher", "put")]
         # and back
         assert reload_like_cli(proxy.server, doc(ALPHA_ALL)) is None
