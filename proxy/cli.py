@@ -34,6 +34,7 @@ from proxy.errors import ConfigError, ProtocolError
 from proxy.logs import LOGGER, setup_logging
 from proxy.watch import Kinds, Snapshot, changed_paths, watch
 from proxy.watch import snapshot as _file_state
+from proxy.yamlpos import compose_with_positions, position, remember
 
 if TYPE_CHECKING:
     import ssl
@@ -41,7 +42,7 @@ if TYPE_CHECKING:
     from proxy.acl import Policy
     from proxy.relay import ProxyServer
 
-__all__ = ["load_acl", "load_config", "load_yaml", "main"]
+__all__ = ["describe_config_error", "load_acl", "load_config", "load_yaml", "main"]
 
 log = logging.getLogger(LOGGER)
 
@@ -83,9 +84,26 @@ _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _c
 
 
 def load_yaml(path: str) -> object:
-    """Read and parse the YAML file at ``path``; every failure is a ``ConfigError(path, ...)``."""
+    """Read and parse the YAML file at ``path``; every failure is a ``ConfigError(path, ...)``.
+    The position of every key path is remembered (``proxy.yamlpos``) for error messages."""
+    text = _read_text(path)
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        data, positions = compose_with_positions(text, _StrictLoader)  # SafeLoader subclass
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = exc.problem or exc.context or "syntax error"
+        raise ConfigError(path, "", f"invalid YAML{where}: {problem}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(path, "", f"invalid YAML: {exc}") from None
+    remember(path, positions)
+    return data
+
+
+def _read_text(path: str) -> str:
+    """The UTF-8 text of ``path``; a failure is a ``ConfigError(path, "", reason)``."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(path, "", f"file not found (working directory {Path.cwd()})") from None
     except IsADirectoryError:
@@ -96,15 +114,6 @@ def load_yaml(path: str) -> object:
         ) from None
     except OSError as exc:
         raise ConfigError(path, "", f"cannot read: {exc.strerror or exc}") from None
-    try:
-        return yaml.load(text, Loader=_StrictLoader)  # a SafeLoader subclass: safe
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = exc.problem or exc.context or "syntax error"
-        raise ConfigError(path, "", f"invalid YAML{where}: {problem}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(path, "", f"invalid YAML: {exc}") from None
 
 
 def load_config(path: str) -> Config:
@@ -112,11 +121,29 @@ def load_config(path: str) -> Config:
     return parse_config(load_yaml(path), source=path)
 
 
-def load_acl(path: str) -> Policy:
-    """Load and compile the ACL file named by the config's ``acl`` key."""
+def load_acl(path: str, config_source: str | None = None) -> Policy:
+    """Load and compile the ACL file named by the config's ``acl`` key. With
+    ``config_source`` (the config file), a file that cannot be read is reported against the
+    config's ``acl`` key: ``proxy.yaml: acl: nope.yaml: file not found``."""
     from proxy.acl import parse_acl
 
+    if config_source is not None:
+        try:
+            _read_text(path)
+        except ConfigError as exc:
+            raise ConfigError(config_source, "acl", f"{path}: {exc.reason}") from None
     return parse_acl(load_yaml(path), source=path)
+
+
+def describe_config_error(exc: ConfigError) -> str:
+    """``str(exc)`` with the line and column of its key path when the file was loaded here:
+    ``proxy.yaml: tls.cert at line 5, column 3: ...``."""
+    if not exc.key:
+        return str(exc)
+    found = position(exc.source, exc.key)
+    if found is None:
+        return str(exc)
+    return f"{exc.source}: {exc.key} at line {found[0]}, column {found[1]}: {exc.reason}"
 
 
 def _server_context(config: Config) -> ssl.SSLContext:
@@ -138,7 +165,7 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except ConfigError as exc:
-            click.echo(f"error: {exc}", err=True)
+            click.echo(f"error: {describe_config_error(exc)}", err=True)
             ctx.exit(EXIT_CONFIG)
         except PKIError as exc:
             click.echo(f"error: {exc}", err=True)
@@ -478,7 +505,7 @@ def serve(config_path: str, workers: int) -> None:
     config = load_config(config_path)
     setup_logging(config.log.format, config.log.level)
     baseline = _file_state(_watched_files(config))  # before reading them: see watch()
-    policy = load_acl(config.acl)
+    policy = load_acl(config.acl, config.source)
     for warning in lint_acl(policy):
         log.warning("%s: %s", config.acl, warning)
     ctx = _server_context(config)
@@ -504,16 +531,26 @@ def serve(config_path: str, workers: int) -> None:
 
 @main.command("check-config")
 @_config_option
-def check_config(config_path: str) -> None:
+@click.option(
+    "--name",
+    "names",
+    multiple=True,
+    metavar="HOST",
+    help="A name clients connect to (DNS name or IP): the server certificate's SANs must "
+    "cover it (the listen address is usually a wildcard). Repeatable.",
+)
+def check_config(config_path: str, names: tuple[str, ...]) -> None:
     """Validate the config, the ACL and every certificate, key, CA and CRL file.
 
+    The server certificate must allow serverAuth and, with --name, carry that name.
     Prints ACL lint warnings, then "ok". Exits 2 with file, key path and reason on a problem."""
     from proxy.acl import lint_acl
     from proxy.tlsctx import load_client_cas
 
     config = load_config(config_path)
-    policy = load_acl(config.acl)
+    policy = load_acl(config.acl, config.source)
     _server_context(config)
+    _check_server_cert(config, names)
     for warning in lint_acl(policy):
         click.echo(f"warning: {config.acl}: {warning}", err=True)
     fd_problem = _fd_limit_problem(config, raise_soft=False)
@@ -529,6 +566,22 @@ def check_config(config_path: str) -> None:
             err=True,
         )
     click.echo("ok")
+
+
+def _check_server_cert(config: Config, names: Sequence[str]) -> None:
+    """serverAuth EKU and, for each of ``names``, a SAN covering it (``ConfigError`` on
+    ``tls.cert`` otherwise). The file was already read and checked by the server context."""
+    from cryptography import x509
+
+    from proxy.servercert import server_cert_problem
+
+    path = config.tls.cert
+    cert = x509.load_pem_x509_certificates(Path(path).read_bytes())[0]
+    checks: Sequence[str | None] = names or [None]
+    for name in checks:
+        problem = server_cert_problem(cert, name)
+        if problem is not None:
+            raise ConfigError(config.source, "tls.cert", f"the certificate in {path} {problem}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -591,7 +644,11 @@ def _explain_principal(
         sys.exit(1)
     principal = policy.principal_for(identity)
     if principal is None:
+        from proxy.acl import principal_mismatches
+
         click.echo("no principal matches: connection refused")
+        for line in principal_mismatches(policy, identity):
+            click.echo(f"  {line}")
         sys.exit(1)
     click.echo(f"principal: {principal} ({policy.match_rule_for(identity)})")
     _explain_rate(policy, principal)
@@ -634,7 +691,7 @@ def explain(
     from proxy.session import denial_replies
 
     config = load_config(config_path)
-    policy = load_acl(config.acl)
+    policy = load_acl(config.acl, config.source)
     principal = _explain_principal(policy, cert_path, principal_name, config)
 
     try:

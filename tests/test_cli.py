@@ -161,7 +161,9 @@ def test_check_config_bad_key_reports_file_and_key_path(setup: Path) -> None:
     edit(setup, "listen: 127.0.0.1:0", "listen: 127.0.0.1:0\nlimits: {max_connections: 0}")
     result = run("check-config", "--config", str(setup))
     assert result.exit_code == 2
-    assert result.stderr == (f"error: {setup}: limits.max_connections: must be at least 1, got 0\n")
+    assert result.stderr == (
+        f"error: {setup}: limits.max_connections at line 2, column 10: must be at least 1, got 0\n"
+    )
     assert "ok" not in result.stdout
 
 
@@ -169,7 +171,7 @@ def test_check_config_unknown_key(setup: Path) -> None:
     edit(setup, "  crl:", "  crls:")
     result = run("check-config", "--config", str(setup))
     assert result.exit_code == 2
-    assert f"error: {setup}: tls.crls: unknown key" in result.stderr
+    assert f"error: {setup}: tls.crls at line 7, column 3: unknown key" in result.stderr
     assert "did you mean 'crl'" in result.stderr
 
 
@@ -206,7 +208,7 @@ def test_check_config_missing_certificate(setup: Path, tmp_path: Path) -> None:
     (tmp_path / "pki" / "server.pem").unlink()
     result = run("check-config", "--config", str(setup))
     assert result.exit_code == 2
-    assert f"error: {setup}: tls.cert: certificate file " in result.stderr
+    assert f"error: {setup}: tls.cert at line 4, column 3: certificate file " in result.stderr
     assert "does not exist" in result.stderr
 
 
@@ -214,7 +216,7 @@ def test_check_config_key_mismatch(setup: Path, tmp_path: Path) -> None:
     edit(setup, "pki/server.key", "pki/dev-client.key")
     result = run("check-config", "--config", str(setup))
     assert result.exit_code == 2
-    assert f"error: {setup}: tls.key: the private key in " in result.stderr
+    assert f"error: {setup}: tls.key at line 5, column 3: the private key in " in result.stderr
     assert "does not match" in result.stderr
 
 
@@ -222,14 +224,18 @@ def test_check_config_missing_acl(setup: Path, tmp_path: Path) -> None:
     (tmp_path / "acl.yaml").unlink()
     result = run("check-config", "--config", str(setup))
     assert result.exit_code == 2
-    assert result.stderr.startswith(f"error: {tmp_path / 'acl.yaml'}: file not found")
+    assert result.stderr.startswith(
+        f"error: {setup}: acl at line 8, column 1: {tmp_path / 'acl.yaml'}: file not found"
+    )
 
 
 def test_check_config_invalid_acl_names_acl_file_and_key(setup: Path, tmp_path: Path) -> None:
     edit(tmp_path / "acl.yaml", "allow: [produce]", "allow: [produse]")
     result = run("check-config", "--config", str(setup))
     assert result.exit_code == 2
-    assert result.stderr.startswith(f"error: {tmp_path / 'acl.yaml'}: rules[0].allow")
+    assert result.stderr.startswith(
+        f"error: {tmp_path / 'acl.yaml'}: rules[0].allow[0] at line 9, column 13: unknown verb"
+    )
 
 
 def test_check_config_prints_acl_warnings(setup: Path, tmp_path: Path) -> None:
