@@ -29,7 +29,7 @@ import click
 import yaml
 
 from proxy import __version__
-from proxy.config import Config, Endpoint, parse_config
+from proxy.config import LOG_LEVELS, Config, Endpoint, parse_config
 from proxy.errors import ConfigError, ProtocolError
 from proxy.logs import LOGGER, setup_logging
 from proxy.watch import Kinds, Snapshot, changed_paths, watch
@@ -498,12 +498,17 @@ def _supervise(workers: int, run_worker: Callable[[int], int]) -> int:
     type=click.IntRange(1, 64),
     help="Worker processes sharing the listen port (SO_REUSEPORT); signals reach every worker.",
 )
-def serve(config_path: str, workers: int) -> None:
+@click.option(
+    "--log-level",
+    type=click.Choice(LOG_LEVELS),
+    help="Log level; overrides the config's log.level.",
+)
+def serve(config_path: str, workers: int, log_level: str | None) -> None:
     """Run the proxy until SIGTERM/SIGINT; SIGHUP reloads the ACL and TLS files."""
     from proxy.acl import lint_acl
 
     config = load_config(config_path)
-    setup_logging(config.log.format, config.log.level)
+    setup_logging(config.log.format, log_level or config.log.level)
     baseline = _file_state(_watched_files(config))  # before reading them: see watch()
     policy = load_acl(config.acl, config.source)
     for warning in lint_acl(policy):
@@ -827,8 +832,16 @@ def certs_init(directory: str, names: tuple[str, ...], days: int, rsa: bool, for
 @click.option("--ca", "ca_dir", required=True, metavar="DIR", help="Directory with ca.pem/ca.key.")
 @click.argument("name")
 @click.option("--ou", "ous", multiple=True, metavar="OU", help="Subject OU; repeatable.")
-@click.option("--uri", "uris", multiple=True, metavar="URI", help="URI SAN (e.g. SPIFFE ID).")
+@click.option(
+    "--uri", "uris", multiple=True, metavar="URI", help="URI SAN (e.g. a SPIFFE ID); repeatable."
+)
 @click.option("--dns", "dns", multiple=True, metavar="DNS", help="DNS SAN; repeatable.")
+@click.option("--ip", "ips", multiple=True, metavar="IP", help="IP address SAN; repeatable.")
+@click.option(
+    "--cn",
+    metavar="TEXT",
+    help="Subject CN (default: NAME); --cn '' leaves the CN out (SAN-only certificate).",
+)
 @click.option("--days", default=365, show_default=True, help="Validity in days.")
 @click.option("--out", "out_dir", metavar="DIR", help="Output directory (default: the CA's).")
 @click.option("--rsa", is_flag=True, help="RSA 2048 key instead of ECDSA P-256.")
@@ -839,12 +852,14 @@ def certs_issue(
     ous: tuple[str, ...],
     uris: tuple[str, ...],
     dns: tuple[str, ...],
+    ips: tuple[str, ...],
+    cn: str | None,
     days: int,
     out_dir: str | None,
     rsa: bool,
     force: bool,
 ) -> None:
-    """Issue a client certificate CN=NAME as NAME.pem / NAME.key."""
+    """Issue a client certificate CN=NAME (or --cn) as NAME.pem / NAME.key."""
     from proxy.certs import issue_client
 
     written = issue_client(
@@ -857,6 +872,8 @@ def certs_issue(
         days=days,
         force=force,
         key_type="rsa" if rsa else "ec",
+        ips=ips,
+        cn=cn,
     )
     _echo_written(written)
     _echo_pins(written[0])
@@ -972,7 +989,20 @@ def _cli_endpoint(value: str, option: str, allow_port_zero: bool) -> Endpoint:
     metavar="NAME",
     help="Name the proxy's certificate must carry (default: the --connect host).",
 )
-@click.option("--log-format", type=click.Choice(["text", "json"]), default="text")
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="Log lines on stderr as text or as one JSON object per line.",
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(LOG_LEVELS),
+    default="info",
+    show_default=True,
+    help="Log level.",
+)
 @click.option("--allow-remote-listen", is_flag=True, help="Allow a non-loopback --listen.")
 def client(
     listen: str,
@@ -982,6 +1012,7 @@ def client(
     ca: str,
     server_name: str | None,
     log_format: str,
+    log_level: str,
     allow_remote_listen: bool,
 ) -> None:
     """Producer-side tunnel: a plain local port carried over mutual TLS to the proxy.
@@ -990,7 +1021,7 @@ def client(
     --allow-remote-listen is given. SIGHUP reloads the certificate, key and CA."""
     from proxy.tlsctx import client_context
 
-    setup_logging(log_format, "info")
+    setup_logging(log_format, log_level)
     local = _cli_endpoint(listen, "--listen", allow_port_zero=True)
     if not local.is_loopback and not allow_remote_listen:
         raise ConfigError(
