@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import queue
+import re
 import shutil
 import signal
 import subprocess
@@ -704,6 +705,33 @@ def test_serve_reload_and_terminate(setup: Path, tmp_path: Path) -> None:
         lines.thread.join(timeout=20)  # EOF after exit; then the pipe can be closed
         assert proc.stderr is not None
         proc.stderr.close()
+
+
+def test_serve_log_level_overrides_the_config(setup: Path, tmp_path: Path) -> None:
+    from conftest import free_port, wait_for_port
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for option, config_level, shown in (("info", "error", True), ("warning", "debug", False)):
+        port = free_port()
+        text = re.sub(r"listen: .*", f"listen: 127.0.0.1:{port}", setup.read_text(), count=1)
+        setup.write_text(re.sub(r"level: \w+", f"level: {config_level}", text))
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "proxy", "serve", "--config", str(setup), "--log-level", option],
+            stderr=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            env=env,
+            cwd=tmp_path,
+        )
+        try:
+            wait_for_port(port, proc, timeout=20)
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=20)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert proc.returncode == 0
+        assert (b'"event":"ready"' in err) is shown, err
 
 
 # ------------------------------------------------------------------------------ logging
