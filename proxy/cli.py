@@ -5,10 +5,13 @@ files or YAML.
 (uvloop when installed) until SIGTERM/SIGINT; SIGHUP re-reads the ACL file and the certificate,
 key, CA and CRL files named in the config and swaps them in, keeping the previous policy or
 context (and logging the precise error) when the new one does not load. ``check-config``
-validates everything ``serve`` would load, ``explain`` shows which principal a certificate maps
-to and how the ACL decides one command line, and ``certs`` makes a development PKI. YAML is read
-with a ``yaml.SafeLoader`` subclass that also rejects duplicate keys. Every ``ConfigError``
-exits with status 2 and ``error: <file>: <key path>: <reason>`` on stderr; PKI errors exit 1.
+validates everything ``serve`` would load (and that the server certificate may serve, for the
+``--name`` given), ``explain`` shows which principal a certificate maps to (or why each one
+failed) and how the ACL decides one command line, and ``certs`` makes a development PKI. YAML
+is read with a ``yaml.SafeLoader`` subclass that also rejects duplicate keys, through
+``proxy.yamlpos``, which remembers where each key path is. Every ``ConfigError`` exits with
+status 2 and ``error: <file>: <key path> at line L, column C: <reason>`` on stderr; PKI errors
+exit 1.
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
 import socket
 import subprocess
@@ -486,3 +487,64 @@ def test_pyproject_license_is_an_spdx_string() -> None:
     bound = re.fullmatch(r"setuptools>=(\d+)(\.\d+)*", requirement)
     assert bound and int(bound.group(1)) >= 77, requirement
     assert not any("License ::" in c for c in data["project"].get("classifiers", []))
+
+
+def _readme_commands(text: str) -> list[list[str]]:
+    """Every ``beanstalk-proxy ...`` command line in the sh code blocks of a README (with
+    backslash continuations joined and trailing comments dropped)."""
+    commands: list[list[str]] = []
+    for block in re.findall(r"```sh\n(.*?)```", text, flags=re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            argv = shlex.split(line, comments=True)
+            for i, word in enumerate(argv):
+                named = word == "beanstalk-proxy" or word.endswith("bin/beanstalk-proxy")
+                if named and (i == 0 or not argv[i - 1].startswith("-")):
+                    commands.append(argv[i + 1 : next(
+                        (j for j in range(i + 1, len(argv)) if argv[j] in ("&&", "|", ";")),
+                        len(argv),
+                    )])
+                    break
+    return commands
+
+
+@pytest.mark.parametrize("readme", ["README.md", "deploy/README.md"])
+def test_readme_commands_are_valid_invocations(readme: str) -> None:
+    """A newcomer copies these lines: each must name real subcommands and options."""
+    commands = _readme_commands((ROOT / readme).read_text(encoding="utf-8"))
+    assert len(commands) >= (8 if readme == "README.md" else 2), commands
+    for argv in commands:
+        command: click.Command = cli.main
+        args = list(argv)
+        while isinstance(command, click.Group) and args and args[0] in command.commands:
+            command = command.commands[args.pop(0)]
+        if argv == ["--version"]:
+            continue
+        assert command is not cli.main and not isinstance(command, click.Group), argv
+        try:
+            command.make_context(command.name or "", args)
+        except click.exceptions.Exit:  # --version / --help
+            pass
+        except click.UsageError as exc:
+            pytest.fail(f"{readme}: {' '.join(argv)}: {exc}")
+
+
+def test_readme_install_section_gets_the_command_onto_a_new_shell() -> None:
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    install = text.split("## Install", 1)[1].split("\n## ", 1)[0]
+    for needle in (
+        "python3 -m venv .venv",
+        ".venv/bin/pip install '.[fast]'",
+        "pip install -e '.[dev,fast]'",
+        ".venv/bin/beanstalk-proxy",
+        ". .venv/bin/activate",
+    ):
+        assert needle in install, needle
+    assert text.index("## Install") < text.index("## Quickstart")
+    # the other newcomer traps of the issue stay fixed
+    (s_client,) = re.findall(r"openssl s_client[^\n]*", text)
+    assert " -crlf " in s_client
+    reloading = " ".join(text.split("## Reloading", 1)[1].split("\n## ", 1)[0].split())
+    assert "established connections continue, except those whose client certificate" in (
+        reloading
+    )
+    assert "CRLs revoke: they are closed" in reloading
