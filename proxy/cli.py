@@ -10,7 +10,7 @@ validates everything ``serve`` would load (and that the server certificate may s
 failed) and how the ACL decides one command line, and ``certs`` makes a development PKI. YAML
 is read with a ``yaml.SafeLoader`` subclass that also rejects duplicate keys, through
 ``proxy.yamlpos``, which remembers where each key path is. Every ``ConfigError`` exits with
-status 2 and ``error: <file>: <key path> at line L, column C: <reason>`` on stderr; PKI errors
+status 2 and ``error: <file>: <key path>: <reason> (line L, column C)`` on stderr; PKI errors
 exit 1.
 """
 
@@ -139,14 +139,14 @@ def load_acl(path: str, config_source: str | None = None) -> Policy:
 
 
 def describe_config_error(exc: ConfigError) -> str:
-    """``str(exc)`` with the line and column of its key path when the file was loaded here:
-    ``proxy.yaml: tls.cert at line 5, column 3: ...``."""
+    """``str(exc)`` followed by the line and column of its key path when the file was loaded
+    here: ``proxy.yaml: tls.cert: ... (line 5, column 3)``."""
     if not exc.key:
         return str(exc)
     found = position(exc.source, exc.key)
     if found is None:
         return str(exc)
-    return f"{exc.source}: {exc.key} at line {found[0]}, column {found[1]}: {exc.reason}"
+    return f"{exc} (line {found[0]}, column {found[1]})"
 
 
 def _server_context(config: Config) -> ssl.SSLContext:
