@@ -13,8 +13,10 @@
 # read-only. The process runs as uid/gid 10001 (numeric, so Kubernetes' runAsNonRoot can verify
 # it) and needs no capability: both ports are above 1024.
 #
-# The HEALTHCHECK asks the status listener for /healthz, so the mounted proxy.yaml must set
+# The HEALTHCHECK asks the status listener for /healthz on 127.0.0.1:$METRICS_PORT (default
+# 9400), so the mounted proxy.yaml must set
 #   metrics: {listen: 0.0.0.0:9400}    (or 127.0.0.1:9400 to keep /metrics inside the container)
+# and a config with another status port is run with -e METRICS_PORT=<that port>.
 # SIGTERM drains connections for up to limits.shutdown_timeout (default 10s): give the
 # container a longer stop timeout (docker stop -t / stop_grace_period /
 # terminationGracePeriodSeconds). SIGHUP reloads the ACL and the TLS files.
@@ -55,7 +57,8 @@ LABEL org.opencontainers.image.title="beanstalk-proxy" \
 
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
-    PYTHONUNBUFFERED=1
+    PYTHONUNBUFFERED=1 \
+    METRICS_PORT=9400
 
 RUN groupadd --system --gid 10001 proxy \
     && useradd --system --uid 10001 --gid 10001 --no-create-home \
@@ -72,9 +75,10 @@ USER 10001:10001
 # 11400: mutual-TLS beanstalkd protocol. 9400: plain HTTP /metrics, /healthz, /readyz.
 EXPOSE 11400 9400
 
-# No curl in slim images: the interpreter does the GET. Exit 1 on anything but 200.
+# No curl in slim images: the interpreter does the GET. Exit 1 on anything but 200. The exec
+# form expands no variables, so the port is read from the environment by the check itself.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=10s --retries=3 \
-    CMD ["python", "-c", "import sys, urllib.request; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:9400/healthz', timeout=4).status == 200 else 1)"]
+    CMD ["python", "-c", "import os, sys, urllib.request; url = 'http://127.0.0.1:%s/healthz' % os.environ.get('METRICS_PORT', '9400'); sys.exit(0 if urllib.request.urlopen(url, timeout=4).status == 200 else 1)"]
 
 ENTRYPOINT ["beanstalk-proxy"]
 CMD ["serve", "--config", "/config/proxy.yaml"]

@@ -42,6 +42,7 @@ __all__ = [
     "VisibleTubes",
     "lint_acl",
     "parse_acl",
+    "principal_mismatches",
 ]
 
 # --------------------------------------------------------------------------------------------
@@ -1237,3 +1238,44 @@ def lint_acl(policy: Policy) -> list[str]:
                 f"a deny rule for {rule.principal!r} or '*'"
             )
     return warnings
+
+
+def principal_mismatches(policy: Policy, identity: Identity) -> list[str]:
+    """Why no principal takes ``identity``: one line per principal, in file order, naming
+    every condition of its match block that failed and the certificate's values for it, e.g.
+    ``principals[2] billing: uri spiffe://example.org/billing/* did not match any of
+    [spiffe://example.org/web]``. For ``explain`` and refusal logs; read-only, and no faster
+    path than ``Policy.principal_for`` (it looks at every condition). Control and non-ASCII
+    characters in certificate values are escaped."""
+    values_of: dict[str, tuple[str, ...]] = {
+        "cn": () if identity.cn is None else (identity.cn,),
+        "ou": identity.ous,
+        "dns": identity.dns,
+        "uri": identity.uris,
+        "ip": identity.ips,
+        "fingerprint": (identity.fingerprint,),
+        "spki": (identity.spki,),
+        "issuer": tuple(v for v in (identity.issuer, identity.issuer_fingerprint) if v),
+    }
+    lines: list[str] = []
+    for p in policy._principals:
+        if identity.refusal is not None:
+            lines.append(f"{p.where} {p.name}: the certificate is refused ({identity.refusal})")
+            continue
+        failed: list[str] = []
+        for c in p.conditions:
+            if c.holds(identity):
+                continue
+            patterns = ", ".join(c.patterns)
+            values = values_of.get(c.key, ())
+            if not values:
+                what = "unknown issuer" if c.key == "issuer" else f"no {c.key}"
+                failed.append(f"{c.key} {patterns}: the certificate has {what}")
+            else:
+                shown = ", ".join(ascii(v)[1:-1] for v in values)
+                failed.append(f"{c.key} {patterns} did not match any of [{shown}]")
+        if failed:
+            lines.append(f"{p.where} {p.name}: " + "; ".join(failed))
+        else:
+            lines.append(f"{p.where} {p.name}: matches")
+    return lines

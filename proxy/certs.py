@@ -101,7 +101,7 @@ def _refuse_existing(paths: Iterable[Path], force: bool) -> None:
     existing = [str(p) for p in paths if p.exists() or p.is_symlink()]
     if existing:
         raise PKIError(
-            f"refusing to overwrite existing {', '.join(existing)} (use --force / force=True)"
+            f"refusing to overwrite existing {', '.join(existing)} (use --force)"
         )
 
 
@@ -377,10 +377,13 @@ def issue_client(
     force: bool = False,
     key_type: str = "ec",
     rsa_bits: int = 2048,
+    ips: Sequence[str] = (),
+    cn: str | None = None,
 ) -> list[Path]:
-    """Issue a client certificate ``CN=name`` (one OU attribute per ``ous`` entry, URI and DNS
-    SANs from ``uris``/``dns``, EKU clientAuth) into ``out_dir`` (default: ``ca_dir``) as
-    ``NAME.pem`` and ``NAME.key``. Returns the files written."""
+    """Issue a client certificate ``CN=name`` (``CN=cn`` when given; no CN when ``cn`` is
+    empty), one OU attribute per ``ous`` entry, URI, DNS and IP SANs from ``uris``/``dns``/
+    ``ips``, EKU clientAuth, into ``out_dir`` (default: ``ca_dir``) as ``NAME.pem`` and
+    ``NAME.key``. Returns the files written."""
     if not _SAFE_NAME.match(name):
         raise PKIError(
             f"client name {name!r} must be 1-64 characters of letters, digits, '.', '_' or '-' "
@@ -388,6 +391,12 @@ def issue_client(
         )
     if name in ("ca", "server", "crl"):
         raise PKIError(f"client name {name!r} would clash with the CA's own files")
+    addresses: list[x509.GeneralName] = []
+    for ip in ips:
+        try:
+            addresses.append(x509.IPAddress(ipaddress.ip_address(ip)))
+        except ValueError:
+            raise PKIError(f"--ip {ip!r} is not an IPv4 or IPv6 address") from None
     d = Path(ca_dir)
     out = Path(out_dir) if out_dir is not None else d
     targets = [out / f"{name}.pem", out / f"{name}.key"]
@@ -395,13 +404,22 @@ def issue_client(
     ca = _load_ca(d)
     key = _new_key(key_type, rsa_bits)
 
+    common_name = name if cn is None else cn
     attrs = [x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, ou) for ou in ous]
-    attrs.append(x509.NameAttribute(NameOID.COMMON_NAME, name))
+    if common_name:
+        attrs.append(x509.NameAttribute(NameOID.COMMON_NAME, common_name))
     sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(u) for u in uris]
     sans.extend(x509.DNSName(n) for n in dns)
+    sans.extend(addresses)
+    if not attrs and not sans:
+        raise PKIError(
+            f"certificate {name!r} would name nobody: with an empty --cn give --ou, --uri, "
+            "--dns or --ip"
+        )
     builder = _leaf_builder(ca, x509.Name(attrs), key, days, ExtendedKeyUsageOID.CLIENT_AUTH)
     if sans:
-        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        # RFC 5280 4.2.1.6: with an empty subject the subjectAltName must be critical
+        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=not attrs)
     try:
         cert = builder.sign(ca.key, hashes.SHA256())
     except ValueError as exc:  # e.g. a non-ASCII DNS name

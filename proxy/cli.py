@@ -5,12 +5,14 @@ files or YAML.
 (uvloop when installed) until SIGTERM/SIGINT; SIGHUP re-reads the ACL file and the certificate,
 key, CA and CRL files named in the config and swaps them in, keeping the previous policy or
 context (and logging the precise error) when the new one does not load. ``check-config``
-validates everything ``serve`` would load, ``explain`` shows which principal a certificate maps
-to and how the ACL decides one command line, ``acl test`` runs a decision table and ``acl diff``
-compares the rights of two ACLs (also logged on every ACL reload), and ``certs`` makes a
-development PKI. YAML is read with a ``yaml.SafeLoader`` subclass that also rejects duplicate
-keys. Every ``ConfigError`` exits with status 2 and ``error: <file>: <key path>: <reason>`` on
-stderr; PKI errors exit 1.
+validates everything ``serve`` would load (and that the server certificate may serve, for the
+``--name`` given), ``explain`` shows which principal a certificate maps to (or why each one
+failed) and how the ACL decides one command line, ``acl test`` runs a decision table and
+``acl diff`` compares the rights of two ACLs (also logged on every ACL reload), and ``certs``
+makes a development PKI. YAML is read with a ``yaml.SafeLoader`` subclass that also rejects
+duplicate keys, through ``proxy.yamlpos``, which remembers where each key path is. Every
+``ConfigError`` exits with status 2 and ``error: <file>: <key path>: <reason> (line L, column
+C)`` on stderr; PKI errors exit 1.
 """
 
 from __future__ import annotations
@@ -31,11 +33,12 @@ import click
 import yaml
 
 from proxy import __version__
-from proxy.config import Config, Endpoint, parse_config
+from proxy.config import LOG_LEVELS, Config, Endpoint, parse_config
 from proxy.errors import ConfigError, ProtocolError
 from proxy.logs import LOGGER, setup_logging
 from proxy.watch import Kinds, Snapshot, changed_paths, watch
 from proxy.watch import snapshot as _file_state
+from proxy.yamlpos import compose_with_positions, position, remember
 
 if TYPE_CHECKING:
     import ssl
@@ -45,7 +48,7 @@ if TYPE_CHECKING:
     from proxy.identity import Identity
     from proxy.relay import ProxyServer
 
-__all__ = ["load_acl", "load_config", "load_yaml", "main"]
+__all__ = ["describe_config_error", "load_acl", "load_config", "load_yaml", "main"]
 
 log = logging.getLogger(LOGGER)
 
@@ -87,9 +90,26 @@ _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _c
 
 
 def load_yaml(path: str) -> object:
-    """Read and parse the YAML file at ``path``; every failure is a ``ConfigError(path, ...)``."""
+    """Read and parse the YAML file at ``path``; every failure is a ``ConfigError(path, ...)``.
+    The position of every key path is remembered (``proxy.yamlpos``) for error messages."""
+    text = _read_text(path)
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        data, positions = compose_with_positions(text, _StrictLoader)  # SafeLoader subclass
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = exc.problem or exc.context or "syntax error"
+        raise ConfigError(path, "", f"invalid YAML{where}: {problem}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(path, "", f"invalid YAML: {exc}") from None
+    remember(path, positions)
+    return data
+
+
+def _read_text(path: str) -> str:
+    """The UTF-8 text of ``path``; a failure is a ``ConfigError(path, "", reason)``."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(path, "", f"file not found (working directory {Path.cwd()})") from None
     except IsADirectoryError:
@@ -100,15 +120,6 @@ def load_yaml(path: str) -> object:
         ) from None
     except OSError as exc:
         raise ConfigError(path, "", f"cannot read: {exc.strerror or exc}") from None
-    try:
-        return yaml.load(text, Loader=_StrictLoader)  # a SafeLoader subclass: safe
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = exc.problem or exc.context or "syntax error"
-        raise ConfigError(path, "", f"invalid YAML{where}: {problem}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(path, "", f"invalid YAML: {exc}") from None
 
 
 def load_config(path: str) -> Config:
@@ -116,11 +127,29 @@ def load_config(path: str) -> Config:
     return parse_config(load_yaml(path), source=path)
 
 
-def load_acl(path: str) -> Policy:
-    """Load and compile the ACL file named by the config's ``acl`` key."""
+def load_acl(path: str, config_source: str | None = None) -> Policy:
+    """Load and compile the ACL file named by the config's ``acl`` key. With
+    ``config_source`` (the config file), a file that cannot be read is reported against the
+    config's ``acl`` key: ``proxy.yaml: acl: nope.yaml: file not found``."""
     from proxy.acl import parse_acl
 
+    if config_source is not None:
+        try:
+            _read_text(path)
+        except ConfigError as exc:
+            raise ConfigError(config_source, "acl", f"{path}: {exc.reason}") from None
     return parse_acl(load_yaml(path), source=path)
+
+
+def describe_config_error(exc: ConfigError) -> str:
+    """``str(exc)`` followed by the line and column of its key path when the file was loaded
+    here: ``proxy.yaml: tls.cert: ... (line 5, column 3)``."""
+    if not exc.key:
+        return str(exc)
+    found = position(exc.source, exc.key)
+    if found is None:
+        return str(exc)
+    return f"{exc} (line {found[0]}, column {found[1]})"
 
 
 def _server_context(config: Config) -> ssl.SSLContext:
@@ -142,7 +171,7 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except ConfigError as exc:
-            click.echo(f"error: {exc}", err=True)
+            click.echo(f"error: {describe_config_error(exc)}", err=True)
             ctx.exit(EXIT_CONFIG)
         except PKIError as exc:
             click.echo(f"error: {exc}", err=True)
@@ -523,14 +552,19 @@ def _supervise(workers: int, run_worker: Callable[[int], int]) -> int:
     type=click.IntRange(1, 64),
     help="Worker processes sharing the listen port (SO_REUSEPORT); signals reach every worker.",
 )
-def serve(config_path: str, workers: int) -> None:
+@click.option(
+    "--log-level",
+    type=click.Choice(LOG_LEVELS),
+    help="Log level; overrides the config's log.level.",
+)
+def serve(config_path: str, workers: int, log_level: str | None) -> None:
     """Run the proxy until SIGTERM/SIGINT; SIGHUP reloads the ACL and TLS files."""
     from proxy.acl import lint_acl
 
     config = load_config(config_path)
-    setup_logging(config.log.format, config.log.level)
+    setup_logging(config.log.format, log_level or config.log.level)
     baseline = _file_state(_watched_files(config))  # before reading them: see watch()
-    policy = load_acl(config.acl)
+    policy = load_acl(config.acl, config.source)
     for warning in lint_acl(policy):
         log.warning("%s: %s", config.acl, warning)
     ctx = _server_context(config)
@@ -556,16 +590,26 @@ def serve(config_path: str, workers: int) -> None:
 
 @main.command("check-config")
 @_config_option
-def check_config(config_path: str) -> None:
+@click.option(
+    "--name",
+    "names",
+    multiple=True,
+    metavar="HOST",
+    help="A name clients connect to (DNS name or IP): the server certificate's SANs must "
+    "cover it (the listen address is usually a wildcard). Repeatable.",
+)
+def check_config(config_path: str, names: tuple[str, ...]) -> None:
     """Validate the config, the ACL and every certificate, key, CA and CRL file.
 
+    The server certificate must allow serverAuth and, with --name, carry that name.
     Prints ACL lint warnings, then "ok". Exits 2 with file, key path and reason on a problem."""
     from proxy.acl import lint_acl
     from proxy.tlsctx import load_client_cas
 
     config = load_config(config_path)
-    policy = load_acl(config.acl)
+    policy = load_acl(config.acl, config.source)
     _server_context(config)
+    _check_server_cert(config, names)
     for warning in lint_acl(policy):
         click.echo(f"warning: {config.acl}: {warning}", err=True)
     fd_problem = _fd_limit_problem(config, raise_soft=False)
@@ -581,6 +625,22 @@ def check_config(config_path: str) -> None:
             err=True,
         )
     click.echo("ok")
+
+
+def _check_server_cert(config: Config, names: Sequence[str]) -> None:
+    """serverAuth EKU and, for each of ``names``, a SAN covering it (``ConfigError`` on
+    ``tls.cert`` otherwise). The file was already read and checked by the server context."""
+    from cryptography import x509
+
+    from proxy.servercert import server_cert_problem
+
+    path = config.tls.cert
+    cert = x509.load_pem_x509_certificates(Path(path).read_bytes())[0]
+    checks: Sequence[str | None] = names or [None]
+    for name in checks:
+        problem = server_cert_problem(cert, name)
+        if problem is not None:
+            raise ConfigError(config.source, "tls.cert", f"the certificate in {path} {problem}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -643,7 +703,11 @@ def _explain_principal(
         sys.exit(1)
     principal = policy.principal_for(identity)
     if principal is None:
+        from proxy.acl import principal_mismatches
+
         click.echo("no principal matches: connection refused")
+        for line in principal_mismatches(policy, identity):
+            click.echo(f"  {line}")
         sys.exit(1)
     click.echo(f"principal: {principal} ({policy.match_rule_for(identity)})")
     _explain_rate(policy, principal)
@@ -686,7 +750,7 @@ def explain(
     from proxy.session import denial_replies
 
     config = load_config(config_path)
-    policy = load_acl(config.acl)
+    policy = load_acl(config.acl, config.source)
     principal = _explain_principal(policy, cert_path, principal_name, config)
 
     try:
@@ -949,8 +1013,16 @@ def certs_init(directory: str, names: tuple[str, ...], days: int, rsa: bool, for
 @click.option("--ca", "ca_dir", required=True, metavar="DIR", help="Directory with ca.pem/ca.key.")
 @click.argument("name")
 @click.option("--ou", "ous", multiple=True, metavar="OU", help="Subject OU; repeatable.")
-@click.option("--uri", "uris", multiple=True, metavar="URI", help="URI SAN (e.g. SPIFFE ID).")
+@click.option(
+    "--uri", "uris", multiple=True, metavar="URI", help="URI SAN (e.g. a SPIFFE ID); repeatable."
+)
 @click.option("--dns", "dns", multiple=True, metavar="DNS", help="DNS SAN; repeatable.")
+@click.option("--ip", "ips", multiple=True, metavar="IP", help="IP address SAN; repeatable.")
+@click.option(
+    "--cn",
+    metavar="TEXT",
+    help="Subject CN (default: NAME); --cn '' leaves the CN out (SAN-only certificate).",
+)
 @click.option("--days", default=365, show_default=True, help="Validity in days.")
 @click.option("--out", "out_dir", metavar="DIR", help="Output directory (default: the CA's).")
 @click.option("--rsa", is_flag=True, help="RSA 2048 key instead of ECDSA P-256.")
@@ -961,12 +1033,14 @@ def certs_issue(
     ous: tuple[str, ...],
     uris: tuple[str, ...],
     dns: tuple[str, ...],
+    ips: tuple[str, ...],
+    cn: str | None,
     days: int,
     out_dir: str | None,
     rsa: bool,
     force: bool,
 ) -> None:
-    """Issue a client certificate CN=NAME as NAME.pem / NAME.key."""
+    """Issue a client certificate CN=NAME (or --cn) as NAME.pem / NAME.key."""
     from proxy.certs import issue_client
 
     written = issue_client(
@@ -979,6 +1053,8 @@ def certs_issue(
         days=days,
         force=force,
         key_type="rsa" if rsa else "ec",
+        ips=ips,
+        cn=cn,
     )
     _echo_written(written)
     _echo_pins(written[0])
@@ -1236,7 +1312,20 @@ def _cli_endpoint(value: str, option: str, allow_port_zero: bool) -> Endpoint:
     metavar="NAME",
     help="Name the proxy's certificate must carry (default: the --connect host).",
 )
-@click.option("--log-format", type=click.Choice(["text", "json"]), default="text")
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="Log lines on stderr as text or as one JSON object per line.",
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(LOG_LEVELS),
+    default="info",
+    show_default=True,
+    help="Log level.",
+)
 @click.option("--allow-remote-listen", is_flag=True, help="Allow a non-loopback --listen.")
 def client(
     listen: str,
@@ -1246,6 +1335,7 @@ def client(
     ca: str,
     server_name: str | None,
     log_format: str,
+    log_level: str,
     allow_remote_listen: bool,
 ) -> None:
     """Producer-side tunnel: a plain local port carried over mutual TLS to the proxy.
@@ -1254,7 +1344,7 @@ def client(
     --allow-remote-listen is given. SIGHUP reloads the certificate, key and CA."""
     from proxy.tlsctx import client_context
 
-    setup_logging(log_format, "info")
+    setup_logging(log_format, log_level)
     local = _cli_endpoint(listen, "--listen", allow_port_zero=True)
     if not local.is_loopback and not allow_remote_listen:
         raise ConfigError(

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import queue
+import re
 import shutil
 import signal
 import subprocess
@@ -161,7 +162,9 @@ def test_check_config_bad_key_reports_file_and_key_path(setup: Path) -> None:
     edit(setup, "listen: 127.0.0.1:0", "listen: 127.0.0.1:0\nlimits: {max_connections: 0}")
     result = run("check-config", "--config", str(setup))
     assert result.exit_code == 2
-    assert result.stderr == (f"error: {setup}: limits.max_connections: must be at least 1, got 0\n")
+    assert result.stderr == (
+        f"error: {setup}: limits.max_connections: must be at least 1, got 0 (line 2, column 10)\n"
+    )
     assert "ok" not in result.stdout
 
 
@@ -170,6 +173,7 @@ def test_check_config_unknown_key(setup: Path) -> None:
     result = run("check-config", "--config", str(setup))
     assert result.exit_code == 2
     assert f"error: {setup}: tls.crls: unknown key" in result.stderr
+    assert result.stderr.endswith("(line 7, column 3)\n")
     assert "did you mean 'crl'" in result.stderr
 
 
@@ -207,6 +211,7 @@ def test_check_config_missing_certificate(setup: Path, tmp_path: Path) -> None:
     result = run("check-config", "--config", str(setup))
     assert result.exit_code == 2
     assert f"error: {setup}: tls.cert: certificate file " in result.stderr
+    assert result.stderr.endswith("(line 4, column 3)\n")
     assert "does not exist" in result.stderr
 
 
@@ -215,6 +220,7 @@ def test_check_config_key_mismatch(setup: Path, tmp_path: Path) -> None:
     result = run("check-config", "--config", str(setup))
     assert result.exit_code == 2
     assert f"error: {setup}: tls.key: the private key in " in result.stderr
+    assert result.stderr.endswith("(line 5, column 3)\n")
     assert "does not match" in result.stderr
 
 
@@ -222,14 +228,20 @@ def test_check_config_missing_acl(setup: Path, tmp_path: Path) -> None:
     (tmp_path / "acl.yaml").unlink()
     result = run("check-config", "--config", str(setup))
     assert result.exit_code == 2
-    assert result.stderr.startswith(f"error: {tmp_path / 'acl.yaml'}: file not found")
+    assert result.stderr.startswith(
+        f"error: {setup}: acl: {tmp_path / 'acl.yaml'}: file not found"
+    )
+    assert result.stderr.endswith("(line 8, column 1)\n")
 
 
 def test_check_config_invalid_acl_names_acl_file_and_key(setup: Path, tmp_path: Path) -> None:
     edit(tmp_path / "acl.yaml", "allow: [produce]", "allow: [produse]")
     result = run("check-config", "--config", str(setup))
     assert result.exit_code == 2
-    assert result.stderr.startswith(f"error: {tmp_path / 'acl.yaml'}: rules[0].allow")
+    assert result.stderr.startswith(
+        f"error: {tmp_path / 'acl.yaml'}: rules[0].allow[0]: unknown verb"
+    )
+    assert result.stderr.endswith("(line 9, column 13)\n")
 
 
 def test_check_config_prints_acl_warnings(setup: Path, tmp_path: Path) -> None:
@@ -241,6 +253,108 @@ def test_check_config_prints_acl_warnings(setup: Path, tmp_path: Path) -> None:
     assert "warning: " in result.stderr
     assert "lonely" in result.stderr
     assert result.stdout.strip() == "ok"
+
+
+def test_check_config_refuses_a_client_only_server_certificate(
+    setup: Path, tmp_path: Path
+) -> None:
+    edit(setup, "pki/server.pem", "pki/dev-client.pem")
+    edit(setup, "pki/server.key", "pki/dev-client.key")
+    result = run("check-config", "--config", str(setup))
+    assert result.exit_code == 2
+    assert result.stderr.startswith(f"error: {setup}: tls.cert: the certificate in ")
+    assert result.stderr.endswith("(line 4, column 3)\n")
+    assert "is not a server certificate" in result.stderr
+    assert "clientAuth" in result.stderr
+    assert "ok" not in result.stdout
+
+
+def test_check_config_name_must_be_covered_by_a_san(setup: Path, tmp_path: Path) -> None:
+    # the dev server certificate carries localhost, 127.0.0.1 and ::1
+    for name in ("localhost", "LOCALHOST", "127.0.0.1", "::1"):
+        ok = run("check-config", "--config", str(setup), "--name", name)
+        assert ok.exit_code == 0, (name, ok.output)
+    for name in ("beanstalk-proxy.jobs.svc", "10.0.0.1", "localhost.example", "::2"):
+        bad = run("check-config", "--config", str(setup), "--name", "localhost", "--name", name)
+        assert bad.exit_code == 2, name
+        assert f"tls.cert: the certificate in {tmp_path}" in bad.stderr
+        assert bad.stderr.endswith("(line 4, column 3)\n")
+        assert f"does not cover the name {name!r}" in bad.stderr
+        assert "DNS:localhost" in bad.stderr
+
+
+def test_check_config_name_wildcard_follows_rfc6125(setup: Path, tmp_path: Path) -> None:
+    pki = tmp_path / "pki"
+    assert run("certs", "init", str(pki), "--force", "--name", "*.jobs.example").exit_code == 0
+    run("certs", "issue", "--ca", str(pki), "dev-client", "--force")
+    (pki / "crl.pem").unlink()
+    assert run("certs", "dev", str(pki)).exit_code == 0  # a CRL of the new CA
+    assert run("check-config", "--config", str(setup), "--name", "a.jobs.example").exit_code == 0
+    for name in ("jobs.example", "a.b.jobs.example", ".jobs.example", "a.jobs.example.org"):
+        bad = run("check-config", "--config", str(setup), "--name", name)
+        assert bad.exit_code == 2, name
+        assert "does not cover the name" in bad.stderr
+
+
+def test_server_cert_wildcards_need_two_labels_and_a_whole_label(tmp_path: Path) -> None:
+    from proxy.certs import init_ca_and_server
+    from proxy.servercert import name_covered, server_cert_problem
+
+    init_ca_and_server(tmp_path, ["*.com", "f*.example.org", "xn--bcher-kva.example"])
+    cert = load_cert(tmp_path / "server.pem")
+    assert server_cert_problem(cert) is None
+    assert not name_covered(cert, "example.com")
+    assert not name_covered(cert, "foo.example.org")
+    assert name_covered(cert, "xn--bcher-kva.example")
+    assert name_covered(cert, "b\u00fccher.example")  # IDNA form of the U-label
+    assert name_covered(cert, "localhost.")  # a trailing dot is the same name
+    assert not name_covered(cert, "")
+
+
+def test_check_config_semantic_errors_carry_line_and_column(setup: Path, tmp_path: Path) -> None:
+    acl = tmp_path / "acl.yaml"
+    # a missing key is reported at the mapping that lacks it
+    acl.write_text("principals:\n  - name: a\n    match: {cn: a}\n  - name: b\nrules: []\n")
+    result = run("check-config", "--config", str(setup))
+    assert result.exit_code == 2
+    assert result.stderr == (
+        f"error: {acl}: principals[1].match: missing required key (line 4, column 5)\n"
+    )
+    # a nested key of the proxy config
+    edit(setup, "log: {format: json, level: debug}", "log:\n  format: json\n  level: loud")
+    result = run("check-config", "--config", str(setup))
+    assert result.exit_code == 2
+    assert result.stderr.startswith(f"error: {setup}: log.level: must be one of")
+    assert result.stderr.endswith("(line 11, column 3)\n")
+
+
+def test_missing_acl_names_the_acl_key_for_serve_and_explain(setup: Path, tmp_path: Path) -> None:
+    edit(setup, f"acl: {tmp_path}/acl.yaml", "acl: nope.yaml")
+    for args in (("serve",), ("explain", "--principal", "dev", "stats")):
+        result = run(*args[:1], "--config", str(setup), *args[1:])
+        assert result.exit_code == 2
+        assert result.stderr.startswith(
+            f"error: {setup}: acl: nope.yaml: file not found"
+        ), result.stderr
+        assert result.stderr.endswith("(line 8, column 1)\n")
+
+
+def test_yaml_positions_survive_aliases_merges_and_recursion(tmp_path: Path) -> None:
+    from proxy.yamlpos import position
+
+    path = tmp_path / "p.yaml"
+    path.write_text("base: &b {a: 1}\nitems:\n  - x\n  - {<<: *b, c: 2}\nalias: *b\n")
+    data = load_yaml(str(path))
+    assert isinstance(data, dict) and data["items"][1] == {"a": 1, "c": 2}
+    assert position(str(path), "items[1]") == (4, 5)
+    assert position(str(path), "items[1].c") == (4, 14)
+    assert position(str(path), "items[1].a") == (1, 11)  # merged in: where it is written
+    assert position(str(path), "items[7].zzz") == (2, 1)
+    assert position(str(path), "alias.a") == (1, 11)  # the aliased node's own position
+    assert position(str(tmp_path / "other.yaml"), "items") is None
+    path.write_text("loop: &l [*l]\n")
+    with pytest.raises(ConfigError, match="line 1, column 7: found unconstructable recursive"):
+        load_yaml(str(path))
 
 
 # ------------------------------------------------------------------------------ explain
@@ -320,6 +434,39 @@ def test_explain_certificate_without_principal(setup: Path, tmp_path: Path) -> N
     )
     assert result.exit_code == 1
     assert "no principal matches: connection refused" in result.output
+    assert "  principals[0] billing: cn billing did not match any of [nobody]" in result.output
+    assert "  principals[1] dev: cn dev-client did not match any of [nobody]" in result.output
+
+
+def test_explain_lists_every_failed_condition(setup: Path, tmp_path: Path) -> None:
+    (tmp_path / "acl.yaml").write_text(
+        """\
+principals:
+  - name: billing
+    match: {uri: "spiffe://example.org/billing/*", ou: [eng]}
+  - name: web
+    match: {dns: "*.web.internal", ip: 10.0.0.0/8}
+  - name: ops
+    match: {ou: [ops], cn: ops}
+rules: []
+"""
+    )
+    pki = tmp_path / "pki"
+    issued = run(
+        "certs", "issue", "--ca", str(pki), "w", "--ou", "ops", "--uri", "spiffe://example.org/w"
+    )
+    assert issued.exit_code == 0, issued.output
+    result = run("explain", "--config", str(setup), "--cert", str(pki / "w.pem"), "stats")
+    assert result.exit_code == 1
+    lines = result.output.splitlines()
+    start = lines.index("no principal matches: connection refused")
+    assert lines[start + 1 :] == [
+        "  principals[0] billing: ou eng did not match any of [ops]; "
+        "uri spiffe://example.org/billing/* did not match any of [spiffe://example.org/w]",
+        "  principals[1] web: dns *.web.internal: the certificate has no dns; "
+        "ip 10.0.0.0/8: the certificate has no ip",
+        "  principals[2] ops: cn ops did not match any of [w]",
+    ]
 
 
 def test_explain_job_id_command_needs_tube_unless_uniform(setup: Path) -> None:
@@ -414,10 +561,53 @@ def test_certs_refuse_overwrite_exit_1(tmp_path: Path) -> None:
     again = run("certs", "init", str(d))
     assert again.exit_code == 1
     assert again.stderr.startswith("error: refusing to overwrite")
+    assert again.stderr.rstrip().endswith("(use --force)")
     assert (d / "ca.pem").read_bytes() == before
     forced = run("certs", "init", str(d), "--force", "--rsa")
     assert forced.exit_code == 0
     assert (d / "ca.pem").read_bytes() != before
+
+
+def test_certs_issue_ip_sans_and_cn(tmp_path: Path) -> None:
+    d = tmp_path / "ca"
+    run("certs", "init", str(d))
+    issued = run(
+        "certs", "issue", "--ca", str(d), "w1", "--ip", "10.1.2.3", "--ip", "::1", "--cn", "w-one"
+    )
+    assert issued.exit_code == 0, issued.output
+    cert = load_cert(d / "w1.pem")
+    assert cert.subject.rfc4514_string() == "CN=w-one"
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    assert [str(a) for a in san.value.get_values_for_type(x509.IPAddress)] == ["10.1.2.3", "::1"]
+    assert not san.critical
+
+    bare = run("certs", "issue", "--ca", str(d), "w2", "--cn", "", "--uri", "spiffe://x/w2")
+    assert bare.exit_code == 0, bare.output
+    cert = load_cert(d / "w2.pem")
+    assert cert.subject.rfc4514_string() == ""
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    assert san.critical  # RFC 5280: an empty subject makes the SAN critical
+
+    nobody = run("certs", "issue", "--ca", str(d), "w3", "--cn", "")
+    assert nobody.exit_code == 1
+    assert "would name nobody" in nobody.stderr
+    bad_ip = run("certs", "issue", "--ca", str(d), "w4", "--ip", "10.1.2")
+    assert bad_ip.exit_code == 1
+    assert "--ip '10.1.2' is not an IPv4 or IPv6 address" in bad_ip.stderr
+    assert not (d / "w3.pem").exists() and not (d / "w4.pem").exists()
+
+
+def test_help_texts_for_repeatable_and_logging_options() -> None:
+    issue = run("certs", "issue", "--help").output
+    for option in ("--uri", "--dns", "--ip", "--ou"):
+        text = issue.split(option, 1)[1].split("\n  -", 1)[0]
+        assert "repeatable" in " ".join(text.split()), option
+    client = run("client", "--help").output
+    assert "--log-format [text|json]" in client
+    assert "JSON object per line" in " ".join(client.split())
+    assert "--log-level [debug|info|warning|error]" in client
+    serve = run("serve", "--help").output
+    assert "overrides the config's log.level" in " ".join(serve.split())
 
 
 def test_certs_issue_out_dir_and_bad_name(tmp_path: Path) -> None:
@@ -524,6 +714,33 @@ def test_serve_reload_and_terminate(setup: Path, tmp_path: Path) -> None:
         lines.thread.join(timeout=20)  # EOF after exit; then the pipe can be closed
         assert proc.stderr is not None
         proc.stderr.close()
+
+
+def test_serve_log_level_overrides_the_config(setup: Path, tmp_path: Path) -> None:
+    from conftest import free_port, wait_for_port
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for option, config_level, shown in (("info", "error", True), ("warning", "debug", False)):
+        port = free_port()
+        text = re.sub(r"listen: .*", f"listen: 127.0.0.1:{port}", setup.read_text(), count=1)
+        setup.write_text(re.sub(r"level: \w+", f"level: {config_level}", text))
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "proxy", "serve", "--config", str(setup), "--log-level", option],
+            stderr=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            env=env,
+            cwd=tmp_path,
+        )
+        try:
+            wait_for_port(port, proc, timeout=20)
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=20)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert proc.returncode == 0
+        assert (b'"event":"ready"' in err) is shown, err
 
 
 # ------------------------------------------------------------------------------ logging

@@ -201,8 +201,10 @@ def test_dockerfile_runtime_stage() -> None:
     assert exec_form(runtime.one("ENTRYPOINT").args) == ["beanstalk-proxy"]
     assert exec_form(runtime.one("CMD").args) == ["serve", "--config", "/config/proxy.yaml"]
     check = healthcheck(runtime)
-    assert check[0] == "python" and "http://127.0.0.1:9400/healthz" in " ".join(check)
+    assert check[0] == "python" and "http://127.0.0.1:%s/healthz" in " ".join(check)
+    assert "os.environ.get('METRICS_PORT', '9400')" in " ".join(check)
     env = dict(p for i in runtime.all("ENV") for p in env_pairs(i.args))
+    assert env["METRICS_PORT"] == "9400"  # the status port of the shipped configs
     assert env["PATH"].startswith("/opt/venv/bin:")
     # Only the venv comes from the build stage: no sources, no build tools, no pip cache.
     copies = runtime.all("COPY")
@@ -271,6 +273,18 @@ def test_hadolint(path: Path) -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.strip() == ""
+
+
+def test_beanstalkd_image_pins_the_upstream_version_only() -> None:
+    """``beanstalkd=1.12-*``: a Debian revision pin (1.12-2+b1) breaks on the next point
+    release, when the archive drops the old revision."""
+    _, (stage,) = parse_dockerfile(BEANSTALKD_DOCKERFILE)
+    (install,) = [r.args for r in stage.all("RUN") if "apt-get install" in r.args]
+    pins = re.findall(r"\bbeanstalkd=(\S+?)\"?(?=\s)", install)
+    assert pins == ["1.12-*"], install
+    # and the Debian package that pin selects is the version the tests run against
+    version = subprocess.run([BEANSTALKD, "-v"], capture_output=True, text=True, timeout=10)
+    assert version.stdout.split()[-1] == "1.12", version.stdout
 
 
 def healthcheck(runtime: Stage) -> list[str]:
@@ -638,12 +652,13 @@ async def deployment(image: Image, pki: PKI, tmp_path: Path) -> AsyncIterator[De
 
 
 def _run_healthcheck(image: Image, status_port: int) -> subprocess.CompletedProcess[str]:
-    argv = [a.replace("127.0.0.1:9400", f"127.0.0.1:{status_port}") for a in image.healthcheck]
+    """The image's HEALTHCHECK as ``docker run -e METRICS_PORT=<status_port>`` runs it."""
+    argv = image.healthcheck
     exe = shutil.which(argv[0], path=image.env["PATH"])
     assert exe is not None and exe.startswith(image.host("/opt/venv")), exe
     return subprocess.run(
         as_uid([exe, *argv[1:]]),
-        env=image.env,
+        env={**image.env, "METRICS_PORT": str(status_port)},
         cwd=image.workdir,
         capture_output=True,
         text=True,
@@ -673,6 +688,9 @@ async def test_image_runtime_serves_as_uid_10001(deployment: Deployment) -> None
     # The image's HEALTHCHECK command, run as the image runs it.
     check = await asyncio.to_thread(_run_healthcheck, d.image, d.status_port)
     assert check.returncode == 0, check.stderr
+    # ... and it asks the port METRICS_PORT names: another one fails
+    check = await asyncio.to_thread(_run_healthcheck, d.image, free_port())
+    assert check.returncode != 0
     code, body = await _http(d.status_port, "/readyz")
     assert (code, body) == (200, b"ok\n")
 

@@ -5,22 +5,26 @@ the pod's pre-stop hook really waits for the proxy's upstream connections to clo
 
 from __future__ import annotations
 
+import os
 import re
+import shlex
 import shutil
 import socket
 import subprocess
 import sys
 import time
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+import click
 import pytest
 import yaml
 from conftest import BEANSTALKD, PKI
 
 from proxy import cli
 from proxy.acl import lint_acl, parse_acl
-from proxy.config import Config, parse_config, parse_duration
+from proxy.config import Config, Limits, parse_config, parse_duration
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -359,3 +363,190 @@ def test_readme_mentions_every_file() -> None:
     ):
         assert name in text, name
     assert re.search(r"unix:/run/beanstalkd/beanstalkd\.sock", text)
+
+
+# --------------------------------------------------------------------------------------------
+# systemd
+
+
+SYSTEMD_UNIT = DEPLOY / "systemd" / "beanstalk-proxy.service"
+SYSUSERS = DEPLOY / "systemd" / "beanstalk-proxy.sysusers"
+UNIT_BINARY = "/opt/beanstalk-proxy/bin/beanstalk-proxy"
+
+
+def _unit(text: str) -> dict[str, dict[str, list[str]]]:
+    """A systemd unit file as section -> key -> values (keys may repeat), strictly: every
+    non-comment line is a [section] header or Key=value inside one."""
+    sections: dict[str, dict[str, list[str]]] = {}
+    current: dict[str, list[str]] | None = None
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        header = re.fullmatch(r"\[([A-Za-z]+)\]", line)
+        if header:
+            current = sections.setdefault(header.group(1), {})
+            continue
+        key, sep, value = line.partition("=")
+        assert current is not None and sep and re.fullmatch(r"[A-Za-z]+", key), (number, raw)
+        current.setdefault(key, []).append(value)
+    return sections
+
+
+def test_systemd_unit_is_hardened_and_reloads_with_sighup() -> None:
+    unit = _unit(SYSTEMD_UNIT.read_text(encoding="utf-8"))
+    assert set(unit) == {"Unit", "Service", "Install"}
+    svc = {k: v[-1] for k, v in unit["Service"].items()}
+    assert svc["ExecReload"] == "/bin/kill -HUP $MAINPID"
+    assert svc["Restart"] == "on-failure"
+    assert svc["User"] == svc["Group"] == "beanstalk-proxy"
+    for key, value in {
+        "NoNewPrivileges": "yes",
+        "ProtectSystem": "strict",
+        "PrivateTmp": "yes",
+        "ProtectHome": "yes",
+        "CapabilityBoundingSet": "",
+        "AmbientCapabilities": "",
+        "RestrictAddressFamilies": "AF_INET AF_INET6 AF_UNIX",
+    }.items():
+        assert svc.get(key) == value, key
+    assert svc["ReadOnlyPaths"] == "/etc/beanstalk-proxy"
+    assert "ReadWritePaths" not in svc  # the proxy writes no file
+    # SIGTERM drains for limits.shutdown_timeout (default 10s): systemd must wait longer.
+    default_drain = next(f.default for f in fields(Limits) if f.name == "shutdown_timeout")
+    assert isinstance(default_drain, float)
+    assert parse_duration(svc["TimeoutStopSec"]) > default_drain
+    assert unit["Install"]["WantedBy"] == ["multi-user.target"]
+    # the user the unit runs as is the one the sysusers entry creates
+    entries = [ln.split() for ln in SYSUSERS.read_text().splitlines() if ln and ln[0] != "#"]
+    assert [e[:2] for e in entries] == [["u", "beanstalk-proxy"]]
+
+
+def test_systemd_unit_command_lines_are_valid_cli_invocations() -> None:
+    unit = _unit(SYSTEMD_UNIT.read_text(encoding="utf-8"))["Service"]
+    commands = [*unit["ExecStartPre"], *unit["ExecStart"]]
+    assert [c.split()[1] for c in commands] == ["check-config", "serve"]
+    for command in commands:
+        argv = command.split()
+        assert argv[0] == UNIT_BINARY
+        params = cli.main.commands[argv[1]].make_context(argv[1], argv[2:]).params
+        assert params["config_path"] == "/etc/beanstalk-proxy/proxy.yaml"
+    with pytest.raises(click.UsageError):  # and a wrong option would be caught
+        cli.main.commands["serve"].make_context("serve", ["--confg", "x"])
+
+
+def test_systemd_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
+    exe = shutil.which("systemd-analyze")
+    if exe is None:
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail("systemd-analyze is required under CI (.ci/run installs systemd)")
+        pytest.skip("systemd-analyze not installed (the unit's keys are checked by parsing it)")
+    # verify checks that the binary exists: point it at this environment's command.
+    here = shutil.which("beanstalk-proxy", path=str(Path(sys.executable).parent))
+    assert here is not None
+    text = SYSTEMD_UNIT.read_text(encoding="utf-8").replace(UNIT_BINARY, here)
+    unit = tmp_path / "beanstalk-proxy.service"
+    unit.write_text(text)
+    result = subprocess.run(
+        [exe, "verify", str(unit)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.strip() == "", result.stderr  # unknown keys are only warned about
+    # the check can fail: a misspelled key is reported
+    unit.write_text(text.replace("ProtectSystem=strict", "ProtectSytem=strict"))
+    bad = subprocess.run([exe, "verify", str(unit)], capture_output=True, text=True, timeout=60)
+    assert "Unknown key" in bad.stderr and "ProtectSytem" in bad.stderr, bad.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# docs an operator needs
+
+
+def test_kubernetes_docs_name_the_service_dns_name() -> None:
+    """Clients inside the cluster connect to the Service name: the server certificate must
+    carry it, or every handshake fails with a hostname mismatch."""
+    service = _k8s()["Service"]["metadata"]["name"]
+    for path in (DEPLOY / "README.md", K8S):
+        text = path.read_text(encoding="utf-8")
+        assert "certs init" in text and f"--name {service}.<namespace>.svc" in text, path
+        assert "check-config" in text and f"--name {service}.<namespace>.svc" in text, path
+
+
+def test_deploy_readme_describes_the_systemd_unit() -> None:
+    text = (DEPLOY / "README.md").read_text(encoding="utf-8")
+    for needle in ("systemd/beanstalk-proxy.service", "systemctl reload", "sysusers"):
+        assert needle in text, needle
+
+
+def test_pyproject_license_is_an_spdx_string() -> None:
+    """``license = {text = ...}`` makes setuptools >= 77 print "project.license as a TOML
+    table is deprecated" on every pip install; an SPDX string needs setuptools >= 77."""
+    import tomllib
+
+    data = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    assert data["project"]["license"] == "MIT"
+    (requirement,) = [r for r in data["build-system"]["requires"] if r.startswith("setuptools")]
+    bound = re.fullmatch(r"setuptools>=(\d+)(\.\d+)*", requirement)
+    assert bound and int(bound.group(1)) >= 77, requirement
+    assert not any("License ::" in c for c in data["project"].get("classifiers", []))
+
+
+def _readme_commands(text: str) -> list[list[str]]:
+    """Every ``beanstalk-proxy ...`` command line in the sh code blocks of a README (with
+    backslash continuations joined and trailing comments dropped)."""
+    commands: list[list[str]] = []
+    for block in re.findall(r"```sh\n(.*?)```", text, flags=re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            argv = shlex.split(line, comments=True)
+            for i, word in enumerate(argv):
+                named = word == "beanstalk-proxy" or word.endswith("bin/beanstalk-proxy")
+                if named and (i == 0 or not argv[i - 1].startswith("-")):
+                    commands.append(argv[i + 1 : next(
+                        (j for j in range(i + 1, len(argv)) if argv[j] in ("&&", "|", ";")),
+                        len(argv),
+                    )])
+                    break
+    return commands
+
+
+@pytest.mark.parametrize("readme", ["README.md", "deploy/README.md"])
+def test_readme_commands_are_valid_invocations(readme: str) -> None:
+    """A newcomer copies these lines: each must name real subcommands and options."""
+    commands = _readme_commands((ROOT / readme).read_text(encoding="utf-8"))
+    assert len(commands) >= (8 if readme == "README.md" else 2), commands
+    for argv in commands:
+        command: click.Command = cli.main
+        args = list(argv)
+        while isinstance(command, click.Group) and args and args[0] in command.commands:
+            command = command.commands[args.pop(0)]
+        if argv == ["--version"]:
+            continue
+        assert command is not cli.main and not isinstance(command, click.Group), argv
+        try:
+            command.make_context(command.name or "", args)
+        except click.exceptions.Exit:  # --version / --help
+            pass
+        except click.UsageError as exc:
+            pytest.fail(f"{readme}: {' '.join(argv)}: {exc}")
+
+
+def test_readme_install_section_gets_the_command_onto_a_new_shell() -> None:
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    install = text.split("## Install", 1)[1].split("\n## ", 1)[0]
+    for needle in (
+        "python3 -m venv .venv",
+        ".venv/bin/pip install '.[fast]'",
+        "pip install -e '.[dev,fast]'",
+        ".venv/bin/beanstalk-proxy",
+        ". .venv/bin/activate",
+    ):
+        assert needle in install, needle
+    assert text.index("## Install") < text.index("## Quickstart")
+    # the other newcomer traps of the issue stay fixed
+    (s_client,) = re.findall(r"openssl s_client[^\n]*", text)
+    assert " -crlf " in s_client
+    reloading = " ".join(text.split("## Reloading", 1)[1].split("\n## ", 1)[0].split())
+    assert "established connections continue, except those whose client certificate" in (
+        reloading
+    )
+    assert "CRLs revoke: they are closed" in reloading
