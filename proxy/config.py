@@ -92,6 +92,7 @@ class TLSConfig:
     min_version: str  # "1.2" or "1.3"
     expiry_warning_days: int = 14  # warn when the server certificate expires within this
     crl_failure: str = "refuse"  # on a reload with an unusable CRL: "refuse" | "keep_last"
+    transport: str = "builtin"  # "builtin" (proxy/tlsbio.py) | "stock" (the event loop's own)
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,7 @@ class Limits:
     idle_timeout: float | None = None  # close connections silent this long (never mid-reserve)
     max_connection_lifetime: float | None = None  # close connections older than this
     max_connections_per_principal: int | None = None
+    close_timeout: float = 2.0  # seconds a closing TLS connection waits for the client's close
 
 
 @dataclass(frozen=True)
@@ -361,8 +363,10 @@ _TLS_KEYS = (
     "min_version",
     "expiry_warning_days",
     "crl_failure",
+    "transport",
 )
 CRL_FAILURE_MODES = ("refuse", "keep_last")
+TLS_TRANSPORTS = ("builtin", "stock")
 _RELOAD_KEYS = ("watch", "interval")
 _LIMIT_KEYS = (
     "max_connections",
@@ -373,6 +377,7 @@ _LIMIT_KEYS = (
     "idle_timeout",
     "max_connection_lifetime",
     "max_connections_per_principal",
+    "close_timeout",
 )
 _METRICS_KEYS = ("listen",)
 _LOG_KEYS = ("format", "level")
@@ -427,6 +432,7 @@ def _parse_tls(source: str, data: object) -> TLSConfig:
         min_version = text
     warn_days = r.get_int("expiry_warning_days", 14, 0, 3650)
     crl_failure = r.choice("crl_failure", "refuse", CRL_FAILURE_MODES)
+    transport = r.choice("transport", "builtin", TLS_TRANSPORTS)
     return TLSConfig(
         cert=cert,
         key=key,
@@ -435,6 +441,7 @@ def _parse_tls(source: str, data: object) -> TLSConfig:
         min_version=min_version,
         expiry_warning_days=warn_days,
         crl_failure=crl_failure,
+        transport=transport,
     )
 
 
@@ -451,6 +458,7 @@ def _parse_limits(source: str, data: object) -> Limits:
         idle_timeout=r.duration("idle_timeout", 0.0) or None,
         max_connection_lifetime=r.duration("max_connection_lifetime", 0.0) or None,
         max_connections_per_principal=r.get_int("max_connections_per_principal", 0, 1) or None,
+        close_timeout=r.duration("close_timeout", 2.0),
     )
 
 

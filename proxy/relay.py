@@ -35,6 +35,7 @@ from proxy.listen import bind_listener, bound_port
 from proxy.metrics import Metrics
 from proxy.ratelimit import TokenBucket
 from proxy.session import MAX_PENDING, Session
+from proxy.tlsbio import TLSTransport, accept_tls
 
 log = logging.getLogger("beanstalk_proxy")
 conn_log = logging.getLogger("beanstalk_proxy.conn")
@@ -183,7 +184,9 @@ class Connection(asyncio.Protocol):
         if self.session is not None:
             self.session.client_eof()
             self.flush()
-        return False  # TLS cannot stay half-open; asyncio closes, connection_lost follows
+        # The builtin TLS transport stays open for the replies (TLS 1.3 half-close) until
+        # ``close`` once the session drained; the stock ones close, connection_lost follows.
+        return isinstance(self.client, TLSTransport)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.transport_gone(self)
@@ -484,12 +487,23 @@ class ProxyServer:
         conn = Connection(self, peer)
         try:
             try:
-                transport, _ = await loop.connect_accepted_socket(
-                    lambda: conn,
-                    sock,
-                    ssl=self.ssl_context,
-                    ssl_handshake_timeout=self.config.limits.handshake_timeout,
-                )
+                transport: asyncio.Transport
+                if self.config.tls.transport == "builtin":
+                    transport, _ = await accept_tls(
+                        loop,
+                        lambda: conn,
+                        sock,
+                        self.ssl_context,
+                        ssl_handshake_timeout=self.config.limits.handshake_timeout,
+                        close_timeout=self.config.limits.close_timeout,
+                    )
+                else:
+                    transport, _ = await loop.connect_accepted_socket(
+                        lambda: conn,
+                        sock,
+                        ssl=self.ssl_context,
+                        ssl_handshake_timeout=self.config.limits.handshake_timeout,
+                    )
             except (OSError, TimeoutError, ConnectionError) as exc:
                 self.metrics.handshake_failures.labels(_failure_kind(exc)).inc()
                 conn_log.info("handshake failed peer=%s reason=%s", peer, _ssl_reason(exc))
