@@ -168,6 +168,10 @@ class TLSTransport(asyncio.Transport, asyncio.BufferedProtocol):
         self._factory = None
         if app is not None:
             reason = self._exc if self._exc is not None else exc
+            if self._eof_in and isinstance(reason, ConnectionResetError):
+                # The client finished cleanly (close_notify or FIN), then closed its socket with
+                # our bytes unread (a session ticket, replies): its TCP reset is no error.
+                reason = None
             app.connection_lost(reason)
 
     def pause_writing(self) -> None:
@@ -263,6 +267,11 @@ class TLSTransport(asyncio.Transport, asyncio.BufferedProtocol):
                     break
         except ssl.SSLWantReadError:
             pass
+        except ssl.SSLZeroReturnError:  # close_notify (read raises it once ours was sent)
+            self._deliver(chunks)
+            chunks.clear()
+            self._peer_closed(notified=True)
+            return False
         except ssl.SSLError as exc:
             self._deliver(chunks)
             chunks.clear()
@@ -314,7 +323,12 @@ class TLSTransport(asyncio.Transport, asyncio.BufferedProtocol):
             return
         self._state = _LINGER
         if raw.can_write_eof():
-            raw.write_eof()
+            try:
+                raw.write_eof()
+            except OSError:  # the client is already gone (asyncio shuts down at once)
+                self._state = _DEAD
+                raw.abort()
+                return
         if self._timer is not None:
             self._timer.cancel()
         self._timer = self._loop.call_later(self.close_timeout, raw.abort)
