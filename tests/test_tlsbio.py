@@ -363,6 +363,10 @@ def test_refused_handshake_ends_with_the_alert_naming_the_reason(
         assert "ALERT" not in how, how
 
 
+def target(proxy: RunningProxy) -> list[str]:
+    return ["-connect", f"127.0.0.1:{proxy.port}"]
+
+
 @LOOPS
 @TRANSPORTS
 def test_openssl_s_client_sees_certificate_required(
@@ -375,8 +379,7 @@ def test_openssl_s_client_sees_certificate_required(
         async with serving(pki, beanstalkd, transport) as proxy:
             out = await asyncio.to_thread(
                 subprocess.run,
-                [openssl, "s_client", "-connect", f"127.0.0.1:{proxy.port}"]
-                + ["-CAfile", pki.ca, "-quiet", "-tls1_3"],
+                [openssl, "s_client", "-quiet", "-tls1_3", "-CAfile", pki.ca, *target(proxy)],
                 input=b"list-tube-used\r\n",
                 capture_output=True,
                 timeout=20,
