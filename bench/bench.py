@@ -749,6 +749,12 @@ def _rss_kib(pid: int) -> int:
     raise BenchError(f"no VmRSS for pid {pid}")
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of ``pid`` (its threads included)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def front_pid(t: Target) -> int:
     """The process whose memory the idle workload measures: the front (beanstalkd for
     ``direct``)."""
@@ -882,11 +888,18 @@ def run_round(t: Target, p: Params) -> str:
     """One slice of every workload against ``t``; returns a one-line summary."""
     ep = t.endpoint
     assert ep is not None
+    pid = front_pid(t)
+    cpu = [_cpu_seconds(pid)]
     puts = w_puts(ep, p.slice, p.batch, p.body)
+    cpu.append(_cpu_seconds(pid))
     cycles = w_cycles(ep, p.slice, p.body)
+    cpu.append(_cpu_seconds(pid))
     rtt = w_rtt(ep, p.slice)
+    cpu.append(_cpu_seconds(pid))
     conns = w_conns(ep, p.slice, max(10, p.conn_limit // p.rounds))
-    for w, r in zip(WORKLOADS, (puts, cycles, rtt, conns), strict=True):
+    cpu.append(_cpu_seconds(pid))
+    for i, (w, r) in enumerate(zip(WORKLOADS, (puts, cycles, rtt, conns), strict=True)):
+        r["front_cpu_s"] = cpu[i + 1] - cpu[i]  # warm-up included
         t.slices[w].append(r)
     lat = rtt_summary(rtt["samples_ns"])
     return (
@@ -947,6 +960,16 @@ def summarize(t: Target) -> dict[str, Any]:
     out["conns"] = sum(r["conns"] for r in s["conns"])
     if t.idle is not None:
         out["idle"] = t.idle
+    # CPU time the front spent per operation: less sensitive to a busy machine than rates.
+    ops = {
+        "puts": sum(r["puts"] for r in s["puts"]),
+        "cycles": sum(r["cycles"] for r in s["cycles"]),
+        "rtt": sum(len(r["samples_ns"]) for r in s["rtt"]),
+        "conns": sum(r["conns"] for r in s["conns"]),
+    }
+    out["front_cpu_us_per_op"] = {
+        w: 1e6 * sum(r.get("front_cpu_s", 0.0) for r in s[w]) / n for w, n in ops.items() if n
+    }
     out["rounds"] = {
         "puts_per_s": [round(r["puts_per_s"]) for r in s["puts"]],
         "cycles_per_s": [round(r["cycles_per_s"]) for r in s["cycles"]],
@@ -1029,6 +1052,16 @@ def render(info: dict[str, Any], p: Params, results: dict[str, dict[str, Any]]) 
             label = f"ratio {name}/direct"
             cells = "".join(f"{rr.get(key, float('nan')):>13.2f}" for key, *_ in METRICS)
             lines.append(f"{label:<{width}}{cells}")
+    cpu = {n: r["front_cpu_us_per_op"] for n, r in results.items() if r.get("front_cpu_us_per_op")}
+    if cpu:
+        lines.append("")
+        lines.append(
+            "front CPU per operation, us (user + system of the front's process; lower is better)"
+        )
+        lines.append(f"{'target':<{width}}" + "".join(f"{w:>10}" for w in WORKLOADS))
+        for name, c in cpu.items():
+            cells = "".join(f"{c.get(w, float('nan')):>10.1f}" for w in WORKLOADS)
+            lines.append(f"{labels.get(name, name):<{width}}{cells}")
     if idle:
         lines.append("")
         lines.append("idle: connections held open on a fresh front (RSS of the front's process)")

@@ -42,6 +42,8 @@ from pki_helpers import make_client_cert, utcnow
 
 from proxy.acl import parse_acl
 from proxy.certs import revoke
+from proxy.config import parse_config
+from proxy.errors import ConfigError
 from proxy.relay import Connection, PolicyHolder, ProxyServer
 from proxy.tlsbio import CHUNK, TLSTransport
 from proxy.tlsctx import server_context
@@ -546,3 +548,46 @@ def test_config_key(pki: PKI, beanstalkd: Beanstalkd) -> None:
 
     assert run("asyncio", lambda: main("builtin")) is TLSTransport
     assert run("asyncio", lambda: main("stock")) is not TLSTransport
+
+
+def _config_with(section: str, key: str, value: object) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "upstream": "127.0.0.1:11300",
+        "tls": {"cert": "s.pem", "key": "s.key", "client_ca": "ca.pem"},
+        "acl": "acl.yaml",
+    }
+    data.setdefault(section, {})[key] = value
+    return data
+
+
+@pytest.mark.parametrize("value", ["builtin", "stock", "Stock"])
+def test_tls_transport_key_accepts(value: str) -> None:
+    cfg = parse_config(_config_with("tls", "transport", value), "p.yaml")
+    assert cfg.tls.transport == value.lower()
+    assert parse_config(_config_with("tls", "min_version", "1.3"), "p.yaml").tls.transport == (
+        "builtin"
+    )
+
+
+@pytest.mark.parametrize("value", ["openssl", "", 1, True, None, ["builtin"]])
+def test_tls_transport_key_rejects(value: object) -> None:
+    if value is None:  # null means "not set": the default
+        assert parse_config(_config_with("tls", "transport", value), "p.yaml").tls.transport
+        return
+    with pytest.raises(ConfigError) as err:
+        parse_config(_config_with("tls", "transport", value), "p.yaml")
+    assert err.value.key == "tls.transport"
+
+
+@pytest.mark.parametrize(("value", "seconds"), [("500ms", 0.5), (3, 3.0), ("1m", 60.0)])
+def test_close_timeout_key(value: object, seconds: float) -> None:
+    cfg = parse_config(_config_with("limits", "close_timeout", value), "p.yaml")
+    assert cfg.limits.close_timeout == seconds
+    assert parse_config(_config_with("log", "level", "info"), "p.yaml").limits.close_timeout == 2
+
+
+@pytest.mark.parametrize("value", [0, -1, "soon", "2d"])
+def test_close_timeout_key_rejects(value: object) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config(_config_with("limits", "close_timeout", value), "p.yaml")
+    assert err.value.key == "limits.close_timeout"
