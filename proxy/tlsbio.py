@@ -125,8 +125,8 @@ class TLSTransport(asyncio.Transport, asyncio.BufferedProtocol):
         if state == _OPEN:
             if self._app_reading:
                 chunks = []
-                self._decrypt(chunks)
-                self._deliver(chunks)
+                if self._decrypt(chunks) and chunks:  # still open: deliver (else delivered)
+                    self._app.data_received(chunks[0] if len(chunks) == 1 else b"".join(chunks))
         elif state == _HANDSHAKE:
             self._do_handshake()
         elif state == _LINGER:
@@ -256,7 +256,8 @@ class TLSTransport(asyncio.Transport, asyncio.BufferedProtocol):
         incoming = self._incoming
         try:
             while True:
-                data = read(CHUNK)
+                n = incoming.pending  # no more plaintext than that: allocate no more
+                data = read(n if 0 < n < CHUNK else CHUNK)
                 if not data:  # close_notify
                     self._deliver(chunks)
                     chunks.clear()
