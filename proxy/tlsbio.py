@@ -8,12 +8,14 @@ unknown CA, certificate revoked or expired, bad certificate) to the client befor
 closes, and the awaitable raises the ``ssl.SSLError`` naming the reason; a TLS 1.3 client's
 close_notify (or a bare TCP FIN on any version) calls the app's ``eof_received`` and, when it
 returns True, the transport stays open for writing until the app calls ``close()``; a TLS 1.2
-close_notify is answered with ours at once and the connection closes (RFC 5246 7.2.1: replies
-not yet written are not sent). Closing sends close_notify and a FIN, then waits at most
-``close_timeout`` seconds for the client's close_notify or FIN before aborting. Reads go
-through one 64 KiB buffer per thread (reads are synchronous), fed to OpenSSL 16 KiB at a time,
-and writes are encrypted 16 KiB at a time, so nothing large is allocated or kept per
-connection (CPython's ``SSL_MODE_RELEASE_BUFFERS`` frees OpenSSL's record buffers when idle).
+close_notify is answered with ours at once and the socket closes (RFC 5246 7.2.1), but the app
+gets ``eof_received`` and, only once it calls ``close()``, ``connection_lost``, so it can
+finish what the client sent (the relay drains it upstream); its writes are dropped. Closing
+sends close_notify and a FIN, then waits at most ``close_timeout`` seconds for the client's
+close_notify or FIN before aborting. Reads go through one 64 KiB buffer per thread (reads are
+synchronous), fed to OpenSSL 16 KiB at a time, and writes are encrypted 16 KiB at a time, so
+nothing large is allocated or kept per connection (CPython's ``SSL_MODE_RELEASE_BUFFERS`` frees
+OpenSSL's record buffers when idle).
 """
 
 from __future__ import annotations
@@ -36,7 +38,9 @@ CHUNK = 16 * 1024
 
 _local = threading.local()
 
-_HANDSHAKE, _OPEN, _LINGER, _DEAD = range(4)
+#: _ENDED: a TLS 1.2 client sent close_notify; ours is sent and the socket closed, while the
+#: app still drains (its writes are dropped) until it calls ``close()``.
+_HANDSHAKE, _OPEN, _LINGER, _DEAD, _ENDED = range(5)
 
 
 def _read_buffer() -> memoryview:
@@ -152,8 +156,11 @@ class TLSTransport(asyncio.Transport, asyncio.BufferedProtocol):
         return self._state == _OPEN or self._state == _HANDSHAKE
 
     def connection_lost(self, exc: Exception | None) -> None:
+        ended = self._state == _ENDED and not self._closing
+        self._raw = None
         self._state = _DEAD
-        self._closing = True
+        if not ended:
+            self._closing = True
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -172,7 +179,16 @@ class TLSTransport(asyncio.Transport, asyncio.BufferedProtocol):
                 # The client finished cleanly (close_notify or FIN), then closed its socket with
                 # our bytes unread (a session ticket, replies): its TCP reset is no error.
                 reason = None
+            if ended:
+                self._app = app  # told in close(): the app is still draining upstream
+                return
             app.connection_lost(reason)
+
+    def _app_lost(self) -> None:
+        app = self._app
+        self._app = None
+        if app is not None:
+            app.connection_lost(None)
 
     def pause_writing(self) -> None:
         if self._app is not None and self._state == _OPEN:
@@ -301,7 +317,20 @@ class TLSTransport(asyncio.Transport, asyncio.BufferedProtocol):
         if self._state == _OPEN and not self._closing:
             keep = bool(self._app.eof_received())
         if notified and self._sslobj.version() != "TLSv1.3":
-            keep = False  # TLS 1.2 has no half-close: answer close_notify and close
+            # TLS 1.2 has no half-close (RFC 5246 7.2.1): answer with our close_notify and
+            # close the socket now. The app is not told the connection is lost until it
+            # closes, so it can still drain what the client sent upstream; its writes are
+            # dropped.
+            if self._state == _OPEN and not self._closing:
+                self._state = _ENDED
+                self._app_reading = False
+                with contextlib.suppress(ssl.SSLError):
+                    self._sslobj.unwrap()
+                self._flush()
+                if self._raw is not None:
+                    self._raw.close()
+                return
+            keep = False
         if not keep:
             self.close()
 
@@ -390,6 +419,10 @@ class TLSTransport(asyncio.Transport, asyncio.BufferedProtocol):
             return
         self._closing = True
         self._app_reading = False
+        if self._state == _ENDED or self._state == _DEAD:  # (TLS 1.2 close_notify, see above)
+            if self._raw is None:
+                self._loop.call_soon(self._app_lost)
+            return
         # SSLWantReadError: the client's close_notify has not come (yet)
         with contextlib.suppress(ssl.SSLError):
             self._sslobj.unwrap()
@@ -397,10 +430,13 @@ class TLSTransport(asyncio.Transport, asyncio.BufferedProtocol):
         self._linger()
 
     def abort(self) -> None:
+        was_closing = self._closing
         self._closing = True
         self._state = _DEAD
         if self._raw is not None:
             self._raw.abort()
+        elif not was_closing:
+            self._loop.call_soon(self._app_lost)
 
     def is_closing(self) -> bool:
         return self._closing
@@ -408,11 +444,11 @@ class TLSTransport(asyncio.Transport, asyncio.BufferedProtocol):
     def pause_reading(self) -> None:
         if self._app_reading:
             self._app_reading = False
-            if self._raw is not None and not self._closing:
+            if self._raw is not None and self._state == _OPEN and not self._closing:
                 self._raw.pause_reading()
 
     def resume_reading(self) -> None:
-        if self._app_reading or self._closing:
+        if self._app_reading or self._closing or self._state != _OPEN:
             return
         self._app_reading = True
         raw = self._raw

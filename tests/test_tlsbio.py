@@ -209,8 +209,8 @@ def test_tls12_close_notify_is_answered_at_once(
     loop: str, pki: PKI, beanstalkd: Beanstalkd, conn_log: LogWatch
 ) -> None:
     """TLS 1.2 has no half-close (RFC 5246 7.2.1): the proxy answers the client's close_notify
-    with its own and closes; replies not written by then are not sent, but beanstalkd still
-    runs the commands it received (as documented in the README)."""
+    with its own at once and closes the socket, without the replies; the commands sent before
+    it still all run in beanstalkd (the relay drains them upstream), as the README says."""
 
     def client(port: int) -> tuple[bytes, str]:
         c = BioClient(port, client_ctx(pki, "admin", "1.2"))
