@@ -92,7 +92,7 @@ class TLSConfig:
     min_version: str  # "1.2" or "1.3"
     expiry_warning_days: int = 14  # warn when the server certificate expires within this
     crl_failure: str = "refuse"  # on a reload with an unusable CRL: "refuse" | "keep_last"
-    transport: str = "builtin"  # "builtin" (proxy/tlsbio.py) | "stock" (the event loop's own)
+    transport: str = "auto"  # "builtin" (proxy/tlsbio.py) | "stock" (the loop's own) | "auto"
 
 
 @dataclass(frozen=True)
@@ -366,7 +366,7 @@ _TLS_KEYS = (
     "transport",
 )
 CRL_FAILURE_MODES = ("refuse", "keep_last")
-TLS_TRANSPORTS = ("builtin", "stock")
+TLS_TRANSPORTS = ("auto", "builtin", "stock")
 _RELOAD_KEYS = ("watch", "interval")
 _LIMIT_KEYS = (
     "max_connections",
@@ -432,7 +432,7 @@ def _parse_tls(source: str, data: object) -> TLSConfig:
         min_version = text
     warn_days = r.get_int("expiry_warning_days", 14, 0, 3650)
     crl_failure = r.choice("crl_failure", "refuse", CRL_FAILURE_MODES)
-    transport = r.choice("transport", "builtin", TLS_TRANSPORTS)
+    transport = r.choice("transport", "auto", TLS_TRANSPORTS)
     return TLSConfig(
         cert=cert,
         key=key,

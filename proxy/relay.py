@@ -35,7 +35,7 @@ from proxy.listen import bind_listener, bound_port
 from proxy.metrics import Metrics
 from proxy.ratelimit import TokenBucket
 from proxy.session import MAX_PENDING, Session
-from proxy.tlsbio import TLSTransport, accept_tls
+from proxy.tlsbio import TLSTransport, accept_tls, use_builtin
 
 log = logging.getLogger("beanstalk_proxy")
 conn_log = logging.getLogger("beanstalk_proxy.conn")
@@ -488,7 +488,7 @@ class ProxyServer:
         try:
             try:
                 transport: asyncio.Transport
-                if self.config.tls.transport == "builtin":
+                if use_builtin(self.config.tls.transport, loop):
                     transport, _ = await accept_tls(
                         loop,
                         lambda: conn,

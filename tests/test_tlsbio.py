@@ -535,8 +535,10 @@ def test_stock_asyncio_transport_allocates_its_256k_buffer(
     assert _traced_per_connection("asyncio", "stock", pki, beanstalkd) > 256 * 1024
 
 
-def test_config_key(pki: PKI, beanstalkd: Beanstalkd) -> None:
-    """``tls.transport`` selects the transport the relay hands its connections."""
+@LOOPS
+def test_config_key(loop: str, pki: PKI, beanstalkd: Beanstalkd) -> None:
+    """``tls.transport`` selects the transport the relay hands its connections; ``auto`` (the
+    default) is the builtin one except on uvloop."""
 
     async def main(transport: str) -> Any:
         async with serving(pki, beanstalkd, transport) as proxy:
@@ -546,8 +548,10 @@ def test_config_key(pki: PKI, beanstalkd: Beanstalkd) -> None:
             await c.close()
             return kind
 
-    assert run("asyncio", lambda: main("builtin")) is TLSTransport
-    assert run("asyncio", lambda: main("stock")) is not TLSTransport
+    assert run(loop, lambda: main("builtin")) is TLSTransport
+    assert run(loop, lambda: main("stock")) is not TLSTransport
+    auto = run(loop, lambda: main("auto"))
+    assert (auto is TLSTransport) == (loop == "asyncio")
 
 
 def _config_with(section: str, key: str, value: object) -> dict[str, Any]:
@@ -560,12 +564,12 @@ def _config_with(section: str, key: str, value: object) -> dict[str, Any]:
     return data
 
 
-@pytest.mark.parametrize("value", ["builtin", "stock", "Stock"])
+@pytest.mark.parametrize("value", ["auto", "builtin", "stock", "Stock"])
 def test_tls_transport_key_accepts(value: str) -> None:
     cfg = parse_config(_config_with("tls", "transport", value), "p.yaml")
     assert cfg.tls.transport == value.lower()
     assert parse_config(_config_with("tls", "min_version", "1.3"), "p.yaml").tls.transport == (
-        "builtin"
+        "auto"
     )
 
 
