@@ -243,6 +243,32 @@ def test_tls12_close_notify_is_answered_at_once(
 
 
 @LOOPS
+def test_tls12_client_that_shuts_down_its_socket_gets_its_replies(
+    loop: str, pki: PKI, beanstalkd: Beanstalkd
+) -> None:
+    """A bare FIN (no close_notify) is a TCP half-close on TLS 1.2 too: the replies arrive."""
+
+    def client(port: int) -> tuple[bytes, str]:
+        c = BioClient(port, client_ctx(pki, "admin", "1.2"))
+        try:
+            assert c.obj.version() == "TLSv1.2"
+            c.obj.write(PIPELINE)
+            c.send()
+            c.sock.shutdown(socket.SHUT_WR)
+            return c.read_all()
+        finally:
+            c.close()
+
+    async def main() -> None:
+        async with serving(pki, beanstalkd, "builtin") as proxy:
+            data, end = await asyncio.to_thread(client, proxy.port)
+            assert data.startswith(b"USING t\r\nINSERTED ") and data.endswith(b"USING t\r\n")
+            assert end == "close_notify"
+
+    run(loop, main)
+
+
+@LOOPS
 def test_tls13_client_that_closes_fully_still_has_its_commands_run(
     loop: str, pki: PKI, beanstalkd: Beanstalkd
 ) -> None:
