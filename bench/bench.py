@@ -27,6 +27,13 @@ hits all of them alike, and throughputs are the medians over the rounds:
 4. ``conns``: connect, TLS handshake with the client certificate (plain TCP for ``direct``),
    one ``list-tube-used``, close; sequential: connections/s.
 
+5. ``idle`` (after the rounds, ``--idle N``): a fresh front per target, N mTLS connections
+   opened (handshake + one ``list-tube-used``) and held idle; the front's RSS growth per
+   connection in KiB (``/proc/PID/status``; for ``direct``, beanstalkd's).
+
+``proxy-builtin``, ``proxy-stock``, ``proxy-asyncio-builtin`` and ``proxy-asyncio-stock`` force
+the proxy's TLS transport (``tls.transport``); they run only when named in ``--targets``.
+
 ``--fairness`` runs the ``fairness`` workload instead (direct and proxy targets): beanstalkd gets
 ``--tubes`` tubes (100,000 by default, held by direct connections that watch them), then a
 bystander connection (all rights) does sequential round trips for ``--seconds`` in each of
@@ -76,6 +83,15 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 ALL_TARGETS = ("direct", "proxy", "proxy-asyncio", "stunnel", "haproxy")
+#: Opt-in targets: the proxy with its TLS transport forced (``tls.transport``); ``proxy`` and
+#: ``proxy-asyncio`` use the configured default.
+TRANSPORT_TARGETS = (
+    "proxy-builtin",
+    "proxy-stock",
+    "proxy-asyncio-builtin",
+    "proxy-asyncio-stock",
+)
+KNOWN_TARGETS = ALL_TARGETS + TRANSPORT_TARGETS
 WORKLOADS = ("puts", "cycles", "rtt", "conns")
 BEANSTALKD = os.environ.get("BEANSTALKD", "beanstalkd")
 STUNNEL = os.environ.get("STUNNEL", "stunnel")
@@ -335,7 +351,8 @@ config = Config(
     listen=Endpoint("127.0.0.1", a["port"], None),
     upstream=Endpoint("127.0.0.1", a["upstream"], None),
     allow_remote_upstream=False,
-    tls=TLSConfig(cert=a["cert"], key=a["key"], client_ca=a["ca"], crl=(), min_version="1.2"),
+    tls=TLSConfig(cert=a["cert"], key=a["key"], client_ca=a["ca"], crl=(), min_version="1.2",
+                  transport=a["transport"]),
     acl=a["acl"],
     limits=Limits(max_connections=10000, handshake_timeout=5.0, max_job_size=65535,
                   upstream_connect_timeout=5.0),
@@ -369,9 +386,10 @@ def _uses_uvloop(pid: int) -> bool | None:
         return None
 
 
-def start_proxy(env: Env, loop: str) -> tuple[int, dict[str, Any]]:
+def start_proxy(env: Env, loop: str, transport: str | None = None) -> tuple[int, dict[str, Any]]:
     port = free_port()
-    tag = f"proxy-{loop}"
+    tag = f"proxy-{loop}" + (f"-{transport}" if transport else "")
+    transport_line = f"  transport: {transport}\n" if transport else ""
     acl = env.work / "bench-acl.yaml"
     acl.write_text(BENCH_ACL)
     cfg = env.work / f"{tag}.yaml"
@@ -384,7 +402,7 @@ tls:
   key: {env.pki.server_key}
   client_ca: {env.pki.ca}
   min_version: "1.2"
-acl: {acl}
+{transport_line}acl: {acl}
 limits:
   max_connections: 10000
   handshake_timeout: 5s
@@ -430,6 +448,7 @@ log:
                 "ca": env.pki.ca,
                 "acl": str(acl),
                 "loop": loop,
+                "transport": transport or "builtin",
             }
         )
         if prof is not None:
@@ -463,6 +482,7 @@ log:
             "argv": argv,
             "log": str(log),
             "loop": loop,
+            "transport": transport or "default",
             "uvloop_loaded": actual,
             "profile": str(prof) if prof else None,
         }
@@ -526,7 +546,7 @@ def target_available(name: str) -> str | None:
         return f"{STUNNEL} not installed"
     if name == "haproxy" and shutil.which(HAPROXY) is None:
         return f"{HAPROXY} not installed"
-    if name == "proxy-asyncio":
+    if name.startswith("proxy-asyncio"):
         try:
             import uvloop  # noqa: F401
         except ImportError:
@@ -746,6 +766,60 @@ def w_conns(target: Endpoint, seconds: float, limit: int) -> dict[str, Any]:
             break
     elapsed = time.perf_counter() - t0
     return {"conns": n, "seconds": elapsed, "conns_per_s": n / elapsed}
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise BenchError(f"no VmRSS for pid {pid}")
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of ``pid`` (its threads included)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def front_pid(t: Target) -> int:
+    """The process whose memory the idle workload measures: the front (beanstalkd for
+    ``direct``)."""
+    fronts = [proc for name, proc, _ in t.procs.procs if name != "beanstalkd"]
+    if not fronts:
+        fronts = [proc for _, proc, _ in t.procs.procs]
+    return fronts[-1].pid
+
+
+def w_idle(t: Target, n: int) -> dict[str, Any]:
+    """Hold ``n`` connections (each after one round trip) open; the front's RSS growth."""
+    ep = t.endpoint
+    assert ep is not None
+    pid = front_pid(t)
+    for _ in range(20):  # warm-up: lazy imports, caches, the first upstream connections
+        c = Conn(ep)
+        try:
+            c.expect(b"list-tube-used\r\n", b"USING")
+        finally:
+            c.close()
+    time.sleep(0.5)  # let the front finish closing the warm-up connections
+    before = _rss_kib(pid)
+    conns: list[Conn] = []
+    try:
+        for _ in range(n):
+            c = Conn(ep)
+            conns.append(c)
+            c.expect(b"list-tube-used\r\n", b"USING")
+        time.sleep(1.0)  # settle (deferred frees, timers)
+        after = _rss_kib(pid)
+    finally:
+        for c in conns:
+            c.close()
+    return {
+        "conns": n,
+        "rss_before_kib": before,
+        "rss_after_kib": after,
+        "kib_per_conn": (after - before) / n,
+    }
 
 
 def tls_details(target: Endpoint) -> dict[str, Any]:
@@ -992,6 +1066,7 @@ class Target:
     )
     status: str = "starting"
     reason: str = ""
+    idle: dict[str, Any] | None = None  # the idle workload's result
 
 
 def start_target(t: Target, work: Path, pki: PKI, args: argparse.Namespace) -> None:
@@ -1016,6 +1091,11 @@ def start_target(t: Target, work: Path, pki: PKI, args: argparse.Namespace) -> N
         port, info = start_proxy(env, loop)
     elif t.name == "proxy-asyncio":
         port, info = start_proxy(env, "asyncio")
+    elif t.name in TRANSPORT_TARGETS:
+        loop = "asyncio" if t.name.startswith("proxy-asyncio") else "uvloop"
+        if loop == "uvloop" and target_available("proxy-asyncio") is not None:
+            loop = "asyncio"
+        port, info = start_proxy(env, loop, t.name.rsplit("-", 1)[1])
     elif t.name == "stunnel":
         port, info = start_stunnel(env)
     elif t.name == "haproxy":
@@ -1033,11 +1113,18 @@ def run_round(t: Target, p: Params) -> str:
     """One slice of every workload against ``t``; returns a one-line summary."""
     ep = t.endpoint
     assert ep is not None
+    pid = front_pid(t)
+    cpu = [_cpu_seconds(pid)]
     puts = w_puts(ep, p.slice, p.batch, p.body)
+    cpu.append(_cpu_seconds(pid))
     cycles = w_cycles(ep, p.slice, p.body)
+    cpu.append(_cpu_seconds(pid))
     rtt = w_rtt(ep, p.slice)
+    cpu.append(_cpu_seconds(pid))
     conns = w_conns(ep, p.slice, max(10, p.conn_limit // p.rounds))
-    for w, r in zip(WORKLOADS, (puts, cycles, rtt, conns), strict=True):
+    cpu.append(_cpu_seconds(pid))
+    for i, (w, r) in enumerate(zip(WORKLOADS, (puts, cycles, rtt, conns), strict=True)):
+        r["front_cpu_s"] = cpu[i + 1] - cpu[i]  # warm-up included
         t.slices[w].append(r)
     lat = rtt_summary(rtt["samples_ns"])
     return (
@@ -1045,6 +1132,28 @@ def run_round(t: Target, p: Params) -> str:
         f"rtt p50 {lat['rtt_p50_us']:>6.1f}us p99 {lat['rtt_p99_us']:>7.1f}us  "
         f"conns {conns['conns_per_s']:>7,.0f}/s"
     )
+
+
+def run_idle(targets: dict[str, Target], work: Path, pki: PKI, args: argparse.Namespace) -> None:
+    """The idle workload: a fresh front per target, one at a time."""
+    for name, t in targets.items():
+        if t.status != "ok":
+            continue
+        fresh = Target(name)
+        try:
+            start_target(fresh, work, pki, args)
+            t.idle = w_idle(fresh, args.idle)
+        except (BenchError, OSError, ssl.SSLError) as exc:
+            t.notes.append(f"{name}: idle workload failed: {diagnose(fresh, exc)}")
+            print(f"  {name:<14} idle FAILED: {exc}", flush=True)
+            continue
+        finally:
+            fresh.procs.stop()
+        r = t.idle
+        print(
+            f"  {name:<14} idle: {r['conns']} connections, {r['kib_per_conn']:.1f} KiB each",
+            flush=True,
+        )
 
 
 def diagnose(t: Target, exc: BaseException) -> str:
@@ -1074,6 +1183,18 @@ def summarize(t: Target) -> dict[str, Any]:
     out.update(rtt_summary(samples))
     out["conns_per_s"] = med(r["conns_per_s"] for r in s["conns"])
     out["conns"] = sum(r["conns"] for r in s["conns"])
+    if t.idle is not None:
+        out["idle"] = t.idle
+    # CPU time the front spent per operation: less sensitive to a busy machine than rates.
+    ops = {
+        "puts": sum(r["puts"] for r in s["puts"]),
+        "cycles": sum(r["cycles"] for r in s["cycles"]),
+        "rtt": sum(len(r["samples_ns"]) for r in s["rtt"]),
+        "conns": sum(r["conns"] for r in s["conns"]),
+    }
+    out["front_cpu_us_per_op"] = {
+        w: 1e6 * sum(r.get("front_cpu_s", 0.0) for r in s[w]) / n for w, n in ops.items() if n
+    }
     out["rounds"] = {
         "puts_per_s": [round(r["puts_per_s"]) for r in s["puts"]],
         "cycles_per_s": [round(r["cycles_per_s"]) for r in s["cycles"]],
@@ -1133,6 +1254,7 @@ def render(info: dict[str, Any], p: Params, results: dict[str, dict[str, Any]]) 
         n: f"proxy ({r['loop']})" if n == "proxy" and r.get("loop") else n
         for n, r in results.items()
     }
+    idle = {n: r["idle"] for n, r in results.items() if r.get("idle")}
     width = max(16, *(len(x) + 2 for x in labels.values()))
     head = f"{'target':<{width}}{'tls':<9}" + "".join(f"{h:>13}" for _, h, _, _ in METRICS)
     lines.append(head)
@@ -1155,6 +1277,29 @@ def render(info: dict[str, Any], p: Params, results: dict[str, dict[str, Any]]) 
             label = f"ratio {name}/direct"
             cells = "".join(f"{rr.get(key, float('nan')):>13.2f}" for key, *_ in METRICS)
             lines.append(f"{label:<{width}}{cells}")
+    cpu = {n: r["front_cpu_us_per_op"] for n, r in results.items() if r.get("front_cpu_us_per_op")}
+    if cpu:
+        lines.append("")
+        lines.append(
+            "front CPU per operation, us (user + system of the front's process; lower is better)"
+        )
+        lines.append(f"{'target':<{width}}" + "".join(f"{w:>10}" for w in WORKLOADS))
+        for name, c in cpu.items():
+            cells = "".join(f"{c.get(w, float('nan')):>10.1f}" for w in WORKLOADS)
+            lines.append(f"{labels.get(name, name):<{width}}{cells}")
+    if idle:
+        lines.append("")
+        lines.append("idle: connections held open on a fresh front (RSS of the front's process)")
+        lines.append(
+            f"{'target':<{width}}{'conns':>8}{'RSS before MiB':>16}{'RSS after MiB':>15}"
+            f"{'KiB/conn':>10}"
+        )
+        for name, r in idle.items():
+            lines.append(
+                f"{labels.get(name, name):<{width}}{r['conns']:>8}"
+                f"{r['rss_before_kib'] / 1024:>16.1f}{r['rss_after_kib'] / 1024:>15.1f}"
+                f"{r['kib_per_conn']:>10.1f}"
+            )
     notes = [n for r in results.values() for n in r.get("notes", [])]
     if notes:
         lines.append("")
@@ -1198,6 +1343,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--batch", type=int, default=200, help="puts per write (default 200)")
     ap.add_argument("--body", type=int, default=100, help="put body size in bytes (default 100)")
     ap.add_argument("--conn-limit", type=int, help="max connections in the conns workload")
+    ap.add_argument(
+        "--idle",
+        type=int,
+        metavar="N",
+        help="idle workload: N connections held open on a fresh front per target, RSS per "
+        "connection (default 2000, quick 50; 0 skips it)",
+    )
     ap.add_argument("--json", type=Path, metavar="PATH", help="also write the results as JSON")
     ap.add_argument(
         "--profile",
@@ -1233,9 +1385,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.fairness and args.targets == ",".join(ALL_TARGETS):
         args.targets = "proxy"
     names = [t.strip() for t in args.targets.split(",") if t.strip()]
-    unknown = [t for t in names if t not in ALL_TARGETS]
+    unknown = [t for t in names if t not in KNOWN_TARGETS]
     if unknown or not names:
-        ap.error(f"unknown target(s) {', '.join(unknown)}; choose from {', '.join(ALL_TARGETS)}")
+        ap.error(f"unknown target(s) {', '.join(unknown)}; choose from {', '.join(KNOWN_TARGETS)}")
     args.target_list = list(dict.fromkeys(names))
     if args.seconds is None:
         args.seconds = 0.5 if args.quick else 4.0
@@ -1243,6 +1395,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.rounds = 1 if args.quick else 3
     if args.rounds < 1 or args.proxy_workers < 1:
         ap.error("--rounds and --proxy-workers must be >= 1")
+    if args.idle is None:
+        args.idle = 50 if args.quick else 2000
+    if args.idle < 0:
+        ap.error("--idle must be >= 0")
     if args.conn_limit is None:
         args.conn_limit = 300 if args.quick else 5000
     if args.batch < 1 or args.body < 0 or args.seconds <= 0:
@@ -1327,6 +1483,10 @@ def main(argv: list[str] | None = None) -> int:
                         print(f"  {t.name:<14} FAILED: {t.reason}", flush=True)
                         continue
                     print(f"  {t.name:<14} round {rnd}/{p.rounds}: {line}", flush=True)
+            for t in targets.values():
+                t.procs.stop()
+            if args.idle:
+                run_idle(targets, tmp, pki, args)
     except KeyboardInterrupt:
         print("interrupted; child processes stopped", file=sys.stderr)
         return 130

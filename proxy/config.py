@@ -101,6 +101,7 @@ class TLSConfig:
     crl_failure: str = "refuse"  # on a reload with an unusable CRL: "refuse" | "keep_last"
     crl_check: str = "chain"  # with CRLs: "chain" (every CA in the chain) | "leaf"
     require_client_auth_eku: bool = True  # refuse client certificates without clientAuth EKU
+    transport: str = "auto"  # "builtin" (proxy/tlsbio.py) | "stock" (the loop's own) | "auto"
 
 
 @dataclass(frozen=True)
@@ -390,9 +391,11 @@ _TLS_KEYS = (
     "crl_failure",
     "crl_check",
     "require_client_auth_eku",
+    "transport",
 )
 CRL_FAILURE_MODES = ("refuse", "keep_last")
 CRL_CHECK_MODES = ("chain", "leaf")
+TLS_TRANSPORTS = ("auto", "builtin", "stock")
 _RELOAD_KEYS = ("watch", "interval")
 _LIMIT_KEYS = (
     "max_connections",
@@ -462,6 +465,7 @@ def _parse_tls(source: str, data: object) -> TLSConfig:
     crl_failure = r.choice("crl_failure", "refuse", CRL_FAILURE_MODES)
     crl_check = r.choice("crl_check", "chain", CRL_CHECK_MODES)
     require_eku = r.get_bool("require_client_auth_eku", True)
+    transport = r.choice("transport", "auto", TLS_TRANSPORTS)
     return TLSConfig(
         cert=cert,
         key=key,
@@ -472,6 +476,7 @@ def _parse_tls(source: str, data: object) -> TLSConfig:
         crl_failure=crl_failure,
         crl_check=crl_check,
         require_client_auth_eku=require_eku,
+        transport=transport,
     )
 
 

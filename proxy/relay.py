@@ -42,6 +42,7 @@ from proxy.logsummary import Suppressed as SourceSummary
 from proxy.metrics import Metrics
 from proxy.ratelimit import TokenBucket
 from proxy.session import MAX_HELD_BYTES, MAX_PENDING, Session
+from proxy.tlsbio import TLSTransport, accept_tls, use_builtin
 from proxy.tlsctx import peer_identity
 
 log = logging.getLogger("beanstalk_proxy")
@@ -215,7 +216,9 @@ class Connection(asyncio.Protocol):
         if self.session is not None:
             self.session.client_eof()
             self.flush()
-        return False  # TLS cannot stay half-open; asyncio closes, connection_lost follows
+        # The builtin TLS transport stays open for the replies (TLS 1.3 half-close) until
+        # ``close`` once the session drained; the stock ones close, connection_lost follows.
+        return isinstance(self.client, TLSTransport)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
@@ -699,12 +702,23 @@ class ProxyServer:
         try:
             try:
                 conn.tls_started = True
-                transport, _ = await loop.connect_accepted_socket(
-                    lambda: conn,
-                    sock,
-                    ssl=self.ssl_context,
-                    ssl_handshake_timeout=limits.handshake_timeout,
-                )
+                transport: asyncio.Transport
+                if use_builtin(self.config.tls.transport, loop):
+                    transport, _ = await accept_tls(
+                        loop,
+                        lambda: conn,
+                        sock,
+                        self.ssl_context,
+                        ssl_handshake_timeout=limits.handshake_timeout,
+                        close_timeout=limits.close_timeout,
+                    )
+                else:
+                    transport, _ = await loop.connect_accepted_socket(
+                        lambda: conn,
+                        sock,
+                        ssl=self.ssl_context,
+                        ssl_handshake_timeout=limits.handshake_timeout,
+                    )
             except asyncio.CancelledError:
                 # Dropped for a newer handshake, or the proxy is closing. Had the handshake
                 # just completed, the transport is open: close it like any other.

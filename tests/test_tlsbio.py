@@ -1,0 +1,623 @@
+"""The proxy's own TLS transport (``proxy/tlsbio.py``, ``tls.transport: builtin``) against a real
+beanstalkd and real TLS, on the stdlib asyncio loop and on uvloop, with the stock transports
+(``tls.transport: stock``) as the contrast where the two differ.
+
+Covered: a TLS 1.3 client that half-closes (close_notify, or a bare FIN) still gets every reply
+and the proxy's close_notify; a TLS 1.2 client's close_notify is answered at once (the
+documented limit); refused handshakes reach the client as the TLS alert naming the reason
+(Python's ``ssl`` and ``openssl s_client``); a client that does not read its replies keeps the
+proxy's buffers bounded and loses nothing once it reads; an idle connection allocates little.
+
+Each test runs its own event loop (``run``), so one test body covers both loops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import shutil
+import socket
+import ssl
+import subprocess
+import time
+import tracemalloc
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+import uvloop
+from conftest import (
+    PKI,
+    TEST_ACL,
+    Beanstalkd,
+    LogWatch,
+    RunningProxy,
+    make_config,
+    server_stats,
+)
+from pki_helpers import make_client_cert, utcnow
+
+from proxy.acl import parse_acl
+from proxy.certs import revoke
+from proxy.config import parse_config
+from proxy.errors import ConfigError
+from proxy.relay import Connection, PolicyHolder, ProxyServer
+from proxy.tlsbio import CHUNK, TLSTransport
+from proxy.tlsctx import server_context
+
+T = TypeVar("T")
+
+LOOPS = pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+TRANSPORTS = pytest.mark.parametrize("transport", ["builtin", "stock"])
+
+
+def run(loop: str, main: Callable[[], Awaitable[T]]) -> T:
+    factory = uvloop.new_event_loop if loop == "uvloop" else asyncio.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(main())  # type: ignore[arg-type]
+
+
+@contextlib.asynccontextmanager
+async def serving(
+    pki: PKI, beanstalkd: Beanstalkd, transport: str, crl: str | None = None
+) -> AsyncIterator[RunningProxy]:
+    config = make_config(pki, beanstalkd.port)
+    tls = replace(config.tls, transport=transport, crl=(crl,) if crl else ())
+    config = replace(config, tls=tls)
+    server = ProxyServer(config, server_context(tls), PolicyHolder(parse_acl(TEST_ACL, "<t>")))
+    await server.start()
+    try:
+        yield RunningProxy(server, pki)
+    finally:
+        await server.close()
+
+
+async def until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Poll a condition that has no event, with a bounded deadline."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.01)
+
+
+class BioClient:
+    """A blocking TLS client over ``ssl.MemoryBIO``, so a test decides exactly which records
+    and TCP segments go out (close_notify, FIN). Run it in a thread."""
+
+    def __init__(self, port: int, ctx: ssl.SSLContext, rcvbuf: int = 0) -> None:
+        self.sock = socket.socket()
+        self.sock.settimeout(30)
+        if rcvbuf:  # a fixed receive buffer (no autotuning), set before connecting
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        self.sock.connect(("127.0.0.1", port))
+        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.obj = ctx.wrap_bio(self.incoming, self.outgoing, server_hostname="localhost")
+        while True:
+            try:
+                self.obj.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                self.send()
+                self.recv()
+        self.send()
+
+    def send(self) -> None:
+        if self.outgoing.pending:
+            self.sock.sendall(self.outgoing.read())
+
+    def recv(self) -> None:
+        data = self.sock.recv(65536)
+        if data:
+            self.incoming.write(data)
+        else:
+            self.incoming.write_eof()
+
+    def read_all(self) -> tuple[bytes, str]:
+        """Everything until the server's close_notify; and how it ended: "close_notify",
+        "eof" (a FIN without it), "reset", or the reason of a TLS alert."""
+        data = b""
+        while True:
+            try:
+                chunk = self.obj.read(65536)
+            except ssl.SSLWantReadError:
+                self.send()
+                try:
+                    self.recv()
+                except ConnectionResetError:
+                    return data, "reset"
+                continue
+            except ssl.SSLEOFError:
+                return data, "eof"
+            except ssl.SSLZeroReturnError:  # close_notify, after ours
+                return data, "close_notify"
+            except ssl.SSLError as exc:
+                return data, str(exc.reason)
+            if not chunk:
+                return data, "close_notify"
+            data += chunk
+
+    def read_exactly(self, n: int) -> tuple[bytes, str]:
+        """``n`` bytes of application data (fewer if the connection ends first)."""
+        data = bytearray()
+        while len(data) < n:
+            try:
+                chunk = self.obj.read(min(n - len(data), 65536))
+            except ssl.SSLWantReadError:
+                self.recv()
+                continue
+            except ssl.SSLError as exc:
+                return bytes(data), str(exc.reason)
+            if not chunk:
+                return bytes(data), "close_notify"
+            data += chunk
+        return bytes(data), ""
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def client_ctx(pki: PKI, name: str | None, version: str = "1.3") -> ssl.SSLContext:
+    ctx = pki.client_context(name)
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_2 if version == "1.2" else ssl.TLSVersion.TLSv1_3
+    return ctx
+
+
+# --- half-close ---------------------------------------------------------------------------------
+
+PIPELINE = b"use t\r\nput 0 0 60 5\r\nhello\r\nlist-tube-used\r\n"
+
+
+@LOOPS
+@pytest.mark.parametrize("how", ["close_notify", "close_notify+fin", "fin"])
+def test_half_closing_tls13_client_gets_its_replies(
+    loop: str, how: str, pki: PKI, beanstalkd: Beanstalkd
+) -> None:
+    def client(port: int) -> tuple[bytes, str]:
+        c = BioClient(port, client_ctx(pki, "admin"))
+        try:
+            assert c.obj.version() == "TLSv1.3"
+            c.obj.write(PIPELINE)
+            if how.startswith("close_notify"):
+                with contextlib.suppress(ssl.SSLWantReadError):
+                    c.obj.unwrap()  # our close_notify, in the same segment as the commands
+            c.send()
+            if how.endswith("fin"):
+                c.sock.shutdown(socket.SHUT_WR)
+            return c.read_all()
+        finally:
+            c.close()
+
+    async def main() -> None:
+        async with serving(pki, beanstalkd, "builtin") as proxy:
+            data, end = await asyncio.to_thread(client, proxy.port)
+            assert data.startswith(b"USING t\r\nINSERTED "), data
+            assert data.endswith(b"\r\nUSING t\r\n"), data
+            assert end == "close_notify"  # the proxy closed cleanly once the replies were out
+            await until(lambda: not proxy.server.connections)
+        stats = await server_stats(beanstalkd.port)
+        assert stats["cmd-put"] == "1" and stats["cmd-list-tube-used"] == "1"
+        assert stats["current-jobs-ready"] == "1"
+
+    run(loop, main)
+
+
+@LOOPS
+def test_tls12_close_notify_is_answered_at_once(
+    loop: str, pki: PKI, beanstalkd: Beanstalkd, conn_log: LogWatch
+) -> None:
+    """TLS 1.2 has no half-close (RFC 5246 7.2.1): the proxy answers the client's close_notify
+    with its own at once and closes the socket, without the replies; the commands sent before
+    it still all run in beanstalkd (the relay drains them upstream), as the README says."""
+
+    def client(port: int) -> tuple[bytes, str]:
+        c = BioClient(port, client_ctx(pki, "admin", "1.2"))
+        try:
+            assert c.obj.version() == "TLSv1.2"
+            c.obj.write(PIPELINE)
+            with contextlib.suppress(ssl.SSLWantReadError):
+                c.obj.unwrap()
+            c.send()  # commands and close_notify in one segment
+            return c.read_all()
+        finally:
+            c.close()
+
+    async def main() -> None:
+        async with serving(pki, beanstalkd, "builtin") as proxy:
+            data, end = await asyncio.to_thread(client, proxy.port)
+            assert (data, end) == (b"", "close_notify")
+            await conn_log.wait_for(lambda m: m.startswith("close ") and "client closed" in m)
+
+        async def ran() -> bool:
+            stats = await server_stats(beanstalkd.port)
+            return stats["cmd-put"] == "1" and stats["cmd-list-tube-used"] == "1"
+
+        deadline = time.monotonic() + 10
+        while not await ran():
+            assert time.monotonic() < deadline, "beanstalkd did not run the commands"
+            await asyncio.sleep(0.01)
+
+    run(loop, main)
+
+
+@LOOPS
+def test_tls12_client_that_shuts_down_its_socket_gets_its_replies(
+    loop: str, pki: PKI, beanstalkd: Beanstalkd
+) -> None:
+    """A bare FIN (no close_notify) is a TCP half-close on TLS 1.2 too: the replies arrive."""
+
+    def client(port: int) -> tuple[bytes, str]:
+        c = BioClient(port, client_ctx(pki, "admin", "1.2"))
+        try:
+            assert c.obj.version() == "TLSv1.2"
+            c.obj.write(PIPELINE)
+            c.send()
+            c.sock.shutdown(socket.SHUT_WR)
+            return c.read_all()
+        finally:
+            c.close()
+
+    async def main() -> None:
+        async with serving(pki, beanstalkd, "builtin") as proxy:
+            data, end = await asyncio.to_thread(client, proxy.port)
+            assert data.startswith(b"USING t\r\nINSERTED ") and data.endswith(b"USING t\r\n")
+            assert end == "close_notify"
+
+    run(loop, main)
+
+
+@LOOPS
+def test_tls13_client_that_closes_fully_still_has_its_commands_run(
+    loop: str, pki: PKI, beanstalkd: Beanstalkd
+) -> None:
+    """A fire-and-forget producer: put, close_notify, close the socket without reading."""
+
+    def client(port: int) -> None:
+        c = BioClient(port, client_ctx(pki, "admin"))
+        c.obj.write(b"put 0 0 60 5\r\nhello\r\n")
+        with contextlib.suppress(ssl.SSLWantReadError):
+            c.obj.unwrap()
+        c.send()
+        c.close()
+
+    async def main() -> None:
+        async with serving(pki, beanstalkd, "builtin") as proxy:
+            await asyncio.to_thread(client, proxy.port)
+            deadline = time.monotonic() + 10
+            while (await server_stats(beanstalkd.port))["cmd-put"] != "1":
+                assert time.monotonic() < deadline, "the put never reached beanstalkd"
+                await asyncio.sleep(0.01)
+            await until(lambda: not proxy.server.connections and not proxy.server.handshaking)
+
+    run(loop, main)
+
+
+# --- refusals a client can read -----------------------------------------------------------------
+
+
+def _refusal_ctx(pki: PKI, case: str, tmp: Path) -> tuple[ssl.SSLContext, str | None]:
+    """The client context for ``case`` and the CRL the proxy needs for it (if any)."""
+    if case == "no_certificate":
+        return client_ctx(pki, None), None
+    if case == "unknown_ca":
+        ctx = pki.client_context("admin", ca_dir=pki.other)
+        return ctx, None
+    if case == "revoked":
+        ca = tmp / "ca"
+        shutil.copytree(pki.dir, ca)
+        revoke(ca, ca / "admin.pem")
+        return pki.client_context("admin"), str(ca / "crl.pem")
+    assert case == "expired"
+    now = utcnow()
+    cert, key = make_client_cert(
+        pki.dir,
+        tmp,
+        "expired",
+        cn="admin",
+        not_before=now - dt.timedelta(days=30),
+        not_after=now - dt.timedelta(days=1),
+    )
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.load_verify_locations(pki.ca)
+    ctx.load_cert_chain(cert, key)
+    return ctx, None
+
+
+#: What the client's OpenSSL reports for the alert the proxy's OpenSSL sends.
+ALERTS = {
+    ("no_certificate", "1.3"): "TLSV13_ALERT_CERTIFICATE_REQUIRED",
+    ("no_certificate", "1.2"): "SSLV3_ALERT_HANDSHAKE_FAILURE",
+    ("unknown_ca", "1.3"): "TLSV1_ALERT_UNKNOWN_CA",
+    ("unknown_ca", "1.2"): "TLSV1_ALERT_UNKNOWN_CA",
+    ("revoked", "1.3"): "SSLV3_ALERT_CERTIFICATE_REVOKED",
+    ("revoked", "1.2"): "SSLV3_ALERT_CERTIFICATE_REVOKED",
+    ("expired", "1.3"): "SSLV3_ALERT_CERTIFICATE_EXPIRED",
+    ("expired", "1.2"): "SSLV3_ALERT_CERTIFICATE_EXPIRED",
+}
+
+
+def _attempt(port: int, ctx: ssl.SSLContext) -> str:
+    """Handshake, send a command, read: the reason of the TLS alert that ended it (or how it
+    ended otherwise). A refused client must never get a reply."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    tls = None
+    try:
+        tls = ctx.wrap_socket(sock, server_hostname="localhost")
+        tls.sendall(b"list-tube-used\r\n")
+        data = tls.recv(100)
+    except ssl.SSLError as exc:
+        return str(exc.reason)
+    except OSError as exc:
+        return type(exc).__name__
+    finally:
+        (tls or sock).close()
+    assert data == b"", data
+    return "eof"
+
+
+@LOOPS
+@TRANSPORTS
+@pytest.mark.parametrize("version", ["1.2", "1.3"])
+@pytest.mark.parametrize("case", ["no_certificate", "unknown_ca", "revoked", "expired"])
+def test_refused_handshake_ends_with_the_alert_naming_the_reason(
+    loop: str,
+    transport: str,
+    version: str,
+    case: str,
+    pki: PKI,
+    beanstalkd: Beanstalkd,
+    conn_log: LogWatch,
+    tmp_path: Path,
+) -> None:
+    ctx, crl = _refusal_ctx(pki, case, tmp_path)
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_2 if version == "1.2" else ssl.TLSVersion.TLSv1_3
+
+    async def main() -> str:
+        async with serving(pki, beanstalkd, transport, crl) as proxy:
+            how = await asyncio.to_thread(_attempt, proxy.port, ctx)
+            await conn_log.wait_for(lambda m: m.startswith("handshake failed"))
+            assert proxy.server.connections == set()
+            return how
+
+    how = run(loop, main)
+    alert = ALERTS[case, version]
+    if transport == "builtin":
+        assert how == alert
+    else:
+        # the contrast: the stock transports drop OpenSSL's alert; the client sees an EOF
+        assert how != alert
+        assert "ALERT" not in how, how
+
+
+def target(proxy: RunningProxy) -> list[str]:
+    return ["-connect", f"127.0.0.1:{proxy.port}"]
+
+
+@LOOPS
+@TRANSPORTS
+def test_openssl_s_client_sees_certificate_required(
+    loop: str, transport: str, pki: PKI, beanstalkd: Beanstalkd
+) -> None:
+    openssl = shutil.which("openssl")
+    assert openssl is not None, "the openssl command line tool is needed"
+
+    async def main() -> str:
+        async with serving(pki, beanstalkd, transport) as proxy:
+            out = await asyncio.to_thread(
+                subprocess.run,
+                [openssl, "s_client", "-quiet", "-tls1_3", "-CAfile", pki.ca, *target(proxy)],
+                input=b"list-tube-used\r\n",
+                capture_output=True,
+                timeout=20,
+            )
+            return out.stdout.decode(errors="replace") + out.stderr.decode(errors="replace")
+
+    output = run(loop, main)
+    assert "USING" not in output
+    if transport == "builtin":
+        assert "tlsv13 alert certificate required" in output, output
+    else:
+        assert "alert" not in output, output
+
+
+# --- backpressure ---------------------------------------------------------------------------------
+
+
+def _client_conn(proxy: RunningProxy) -> Connection:
+    (conn,) = proxy.server.connections
+    return conn
+
+
+@LOOPS
+@TRANSPORTS
+def test_client_that_does_not_read_keeps_the_proxy_bounded(
+    loop: str, transport: str, pki: PKI, beanstalkd: Beanstalkd
+) -> None:
+    """About 20 MB of replies to pipelined ``peek`` commands, the client reading none of them
+    (a small socket receive buffer, no reads): the proxy stops reading (client and upstream)
+    with a bounded amount buffered, and once the client reads, every reply arrives, in order."""
+    body = b"x" * 1000
+    n = 20000
+
+    async def main() -> None:
+        async with serving(pki, beanstalkd, transport) as proxy:
+            c = await asyncio.to_thread(BioClient, proxy.port, client_ctx(pki, "admin"), 65536)
+            try:
+                c.obj.write(b"put 0 0 60 1000\r\n" + body + b"\r\n")
+                c.send()
+                head, _ = await asyncio.to_thread(c.read_exactly, len(b"INSERTED 1\r\n"))
+                assert head == b"INSERTED 1\r\n", head
+                await until(lambda: len(proxy.server.connections) == 1)
+                conn = _client_conn(proxy)
+                c.obj.write(b"peek 1\r\n" * n)
+                commands = c.outgoing.read()  # encrypted now: the threads below use no SSL
+                sender = asyncio.create_task(asyncio.to_thread(c.sock.sendall, commands))
+                await until(lambda: conn.client_full and not conn.reading, timeout=30)
+                client = conn.client
+                assert client is not None
+                buffered = client.get_write_buffer_size()
+                assert buffered < 1024 * 1024, buffered  # a few hundred KiB, not 20 MB
+                if isinstance(client, TLSTransport):
+                    # the memory BIOs hold at most a chunk and a partial record
+                    assert client._outgoing.pending == 0
+                    assert client._incoming.pending < 2 * CHUNK
+                session = conn.session
+                assert session is not None and len(session.to_client) < 1024 * 1024
+                reply = b"FOUND 1 1000\r\n" + body + b"\r\n"
+                got, _ = await asyncio.to_thread(c.read_exactly, n * len(reply))
+                await sender
+                assert got == reply * n
+                c.obj.write(b"list-tube-used\r\n")
+                c.send()
+                tail, _ = await asyncio.to_thread(c.read_exactly, len(b"USING default\r\n"))
+                assert tail == b"USING default\r\n"
+            finally:
+                c.close()
+
+    run(loop, main)
+
+
+@LOOPS
+def test_large_pipelined_puts_through_the_builtin_transport(
+    loop: str, pki: PKI, beanstalkd: Beanstalkd
+) -> None:
+    """Many records per read and reads larger than one chunk: nothing lost or reordered."""
+    n = 3000
+
+    async def main() -> None:
+        async with serving(pki, beanstalkd, "builtin") as proxy:
+            c = await proxy.connect("admin")
+            batch = b"".join(b"put 0 0 60 1000\r\n%s\r\n" % (b"%04d" % i * 250) for i in range(n))
+            await c.send(batch)
+            ids = []
+            for _ in range(n):
+                line, _ = await c.reply()
+                assert line.startswith(b"INSERTED "), line
+                ids.append(int(line.split()[1]))
+            assert ids == sorted(ids) and len(set(ids)) == n
+            line, got = await c.call(b"peek %d" % ids[-1])
+            assert got == b"%04d" % (n - 1) * 250
+            await c.close()
+        assert (await server_stats(beanstalkd.port))["current-jobs-ready"] == str(n)
+
+    run(loop, main)
+
+
+# --- memory per idle connection -------------------------------------------------------------------
+
+
+def _open_idle(port: int, ctx: ssl.SSLContext, n: int) -> list[ssl.SSLSocket]:
+    socks = []
+    for _ in range(n):
+        s = ctx.wrap_socket(
+            socket.create_connection(("127.0.0.1", port), timeout=10), server_hostname="localhost"
+        )
+        s.sendall(b"list-tube-used\r\n")
+        assert s.recv(100) == b"USING default\r\n"
+        socks.append(s)
+    return socks
+
+
+def _traced_per_connection(loop: str, transport: str, pki: PKI, beanstalkd: Beanstalkd) -> float:
+    """Python-allocator bytes per idle connection, client included (its sockets are blocking
+    ``ssl.SSLSocket``s whose buffers live in OpenSSL, outside tracemalloc's view)."""
+    n = 30
+    ctx = pki.client_context("admin")
+
+    async def main() -> float:
+        async with serving(pki, beanstalkd, transport) as proxy:
+            for s in await asyncio.to_thread(_open_idle, proxy.port, ctx, 5):  # warm-up
+                s.close()
+            await until(lambda: not proxy.server.connections)
+            tracemalloc.start()
+            try:
+                before = tracemalloc.get_traced_memory()[0]
+                socks = await asyncio.to_thread(_open_idle, proxy.port, ctx, n)
+                await until(lambda: len(proxy.server.connections) == n)
+                after = tracemalloc.get_traced_memory()[0]
+            finally:
+                tracemalloc.stop()
+            for s in socks:
+                s.close()
+            return (after - before) / n
+
+    return run(loop, main)
+
+
+@LOOPS
+def test_idle_connection_allocates_little(loop: str, pki: PKI, beanstalkd: Beanstalkd) -> None:
+    per_conn = _traced_per_connection(loop, "builtin", pki, beanstalkd)
+    # the relay's own objects, the session, both transports: well under 32 KiB (asyncio's
+    # stock SSL transport alone allocates a 256 KiB read buffer per connection)
+    assert per_conn < 32 * 1024, per_conn
+
+
+def test_stock_asyncio_transport_allocates_its_256k_buffer(
+    pki: PKI, beanstalkd: Beanstalkd
+) -> None:
+    """The contrast that motivates the builtin transport (CPython 3.11's sslproto)."""
+    assert _traced_per_connection("asyncio", "stock", pki, beanstalkd) > 256 * 1024
+
+
+@LOOPS
+def test_config_key(loop: str, pki: PKI, beanstalkd: Beanstalkd) -> None:
+    """``tls.transport`` selects the transport the relay hands its connections; ``auto`` (the
+    default) is the builtin one except on uvloop."""
+
+    async def main(transport: str) -> Any:
+        async with serving(pki, beanstalkd, transport) as proxy:
+            c = await proxy.connect("admin")
+            assert await c.line(b"list-tube-used") == b"USING default"
+            kind = type(_client_conn(proxy).client)
+            await c.close()
+            return kind
+
+    assert run(loop, lambda: main("builtin")) is TLSTransport
+    assert run(loop, lambda: main("stock")) is not TLSTransport
+    auto = run(loop, lambda: main("auto"))
+    assert (auto is TLSTransport) == (loop == "asyncio")
+
+
+def _config_with(section: str, key: str, value: object) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "upstream": "127.0.0.1:11300",
+        "tls": {"cert": "s.pem", "key": "s.key", "client_ca": "ca.pem"},
+        "acl": "acl.yaml",
+    }
+    data.setdefault(section, {})[key] = value
+    return data
+
+
+@pytest.mark.parametrize("value", ["auto", "builtin", "stock", "Stock"])
+def test_tls_transport_key_accepts(value: str) -> None:
+    cfg = parse_config(_config_with("tls", "transport", value), "p.yaml")
+    assert cfg.tls.transport == value.lower()
+    assert parse_config(_config_with("tls", "min_version", "1.3"), "p.yaml").tls.transport == (
+        "auto"
+    )
+
+
+@pytest.mark.parametrize("value", ["openssl", "", 1, True, None, ["builtin"]])
+def test_tls_transport_key_rejects(value: object) -> None:
+    if value is None:  # null means "not set": the default
+        assert parse_config(_config_with("tls", "transport", value), "p.yaml").tls.transport
+        return
+    with pytest.raises(ConfigError) as err:
+        parse_config(_config_with("tls", "transport", value), "p.yaml")
+    assert err.value.key == "tls.transport"
+
+
+@pytest.mark.parametrize(("value", "seconds"), [("500ms", 0.5), (3, 3.0), ("1m", 60.0)])
+def test_close_timeout_key(value: object, seconds: float) -> None:
+    cfg = parse_config(_config_with("limits", "close_timeout", value), "p.yaml")
+    assert cfg.limits.close_timeout == seconds
+    assert parse_config(_config_with("log", "level", "info"), "p.yaml").limits.close_timeout == 2
+
+
+@pytest.mark.parametrize("value", [0, -1, "soon", "2d"])
+def test_close_timeout_key_rejects(value: object) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config(_config_with("limits", "close_timeout", value), "p.yaml")
+    assert err.value.key == "limits.close_timeout"
