@@ -74,6 +74,42 @@ rules:
     tubes: ["*"]
     allow: [all]
 """
+PROXY_TARGETS = ("proxy", "proxy-asyncio")
+PRINCIPAL_KINDS = ("exact", "glob")
+
+
+def bench_acl(principals: int, kind: str = "exact") -> str:
+    """The bench ACL with ``principals - 1`` other principals, each with one rule, before the
+    bench client's principal and rule. ``exact`` principals match one CN, URI or DNS name (in
+    turn); ``glob`` ones a pattern of the same key that the bench certificate does not match."""
+    if principals <= 1:
+        return BENCH_ACL
+    head, rules = BENCH_ACL.split("rules:\n")
+    extra_p: list[str] = []
+    extra_r: list[str] = []
+    for i in range(principals - 1):
+        if kind == "exact":
+            match = (f"cn: client-{i}", f"uri: spiffe://bench/svc-{i}", f"dns: svc-{i}.bench")[
+                i % 3
+            ]
+        else:
+            match = (
+                f'cn: "client-{i}-*"',
+                f'uri: "spiffe://bench/svc-{i}/*"',
+                f'dns: "*.svc-{i}.bench"',
+            )[i % 3]
+        extra_p.append(f"  - name: c{i}\n    match: {{{match}}}\n")
+        extra_r.append(f"  - principal: c{i}\n    tubes: [t{i}]\n    allow: [produce]\n")
+    body = head.split("  - name: bench")
+    return (
+        body[0]
+        + "".join(extra_p)
+        + "  - name: bench"
+        + body[1]
+        + "rules:\n"
+        + "".join(extra_r)
+        + rules
+    )
 
 
 class BenchError(Exception):
@@ -265,6 +301,8 @@ class Env:
     profile_dir: Path | None
     proxy_launch: str  # auto | cli | inline
     workers: int = 1  # serve --workers N (only passed when > 1)
+    principals: int = 1  # ACL size: the bench client's principal comes last of this many
+    principal_kind: str = "exact"  # exact | glob: the other principals' match patterns
     notes: list[str] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
 
@@ -345,9 +383,9 @@ def _uses_uvloop(pid: int) -> bool | None:
 
 def start_proxy(env: Env, loop: str) -> tuple[int, dict[str, Any]]:
     port = free_port()
-    tag = f"proxy-{loop}"
-    acl = env.work / "bench-acl.yaml"
-    acl.write_text(BENCH_ACL)
+    tag = f"proxy-{loop}" + (f"-{env.principals}p" if env.principals > 1 else "")
+    acl = env.work / f"bench-acl-{env.principals}.yaml"
+    acl.write_text(bench_acl(env.principals, env.principal_kind))
     cfg = env.work / f"{tag}.yaml"
     cfg.write_text(
         f"""\
@@ -439,6 +477,7 @@ log:
             "loop": loop,
             "uvloop_loaded": actual,
             "profile": str(prof) if prof else None,
+            "principals": env.principals,
         }
         return port, info
     raise BenchError("proxy did not start:\n" + "\n".join(errors))
@@ -757,7 +796,9 @@ class Params:
 class Target:
     """One started target: its processes, where to connect, and the per-round results."""
 
-    name: str
+    name: str  # the label: the target name, "@<N>p" added for an ACL of N principals
+    kind: str = ""  # the target name (empty: same as ``name``)
+    principals: int = 1
     procs: Processes = field(default_factory=Processes)
     endpoint: Endpoint | None = None
     info: dict[str, Any] = field(default_factory=dict)
@@ -781,22 +822,25 @@ def start_target(t: Target, work: Path, pki: PKI, args: argparse.Namespace) -> N
         proxy_launch=args.proxy_launch,
         notes=t.notes,
         workers=args.proxy_workers,
+        principals=t.principals,
+        principal_kind=args.principal_kind,
     )
     ctx: ssl.SSLContext | None = pki.client_context()
     info: dict[str, Any]
-    if t.name == "direct":
+    kind = t.kind or t.name
+    if kind == "direct":
         port, info, ctx = upstream, {}, None
-    elif t.name == "proxy":
+    elif kind == "proxy":
         loop = "uvloop" if target_available("proxy-asyncio") is None else "asyncio"
         port, info = start_proxy(env, loop)
-    elif t.name == "proxy-asyncio":
+    elif kind == "proxy-asyncio":
         port, info = start_proxy(env, "asyncio")
-    elif t.name == "stunnel":
+    elif kind == "stunnel":
         port, info = start_stunnel(env)
-    elif t.name == "haproxy":
+    elif kind == "haproxy":
         port, info = start_haproxy(env)
     else:  # pragma: no cover - validated by the argument parser
-        raise BenchError(f"unknown target {t.name}")
+        raise BenchError(f"unknown target {kind}")
     t.info.update(info)
     t.info["beanstalkd_port"] = upstream
     t.endpoint = Endpoint(port, ctx)
@@ -884,6 +928,21 @@ def ratios(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
     return out
 
 
+def acl_ratios(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """``proxy@Np/proxy`` (and the same for ``proxy-asyncio``): each metric with an ACL of N
+    principals over the same target with one."""
+    out: dict[str, dict[str, float]] = {}
+    for name, r in results.items():
+        base_name = name.split("@")[0]
+        base = results.get(base_name)
+        if base_name == name or r.get("status") != "ok" or not base or base.get("status") != "ok":
+            continue
+        out[f"{name}/{base_name}"] = {
+            key: r[key] / base[key] for key, *_ in METRICS if base.get(key)
+        }
+    return out
+
+
 def render(info: dict[str, Any], p: Params, results: dict[str, dict[str, Any]]) -> str:
     lines = [""]
     lines.append(
@@ -903,9 +962,16 @@ def render(info: dict[str, Any], p: Params, results: dict[str, dict[str, Any]]) 
         f"params:  {p.seconds:g} s per workload and target in {p.rounds} interleaved round(s), "
         f"put body {p.body} B, {p.batch} puts per write, conns capped at {p.conn_limit}"
     )
+    sizes = sorted({int(r.get("principals", 1)) for r in results.values()})
+    if sizes != [1]:
+        lines.append(
+            f"acl:     proxy@Np: the bench client's principal and rule come after N-1 other "
+            f"({info.get('principal_kind', 'exact')}) principals with one rule each; "
+            f"sizes {', '.join(map(str, sizes))}"
+        )
     lines.append("")
     labels = {
-        n: f"proxy ({r['loop']})" if n == "proxy" and r.get("loop") else n
+        n: f"{n} ({r['loop']})" if n.split("@")[0] == "proxy" and r.get("loop") else n
         for n, r in results.items()
     }
     width = max(16, *(len(x) + 2 for x in labels.values()))
@@ -930,6 +996,18 @@ def render(info: dict[str, Any], p: Params, results: dict[str, dict[str, Any]]) 
             label = f"ratio {name}/direct"
             cells = "".join(f"{rr.get(key, float('nan')):>13.2f}" for key, *_ in METRICS)
             lines.append(f"{label:<{width}}{cells}")
+    acl = acl_ratios(results)
+    if acl:
+        lines.append("")
+        lines.append(
+            "ratio N principals/1 principal (the ACL-size cost; 1.00 = none; latency: lower is "
+            "better)"
+        )
+        width = max(len(f"ratio {n}") for n in acl) + 2
+        lines.append(f"{'':<{width}}" + "".join(f"{h:>13}" for _, h, _, _ in METRICS))
+        for label, rr in acl.items():
+            cells = "".join(f"{rr.get(key, float('nan')):>13.2f}" for key, *_ in METRICS)
+            lines.append(f"{'ratio ' + label:<{width}}{cells}")
     notes = [n for r in results.values() for n in r.get("notes", [])]
     if notes:
         lines.append("")
@@ -994,6 +1072,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="N",
         help="pass --workers N to `serve` (default 1: a single process, the flag is not passed)",
     )
+    ap.add_argument(
+        "--principals",
+        default="1",
+        metavar="N[,N...]",
+        help="ACL sizes for the proxy targets: each N runs the proxy with N-1 other principals "
+        "(one rule each) before the bench client's, as target proxy@Np (1: plain `proxy`; "
+        "default 1)",
+    )
+    ap.add_argument(
+        "--principal-kind",
+        choices=PRINCIPAL_KINDS,
+        default="exact",
+        help="match patterns of the other principals: exact CN/URI/DNS values (default) or globs",
+    )
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory (logs)")
     args = ap.parse_args(argv)
     names = [t.strip() for t in args.targets.split(",") if t.strip()]
@@ -1007,6 +1099,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.rounds = 1 if args.quick else 3
     if args.rounds < 1 or args.proxy_workers < 1:
         ap.error("--rounds and --proxy-workers must be >= 1")
+    try:
+        args.principal_sizes = sorted({int(x) for x in args.principals.split(",") if x.strip()})
+    except ValueError:
+        ap.error(f"--principals: expected comma-separated integers, got {args.principals!r}")
+    if not args.principal_sizes or args.principal_sizes[0] < 1:
+        ap.error("--principals: every size must be >= 1")
     if args.conn_limit is None:
         args.conn_limit = 300 if args.quick else 5000
     if args.batch < 1 or args.body < 0 or args.seconds <= 0:
@@ -1039,6 +1137,13 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     info = machine_info()
     info["loadavg_start"] = os.getloadavg()
+    info["principal_kind"] = args.principal_kind
+    # (label, target, ACL size): the proxy targets run once per --principals size.
+    labels = [
+        (name if n == 1 else f"{name}@{n}p", name, n)
+        for name in args.target_list
+        for n in (args.principal_sizes if name in PROXY_TARGETS else [1])
+    ]
     p = Params(args.seconds, args.rounds, args.batch, args.body, args.conn_limit)
     mode = "quick" if args.quick else "default"
     print(f"beanstalk-proxy benchmark ({mode}): targets {', '.join(args.target_list)}", flush=True)
@@ -1049,13 +1154,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with _terminate_on_sigterm():
             pki = make_pki(tmp / "pki")
-            for name in args.target_list:
-                skip = target_available(name)
+            for name, kind, size in labels:
+                skip = target_available(kind)
                 if skip is not None:
                     print(f"  {name:<14} skipped: {skip}", flush=True)
                     skipped[name] = {"status": "skipped", "reason": skip}
                     continue
-                t = targets[name] = Target(name)
+                t = targets[name] = Target(name, kind, size)
                 try:
                     start_target(t, tmp, pki, args)
                 except (BenchError, OSError, ssl.SSLError) as exc:
@@ -1094,7 +1199,7 @@ def main(argv: list[str] | None = None) -> int:
     total = time.monotonic() - t_start
     results = {
         name: skipped[name] if name in skipped else summarize(targets[name])
-        for name in args.target_list
+        for name, _, _ in labels
     }
     print(render(info, p, results))
     print(f"\ntotal {total:.1f} s")
@@ -1105,9 +1210,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.json is not None:
         doc = {
             "machine": info,
-            "params": {**vars(p), "mode": mode, "targets": args.target_list},
+            "params": {
+                **vars(p),
+                "mode": mode,
+                "targets": args.target_list,
+                "principals": args.principal_sizes,
+                "principal_kind": args.principal_kind,
+            },
             "results": results,
             "ratios": ratios(results),
+            "acl_ratios": acl_ratios(results),
             "total_seconds": round(total, 2),
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
