@@ -758,7 +758,7 @@ def w_conns(target: Endpoint, seconds: float, limit: int) -> dict[str, Any]:
         if n % 10 == 0 and time.perf_counter() >= deadline:
             break
     elapsed = time.perf_counter() - t0
-    return {"conns": n, "seconds": elapsed, "conns_per_s": n / elapsed}
+    return {"conns": n, "warmup": 20, "seconds": elapsed, "conns_per_s": n / elapsed}
 
 
 def tls_details(target: Endpoint) -> dict[str, Any]:
@@ -848,6 +848,24 @@ def start_target(t: Target, work: Path, pki: PKI, args: argparse.Namespace) -> N
     t.status = "ok"
 
 
+def front_cpu(t: Target) -> float | None:
+    """CPU seconds (user + system, from ``/proc/PID/stat``) the target's front has used so far;
+    None for ``direct``, off Linux, or with ``--proxy-workers`` > 1 (workers are not counted)."""
+    if t.info.get("workers", 1) > 1:
+        return None
+    total, found = 0.0, False
+    for name, proc, _ in t.procs.procs:
+        if name == "beanstalkd":
+            continue
+        try:
+            fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return None
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        found = True
+    return total if found else None
+
+
 def run_round(t: Target, p: Params) -> str:
     """One slice of every workload against ``t``; returns a one-line summary."""
     ep = t.endpoint
@@ -855,14 +873,22 @@ def run_round(t: Target, p: Params) -> str:
     puts = w_puts(ep, p.slice, p.batch, p.body)
     cycles = w_cycles(ep, p.slice, p.body)
     rtt = w_rtt(ep, p.slice)
+    cpu0 = front_cpu(t)
     conns = w_conns(ep, p.slice, max(10, p.conn_limit // p.rounds))
+    cpu1 = front_cpu(t)
+    cpu = ""
+    if cpu0 is not None and cpu1 is not None:
+        # The front's CPU per connection (warm-up included): much less sensitive to other
+        # load on the machine than connections/s, at the clock tick's resolution (10 ms).
+        conns["cpu_us_per_conn"] = (cpu1 - cpu0) * 1e6 / (conns["conns"] + conns["warmup"])
+        cpu = f" ({conns['cpu_us_per_conn']:,.0f}us CPU each)"
     for w, r in zip(WORKLOADS, (puts, cycles, rtt, conns), strict=True):
         t.slices[w].append(r)
     lat = rtt_summary(rtt["samples_ns"])
     return (
         f"puts {puts['puts_per_s']:>9,.0f}/s  cycles {cycles['cycles_per_s']:>7,.0f}/s  "
         f"rtt p50 {lat['rtt_p50_us']:>6.1f}us p99 {lat['rtt_p99_us']:>7.1f}us  "
-        f"conns {conns['conns_per_s']:>7,.0f}/s"
+        f"conns {conns['conns_per_s']:>7,.0f}/s{cpu}"
     )
 
 
@@ -893,11 +919,15 @@ def summarize(t: Target) -> dict[str, Any]:
     out.update(rtt_summary(samples))
     out["conns_per_s"] = med(r["conns_per_s"] for r in s["conns"])
     out["conns"] = sum(r["conns"] for r in s["conns"])
+    cpu = [r["cpu_us_per_conn"] for r in s["conns"] if "cpu_us_per_conn" in r]
+    if cpu:
+        out["conn_cpu_us"] = med(cpu)
     out["rounds"] = {
         "puts_per_s": [round(r["puts_per_s"]) for r in s["puts"]],
         "cycles_per_s": [round(r["cycles_per_s"]) for r in s["cycles"]],
         "rtt_p50_us": [round(rtt_summary(r["samples_ns"])["rtt_p50_us"], 1) for r in s["rtt"]],
         "conns_per_s": [round(r["conns_per_s"]) for r in s["conns"]],
+        "conn_cpu_us": [round(x) for x in cpu],
     }
     return out
 
@@ -996,6 +1026,11 @@ def render(info: dict[str, Any], p: Params, results: dict[str, dict[str, Any]]) 
             label = f"ratio {name}/direct"
             cells = "".join(f"{rr.get(key, float('nan')):>13.2f}" for key, *_ in METRICS)
             lines.append(f"{label:<{width}}{cells}")
+    cpu = {labels[n]: r["conn_cpu_us"] for n, r in results.items() if r.get("conn_cpu_us")}
+    if cpu:
+        lines.append("")
+        lines.append("front CPU per connection (conns workload, /proc utime+stime, median):")
+        lines.extend(f"  {label:<{width}}{us:>10,.0f} us" for label, us in cpu.items())
     acl = acl_ratios(results)
     if acl:
         lines.append("")
