@@ -29,6 +29,8 @@ hits all of them alike, and throughputs are the medians over the rounds:
 
 Usage: ``python bench/bench.py [--quick] [--targets direct,proxy,...] [--json PATH]``.
 ``--profile DIR`` runs the proxy targets under cProfile (slower; for finding hot spots).
+``--principals 1,2000`` runs each proxy target once per ACL size (target ``proxy@2000p``: 1,999
+other principals and rules before the bench client's; ``--principal-kind exact|glob``).
 Exit status: 0 when every requested, installed target ran; 1 when one failed; 2 on bad usage.
 """
 

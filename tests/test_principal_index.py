@@ -313,12 +313,13 @@ def test_last_of_2000_exact_principals_checks_one_candidate(
         return f"sha256:{i:064x}"
 
     pol = policy(*({key: value(i), "ou": "eng"} for i in range(2000)))
-    kwargs: dict[str, Any] = {
+    by_key: dict[str, dict[str, Any]] = {
         "cn": {"cn": value(1999)},
         "uri": {"uris": (value(1999),)},
         "dns": {"dns": (value(1999),)},
         "fingerprint": {"fingerprint": value(1999)},
-    }[key]
+    }
+    kwargs = by_key[key]
     calls = _count_holds(monkeypatch)
     assert pol._principal_lookup(ident(ous=("eng",), **kwargs)) is not None
     assert calls[0] == 2  # the one candidate's two conditions
