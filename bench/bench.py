@@ -49,6 +49,8 @@ what beanstalkd itself costs the bystander with that many tubes.
 Usage: ``python bench/bench.py [--quick] [--targets direct,proxy,...] [--json PATH]``;
 ``python bench/bench.py --fairness [--targets proxy,proxy-asyncio] [--seconds S]``.
 ``--profile DIR`` runs the proxy targets under cProfile (slower; for finding hot spots).
+``--principals 1,2000`` runs each proxy target once per ACL size (target ``proxy@2000p``: 1,999
+other principals and rules before the bench client's; ``--principal-kind exact|glob``).
 Exit status: 0 when every requested, installed target ran; 1 when one failed; 2 on bad usage.
 """
 
@@ -115,6 +117,42 @@ rules:
     tubes: ["t1*"]
     allow: [inspect]
 """
+PROXY_TARGETS = ("proxy", "proxy-asyncio")
+PRINCIPAL_KINDS = ("exact", "glob")
+
+
+def bench_acl(principals: int, kind: str = "exact") -> str:
+    """The bench ACL with ``principals - 1`` other principals, each with one rule, before the
+    bench client's principal and rule. ``exact`` principals match one CN, URI or DNS name (in
+    turn); ``glob`` ones a pattern of the same key that the bench certificate does not match."""
+    if principals <= 1:
+        return BENCH_ACL
+    head, rules = BENCH_ACL.split("rules:\n")
+    extra_p: list[str] = []
+    extra_r: list[str] = []
+    for i in range(principals - 1):
+        if kind == "exact":
+            match = (f"cn: client-{i}", f"uri: spiffe://bench/svc-{i}", f"dns: svc-{i}.bench")[
+                i % 3
+            ]
+        else:
+            match = (
+                f'cn: "client-{i}-*"',
+                f'uri: "spiffe://bench/svc-{i}/*"',
+                f'dns: "*.svc-{i}.bench"',
+            )[i % 3]
+        extra_p.append(f"  - name: c{i}\n    match: {{{match}}}\n")
+        extra_r.append(f"  - principal: c{i}\n    tubes: [t{i}]\n    allow: [produce]\n")
+    body = head.split("  - name: bench")
+    return (
+        body[0]
+        + "".join(extra_p)
+        + "  - name: bench"
+        + body[1]
+        + "rules:\n"
+        + "".join(extra_r)
+        + rules
+    )
 
 
 class BenchError(Exception):
@@ -307,6 +345,8 @@ class Env:
     profile_dir: Path | None
     proxy_launch: str  # auto | cli | inline
     workers: int = 1  # serve --workers N (only passed when > 1)
+    principals: int = 1  # ACL size: the bench client's principal comes last of this many
+    principal_kind: str = "exact"  # exact | glob: the other principals' match patterns
     notes: list[str] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
 
@@ -388,10 +428,14 @@ def _uses_uvloop(pid: int) -> bool | None:
 
 def start_proxy(env: Env, loop: str, transport: str | None = None) -> tuple[int, dict[str, Any]]:
     port = free_port()
-    tag = f"proxy-{loop}" + (f"-{transport}" if transport else "")
+    tag = (
+        f"proxy-{loop}"
+        + (f"-{transport}" if transport else "")
+        + (f"-{env.principals}p" if env.principals > 1 else "")
+    )
     transport_line = f"  transport: {transport}\n" if transport else ""
-    acl = env.work / "bench-acl.yaml"
-    acl.write_text(BENCH_ACL)
+    acl = env.work / f"bench-acl-{env.principals}.yaml"
+    acl.write_text(bench_acl(env.principals, env.principal_kind))
     cfg = env.work / f"{tag}.yaml"
     cfg.write_text(
         f"""\
@@ -485,6 +529,7 @@ log:
             "transport": transport or "default",
             "uvloop_loaded": actual,
             "profile": str(prof) if prof else None,
+            "principals": env.principals,
         }
         return port, info
     raise BenchError("proxy did not start:\n" + "\n".join(errors))
@@ -765,7 +810,7 @@ def w_conns(target: Endpoint, seconds: float, limit: int) -> dict[str, Any]:
         if n % 10 == 0 and time.perf_counter() >= deadline:
             break
     elapsed = time.perf_counter() - t0
-    return {"conns": n, "seconds": elapsed, "conns_per_s": n / elapsed}
+    return {"conns": n, "warmup": 20, "seconds": elapsed, "conns_per_s": n / elapsed}
 
 
 def _rss_kib(pid: int) -> int:
@@ -1056,7 +1101,9 @@ class Params:
 class Target:
     """One started target: its processes, where to connect, and the per-round results."""
 
-    name: str
+    name: str  # the label: the target name, "@<N>p" added for an ACL of N principals
+    kind: str = ""  # the target name (empty: same as ``name``)
+    principals: int = 1
     procs: Processes = field(default_factory=Processes)
     endpoint: Endpoint | None = None
     info: dict[str, Any] = field(default_factory=dict)
@@ -1081,32 +1128,53 @@ def start_target(t: Target, work: Path, pki: PKI, args: argparse.Namespace) -> N
         proxy_launch=args.proxy_launch,
         notes=t.notes,
         workers=args.proxy_workers,
+        principals=t.principals,
+        principal_kind=args.principal_kind,
     )
     ctx: ssl.SSLContext | None = pki.client_context()
     info: dict[str, Any]
-    if t.name == "direct":
+    kind = t.kind or t.name
+    if kind == "direct":
         port, info, ctx = upstream, {}, None
-    elif t.name == "proxy":
+    elif kind == "proxy":
         loop = "uvloop" if target_available("proxy-asyncio") is None else "asyncio"
         port, info = start_proxy(env, loop)
-    elif t.name == "proxy-asyncio":
+    elif kind == "proxy-asyncio":
         port, info = start_proxy(env, "asyncio")
     elif t.name in TRANSPORT_TARGETS:
         loop = "asyncio" if t.name.startswith("proxy-asyncio") else "uvloop"
         if loop == "uvloop" and target_available("proxy-asyncio") is not None:
             loop = "asyncio"
         port, info = start_proxy(env, loop, t.name.rsplit("-", 1)[1])
-    elif t.name == "stunnel":
+    elif kind == "stunnel":
         port, info = start_stunnel(env)
-    elif t.name == "haproxy":
+    elif kind == "haproxy":
         port, info = start_haproxy(env)
     else:  # pragma: no cover - validated by the argument parser
-        raise BenchError(f"unknown target {t.name}")
+        raise BenchError(f"unknown target {kind}")
     t.info.update(info)
     t.info["beanstalkd_port"] = upstream
     t.endpoint = Endpoint(port, ctx)
     t.info.update(tls_details(t.endpoint))
     t.status = "ok"
+
+
+def front_cpu(t: Target) -> float | None:
+    """CPU seconds (user + system, from ``/proc/PID/stat``) the target's front has used so far;
+    None for ``direct``, off Linux, or with ``--proxy-workers`` > 1 (workers are not counted)."""
+    if t.info.get("workers", 1) > 1:
+        return None
+    total, found = 0.0, False
+    for name, proc, _ in t.procs.procs:
+        if name == "beanstalkd":
+            continue
+        try:
+            fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return None
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        found = True
+    return total if found else None
 
 
 def run_round(t: Target, p: Params) -> str:
@@ -1123,14 +1191,22 @@ def run_round(t: Target, p: Params) -> str:
     cpu.append(_cpu_seconds(pid))
     conns = w_conns(ep, p.slice, max(10, p.conn_limit // p.rounds))
     cpu.append(_cpu_seconds(pid))
-    for i, (w, r) in enumerate(zip(WORKLOADS, (puts, cycles, rtt, conns), strict=True)):
+    results = (puts, cycles, rtt, conns)
+    for i, (w, r) in enumerate(zip(WORKLOADS, results, strict=True)):
         r["front_cpu_s"] = cpu[i + 1] - cpu[i]  # warm-up included
         t.slices[w].append(r)
+    cpu_note = ""
+    made = conns["conns"] + conns["warmup"]
+    if made and t.info.get("workers", 1) == 1 and front_cpu(t) is not None:
+        # The front's CPU per connection (warm-up included): much less sensitive to other
+        # load on the machine than connections/s, at the clock tick's resolution (10 ms).
+        conns["cpu_us_per_conn"] = conns["front_cpu_s"] * 1e6 / made
+        cpu_note = f" ({conns['cpu_us_per_conn']:,.0f}us CPU each)"
     lat = rtt_summary(rtt["samples_ns"])
     return (
         f"puts {puts['puts_per_s']:>9,.0f}/s  cycles {cycles['cycles_per_s']:>7,.0f}/s  "
         f"rtt p50 {lat['rtt_p50_us']:>6.1f}us p99 {lat['rtt_p99_us']:>7.1f}us  "
-        f"conns {conns['conns_per_s']:>7,.0f}/s"
+        f"conns {conns['conns_per_s']:>7,.0f}/s{cpu_note}"
     )
 
 
@@ -1195,11 +1271,15 @@ def summarize(t: Target) -> dict[str, Any]:
     out["front_cpu_us_per_op"] = {
         w: 1e6 * sum(r.get("front_cpu_s", 0.0) for r in s[w]) / n for w, n in ops.items() if n
     }
+    cpu = [r["cpu_us_per_conn"] for r in s["conns"] if "cpu_us_per_conn" in r]
+    if cpu:
+        out["conn_cpu_us"] = med(cpu)
     out["rounds"] = {
         "puts_per_s": [round(r["puts_per_s"]) for r in s["puts"]],
         "cycles_per_s": [round(r["cycles_per_s"]) for r in s["cycles"]],
         "rtt_p50_us": [round(rtt_summary(r["samples_ns"])["rtt_p50_us"], 1) for r in s["rtt"]],
         "conns_per_s": [round(r["conns_per_s"]) for r in s["conns"]],
+        "conn_cpu_us": [round(x) for x in cpu],
     }
     return out
 
@@ -1230,6 +1310,21 @@ def ratios(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
     return out
 
 
+def acl_ratios(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """``proxy@Np/proxy`` (and the same for ``proxy-asyncio``): each metric with an ACL of N
+    principals over the same target with one."""
+    out: dict[str, dict[str, float]] = {}
+    for name, r in results.items():
+        base_name = name.split("@")[0]
+        base = results.get(base_name)
+        if base_name == name or r.get("status") != "ok" or not base or base.get("status") != "ok":
+            continue
+        out[f"{name}/{base_name}"] = {
+            key: r[key] / base[key] for key, *_ in METRICS if base.get(key)
+        }
+    return out
+
+
 def render(info: dict[str, Any], p: Params, results: dict[str, dict[str, Any]]) -> str:
     lines = [""]
     lines.append(
@@ -1249,9 +1344,16 @@ def render(info: dict[str, Any], p: Params, results: dict[str, dict[str, Any]]) 
         f"params:  {p.seconds:g} s per workload and target in {p.rounds} interleaved round(s), "
         f"put body {p.body} B, {p.batch} puts per write, conns capped at {p.conn_limit}"
     )
+    sizes = sorted({int(r.get("principals", 1)) for r in results.values()})
+    if sizes != [1]:
+        lines.append(
+            f"acl:     proxy@Np: the bench client's principal and rule come after N-1 other "
+            f"({info.get('principal_kind', 'exact')}) principals with one rule each; "
+            f"sizes {', '.join(map(str, sizes))}"
+        )
     lines.append("")
     labels = {
-        n: f"proxy ({r['loop']})" if n == "proxy" and r.get("loop") else n
+        n: f"{n} ({r['loop']})" if n.split("@")[0] == "proxy" and r.get("loop") else n
         for n, r in results.items()
     }
     idle = {n: r["idle"] for n, r in results.items() if r.get("idle")}
@@ -1300,6 +1402,23 @@ def render(info: dict[str, Any], p: Params, results: dict[str, dict[str, Any]]) 
                 f"{r['rss_before_kib'] / 1024:>16.1f}{r['rss_after_kib'] / 1024:>15.1f}"
                 f"{r['kib_per_conn']:>10.1f}"
             )
+    per_conn = {labels[n]: r["conn_cpu_us"] for n, r in results.items() if r.get("conn_cpu_us")}
+    if per_conn:
+        lines.append("")
+        lines.append("front CPU per connection (conns workload, /proc utime+stime, median):")
+        lines.extend(f"  {label:<{width}}{us:>10,.0f} us" for label, us in per_conn.items())
+    acl = acl_ratios(results)
+    if acl:
+        lines.append("")
+        lines.append(
+            "ratio N principals/1 principal (the ACL-size cost; 1.00 = none; latency: lower is "
+            "better)"
+        )
+        width = max(len(f"ratio {n}") for n in acl) + 2
+        lines.append(f"{'':<{width}}" + "".join(f"{h:>13}" for _, h, _, _ in METRICS))
+        for label, rr in acl.items():
+            cells = "".join(f"{rr.get(key, float('nan')):>13.2f}" for key, *_ in METRICS)
+            lines.append(f"{'ratio ' + label:<{width}}{cells}")
     notes = [n for r in results.values() for n in r.get("notes", [])]
     if notes:
         lines.append("")
@@ -1371,6 +1490,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="N",
         help="pass --workers N to `serve` (default 1: a single process, the flag is not passed)",
     )
+    ap.add_argument(
+        "--principals",
+        default="1",
+        metavar="N[,N...]",
+        help="ACL sizes for the proxy targets: each N runs the proxy with N-1 other principals "
+        "(one rule each) before the bench client's, as target proxy@Np (1: plain `proxy`; "
+        "default 1)",
+    )
+    ap.add_argument(
+        "--principal-kind",
+        choices=PRINCIPAL_KINDS,
+        default="exact",
+        help="match patterns of the other principals: exact CN/URI/DNS values (default) or globs",
+    )
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory (logs)")
     ap.add_argument(
         "--fairness",
@@ -1399,6 +1532,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.idle = 50 if args.quick else 2000
     if args.idle < 0:
         ap.error("--idle must be >= 0")
+    try:
+        args.principal_sizes = sorted({int(x) for x in args.principals.split(",") if x.strip()})
+    except ValueError:
+        ap.error(f"--principals: expected comma-separated integers, got {args.principals!r}")
+    if not args.principal_sizes or args.principal_sizes[0] < 1:
+        ap.error("--principals: every size must be >= 1")
     if args.conn_limit is None:
         args.conn_limit = 300 if args.quick else 5000
     if args.batch < 1 or args.body < 0 or args.seconds <= 0:
@@ -1431,6 +1570,13 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     info = machine_info()
     info["loadavg_start"] = os.getloadavg()
+    info["principal_kind"] = args.principal_kind
+    # (label, target, ACL size): the proxy targets run once per --principals size.
+    labels = [
+        (name if n == 1 else f"{name}@{n}p", name, n)
+        for name in args.target_list
+        for n in (args.principal_sizes if name in PROXY_TARGETS else [1])
+    ]
     p = Params(args.seconds, args.rounds, args.batch, args.body, args.conn_limit)
     mode = "quick" if args.quick else "default"
     print(f"beanstalk-proxy benchmark ({mode}): targets {', '.join(args.target_list)}", flush=True)
@@ -1441,13 +1587,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with _terminate_on_sigterm():
             pki = make_pki(tmp / "pki")
-            for name in args.target_list:
-                skip = target_available(name)
+            for name, kind, size in labels:
+                skip = target_available(kind)
                 if skip is not None:
                     print(f"  {name:<14} skipped: {skip}", flush=True)
                     skipped[name] = {"status": "skipped", "reason": skip}
                     continue
-                t = targets[name] = Target(name)
+                t = targets[name] = Target(name, kind, size)
                 try:
                     start_target(t, tmp, pki, args)
                 except (BenchError, OSError, ssl.SSLError) as exc:
@@ -1503,7 +1649,7 @@ def main(argv: list[str] | None = None) -> int:
         return _fairness_report(args, info, targets, skipped, total)
     results = {
         name: skipped[name] if name in skipped else summarize(targets[name])
-        for name in args.target_list
+        for name, _, _ in labels
     }
     print(render(info, p, results))
     print(f"\ntotal {total:.1f} s")
@@ -1514,9 +1660,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.json is not None:
         doc = {
             "machine": info,
-            "params": {**vars(p), "mode": mode, "targets": args.target_list},
+            "params": {
+                **vars(p),
+                "mode": mode,
+                "targets": args.target_list,
+                "principals": args.principal_sizes,
+                "principal_kind": args.principal_kind,
+            },
             "results": results,
             "ratios": ratios(results),
+            "acl_ratios": acl_ratios(results),
             "total_seconds": round(total, 2),
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }

@@ -8,7 +8,8 @@ one question per command -- may this principal run this command on this tube? --
 deny and "a matching deny beats every allow", and names the rule that decided. ``COMMAND_VERBS``
 maps all 25 beanstalkd 1.12 commands to their verb class. Globs are matched by hand-written
 linear-time matchers (no regex backtracking), and the module is pure: no asyncio, socket, ssl,
-click or yaml imports. The file format is documented in ``config/ACL.md``.
+click or yaml imports. The file format is documented in ``config/ACL.md``. Principals are found
+through an index of their exact match values, so the lookup does not grow with their number.
 """
 
 from __future__ import annotations
@@ -121,6 +122,10 @@ _PRINCIPAL_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.@:/+-]{0,99}")
 _DNS_PATTERN_CHARS: Final = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-._*")
 _HEX: Final = frozenset("0123456789abcdef")
 _CACHE_MAX: Final = 8192  # bounded: tube names are client-chosen
+_PRINCIPAL_CACHE_MAX: Final = 4096  # bounded: certificates are client-chosen (any the CA signed)
+# Match keys whose exact patterns index principals, the most selective first: a principal is
+# indexed under the first of its exact conditions in this order.
+_INDEX_KEYS: Final = ("fingerprint", "spki", "cn", "uri", "dns", "ou", "issuer")
 
 # --------------------------------------------------------------------------------------------
 # Public result types
@@ -310,22 +315,33 @@ class _Condition:
                 if any(addr in net for net in self.networks):
                     return True
             return False
-        values: Iterable[str]
-        if key == "cn":
-            values = () if identity.cn is None else (identity.cn,)
-        elif key == "ou":
-            values = identity.ous
-        elif key == "dns":
-            values = [f for f in map(dns_match_form, identity.dns) if f is not None]
-        elif key == "uri":
-            values = [f for f in map(uri_match_form, identity.uris) if f is not None]
-        elif key == "fingerprint":
-            values = (identity.fingerprint.lower(),)
-        elif key == "issuer":  # unknown issuer (None): never holds
-            values = [v for v in (identity.issuer, identity.issuer_fingerprint) if v is not None]
-        else:  # spki
-            values = (identity.spki.lower(),)
-        return any(m(v) for v in values for m in self.matchers)
+        return any(m(v) for v in _match_values(key, identity) for m in self.matchers)
+
+    @property
+    def exact(self) -> bool:
+        """Every pattern is compared by equality with ``_match_values`` (no glob, not ``ip``):
+        the condition holds exactly when one of the identity's values is one of the patterns.
+        (Each pattern's matcher is ``_exact(pattern)`` when it has no ``*``; a pattern that
+        contains a literal ``*``, as an ``issuer`` DN may, is conservatively left out.)"""
+        return self.key != "ip" and not any("*" in p for p in self.patterns)
+
+
+def _match_values(key: str, identity: Identity) -> Iterable[str]:
+    """The identity's values for match key ``key`` (any key but ``ip``), in the form patterns
+    are compared against."""
+    if key == "cn":
+        return () if identity.cn is None else (identity.cn,)
+    if key == "ou":
+        return identity.ous
+    if key == "dns":
+        return [f for f in map(dns_match_form, identity.dns) if f is not None]
+    if key == "uri":
+        return [f for f in map(uri_match_form, identity.uris) if f is not None]
+    if key == "fingerprint":
+        return (identity.fingerprint.lower(),)
+    if key == "issuer":  # unknown issuer (None): never holds
+        return [v for v in (identity.issuer, identity.issuer_fingerprint) if v is not None]
+    return (identity.spki.lower(),)  # spki
 
 
 @dataclass(frozen=True, slots=True)
@@ -346,6 +362,12 @@ class _Principal:
     def bound_to_ca(self) -> bool:
         """Only certificates from one CA (``issuer``) or pinned ones can match."""
         return any(c.key in ("issuer", "fingerprint", "spki") for c in self.conditions)
+
+
+def _index_condition(p: _Principal) -> _Condition | None:
+    """The condition ``p`` is indexed under: its exact one with the most selective key."""
+    exact = {c.key: c for c in p.conditions if c.exact}
+    return next((exact[k] for k in _INDEX_KEYS if k in exact), None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -394,12 +416,16 @@ class Policy:
     """A compiled, immutable ACL. Build it with ``parse_acl``; swap whole policies on reload."""
 
     __slots__ = (
+        "_by_value",
         "_cache",
         "_deniable",
+        "_index_keys",
+        "_principal_cache",
         "_principals",
         "_rates",
         "_rules",
         "_rules_for",
+        "_unindexed",
         "_visible",
         "principals",
         "source",
@@ -426,6 +452,31 @@ class Policy:
         self._deniable = frozenset(
             name for name, rules in self._rules_for.items() if any(r.deny for r in rules)
         )
+        # Principal lookup that does not grow with the number of principals: each principal
+        # with an exact (glob-free) condition is indexed under that condition's patterns; an
+        # identity's candidates are the principals indexed under its own values, checked in
+        # file order together with the unindexed ones (see ``_principal_lookup``).
+        unindexed: list[_Principal] = []
+        by_value: dict[tuple[str, str], list[int]] = {}
+        for p in self._principals:
+            cond = _index_condition(p)
+            if cond is None:
+                unindexed.append(p)
+                continue
+            for pattern in cond.patterns:
+                by_value.setdefault((cond.key, pattern), []).append(p.index)
+        self._by_value: dict[tuple[str, str], tuple[int, ...]] = {
+            k: tuple(dict.fromkeys(v)) for k, v in by_value.items()
+        }
+        self._index_keys: tuple[str, ...] = tuple(
+            k for k in _INDEX_KEYS if any(key == k for key, _ in by_value)
+        )
+        self._unindexed: tuple[_Principal, ...] = tuple(unindexed)
+        # Identity -> first matching principal, for the life of this policy (a reload builds a
+        # new Policy, so nothing stale survives). Keyed by the whole identity, not only the
+        # certificate fingerprint: the same certificate can verify through another chain
+        # (a cross-signed CA) and so carry another ``issuer``.
+        self._principal_cache: dict[Identity, _Principal | None] = {}
 
     def __repr__(self) -> str:
         return (
@@ -442,9 +493,53 @@ class Policy:
 
     def principal_rule(self, identity: Identity) -> tuple[str, str] | None:
         """The first matching principal as ``(name, "principals[i]")``, or ``None``."""
+        cache = self._principal_cache
+        try:
+            found = cache[identity]
+        except KeyError:
+            found = self._principal_lookup(identity)
+            if len(cache) >= _PRINCIPAL_CACHE_MAX:
+                cache.clear()
+            cache[identity] = found
+        return None if found is None else (found.name, found.where)
+
+    def _principal_lookup(self, identity: Identity) -> _Principal | None:
+        """The first principal (in file order) whose match block holds, found through the
+        index: the answer equals ``_principal_scan``'s for every identity.
+
+        A principal in the index can only match when its indexed condition holds, that is when
+        one of the identity's values for that key equals one of the condition's patterns; so the
+        principals indexed under the identity's values are the only indexed ones that can
+        match. The first of those that does match bounds the search among the unindexed ones
+        (glob, ``ip``-only, ...), which are checked in file order below it."""
+        if identity.refusal is not None:
+            return None
+        principals = self._principals
+        by_value = self._by_value
+        candidates: set[int] = set()
+        for key in self._index_keys:
+            for value in _match_values(key, identity):
+                hit = by_value.get((key, value))
+                if hit is not None:
+                    candidates.update(hit)
+        best: _Principal | None = None
+        for i in sorted(candidates):
+            if principals[i].matches(identity):
+                best = principals[i]
+                break
+        limit = len(principals) if best is None else best.index
+        for p in self._unindexed:
+            if p.index >= limit:
+                break
+            if p.matches(identity):
+                return p
+        return best
+
+    def _principal_scan(self, identity: Identity) -> _Principal | None:
+        """The simple ordered scan ``_principal_lookup`` must agree with (the tests' reference)."""
         for p in self._principals:
             if p.matches(identity):
-                return p.name, p.where
+                return p
         return None
 
     def match_rule_for(self, identity: Identity) -> str:
