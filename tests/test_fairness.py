@@ -26,8 +26,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proxy.acl import COMMAND_VERBS, VERBS, Policy, parse_acl
-from proxy.audit import AUDIT_BURST, WindowCounter
 from proxy.logs import AUDIT_LOGGER, JsonFormatter
+from proxy.logsummary import AUDIT_BURST, WindowCounter
 from proxy.relay import PolicyHolder
 from proxy.session import TURN_BUDGET, Session, _yaml_scalar, ok_reply
 
