@@ -28,6 +28,7 @@ from proxy.acl import parse_acl
 from proxy.certs import init_ca_and_server, issue_client
 from proxy.config import Config, Endpoint, Limits, LogConfig, TLSConfig
 from proxy.relay import PolicyHolder, ProxyServer
+from proxy.session import Session
 from proxy.tlsctx import server_context
 from proxy.tunnel import TunnelServer
 
@@ -61,6 +62,25 @@ CLIENTS: dict[str, dict[str, Any]] = {
     "inspector": {},
     "stranger": {},  # valid certificate, but no principal matches it
 }
+
+
+def make_session(
+    acl: dict[str, Any], principal: str, denial_reply: str, max_job_size: int = 100
+) -> Session:
+    """A sans-I/O session of ``principal`` under ``acl`` (for the session unit tests)."""
+    return Session(
+        PolicyHolder(parse_acl(acl, "<test>")),
+        principal,
+        max_job_size=max_job_size,
+        denial_reply=denial_reply,
+    )
+
+
+def take(buf: bytearray) -> bytes:
+    """Everything in ``buf`` (a session's output buffer), which is left empty."""
+    data = bytes(buf)
+    buf.clear()
+    return data
 
 
 @dataclass
