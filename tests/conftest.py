@@ -16,6 +16,7 @@ import re
 import socket
 import ssl
 import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -23,10 +24,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from proxy.acl import parse_acl
 from proxy.certs import init_ca_and_server, issue_client
 from proxy.config import Config, Endpoint, Limits, LogConfig, TLSConfig
+from proxy.httpd import StatusServer
 from proxy.relay import PolicyHolder, ProxyServer
 from proxy.session import Session
 from proxy.tlsctx import server_context
@@ -105,6 +108,51 @@ class PKI:
             d = ca_dir or self.dir
             ctx.load_cert_chain(str(d / f"{name}.pem"), str(d / f"{name}.key"))
         return ctx
+
+
+def write_serve_config(tmp: Path, pki: PKI, upstream: int, port: int, **extra: Any) -> Path:
+    """``acl.yaml`` (admin may do all) and ``proxy.yaml`` for ``serve`` in ``tmp``: listening
+    on ``port``, relaying to ``upstream``, no file watching, plus the top-level keys ``extra``.
+    Returns the config's path."""
+    acl = tmp / "acl.yaml"
+    acl.write_text(
+        yaml.safe_dump(
+            {
+                "principals": [{"name": "admin", "match": {"cn": "admin"}}],
+                "rules": [{"principal": "admin", "allow": ["all"]}],
+            }
+        )
+    )
+    cfg = tmp / "proxy.yaml"
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "listen": f"127.0.0.1:{port}",
+                "upstream": f"127.0.0.1:{upstream}",
+                "tls": {
+                    "cert": str(pki.dir / "server.pem"),
+                    "key": str(pki.dir / "server.key"),
+                    "client_ca": pki.ca,
+                },
+                "acl": str(acl),
+                "reload": {"watch": False},
+                **extra,
+            }
+        )
+    )
+    return cfg
+
+
+def run_bench(*args: str) -> subprocess.CompletedProcess[str]:
+    """``bench/bench.py ARGS`` run to its end from the repository root, output captured."""
+    root = Path(__file__).resolve().parent.parent
+    return subprocess.run(
+        [sys.executable, str(root / "bench" / "bench.py"), *args],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
 
 
 @pytest.fixture(scope="session")
@@ -266,6 +314,20 @@ class RunningProxy:
             "127.0.0.1", self.port, ssl=ctx, server_hostname="localhost"
         )
         return Client(reader, writer)
+
+
+@dataclass
+class StatusListener:
+    """A status listener (``server``) in front of a running proxy (``proxy``)."""
+
+    server: StatusServer
+    proxy: RunningProxy
+
+    @property
+    def port(self) -> int:
+        port = self.server.port
+        assert port is not None
+        return port
 
 
 async def start_proxy(

@@ -12,39 +12,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import yaml
-from conftest import PKI, Beanstalkd, Client, LogReader, free_port
+from conftest import PKI, Beanstalkd, Client, LogReader, free_port, write_serve_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def _write_config(tmp: Path, pki: PKI, upstream: int, port: int) -> Path:
-    acl = tmp / "acl.yaml"
-    acl.write_text(
-        yaml.safe_dump(
-            {
-                "principals": [{"name": "admin", "match": {"cn": "admin"}}],
-                "rules": [{"principal": "admin", "allow": ["all"]}],
-            }
-        )
-    )
-    cfg = tmp / "proxy.yaml"
-    cfg.write_text(
-        yaml.safe_dump(
-            {
-                "listen": f"127.0.0.1:{port}",
-                "upstream": f"127.0.0.1:{upstream}",
-                "tls": {
-                    "cert": str(pki.dir / "server.pem"),
-                    "key": str(pki.dir / "server.key"),
-                    "client_ca": pki.ca,
-                },
-                "acl": str(acl),
-                "reload": {"watch": False},
-            }
-        )
-    )
-    return cfg
+    return write_serve_config(tmp, pki, upstream, port)
 
 
 async def _connect(pki: PKI, port: int) -> Client:
