@@ -143,6 +143,19 @@ def write_serve_config(tmp: Path, pki: PKI, upstream: int, port: int, **extra: A
     return cfg
 
 
+def spawn_serve(cfg: Path, *args: str) -> subprocess.Popen[str]:
+    """``python -m proxy serve --config CFG ARGS`` started from the repository root, its
+    stderr (the log) piped, unbuffered, for a ``LogReader``."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "proxy", "serve", "--config", str(cfg), *args],
+        cwd=Path(__file__).resolve().parent.parent,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+
+
 def run_bench(*args: str) -> subprocess.CompletedProcess[str]:
     """``bench/bench.py ARGS`` run to its end from the repository root, output captured."""
     root = Path(__file__).resolve().parent.parent

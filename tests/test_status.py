@@ -7,11 +7,11 @@ uvloop when installed: build_info says which loop runs)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import importlib.util
 import json
 import os
-import subprocess
 import sys
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -26,6 +26,7 @@ from conftest import (
     LogReader,
     StatusListener,
     free_port,
+    spawn_serve,
     start_proxy,
     write_serve_config,
 )
@@ -41,7 +42,8 @@ from proxy.sessions_view import render, snapshot
 ROOT = Path(__file__).resolve().parent.parent
 
 
-async def _live(pki: PKI, beanstalkd: Beanstalkd, enabled: bool) -> tuple[StatusServer, Any]:
+@contextlib.asynccontextmanager
+async def _live(pki: PKI, beanstalkd: Beanstalkd, enabled: bool) -> AsyncIterator[StatusListener]:
     running = await start_proxy(pki, beanstalkd.port)
     srv = StatusServer(
         Endpoint("127.0.0.1", 0, None),
@@ -50,27 +52,23 @@ async def _live(pki: PKI, beanstalkd: Beanstalkd, enabled: bool) -> tuple[Status
         connections=(lambda: render(running.server)) if enabled else None,
     )
     await srv.start()
-    return srv, running
+    try:
+        yield StatusListener(srv, running)
+    finally:
+        await srv.close()
+        await running.server.close()
 
 
 @pytest.fixture
 async def live(pki: PKI, beanstalkd: Beanstalkd) -> AsyncIterator[StatusListener]:
-    srv, running = await _live(pki, beanstalkd, enabled=True)
-    try:
-        yield StatusListener(srv, running)
-    finally:
-        await srv.close()
-        await running.server.close()
+    async with _live(pki, beanstalkd, enabled=True) as status:
+        yield status
 
 
 @pytest.fixture
 async def off(pki: PKI, beanstalkd: Beanstalkd) -> AsyncIterator[StatusListener]:
-    srv, running = await _live(pki, beanstalkd, enabled=False)
-    try:
-        yield StatusListener(srv, running)
-    finally:
-        await srv.close()
-        await running.server.close()
+    async with _live(pki, beanstalkd, enabled=False) as status:
+        yield status
 
 
 async def sessions(port: int) -> dict[str, Any]:
@@ -382,14 +380,7 @@ async def test_serve_wires_connections_and_build_info(
 ) -> None:
     port, status = free_port(), free_port()
     cfg = _write_config(tmp_path, pki, beanstalkd.port, port, status, on)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "proxy", "serve", "--config", str(cfg)],
-        cwd=ROOT,
-        stderr=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
+    proc = spawn_serve(cfg)
     log = LogReader(proc)
     try:
         await log.wait_for(r"ready: listening on")

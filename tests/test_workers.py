@@ -5,16 +5,12 @@ SIGTERM sent to the supervisor reach every worker."""
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
-from conftest import PKI, Beanstalkd, Client, LogReader, free_port, write_serve_config
-
-ROOT = Path(__file__).resolve().parent.parent
+from conftest import PKI, Beanstalkd, Client, LogReader, free_port, spawn_serve, write_serve_config
 
 
 def _write_config(tmp: Path, pki: PKI, upstream: int, port: int) -> Path:
@@ -33,14 +29,7 @@ async def test_workers_share_port_and_receive_signals(
 ) -> None:
     port = free_port()
     cfg = _write_config(tmp_path, pki, beanstalkd.port, port)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "proxy", "serve", "--config", str(cfg), "--workers", "2"],
-        cwd=ROOT,
-        stderr=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
+    proc = spawn_serve(cfg, "--workers", "2")
     log = LogReader(proc)
     try:
         ready = await log.wait_for(r"ready: listening on", count=2)
