@@ -662,29 +662,7 @@ def _explain_principal(
         _explain_rate(policy, name)
         return name
     assert cert_path is not None
-    from cryptography.hazmat.primitives.serialization import Encoding
-
-    from proxy.certs import load_cert
-    from proxy.identity import identity_from_der
-    from proxy.tlsctx import load_client_cas, rebuild_chain
-
-    cert = load_cert(cert_path)
-    issuer_der: bytes | None = None
-    if config is not None:
-        from cryptography import x509
-
-        try:  # intermediates may follow the leaf in the file, as a client would send them
-            sent = x509.load_pem_x509_certificates(Path(cert_path).read_bytes())[1:]
-        except (OSError, ValueError):
-            sent = []
-        chain = rebuild_chain(cert, load_client_cas(config.tls, config.source), sent)
-        if chain is not None and len(chain) > 1:
-            issuer_der = chain[1].public_bytes(Encoding.DER)
-    identity = identity_from_der(
-        cert.public_bytes(Encoding.DER),
-        issuer_der=issuer_der,
-        require_client_auth_eku=config is None or config.tls.require_client_auth_eku,
-    )
+    identity, _ = _file_identity(cert_path, config)
     click.echo(f"certificate: {identity.describe()}")
     click.echo(f"  subject: {identity.subject}")
     if identity.issuer is not None:
@@ -842,11 +820,9 @@ def acl() -> None:
     """Tools for changing the ACL safely: decision tables (test) and rights diffs (diff)."""
 
 
-def _cert_case_identity(path: str, config: Config | None) -> Identity:
-    """The identity the proxy would see for the certificate at ``path`` (with ``config``: its
-    issuer from tls.client_ca, and a refusal when it does not chain to one of those CAs)."""
-    from dataclasses import replace
-
+def _file_identity(path: str, config: Config | None) -> tuple[Identity, bool]:
+    """The identity of the certificate at ``path`` (with ``config``: its issuer from
+    tls.client_ca), and whether ``config`` is given and it does not chain to one of those CAs."""
     from cryptography import x509
     from cryptography.hazmat.primitives.serialization import Encoding
 
@@ -858,7 +834,7 @@ def _cert_case_identity(path: str, config: Config | None) -> Identity:
     issuer_der: bytes | None = None
     unchained = False
     if config is not None:
-        try:
+        try:  # intermediates may follow the leaf in the file, as a client would send them
             sent = x509.load_pem_x509_certificates(Path(path).read_bytes())[1:]
         except (OSError, ValueError):
             sent = []
@@ -871,6 +847,15 @@ def _cert_case_identity(path: str, config: Config | None) -> Identity:
         issuer_der=issuer_der,
         require_client_auth_eku=config is None or config.tls.require_client_auth_eku,
     )
+    return identity, unchained
+
+
+def _cert_case_identity(path: str, config: Config | None) -> Identity:
+    """The identity the proxy would see for the certificate at ``path`` (with ``config``: its
+    issuer from tls.client_ca, and a refusal when it does not chain to one of those CAs)."""
+    from dataclasses import replace
+
+    identity, unchained = _file_identity(path, config)
     if unchained and identity.refusal is None:
         assert config is not None
         reason = f"no chain to a CA of tls.client_ca ({config.tls.client_ca}): TLS handshake fails"

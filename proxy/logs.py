@@ -8,7 +8,7 @@ they are appended as ``key=value`` pairs, except a pair the message already show
 word. Such a record's message is a short phrase, never the record again. The proxy logs under
 three names: ``beanstalk_proxy`` (general), ``beanstalk_proxy.conn`` (one line per connection
 open/close) and ``beanstalk_proxy.audit`` (denials: a burst per connection and window one line
-each, then one "denials suppressed" summary line per window; see ``proxy.audit``).
+each, then one "denials suppressed" summary line per window; see ``proxy.logsummary``).
 """
 
 from __future__ import annotations

@@ -1,98 +1,149 @@
 """A keyed window counter that turns bursts of log lines into summaries (pure, no I/O).
 
-``KeyedWindowCounter`` lets through at most ``limit`` events per key (a source address, a
-connection) in each window of ``window`` seconds, and counts the rest by label (a reason, a
-command). Once a window with suppressed events has ended, ``due`` hands back one
-``Suppressed`` record for it, which the caller logs as a single "N more ... suppressed" line.
-The clock is passed in (``now``), so the class has no asyncio and no time source of its own and
-is tested with plain numbers. Memory is bounded: at most ``max_keys`` keys (plus the overflow
-key) are tracked; when the table is full, ended windows are dropped first and, if that frees
-nothing, the new event is counted under the shared key ``OVERFLOW_KEY``.
+Pure and synchronous (no asyncio, no logging; the caller passes the clock in, so it is tested
+with plain numbers). Per key (a connection for denials, a source address for refusals and
+failed handshakes), ``WindowCounter.hit(key, kind, now)`` says whether one event should get its
+own log line: the first ``burst`` events of each window of ``window`` seconds do, the rest are
+only counted, by ``kind`` (the command name, the failure reason). A window starts at the first
+event of a key and lasts ``window`` seconds; its suppressed count is reported once, as a
+``Suppressed`` summary the caller logs as a single "N more ... suppressed" line: by
+``expired(now)`` after the window ended (call it at ``deadline()``), by ``pop(key)`` when the
+key goes away (a closing connection), or by the next ``hit`` of the key after the window ended
+(kept for the next ``expired``). Memory is bounded: at most ``max_keys`` keys (plus
+``OVERFLOW``) are tracked; when the table is full, ended windows are dropped first and, if that
+frees nothing, the event is counted under the shared key ``OVERFLOW``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Hashable
+from dataclasses import dataclass
+from typing import Final
 
-__all__ = ["OVERFLOW_KEY", "KeyedWindowCounter", "Suppressed"]
+__all__ = ["AUDIT_BURST", "AUDIT_WINDOW", "OVERFLOW", "Suppressed", "WindowCounter"]
 
+#: Denial lines logged per connection and window before the rest are summarised.
+AUDIT_BURST: Final = 20
+#: The window, in seconds.
+AUDIT_WINDOW: Final = 1.0
 #: The key events are counted under when the table of keys is full.
-OVERFLOW_KEY = "_other"
+OVERFLOW: Final = "_other"
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class Suppressed:
-    """The events of one key that were not let through in one window."""
+    """What a window did not log: ``total`` events of ``key`` between ``start`` and ``end``
+    (the caller's clock; ``end`` is when the window was closed), counted by kind."""
 
-    key: str
-    start: float  # when the window began (the caller's clock)
-    count: int
-    by_label: dict[str, int] = field(default_factory=dict)
-
-
-@dataclass(slots=True)
-class _Window:
+    key: Hashable
     start: float
-    passed: int = 0
-    suppressed: Suppressed | None = None
+    end: float
+    total: int
+    by_kind: dict[str, int]
 
 
-class KeyedWindowCounter:
-    """At most ``limit`` events per key per ``window`` seconds; the rest counted by label."""
+class _Window:
+    __slots__ = ("by_kind", "passed", "start", "suppressed")
 
-    __slots__ = ("_ended", "_windows", "limit", "max_keys", "window")
+    def __init__(self, start: float) -> None:
+        self.start = start
+        self.passed = 0
+        self.suppressed = 0
+        self.by_kind: dict[str, int] | None = None
 
-    def __init__(self, limit: int, window: float, max_keys: int = 10_000) -> None:
-        if limit < 0 or window <= 0 or max_keys < 1:
-            raise ValueError("limit must be >= 0, window > 0 and max_keys >= 1")
-        self.limit = limit
+
+class WindowCounter:
+    """See the module docstring. ``burst`` >= 0 events per key and window are let through."""
+
+    __slots__ = ("_ready", "_windows", "burst", "max_keys", "window")
+
+    def __init__(
+        self, burst: int = AUDIT_BURST, window: float = AUDIT_WINDOW, max_keys: int = 65536
+    ) -> None:
+        if burst < 0 or window <= 0 or max_keys < 1:
+            raise ValueError("burst must be >= 0, window > 0 and max_keys >= 1")
+        self.burst = burst
         self.window = window
         self.max_keys = max_keys
-        self._windows: dict[str, _Window] = {}
-        self._ended: list[Suppressed] = []  # ended windows with suppressed events, not yet due
-
-    def admit(self, key: str, label: str, now: float) -> bool:
-        """Count one event; True if it may be logged, False if it was counted as suppressed."""
-        w = self._windows.get(key)
-        if w is not None and now - w.start >= self.window:
-            self._end(key, w)
-            w = None
-        if w is None:
-            if len(self._windows) >= self.max_keys:
-                self._expire(now)
-                if len(self._windows) >= self.max_keys and key != OVERFLOW_KEY:
-                    return self.admit(OVERFLOW_KEY, label, now)
-            w = self._windows[key] = _Window(now)
-        if w.passed < self.limit:
-            w.passed += 1
-            return True
-        s = w.suppressed
-        if s is None:
-            s = w.suppressed = Suppressed(key, w.start, 0)
-        s.count += 1
-        s.by_label[label] = s.by_label.get(label, 0) + 1
-        return False
-
-    def due(self, now: float) -> list[Suppressed]:
-        """The suppressed counts of every window that has ended by ``now`` (each once)."""
-        self._expire(now)
-        out, self._ended = self._ended, []
-        return out
-
-    def pending(self) -> bool:
-        """Is any suppressed count waiting to be reported (now or when its window ends)?"""
-        return bool(self._ended) or any(w.suppressed for w in self._windows.values())
+        # In window-start order: a restarted window is moved to the end.
+        self._windows: dict[Hashable, _Window] = {}
+        self._ready: list[Suppressed] = []  # ended windows noticed by ``hit`` or a full table
 
     def __len__(self) -> int:
-        """Keys tracked now (bounded by ``max_keys``)."""
+        """Keys with an open window (bounded by ``max_keys`` + 1)."""
         return len(self._windows)
 
-    def _expire(self, now: float) -> None:
-        ended = [k for k, w in self._windows.items() if now - w.start >= self.window]
-        for key in ended:
-            self._end(key, self._windows[key])
+    def hit(self, key: Hashable, kind: str, now: float) -> bool:
+        """Count one event of ``key``; True when it should be logged on its own line."""
+        windows = self._windows
+        w = windows.get(key)
+        if w is not None and w.start + self.window <= now:
+            del windows[key]
+            self._close(key, w, now)
+            w = None
+        if w is None:
+            if len(windows) >= self.max_keys:
+                self._ready.extend(self._expire(now))
+                if len(windows) >= self.max_keys and key != OVERFLOW:
+                    return self.hit(OVERFLOW, kind, now)
+            w = windows[key] = _Window(now)
+        if w.passed < self.burst:
+            w.passed += 1
+            return True
+        w.suppressed += 1
+        by_kind = w.by_kind
+        if by_kind is None:
+            by_kind = w.by_kind = {}
+        by_kind[kind] = by_kind.get(kind, 0) + 1
+        return False
 
-    def _end(self, key: str, w: _Window) -> None:
-        del self._windows[key]
-        if w.suppressed is not None:
-            self._ended.append(w.suppressed)
+    def suppressed(self, key: Hashable) -> int:
+        """Events of ``key`` suppressed so far in its current window."""
+        w = self._windows.get(key)
+        return 0 if w is None else w.suppressed
+
+    def deadline(self) -> float | None:
+        """When the earliest window with suppressed events ends (or one noticed by ``hit``
+        is waiting: now-ish, its end), or None when nothing is suppressed."""
+        if self._ready:
+            return self._ready[0].end
+        for w in self._windows.values():
+            if w.suppressed:
+                return w.start + self.window
+        return None
+
+    def expired(self, now: float) -> list[Suppressed]:
+        """Close every window that has ended by ``now``; the summaries of those that
+        suppressed something (each once, oldest first). Keys whose window closed are
+        forgotten."""
+        out, self._ready = self._ready, []
+        out.extend(self._expire(now))
+        return out
+
+    def pop(self, key: Hashable, now: float) -> Suppressed | None:
+        """Forget ``key`` (it went away); the summary of its open window if it suppressed
+        something."""
+        w = self._windows.pop(key, None)
+        if w is None or not w.suppressed:
+            return None
+        return self._summary(key, w, now)
+
+    def _expire(self, now: float) -> list[Suppressed]:
+        out: list[Suppressed] = []
+        windows = self._windows
+        while windows:
+            key, w = next(iter(windows.items()))
+            if w.start + self.window > now:
+                break
+            del windows[key]
+            if w.suppressed:
+                out.append(self._summary(key, w, now))
+        return out
+
+    def _close(self, key: Hashable, w: _Window, now: float) -> None:
+        if w.suppressed:
+            self._ready.append(self._summary(key, w, now))
+
+    def _summary(self, key: Hashable, w: _Window, now: float) -> Suppressed:
+        end = min(now, w.start + self.window)
+        return Suppressed(key, w.start, end, w.suppressed, dict(w.by_kind or {}))

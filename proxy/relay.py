@@ -33,12 +33,10 @@ from collections.abc import Callable, Collection
 from typing import Any, cast
 
 from proxy.acl import Policy
-from proxy.audit import AUDIT_BURST, AUDIT_WINDOW, Suppressed, WindowCounter
 from proxy.config import Config, Endpoint
 from proxy.identity import Identity
 from proxy.listen import bind_listener, bound_port
-from proxy.logsummary import KeyedWindowCounter
-from proxy.logsummary import Suppressed as SourceSummary
+from proxy.logsummary import AUDIT_BURST, AUDIT_WINDOW, Suppressed, WindowCounter
 from proxy.metrics import Metrics
 from proxy.ratelimit import TokenBucket
 from proxy.session import MAX_HELD_BYTES, MAX_PENDING, Session
@@ -483,7 +481,7 @@ class ProxyServer:
         # and how many of them each source address has.
         self._pending: dict[Connection, asyncio.Task[None]] = {}
         self._pending_per_source: dict[str, int] = {}
-        self._peer_log = KeyedWindowCounter(PEER_LOG_LINES, PEER_LOG_WINDOW)
+        self._peer_log = WindowCounter(PEER_LOG_LINES, PEER_LOG_WINDOW, max_keys=10_000)
         self._peer_log_timer: asyncio.TimerHandle | None = None
         self._listener: socket.socket | None = None
         self._acceptor: asyncio.Task[None] | None = None
@@ -670,7 +668,7 @@ class ProxyServer:
     ) -> None:
         """Log one refusal or failed handshake, unless its source address already had its
         ``PEER_LOG_LINES`` in this window: then it is only counted, and summarised later."""
-        if self._peer_log.admit(source or "unix", kind, time.monotonic()):
+        if self._peer_log.hit(source or "unix", kind, time.monotonic()):
             conn_log.log(level, message, *args)
         elif self._peer_log_timer is None:
             self._peer_log_timer = asyncio.get_running_loop().call_later(
@@ -679,9 +677,9 @@ class ProxyServer:
 
     def _report_suppressed(self, now: float | None = None) -> None:
         self._peer_log_timer = None
-        for s in self._peer_log.due(time.monotonic() if now is None else now):
+        for s in self._peer_log.expired(time.monotonic() if now is None else now):
             _log_suppressed(s)
-        if now is None and self._peer_log.pending():
+        if now is None and self._peer_log.deadline() is not None:
             self._peer_log_timer = asyncio.get_running_loop().call_later(
                 PEER_LOG_WINDOW, self._report_suppressed
             )
@@ -1040,11 +1038,11 @@ class ProxyServer:
                 await self._acceptor
 
 
-def _log_suppressed(s: SourceSummary) -> None:
-    by_kind = ", ".join(f"{kind}={n}" for kind, n in sorted(s.by_label.items()))
+def _log_suppressed(s: Suppressed) -> None:
+    by_kind = ", ".join(f"{kind}={n}" for kind, n in sorted(s.by_kind.items()))
     conn_log.warning(
         "suppressed %d more refusals and failed handshakes from source=%s in %.0fs (%s)",
-        s.count,
+        s.total,
         s.key,
         PEER_LOG_WINDOW,
         by_kind,
@@ -1052,8 +1050,8 @@ def _log_suppressed(s: SourceSummary) -> None:
             "fields": {
                 "event": "suppressed",
                 "source": s.key,
-                "count": s.count,
-                "by_reason": s.by_label,
+                "count": s.total,
+                "by_reason": s.by_kind,
             }
         },
     )

@@ -16,6 +16,7 @@ import re
 import socket
 import ssl
 import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -23,11 +24,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from proxy.acl import parse_acl
 from proxy.certs import init_ca_and_server, issue_client
 from proxy.config import Config, Endpoint, Limits, LogConfig, TLSConfig
+from proxy.httpd import StatusServer
 from proxy.relay import PolicyHolder, ProxyServer
+from proxy.session import Session
 from proxy.tlsctx import server_context
 from proxy.tunnel import TunnelServer
 
@@ -63,6 +67,25 @@ CLIENTS: dict[str, dict[str, Any]] = {
 }
 
 
+def make_session(
+    acl: dict[str, Any], principal: str, denial_reply: str, max_job_size: int = 100
+) -> Session:
+    """A sans-I/O session of ``principal`` under ``acl`` (for the session unit tests)."""
+    return Session(
+        PolicyHolder(parse_acl(acl, "<test>")),
+        principal,
+        max_job_size=max_job_size,
+        denial_reply=denial_reply,
+    )
+
+
+def take(buf: bytearray) -> bytes:
+    """Everything in ``buf`` (a session's output buffer), which is left empty."""
+    data = bytes(buf)
+    buf.clear()
+    return data
+
+
 @dataclass
 class PKI:
     """Paths of the test PKI (``dir``) and of a second, untrusted CA (``other``)."""
@@ -85,6 +108,64 @@ class PKI:
             d = ca_dir or self.dir
             ctx.load_cert_chain(str(d / f"{name}.pem"), str(d / f"{name}.key"))
         return ctx
+
+
+def write_serve_config(tmp: Path, pki: PKI, upstream: int, port: int, **extra: Any) -> Path:
+    """``acl.yaml`` (admin may do all) and ``proxy.yaml`` for ``serve`` in ``tmp``: listening
+    on ``port``, relaying to ``upstream``, no file watching, plus the top-level keys ``extra``.
+    Returns the config's path."""
+    acl = tmp / "acl.yaml"
+    acl.write_text(
+        yaml.safe_dump(
+            {
+                "principals": [{"name": "admin", "match": {"cn": "admin"}}],
+                "rules": [{"principal": "admin", "allow": ["all"]}],
+            }
+        )
+    )
+    cfg = tmp / "proxy.yaml"
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "listen": f"127.0.0.1:{port}",
+                "upstream": f"127.0.0.1:{upstream}",
+                "tls": {
+                    "cert": str(pki.dir / "server.pem"),
+                    "key": str(pki.dir / "server.key"),
+                    "client_ca": pki.ca,
+                },
+                "acl": str(acl),
+                "reload": {"watch": False},
+                **extra,
+            }
+        )
+    )
+    return cfg
+
+
+def spawn_serve(cfg: Path, *args: str) -> subprocess.Popen[str]:
+    """``python -m proxy serve --config CFG ARGS`` started from the repository root, its
+    stderr (the log) piped, unbuffered, for a ``LogReader``."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "proxy", "serve", "--config", str(cfg), *args],
+        cwd=Path(__file__).resolve().parent.parent,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+
+
+def run_bench(*args: str) -> subprocess.CompletedProcess[str]:
+    """``bench/bench.py ARGS`` run to its end from the repository root, output captured."""
+    root = Path(__file__).resolve().parent.parent
+    return subprocess.run(
+        [sys.executable, str(root / "bench" / "bench.py"), *args],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
 
 
 @pytest.fixture(scope="session")
@@ -246,6 +327,20 @@ class RunningProxy:
             "127.0.0.1", self.port, ssl=ctx, server_hostname="localhost"
         )
         return Client(reader, writer)
+
+
+@dataclass
+class StatusListener:
+    """A status listener (``server``) in front of a running proxy (``proxy``)."""
+
+    server: StatusServer
+    proxy: RunningProxy
+
+    @property
+    def port(self) -> int:
+        port = self.server.port
+        assert port is not None
+        return port
 
 
 async def start_proxy(

@@ -19,6 +19,37 @@ def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
+def _load_ca(ca_dir: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """The certificate and key of the CA directory ``ca_dir`` (``ca.pem``, ``ca.key``)."""
+    ca_cert = x509.load_pem_x509_certificate((ca_dir / "ca.pem").read_bytes())
+    ca_key = serialization.load_pem_private_key((ca_dir / "ca.key").read_bytes(), password=None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    return ca_cert, ca_key
+
+
+def _key_usage(ca: bool) -> x509.KeyUsage:
+    """digitalSignature, plus keyCertSign and cRLSign for a CA."""
+    return x509.KeyUsage(
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=ca,
+        crl_sign=ca,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
 def make_client_cert(
     ca_dir: Path,
     out_dir: Path,
@@ -44,9 +75,7 @@ def make_client_cert(
     now = utcnow()
     not_before = not_before or now - dt.timedelta(minutes=5)
     not_after = not_after or now + dt.timedelta(days=30)
-    ca_cert = x509.load_pem_x509_certificate((ca_dir / "ca.pem").read_bytes())
-    ca_key = serialization.load_pem_private_key((ca_dir / "ca.key").read_bytes(), password=None)
-    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    ca_cert, ca_key = _load_ca(ca_dir)
     key = ec.generate_private_key(ec.SECP256R1())
     attrs = [x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, ou) for ou in ous]
     attrs += [x509.NameAttribute(NameOID.COMMON_NAME, name) for name in (cn, *extra_cns)]
@@ -60,17 +89,7 @@ def make_client_cert(
         .not_valid_after(not_after)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
+            _key_usage(ca=False),
             critical=True,
         )
         .add_extension(
@@ -92,13 +111,7 @@ def make_client_cert(
     out_dir.mkdir(parents=True, exist_ok=True)
     cert_path = out_dir / f"{file_name}.pem"
     key_path = out_dir / f"{file_name}.key"
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
+    key_path.write_bytes(_key_pem(key))
     key_path.chmod(0o600)
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     return str(cert_path), str(key_path)
@@ -113,9 +126,7 @@ def make_crl(
     revoked_serials: Sequence[int] = (),
 ) -> None:
     """Write a PEM CRL signed by the CA in ``ca_dir`` (for instance an already expired one)."""
-    ca_cert = x509.load_pem_x509_certificate((ca_dir / "ca.pem").read_bytes())
-    ca_key = serialization.load_pem_private_key((ca_dir / "ca.key").read_bytes(), password=None)
-    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    ca_cert, ca_key = _load_ca(ca_dir)
     builder = (
         x509.CertificateRevocationListBuilder()
         .issuer_name(ca_cert.subject)
@@ -146,11 +157,7 @@ def make_ca(
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
     issuer_name, signing_key, issuer_public = name, key, key.public_key()
     if issuer_dir is not None:
-        parent = x509.load_pem_x509_certificate((issuer_dir / "ca.pem").read_bytes())
-        parent_key = serialization.load_pem_private_key(
-            (issuer_dir / "ca.key").read_bytes(), password=None
-        )
-        assert isinstance(parent_key, ec.EllipticCurvePrivateKey)
+        parent, parent_key = _load_ca(issuer_dir)
         issuer_name, signing_key = parent.subject, parent_key
         issuer_public = parent_key.public_key()
     now = utcnow()
@@ -164,17 +171,7 @@ def make_ca(
         .not_valid_after(now + dt.timedelta(days=60))
         .add_extension(x509.BasicConstraints(ca=True, path_length=path_length), critical=True)
         .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
+            _key_usage(ca=True),
             critical=True,
         )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
@@ -184,12 +181,6 @@ def make_ca(
         .sign(signing_key, hashes.SHA256())
     )
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "ca.key").write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
+    (out_dir / "ca.key").write_bytes(_key_pem(key))
     (out_dir / "ca.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     return cert

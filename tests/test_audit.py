@@ -1,5 +1,5 @@
-"""Unit tests for proxy.audit.WindowCounter (a fake clock), the session's turn budget, and
-the log formatters' no-duplicate rule."""
+"""Unit tests for the session's turn budget and the log formatters' no-duplicate rule (the
+denial audit's window counter is tested in test_logsummary.py)."""
 
 from __future__ import annotations
 
@@ -11,80 +11,9 @@ from collections.abc import Iterator
 import pytest
 
 from proxy.acl import parse_acl
-from proxy.audit import AUDIT_BURST, AUDIT_WINDOW, OVERFLOW, WindowCounter
 from proxy.logs import AUDIT_LOGGER, setup_logging
 from proxy.relay import PolicyHolder
 from proxy.session import TURN_BUDGET, Session
-
-
-def test_burst_then_suppressed_then_summary_at_window_end() -> None:
-    c = WindowCounter(burst=3, window=1.0)
-    passed = [c.hit("conn", "use" if i % 2 else "put", 10.0 + i * 0.01) for i in range(10)]
-    assert passed == [True] * 3 + [False] * 7
-    assert c.suppressed("conn") == 7
-    assert c.deadline() == pytest.approx(11.0)
-    assert c.expired(10.99) == []  # window not over yet
-    (summary,) = c.expired(11.0)
-    assert summary.key == "conn" and summary.total == 7
-    assert summary.by_kind == {"put": 3, "use": 4}  # i = 4,6,8 put; 3,5,7,9 use
-    assert summary.start == 10.0 and summary.end == 11.0
-    assert len(c) == 0 and c.deadline() is None
-    # a new window lets a new burst through
-    assert [c.hit("conn", "use", 11.5) for _ in range(4)] == [True, True, True, False]
-
-
-def test_window_without_suppression_reports_nothing() -> None:
-    c = WindowCounter(burst=5, window=1.0)
-    assert all(c.hit("a", "use", 0.0) for _ in range(5))
-    assert c.deadline() is None
-    assert c.expired(5.0) == []
-    assert len(c) == 0  # forgotten all the same
-
-
-def test_pop_flushes_an_open_window() -> None:
-    c = WindowCounter(burst=1, window=1.0)
-    assert c.hit("a", "use", 0.0)
-    assert not c.hit("a", "watch", 0.2)
-    summary = c.pop("a", 0.5)
-    assert summary is not None and summary.total == 1 and summary.by_kind == {"watch": 1}
-    assert summary.end == 0.5
-    assert c.pop("a", 0.6) is None
-    assert c.expired(10.0) == []  # reported once only
-
-
-def test_late_hit_keeps_the_ended_windows_summary() -> None:
-    c = WindowCounter(burst=1, window=1.0)
-    c.hit("a", "use", 0.0)
-    c.hit("a", "use", 0.5)
-    assert c.hit("a", "use", 3.0)  # a new window: logged; the old one's summary waits
-    assert c.deadline() == pytest.approx(1.0)
-    (summary,) = c.expired(3.0)
-    assert summary.total == 1 and summary.end == 1.0
-
-
-def test_keys_are_independent_and_bounded() -> None:
-    c = WindowCounter(burst=1, window=1.0, max_keys=2)
-    assert c.hit("a", "x", 0.0) and c.hit("b", "x", 0.0)
-    assert c.hit("c", "x", 0.0)  # a third key: counted under OVERFLOW
-    assert not c.hit("d", "x", 0.0)
-    assert c.suppressed(OVERFLOW) == 1 and len(c) == 3
-    assert not c.hit("a", "x", 0.1)
-    keys = {s.key for s in c.expired(1.0)}
-    assert keys == {"a", OVERFLOW}
-
-
-def test_zero_burst_and_bad_arguments() -> None:
-    c = WindowCounter(burst=0)
-    assert not c.hit("a", "x", 0.0)
-    for bad in ({"burst": -1}, {"window": 0.0}, {"max_keys": 0}):
-        with pytest.raises(ValueError):
-            WindowCounter(**bad)  # type: ignore[arg-type]
-
-
-def test_defaults_are_documented_values() -> None:
-    c = WindowCounter()
-    assert (c.burst, c.window) == (AUDIT_BURST, AUDIT_WINDOW) == (20, 1.0)
-
 
 # --------------------------------------------------------------------------------------------
 # The session's turn budget

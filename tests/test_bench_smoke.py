@@ -7,33 +7,16 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parent.parent
+from conftest import run_bench
 
 
 @pytest.mark.integration
 def test_bench_quick_direct_and_proxy(tmp_path: Path) -> None:
     out_json = tmp_path / "bench.json"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "bench" / "bench.py"),
-            "--quick",
-            "--targets",
-            "direct,proxy",
-            "--json",
-            str(out_json),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
+    proc = run_bench("--quick", "--targets", "direct,proxy", "--json", str(out_json))
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output
     assert re.search(r"^ratio proxy/direct\s+\d+\.\d+", proc.stdout, re.M), output

@@ -9,7 +9,7 @@ import time
 from typing import Any
 
 import pytest
-from conftest import PKI, Beanstalkd, direct, server_stats, start_proxy
+from conftest import PKI, Beanstalkd, Client, RunningProxy, direct, server_stats, start_proxy
 
 from proxy.acl import parse_acl
 
@@ -37,6 +37,26 @@ async def until_waiting(port: int, n: int) -> None:
     while (await server_stats(port))["current-waiting"] != str(n):
         assert time.monotonic() < deadline, "the reserve never reached beanstalkd"
         await asyncio.sleep(0.01)
+
+
+async def waiting_worker(proxy: RunningProxy, port: int, pipeline: bytes) -> Client:
+    """The worker, watching only ``alpha``, sends ``pipeline`` (a reserve first) and is then
+    waiting in beanstalkd's reserve."""
+    c = await proxy.connect("worker")
+    await c.line(b"watch alpha")
+    await c.line(b"ignore default")
+    await c.send(pipeline)
+    await until_waiting(port, 1)
+    return c
+
+
+async def put_into_alpha(port: int) -> Client:
+    """A direct connection to beanstalkd that put one job into ``alpha`` (the caller closes
+    it)."""
+    o = await direct(port)
+    await o.line(b"use alpha")
+    await o.put(b"job")
+    return o
 
 
 async def test_revocation_reaches_puts_pipelined_behind_a_reserve(
@@ -71,15 +91,13 @@ async def test_a_grant_reaches_commands_pipelined_behind_a_reserve(
 ) -> None:
     proxy = await start_proxy(pki, beanstalkd.port, doc(produce=False))
     try:
-        c = await proxy.connect("worker")
-        await c.line(b"watch alpha")
-        await c.line(b"ignore default")
-        await c.send(b"reserve-with-timeout 30\r\nuse a.new\r\nput 0 0 60 2\r\nok\r\n")
-        await until_waiting(beanstalkd.port, 1)
+        c = await waiting_worker(
+            proxy,
+            beanstalkd.port,
+            b"reserve-with-timeout 30\r\nuse a.new\r\nput 0 0 60 2\r\nok\r\n",
+        )
         proxy.server.reload_policy(parse_acl(doc(), "acl.yaml"))
-        o = await direct(beanstalkd.port)
-        await o.line(b"use alpha")
-        await o.put(b"job")
+        o = await put_into_alpha(beanstalkd.port)
         await o.close()
         assert (await c.reply())[0].startswith(b"RESERVED")
         assert (await c.reply())[0] == b"USING a.new"
@@ -92,17 +110,13 @@ async def test_a_grant_reaches_commands_pipelined_behind_a_reserve(
 async def test_revoking_consume_ends_a_waiting_reserve(pki: PKI, beanstalkd: Beanstalkd) -> None:
     proxy = await start_proxy(pki, beanstalkd.port, doc())
     try:
-        c = await proxy.connect("worker")
-        await c.line(b"watch alpha")
-        await c.line(b"ignore default")
-        await c.send(b"reserve\r\nuse a.x\r\nput 0 0 60 1\r\nx\r\n")
-        await until_waiting(beanstalkd.port, 1)
+        c = await waiting_worker(
+            proxy, beanstalkd.port, b"reserve\r\nuse a.x\r\nput 0 0 60 1\r\nx\r\n"
+        )
         proxy.server.reload_policy(parse_acl(doc(consume=False), "acl.yaml"))
         assert await c.closed() == b""  # closed, and the held commands never ran
         await until_waiting(beanstalkd.port, 0)
-        o = await direct(beanstalkd.port)
-        await o.line(b"use alpha")
-        await o.put(b"job")
+        o = await put_into_alpha(beanstalkd.port)
         assert (await o.stats(b"stats-tube alpha"))["current-jobs-ready"] == "1"
         await o.close()
         stats = await server_stats(beanstalkd.port)
@@ -116,15 +130,9 @@ async def test_a_reload_that_keeps_consume_keeps_the_reserve(
 ) -> None:
     proxy = await start_proxy(pki, beanstalkd.port, doc())
     try:
-        c = await proxy.connect("worker")
-        await c.line(b"watch alpha")
-        await c.line(b"ignore default")
-        await c.send(b"reserve\r\n")
-        await until_waiting(beanstalkd.port, 1)
+        c = await waiting_worker(proxy, beanstalkd.port, b"reserve\r\n")
         proxy.server.reload_policy(parse_acl(doc(produce=False), "acl.yaml"))
-        o = await direct(beanstalkd.port)
-        await o.line(b"use alpha")
-        await o.put(b"job")
+        o = await put_into_alpha(beanstalkd.port)
         await o.close()
         assert (await c.reply())[0].startswith(b"RESERVED")
         await c.close()

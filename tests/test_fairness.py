@@ -14,20 +14,18 @@ import asyncio
 import json
 import logging
 import re
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import PKI, Beanstalkd, Client, direct, start_proxy
+from conftest import PKI, Beanstalkd, Client, direct, run_bench, start_proxy
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proxy.acl import COMMAND_VERBS, VERBS, Policy, parse_acl
-from proxy.audit import AUDIT_BURST, WindowCounter
 from proxy.logs import AUDIT_LOGGER, JsonFormatter
+from proxy.logsummary import AUDIT_BURST, WindowCounter
 from proxy.relay import PolicyHolder
 from proxy.session import TURN_BUDGET, Session, _yaml_scalar, ok_reply
 
@@ -191,7 +189,6 @@ FAIR_ACL: dict[str, Any] = {
     ],
 }
 N_TUBES = 10_000
-ROOT = Path(__file__).resolve().parent.parent
 
 
 async def _make_tubes(port: int, names: list[bytes], per_conn: int) -> list[Client]:
@@ -398,23 +395,7 @@ async def test_denial_summary_is_logged_when_the_window_ends(
 def test_bench_fairness_workload_runs(tmp_path: Path) -> None:
     """``bench/bench.py --fairness`` runs to the end on a few tubes (never asserts speed)."""
     out_json = tmp_path / "fair.json"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "bench" / "bench.py"),
-            "--fairness",
-            "--tubes",
-            "300",
-            "--seconds",
-            "0.5",
-            "--json",
-            str(out_json),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
+    proc = run_bench("--fairness", "--tubes", "300", "--seconds", "0.5", "--json", str(out_json))
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output
     result = json.loads(out_json.read_text())["results"]["proxy"]["fairness"]

@@ -147,6 +147,15 @@ def raw_connect(port: int, local: str = "127.0.0.1") -> socket.socket:
     return sock
 
 
+async def connect_silently(proxy: RunningProxy, socks: list[socket.socket], n: int) -> None:
+    """Open ``n`` sockets that never start a handshake, each accepted by the proxy before the
+    next; appended to ``socks`` (the caller closes them)."""
+    before = accepts(proxy) - len(socks)
+    for i in range(n):
+        socks.append(raw_connect(proxy.port))
+        await until(lambda: accepts(proxy) == before + len(socks), f"accept {i}")
+
+
 async def sees_eof(sock: socket.socket) -> bool:
     loop = asyncio.get_running_loop()
     try:
@@ -268,10 +277,7 @@ async def test_silent_sockets_beyond_max_handshakes_drop_the_oldest(
     socks: list[socket.socket] = []
     try:
         baseline = await warm_baseline(proxy)
-        before = accepts(proxy)
-        for i in range(silent):
-            socks.append(raw_connect(proxy.port))
-            await until(lambda: accepts(proxy) == before + len(socks), f"accept {i}")
+        await connect_silently(proxy, socks, silent)
         assert server.handshaking == max_handshakes
         assert sample(proxy, "beanstalk_proxy_handshakes_pending") == max_handshakes
         dropped = silent - max_handshakes
@@ -317,10 +323,7 @@ async def test_pending_handshakes_are_capped_per_source_address(
     socks: list[socket.socket] = []
     try:
         baseline = await warm_baseline(proxy)
-        before = accepts(proxy)
-        for i in range(silent):
-            socks.append(raw_connect(proxy.port))
-            await until(lambda: accepts(proxy) == before + len(socks), f"accept {i}")
+        await connect_silently(proxy, socks, silent)
         assert server.handshaking == cap
         assert failures(proxy, "max_handshakes_per_source") == silent - cap
         for sock in socks[cap:]:  # refused at once

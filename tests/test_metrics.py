@@ -11,10 +11,9 @@ import signal
 import ssl
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 import pytest
-from conftest import PKI, Beanstalkd, Client, RunningProxy, start_proxy
+from conftest import PKI, Beanstalkd, Client, RunningProxy, StatusListener, start_proxy
 from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -23,20 +22,8 @@ from proxy.config import Endpoint
 from proxy.httpd import StatusServer
 
 
-@dataclass
-class Status:
-    server: StatusServer
-    proxy: RunningProxy
-
-    @property
-    def port(self) -> int:
-        port = self.server.port
-        assert port is not None
-        return port
-
-
 @pytest.fixture
-async def status(pki: PKI, beanstalkd: Beanstalkd) -> AsyncIterator[Status]:
+async def status(pki: PKI, beanstalkd: Beanstalkd) -> AsyncIterator[StatusListener]:
     running = await start_proxy(pki, beanstalkd.port)
     srv = StatusServer(
         Endpoint("127.0.0.1", 0, None),
@@ -46,7 +33,7 @@ async def status(pki: PKI, beanstalkd: Beanstalkd) -> AsyncIterator[Status]:
     )
     await srv.start()
     try:
-        yield Status(srv, running)
+        yield StatusListener(srv, running)
     finally:
         await srv.close()
         await running.server.close()
@@ -97,7 +84,7 @@ async def until(predicate, timeout: float = 5.0) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-async def test_healthz_and_prometheus_content_type(status: Status) -> None:
+async def test_healthz_and_prometheus_content_type(status: StatusListener) -> None:
     code, headers, body = await http(status.port, "/healthz")
     assert (code, body) == (200, b"ok\n")
     code, headers, body = await http(status.port, "/metrics")
@@ -114,7 +101,7 @@ async def test_healthz_and_prometheus_content_type(status: Status) -> None:
     assert code == 200 and body == b"" and headers["content-length"] == "3"
 
 
-async def test_commands_denials_connections_and_bytes(status: Status) -> None:
+async def test_commands_denials_connections_and_bytes(status: StatusListener) -> None:
     port = status.port
     before = await scrape(port)
     assert value(before, "beanstalk_proxy_connections_open") == 0
@@ -214,7 +201,7 @@ async def _refused(proxy: RunningProxy, ctx: ssl.SSLContext) -> None:
             await writer.wait_closed()
 
 
-async def test_handshake_failures_by_reason(status: Status, pki: PKI) -> None:
+async def test_handshake_failures_by_reason(status: StatusListener, pki: PKI) -> None:
     proxy = status.proxy
     # No client certificate at all.
     await _refused(proxy, pki.client_context(None))
@@ -249,7 +236,7 @@ async def test_handshake_failures_by_reason(status: Status, pki: PKI) -> None:
     await c.close()
 
 
-async def test_readyz_follows_beanstalkd(status: Status, beanstalkd: Beanstalkd) -> None:
+async def test_readyz_follows_beanstalkd(status: StatusListener, beanstalkd: Beanstalkd) -> None:
     code, _, body = await http(status.port, "/readyz")
     assert (code, body) == (200, b"ok\n")
 
@@ -270,7 +257,9 @@ async def test_readyz_follows_beanstalkd(status: Status, beanstalkd: Beanstalkd)
     await c.close()
 
 
-async def test_readyz_fails_while_beanstalkd_drains(status: Status, beanstalkd: Beanstalkd) -> None:
+async def test_readyz_fails_while_beanstalkd_drains(
+    status: StatusListener, beanstalkd: Beanstalkd
+) -> None:
     code, _, _ = await http(status.port, "/readyz")
     assert code == 200
     beanstalkd.proc.send_signal(signal.SIGUSR1)  # beanstalkd's drain mode
@@ -282,7 +271,7 @@ async def test_readyz_fails_while_beanstalkd_drains(status: Status, beanstalkd: 
     await until(draining)
 
 
-async def test_standard_series_and_no_created(status: Status) -> None:
+async def test_standard_series_and_no_created(status: StatusListener) -> None:
     # One connection so every counter family has moved at least once.
     c = await status.proxy.connect("admin")
     assert await c.line(b"list-tube-used") == b"USING default"

@@ -3,11 +3,9 @@ replies in command order, local replies waiting their turn, lookups holding the 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import pytest
+from conftest import make_session, take
 
-from proxy.acl import Policy, parse_acl
 from proxy.session import Session
 
 ACL = {
@@ -24,21 +22,8 @@ ACL = {
 }
 
 
-@dataclass
-class Holder:
-    current: Policy
-
-
 def session(principal: str = "admin", denial_reply: str = "explicit") -> Session:
-    return Session(
-        Holder(parse_acl(ACL, "<test>")), principal, max_job_size=100, denial_reply=denial_reply
-    )
-
-
-def take(buf: bytearray) -> bytes:
-    data = bytes(buf)
-    buf.clear()
-    return data
+    return make_session(ACL, principal, denial_reply)
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 1000])

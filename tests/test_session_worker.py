@@ -4,11 +4,9 @@ lets later commands land in the tube used before, and the two denial-reply modes
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import pytest
+from conftest import make_session, take
 
-from proxy.acl import Policy, parse_acl
 from proxy.protocol import JOB_ID_OPS, NAMES
 from proxy.session import MAX_KNOWN_JOBS, MAX_OWN_BURIED, MAX_RESERVED, Session, denial_replies
 
@@ -28,21 +26,8 @@ ACL = {
 }
 
 
-@dataclass
-class Holder:
-    current: Policy
-
-
 def session(principal: str, denial_reply: str = "compatible") -> Session:
-    return Session(
-        Holder(parse_acl(ACL, "<test>")), principal, max_job_size=100, denial_reply=denial_reply
-    )
-
-
-def take(buf: bytearray) -> bytes:
-    data = bytes(buf)
-    buf.clear()
-    return data
+    return make_session(ACL, principal, denial_reply)
 
 
 def stats_job(job: int, tube: str, state: str) -> bytes:
@@ -229,9 +214,7 @@ LIMITED_ACL = {
 
 
 def limited(principal: str = "w") -> Session:
-    return Session(
-        Holder(parse_acl(LIMITED_ACL, "<test>")), principal, 100, denial_reply="explicit"
-    )
+    return make_session(LIMITED_ACL, principal, "explicit")
 
 
 def reserve(s: Session, job: int, watch: bytes = b"watch jobs\r\nignore default\r\n") -> None:

@@ -7,21 +7,29 @@ uvloop when installed: build_info says which loop runs)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import importlib.util
 import json
 import os
-import subprocess
 import sys
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
-from conftest import PKI, Beanstalkd, Client, LogReader, RunningProxy, free_port, start_proxy
+from conftest import (
+    PKI,
+    Beanstalkd,
+    Client,
+    LogReader,
+    StatusListener,
+    free_port,
+    spawn_serve,
+    start_proxy,
+    write_serve_config,
+)
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from test_metrics import http, scrape
@@ -34,19 +42,8 @@ from proxy.sessions_view import render, snapshot
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@dataclass
-class Live:
-    server: StatusServer
-    proxy: RunningProxy
-
-    @property
-    def port(self) -> int:
-        port = self.server.port
-        assert port is not None
-        return port
-
-
-async def _live(pki: PKI, beanstalkd: Beanstalkd, enabled: bool) -> tuple[StatusServer, Any]:
+@contextlib.asynccontextmanager
+async def _live(pki: PKI, beanstalkd: Beanstalkd, enabled: bool) -> AsyncIterator[StatusListener]:
     running = await start_proxy(pki, beanstalkd.port)
     srv = StatusServer(
         Endpoint("127.0.0.1", 0, None),
@@ -55,27 +52,23 @@ async def _live(pki: PKI, beanstalkd: Beanstalkd, enabled: bool) -> tuple[Status
         connections=(lambda: render(running.server)) if enabled else None,
     )
     await srv.start()
-    return srv, running
-
-
-@pytest.fixture
-async def live(pki: PKI, beanstalkd: Beanstalkd) -> AsyncIterator[Live]:
-    srv, running = await _live(pki, beanstalkd, enabled=True)
     try:
-        yield Live(srv, running)
+        yield StatusListener(srv, running)
     finally:
         await srv.close()
         await running.server.close()
 
 
 @pytest.fixture
-async def off(pki: PKI, beanstalkd: Beanstalkd) -> AsyncIterator[Live]:
-    srv, running = await _live(pki, beanstalkd, enabled=False)
-    try:
-        yield Live(srv, running)
-    finally:
-        await srv.close()
-        await running.server.close()
+async def live(pki: PKI, beanstalkd: Beanstalkd) -> AsyncIterator[StatusListener]:
+    async with _live(pki, beanstalkd, enabled=True) as status:
+        yield status
+
+
+@pytest.fixture
+async def off(pki: PKI, beanstalkd: Beanstalkd) -> AsyncIterator[StatusListener]:
+    async with _live(pki, beanstalkd, enabled=False) as status:
+        yield status
 
 
 async def sessions(port: int) -> dict[str, Any]:
@@ -133,7 +126,7 @@ def subject(pki: PKI, name: str) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-async def test_connections_lists_each_session(live: Live, pki: PKI) -> None:
+async def test_connections_lists_each_session(live: StatusListener, pki: PKI) -> None:
     assert (await sessions(live.port))["connections"] == []
 
     admin = await live.proxy.connect("admin")
@@ -240,7 +233,7 @@ async def test_connections_lists_each_session(live: Live, pki: PKI) -> None:
     assert (code, out) == (0, "no client connections\n0 connections\n"), err
 
 
-async def test_refused_clients_are_not_listed(live: Live, pki: PKI) -> None:
+async def test_refused_clients_are_not_listed(live: StatusListener, pki: PKI) -> None:
     from test_metrics import _refused
 
     await _refused(live.proxy, pki.client_context("stranger"))
@@ -253,7 +246,7 @@ async def test_refused_clients_are_not_listed(live: Live, pki: PKI) -> None:
     await c.close()
 
 
-async def test_the_list_is_bounded(live: Live) -> None:
+async def test_the_list_is_bounded(live: StatusListener) -> None:
     clients = [await live.proxy.connect("admin") for _ in range(3)]
     for c in clients:
         assert await c.line(b"list-tube-used") == b"USING default"
@@ -291,7 +284,7 @@ async def test_the_list_is_bounded(live: Live) -> None:
         await c.close()
 
 
-async def test_connections_is_off_unless_enabled(off: Live) -> None:
+async def test_connections_is_off_unless_enabled(off: StatusListener) -> None:
     c = await off.proxy.connect("admin")
     assert await c.line(b"list-tube-used") == b"USING default"
     code, _, body = await http(off.port, "/connections")
@@ -322,7 +315,7 @@ async def test_status_cli_errors() -> None:
 
 
 async def test_status_cli_rejects_a_document_that_is_not_a_session_list(
-    live: Live,
+    live: StatusListener,
 ) -> None:
     # /healthz answers 200 with text: not what status expects.
     code, out, err = await cli(
@@ -377,33 +370,8 @@ def test_metrics_connections_key_rejections(metrics: dict[str, Any], reason: str
 
 
 def _write_config(tmp: Path, pki: PKI, upstream: int, port: int, status: int, on: bool) -> Path:
-    acl = tmp / "acl.yaml"
-    acl.write_text(
-        yaml.safe_dump(
-            {
-                "principals": [{"name": "admin", "match": {"cn": "admin"}}],
-                "rules": [{"principal": "admin", "allow": ["all"]}],
-            }
-        )
-    )
-    cfg = tmp / "proxy.yaml"
-    cfg.write_text(
-        yaml.safe_dump(
-            {
-                "listen": f"127.0.0.1:{port}",
-                "upstream": f"127.0.0.1:{upstream}",
-                "tls": {
-                    "cert": str(pki.dir / "server.pem"),
-                    "key": str(pki.dir / "server.key"),
-                    "client_ca": pki.ca,
-                },
-                "acl": str(acl),
-                "metrics": {"listen": f"127.0.0.1:{status}", "connections": on},
-                "reload": {"watch": False},
-            }
-        )
-    )
-    return cfg
+    metrics = {"listen": f"127.0.0.1:{status}", "connections": on}
+    return write_serve_config(tmp, pki, upstream, port, metrics=metrics)
 
 
 @pytest.mark.parametrize("on", [True, False])
@@ -412,14 +380,7 @@ async def test_serve_wires_connections_and_build_info(
 ) -> None:
     port, status = free_port(), free_port()
     cfg = _write_config(tmp_path, pki, beanstalkd.port, port, status, on)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "proxy", "serve", "--config", str(cfg)],
-        cwd=ROOT,
-        stderr=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
+    proc = spawn_serve(cfg)
     log = LogReader(proc)
     try:
         await log.wait_for(r"ready: listening on")
@@ -448,7 +409,7 @@ async def test_serve_wires_connections_and_build_info(
         proc.stderr.close()
 
 
-async def test_status_cli_reads_several_listeners(live: Live) -> None:
+async def test_status_cli_reads_several_listeners(live: StatusListener) -> None:
     # With --workers N each worker has its own listener; here the same one twice.
     c = await live.proxy.connect("billing")
     assert await c.line(b"use invoices") == b"USING invoices"

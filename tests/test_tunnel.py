@@ -214,6 +214,24 @@ class Gate:
             await self._server.wait_closed()
 
 
+@contextlib.asynccontextmanager
+async def gated_tunnel(
+    pki: PKI, beanstalkd_port: int
+) -> AsyncIterator[tuple[RunningProxy, Gate, TunnelServer, int]]:
+    """A proxy, a ``Gate`` in front of it and an admin tunnel through the gate (with its local
+    port), all closed afterwards."""
+    proxy = await start_proxy(pki, beanstalkd_port)
+    gate = Gate(proxy.port)
+    tunnel = await start_tunnel(pki, await gate.start(), "admin")
+    try:
+        assert tunnel.port is not None
+        yield proxy, gate, tunnel, tunnel.port
+    finally:
+        await tunnel.close()
+        await gate.close()
+        await proxy.server.close()
+
+
 async def beanstalkd_connections(port: int) -> int:
     """beanstalkd's ``current-connections``, not counting the connection that asks."""
     return int((await server_stats(port))["current-connections"]) - 1
@@ -255,14 +273,10 @@ def test_fire_and_forget_producer_through_the_tunnel(
     every connection (tunnel, TLS, beanstalkd) is closed afterwards."""
 
     async def scenario() -> None:
-        proxy = await start_proxy(pki, beanstalkd.port)
-        gate = Gate(proxy.port)
-        tunnel = await start_tunnel(pki, await gate.start(), "admin")
-        try:
-            assert tunnel.port is not None
+        async with gated_tunnel(pki, beanstalkd.port) as (proxy, gate, tunnel, port):
             # before the TLS leg exists: the gate holds it until the clients are gone
             for _ in range(3):
-                await fire_and_forget(tunnel.port)
+                await fire_and_forget(port)
             await gate.wait_accepted(3)
             assert (await server_stats(beanstalkd.port))["cmd-put"] == "0"
             gate.opened.set()
@@ -270,13 +284,9 @@ def test_fire_and_forget_producer_through_the_tunnel(
             await no_leak(proxy, tunnel, beanstalkd.port)
             # and racing the handshake, the way a real producer does
             for _ in range(20):
-                await fire_and_forget(tunnel.port)
+                await fire_and_forget(port)
             await until("23 jobs inserted", lambda: jobs_ready(beanstalkd.port, 23))
             await no_leak(proxy, tunnel, beanstalkd.port)
-        finally:
-            await tunnel.close()
-            await gate.close()
-            await proxy.server.close()
 
     run_on(loop_name, scenario())
 
@@ -289,21 +299,13 @@ def test_fire_and_forget_without_quit_and_a_client_that_sent_nothing(
     came and no other followed (``linger``); a client that sent nothing is closed at once."""
 
     async def scenario() -> None:
-        proxy = await start_proxy(pki, beanstalkd.port)
-        gate = Gate(proxy.port)
-        tunnel = await start_tunnel(pki, await gate.start(), "admin")
-        try:
-            assert tunnel.port is not None
-            await fire_and_forget(tunnel.port, b"put 0 0 60 5\r\nhello\r\n")
-            await fire_and_forget(tunnel.port, b"")
+        async with gated_tunnel(pki, beanstalkd.port) as (proxy, gate, tunnel, port):
+            await fire_and_forget(port, b"put 0 0 60 5\r\nhello\r\n")
+            await fire_and_forget(port, b"")
             await gate.wait_accepted(2)
             gate.opened.set()
             await until("1 job inserted", lambda: jobs_ready(beanstalkd.port, 1))
             await no_leak(proxy, tunnel, beanstalkd.port)
-        finally:
-            await tunnel.close()
-            await gate.close()
-            await proxy.server.close()
 
     run_on(loop_name, scenario())
 
@@ -317,18 +319,14 @@ def test_half_closing_client_gets_its_replies(
     the tunnel, as they would from beanstalkd directly, then the tunnel closes."""
 
     async def scenario() -> None:
-        proxy = await start_proxy(pki, beanstalkd.port)
-        gate = Gate(proxy.port)
-        tunnel = await start_tunnel(pki, await gate.start(), "admin")
-        try:
-            assert tunnel.port is not None
+        async with gated_tunnel(pki, beanstalkd.port) as (proxy, gate, tunnel, port):
             if not early:
                 gate.opened.set()
-                warm = await direct(tunnel.port)  # the TLS leg of this one is up...
+                warm = await direct(port)  # the TLS leg of this one is up...
                 assert await warm.line(b"list-tube-used") == b"USING default"
                 reader, writer = warm.reader, warm.writer
             else:
-                reader, writer = await asyncio.open_connection("127.0.0.1", tunnel.port)
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
             writer.write(b"use half\r\nlist-tube-used\r\nput 0 0 60 2\r\nhi\r\n")
             writer.write_eof()
             if early:
@@ -342,10 +340,6 @@ def test_half_closing_client_gets_its_replies(
                 await writer.wait_closed()
             await no_leak(proxy, tunnel, beanstalkd.port)
             assert (await server_stats(beanstalkd.port))["current-jobs-ready"] == "1"
-        finally:
-            await tunnel.close()
-            await gate.close()
-            await proxy.server.close()
 
     run_on(loop_name, scenario())
 
@@ -358,12 +352,8 @@ def test_a_client_gone_with_a_reset_before_the_tls_leg_still_delivers(
     TLS leg is held: what the tunnel read from it is still delivered, and both legs close."""
 
     async def scenario() -> None:
-        proxy = await start_proxy(pki, beanstalkd.port)
-        gate = Gate(proxy.port)
-        tunnel = await start_tunnel(pki, await gate.start(), "admin")
-        try:
-            assert tunnel.port is not None
-            _, writer = await asyncio.open_connection("127.0.0.1", tunnel.port)
+        async with gated_tunnel(pki, beanstalkd.port) as (proxy, gate, tunnel, port):
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
             writer.write(FIRE_AND_FORGET)
             await writer.drain()
             await gate.wait_accepted(1)
@@ -375,9 +365,5 @@ def test_a_client_gone_with_a_reset_before_the_tls_leg_still_delivers(
             gate.opened.set()
             await until("1 job inserted", lambda: jobs_ready(beanstalkd.port, 1))
             await no_leak(proxy, tunnel, beanstalkd.port)
-        finally:
-            await tunnel.close()
-            await gate.close()
-            await proxy.server.close()
 
     run_on(loop_name, scenario())

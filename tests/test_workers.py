@@ -5,46 +5,16 @@ SIGTERM sent to the supervisor reach every worker."""
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
-import yaml
-from conftest import PKI, Beanstalkd, Client, LogReader, free_port
-
-ROOT = Path(__file__).resolve().parent.parent
+from conftest import PKI, Beanstalkd, Client, LogReader, free_port, spawn_serve, write_serve_config
 
 
 def _write_config(tmp: Path, pki: PKI, upstream: int, port: int) -> Path:
-    acl = tmp / "acl.yaml"
-    acl.write_text(
-        yaml.safe_dump(
-            {
-                "principals": [{"name": "admin", "match": {"cn": "admin"}}],
-                "rules": [{"principal": "admin", "allow": ["all"]}],
-            }
-        )
-    )
-    cfg = tmp / "proxy.yaml"
-    cfg.write_text(
-        yaml.safe_dump(
-            {
-                "listen": f"127.0.0.1:{port}",
-                "upstream": f"127.0.0.1:{upstream}",
-                "tls": {
-                    "cert": str(pki.dir / "server.pem"),
-                    "key": str(pki.dir / "server.key"),
-                    "client_ca": pki.ca,
-                },
-                "acl": str(acl),
-                "reload": {"watch": False},
-            }
-        )
-    )
-    return cfg
+    return write_serve_config(tmp, pki, upstream, port)
 
 
 async def _connect(pki: PKI, port: int) -> Client:
@@ -59,14 +29,7 @@ async def test_workers_share_port_and_receive_signals(
 ) -> None:
     port = free_port()
     cfg = _write_config(tmp_path, pki, beanstalkd.port, port)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "proxy", "serve", "--config", str(cfg), "--workers", "2"],
-        cwd=ROOT,
-        stderr=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
+    proc = spawn_serve(cfg, "--workers", "2")
     log = LogReader(proc)
     try:
         ready = await log.wait_for(r"ready: listening on", count=2)
