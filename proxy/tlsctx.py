@@ -237,6 +237,9 @@ class ServerContext(ssl.SSLContext):
     client_cas: tuple[x509.Certificate, ...] = ()  # the certificates of tls.client_ca
     chains: ChainBuilder | None = None  # rebuilds chains up to client_cas (Python < 3.13)
     require_client_auth_eku: bool = True
+    # peer_identity's answers for (certificate chain as presented or verified), bounded; a
+    # context lives until the next TLS reload, so a new CA bundle never sees an old answer
+    identities: dict[tuple[bytes, ...], Identity] | None = None
 
 
 def _bare_server_context(tls: TLSConfig, source: str) -> ServerContext:
@@ -498,13 +501,46 @@ def peer_identity(ssl_object: Any, der: bytes) -> Identity:
     ``require_client_auth_eku`` (a ``ServerContext``; any other context: required). Raises
     ``ValueError`` when the certificate cannot be parsed, like ``identity_from_der``."""
     ctx = getattr(ssl_object, "context", None)
-    require = ctx.require_client_auth_eku if isinstance(ctx, ServerContext) else True
+    server = ctx if isinstance(ctx, ServerContext) else None
+    require = server.require_client_auth_eku if server is not None else True
+    cache: dict[tuple[bytes, ...], Identity] | None = None
+    key: tuple[bytes, ...] = ()
+    if server is not None:
+        # A reconnecting client presents the same chain: its identity (the issuer lookup is a
+        # signature check, parsing the certificate more) is computed once per context.
+        cache = server.identities
+        if cache is None:
+            cache = server.identities = {}
+        key = (der, *_presented_chain(ssl_object))
+        hit = cache.get(key)
+        if hit is not None:
+            return hit
     issuer = verified_issuer(ssl_object, x509.load_der_x509_certificate(der))
-    return identity_from_der(
+    identity = identity_from_der(
         der,
         issuer_der=None if issuer is None else issuer.public_bytes(serialization.Encoding.DER),
         require_client_auth_eku=require,
     )
+    if cache is not None:
+        if len(cache) >= IDENTITY_CACHE_SIZE:
+            cache.clear()
+        cache[key] = identity
+    return identity
+
+
+#: Identities remembered per server context (see ``peer_identity``).
+IDENTITY_CACHE_SIZE = 4096
+
+
+def _presented_chain(ssl_object: Any) -> list[bytes]:
+    """DER of the chain behind the leaf: verified (3.13+) or as the client sent it (before;
+    private API), or nothing when neither can be read."""
+    try:
+        getter = getattr(ssl_object, "get_verified_chain", None)
+        raw = getter() if getter is not None else ssl_object._sslobj.get_unverified_chain()
+        return _der_list(raw or [])
+    except (AttributeError, ValueError, TypeError):
+        return []
 
 
 def revocation_check(tls: TLSConfig) -> Callable[[bytes], bool] | None:
