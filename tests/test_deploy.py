@@ -283,11 +283,16 @@ def _prestop_script(sock: Path, max_wait: int) -> str:
 
 
 def _wait_for_socket(path: Path, proc: subprocess.Popen[bytes]) -> None:
+    """Until beanstalkd accepts on its unix socket (the file exists before it listens)."""
     deadline = time.monotonic() + 10
-    while not path.is_socket():
+    while True:
         assert proc.poll() is None, "beanstalkd exited"
-        assert time.monotonic() < deadline, "beanstalkd socket did not appear"
-        time.sleep(0.01)  # no event for a socket file appearing
+        assert time.monotonic() < deadline, "beanstalkd socket did not start listening"
+        if path.is_socket():
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+                if probe.connect_ex(str(path)) == 0:
+                    return
+        time.sleep(0.01)  # no event for a socket file appearing or starting to listen
 
 
 @pytest.mark.skipif(not Path("/proc/net/unix").exists(), reason="needs Linux /proc/net/unix")
