@@ -145,14 +145,25 @@ class PutLimits:
         """Why a ``put pri delay ttr size`` breaks these limits, or ``None`` if it does not."""
         if self.max_body is not None and size > self.max_body:
             return f"body of {size} bytes exceeds max_body {self.max_body}"
-        for name, value, bounds in (
-            ("priority", pri, self.priority),
-            ("delay", delay, self.delay),
-            ("ttr", ttr, self.ttr),
-        ):
-            if bounds is not None and not bounds[0] <= value <= bounds[1]:
-                return f"{name} {value} outside [{bounds[0]}, {bounds[1]}]"
-        return None
+        return _outside(
+            (("priority", pri, self.priority), ("delay", delay, self.delay), ("ttr", ttr, self.ttr))
+        )
+
+    def requeue_violation(self, pri: int, delay: int | None = None) -> str | None:
+        """Why a ``release <id> pri delay`` (or, without ``delay``, a ``bury <id> pri``)
+        breaks these limits, or ``None``: the same bounds as for a ``put``."""
+        checks = [("priority", pri, self.priority)]
+        if delay is not None:
+            checks.append(("delay", delay, self.delay))
+        return _outside(checks)
+
+
+def _outside(checks: Iterable[tuple[str, int, tuple[int, int] | None]]) -> str | None:
+    """The first ``name value outside [low, high]`` among ``checks``, or ``None``."""
+    for name, value, bounds in checks:
+        if bounds is not None and not bounds[0] <= value <= bounds[1]:
+            return f"{name} {value} outside [{bounds[0]}, {bounds[1]}]"
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -422,6 +433,7 @@ class Policy:
         "_index_keys",
         "_principal_cache",
         "_principals",
+        "_put_limited",
         "_rates",
         "_rules",
         "_rules_for",
@@ -446,6 +458,12 @@ class Policy:
             name: tuple(r for r in self._rules if r.principal in (name, "*"))
             for name in self.principals
         }
+        # Principals some allow rule constrains with ``put:`` limits (see has_put_limits).
+        self._put_limited = frozenset(
+            name
+            for name, rules in self._rules_for.items()
+            if any(r.limits is not None for r in rules)
+        )
         self._cache: dict[tuple[str, str, str, str | None], Decision] = {}
         self._visible: dict[str, VisibleTubes] = {}  # bounded by the principals (+ unknowns)
         # Principals some deny rule applies to (their denials name the deny, see any_right).
@@ -559,7 +577,7 @@ class Policy:
     def has_put_limits(self, principal: str) -> bool:
         """Whether any allow rule that can apply to ``principal`` constrains ``put`` (those
         constraints also bind its ``release`` and ``bury``)."""
-        return any(r.limits is not None for r in self._rules_for.get(principal, ()))
+        return principal in self._put_limited
 
     # -- decisions ----------------------------------------------------------------------------
 

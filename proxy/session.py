@@ -478,12 +478,11 @@ class Session:
             tracking = self._tracking = not all(self._uniform(c, v) for c, v in JOB_DECISIONS)
         return tracking
 
-    def _denied_use(self) -> tuple[Decision, str, bytes] | None:
-        """While the last ``use`` was denied: (decision, tube, reply) for any command on the
-        used tube (a client library that missed the denial believes it uses that tube)."""
-        denied = self.use_denied
-        if denied is None:
-            return None
+    @staticmethod
+    def _denied_use(denied: tuple[str, bytes]) -> tuple[Decision, str, bytes]:
+        """While the last ``use`` (``denied``: its tube and reply) was denied: (decision, tube,
+        reply) for any command on the used tube (a client library that missed the denial
+        believes it uses that tube)."""
         tube, reply = denied
         rule = f"use {tube} was denied; commands on the used tube wait for an allowed use"
         return Decision(False, rule), tube, reply
@@ -494,7 +493,7 @@ class Session:
         """Why a ``put`` may not run now, as (decision, tube, reply or None for the usual
         denial reply), or ``None`` when it may."""
         if self.use_denied is not None:
-            return self._denied_use()
+            return self._denied_use(self.use_denied)
         tube = self.used
         d = self._decide("put", "produce", tube)
         if not d.allowed:
@@ -574,9 +573,8 @@ class Session:
             self._forward(cmd, (K_RESERVE, tuple(self.watched)))
 
     def _h_used_tube(self, cmd: Command) -> None:
-        denied = self._denied_use()
-        if denied is not None:
-            decision, tube, reply = denied
+        if self.use_denied is not None:
+            decision, tube, reply = self._denied_use(self.use_denied)
             self._deny(cmd, decision, tube, None, reply)
             return
         verb = "manage" if cmd[0] == OP_KICK else "inspect"
@@ -730,18 +728,7 @@ class Session:
         limits = d.limits
         if limits is None:
             return False
-        op = cmd[0]
-        pri = cmd[2]
-        delay = cmd[3] if op == OP_RELEASE else None
-        broken = None
-        if limits.priority is not None and not limits.priority[0] <= pri <= limits.priority[1]:
-            broken = f"priority {pri} outside [{limits.priority[0]}, {limits.priority[1]}]"
-        elif (
-            delay is not None
-            and limits.delay is not None
-            and not limits.delay[0] <= delay <= limits.delay[1]
-        ):
-            broken = f"delay {delay} outside [{limits.delay[0]}, {limits.delay[1]}]"
+        broken = limits.requeue_violation(cmd[2], cmd[3] if cmd[0] == OP_RELEASE else None)
         if broken is None:
             return False
         self._deny(cmd, Decision(False, f"{d.rule}: {broken}"), tube, cmd[1])
