@@ -47,6 +47,8 @@ if TYPE_CHECKING:
     from proxy.acldiff import PolicyDiff
     from proxy.identity import Identity
     from proxy.relay import ProxyServer
+    from proxy.sharedlimits import SharedCounts
+    from proxy.workers import WorkerPlan
 
 __all__ = ["describe_config_error", "load_acl", "load_config", "load_yaml", "main"]
 
@@ -415,12 +417,14 @@ async def _serve(
     policy: Policy,
     worker: int | None = None,
     baseline: Snapshot | None = None,
+    shared: SharedCounts | None = None,
+    status_endpoint: Endpoint | None = None,
 ) -> int:
     from proxy.httpd import StatusServer
     from proxy.relay import PolicyHolder, ProxyServer
 
     holder = PolicyHolder(policy)
-    server = ProxyServer(config, ctx, holder, reuse_port=worker is not None)
+    server = ProxyServer(config, ctx, holder, reuse_port=worker is not None, shared=shared)
     _record_expiry(config, server)
     if baseline is None:
         baseline = _file_state(_watched_files(config))
@@ -428,9 +432,10 @@ async def _serve(
     for kind in kinds.groups:
         server.metrics.reload_result(kind, True, counted=False)
     status_listen = config.metrics_listen
-    if status_listen is not None and worker and status_listen.port:
-        # Each worker has its own counters: worker k serves them on metrics port + k.
-        status_listen = Endpoint(status_listen.host, status_listen.port + worker, None)
+    if status_listen is not None and status_endpoint is not None:
+        # A worker of --workers N: its own endpoints on a private socket, which the
+        # aggregator asks and merges on metrics.listen (proxy.aggregate).
+        status_listen = status_endpoint
     status = (
         StatusServer(
             status_listen,
@@ -506,41 +511,83 @@ def _sessions_of(server: ProxyServer) -> Callable[[], Awaitable[bytes]]:
     return lambda: render(server)
 
 
-def _supervise(workers: int, run_worker: Callable[[int], int]) -> int:
-    """Fork ``workers`` processes (before any event loop or thread exists), forward SIGHUP,
-    SIGTERM and SIGINT to all of them, and wait. If one exits with an error, stop the rest."""
-    pids: dict[int, int] = {}
-    for k in range(workers):
-        pid = os.fork()
-        if pid == 0:  # child
-            code = 1
-            try:
-                code = run_worker(k)
-            finally:
-                os._exit(code)
-        pids[pid] = k
+def _serve_workers(
+    config: Config, ctx: ssl.SSLContext, policy: Policy, workers: int, baseline: Snapshot
+) -> int:
+    """``serve --workers N``: the supervisor (proxy.workers) forks N workers sharing the
+    listen port and the limit counts, and, with metrics.listen, the aggregator that serves the
+    whole proxy's status endpoints there. A replacement worker re-reads the ACL and TLS files
+    (a SIGHUP may have changed them since the start), keeping the startup ones if they do not
+    load now."""
+    from proxy.workers import WorkerPlan, supervise
 
-    def forward(signum: int, _frame: object) -> None:
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signum)
+    plan = WorkerPlan(workers)
+    first = set(range(workers))
 
-    for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, forward)
-    log.info("supervisor pid %d started %d workers: %s", os.getpid(), workers, sorted(pids))
-    status = 0
-    while pids:
-        try:
-            pid, wait_status = os.wait()
-        except ChildProcessError:
-            break
-        k = pids.pop(pid, -1)
-        code = os.waitstatus_to_exitcode(wait_status)
-        if code != 0:
-            log.error("worker %d (pid %d) exited with %d; stopping the others", k, pid, code)
-            status = status or 1
-            forward(signal.SIGTERM, None)
-    return status
+    def run_worker(k: int) -> int:
+        worker_policy, worker_ctx, worker_baseline = policy, ctx, baseline
+        if k not in first:
+            worker_policy, worker_ctx, worker_baseline = _fresh_files(config, policy, ctx, baseline)
+        first.discard(k)
+        return _run(
+            _serve(
+                config,
+                worker_ctx,
+                worker_policy,
+                worker=k,
+                baseline=worker_baseline,
+                shared=plan.shared,
+                status_endpoint=plan.status_endpoint(k),
+            )
+        )
+
+    def run_aggregator() -> int:
+        return _run(_aggregate(config, plan))
+
+    return supervise(
+        plan, run_worker, run_aggregator if config.metrics_listen is not None else None
+    )
+
+
+def _fresh_files(
+    config: Config, policy: Policy, ctx: ssl.SSLContext, baseline: Snapshot
+) -> tuple[Policy, ssl.SSLContext, Snapshot]:
+    """The ACL and TLS context as the files say now (for a replacement worker), or the
+    startup ones with the startup baseline (the watcher then retries) if they do not load."""
+    now = _file_state(_watched_files(config))
+    try:
+        return load_acl(config.acl, config.source), _server_context(config), now
+    except (ConfigError, OSError, ValueError) as exc:
+        message = describe_config_error(exc) if isinstance(exc, ConfigError) else str(exc)
+        log.error("replacement worker: files do not load, starting with the old ones: %s", message)
+        return policy, ctx, baseline
+
+
+async def _aggregate(config: Config, plan: WorkerPlan) -> int:
+    """The aggregator child: metrics.listen for the whole proxy until SIGTERM/SIGINT."""
+    from proxy.aggregate import AggregateStatus
+
+    assert config.metrics_listen is not None
+    status = AggregateStatus(
+        config.metrics_listen,
+        config.upstream,
+        plan.status_endpoints(),
+        connections=config.metrics_connections,
+    )
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    try:
+        await status.start()
+    except OSError as exc:
+        log.error("cannot listen on %s: %s", config.metrics_listen, exc)
+        return 1
+    try:
+        await stop.wait()
+    finally:
+        await status.close()
+    return 0
 
 
 @main.command()
@@ -577,11 +624,7 @@ def serve(config_path: str, workers: int, log_level: str | None) -> None:
         raise ConfigError(
             config.source, "listen", "--workers needs a TCP listen address with a fixed port"
         )
-    sys.exit(
-        _supervise(
-            workers, lambda k: _run(_serve(config, ctx, policy, worker=k, baseline=baseline))
-        )
-    )
+    sys.exit(_serve_workers(config, ctx, policy, workers, baseline))
 
 
 # --------------------------------------------------------------------------------------------

@@ -5,7 +5,8 @@ tokens per second up to ``burst``; ``take(now)`` refills for the time elapsed si
 call and spends one token if there is one. The caller passes the time (the relay passes
 ``time.monotonic()``, tests pass explicit values), so the module reads no clock and imports no
 asyncio, socket, ssl, click, yaml or time. A clock that goes backwards refills nothing. One
-bucket is shared by every connection of a principal in one proxy process.
+bucket is shared by every connection of a principal in one proxy process; with ``serve
+--workers N`` each worker's bucket holds ``worker_share`` of the ACL's rate and burst.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import math
 from typing import Final
 
-__all__ = ["TokenBucket"]
+__all__ = ["TokenBucket", "worker_share"]
 
 #: Slack for floating-point drift, so a token that is due after many small refills is given.
 _EPSILON: Final = 1e-9
@@ -48,3 +49,14 @@ class TokenBucket:
             self._tokens -= 1.0
             return True
         return False
+
+
+def worker_share(rate: tuple[float, int], workers: int) -> tuple[float, int]:
+    """One worker's part of a whole-proxy (rate, burst) shared by ``workers`` processes:
+    rate / N, and burst / N rounded down but at least 1 (a bucket needs one token). The sum
+    over the workers is the configured rate, and the configured burst or N, whichever is
+    larger; a principal whose connections all land on one worker gets 1/N of both."""
+    per_second, burst = rate
+    if workers <= 1:
+        return per_second, burst
+    return per_second / workers, max(1, burst // workers)

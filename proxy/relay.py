@@ -38,8 +38,9 @@ from proxy.identity import Identity
 from proxy.listen import bind_listener, bound_port
 from proxy.logsummary import AUDIT_BURST, AUDIT_WINDOW, Suppressed, WindowCounter
 from proxy.metrics import Metrics
-from proxy.ratelimit import TokenBucket
+from proxy.ratelimit import TokenBucket, worker_share
 from proxy.session import MAX_HELD_BYTES, MAX_PENDING, Session
+from proxy.sharedlimits import SharedCounts
 from proxy.tlsbio import TLSTransport, accept_tls, use_builtin
 from proxy.tlsctx import peer_identity
 
@@ -182,6 +183,8 @@ class Connection(asyncio.Protocol):
         self._sample_skip = 0  # bursts to let pass untimed before timing the next one
         self.early = bytearray()  # bytes that arrived between handshake and session creation
         self.counted_as: str | None = None  # principal this connection counts against
+        self.counted_shared = False  # ... in the workers' shared table too (--workers N)
+        self.over_limit = False  # past max_connections when its socket was counted
         self.der: bytes | None = None  # the client certificate, for revocation re-checks
         self._expiry_timer: asyncio.TimerHandle | None = None
         self.tls_started = False  # the socket was handed to the TLS layer, which now owns it
@@ -470,9 +473,14 @@ class ProxyServer:
         policy: PolicyHolder,
         metrics: Metrics | None = None,
         reuse_port: bool = False,
+        shared: SharedCounts | None = None,
     ) -> None:
         self.config = config
         self.reuse_port = reuse_port
+        # With --workers N: the whole proxy's counts (connections, handshakes, per principal)
+        # shared by the workers; the limits hold for their sum. None: this process alone.
+        self.shared = shared
+        self.workers = shared.workers if shared is not None else 1
         self.metrics = metrics or Metrics()
         self.ssl_context = ssl_context
         self.policy = policy
@@ -581,7 +589,9 @@ class ProxyServer:
         source: str | None = addr[0] if tcp else None
         limits = self.config.limits
         self.metrics.connections_total.inc()
-        if len(self._open_transports) >= limits.max_connections:
+        shared = self.shared
+        open_now = len(self._open_transports) if shared is None else shared.connections()
+        if open_now >= limits.max_connections:
             self._refused_at_accept(sock, peer, source, "max_connections", limits.max_connections)
             return False
         per_source = limits.max_handshakes_per_source
@@ -592,9 +602,22 @@ class ProxyServer:
         ):
             self._refused_at_accept(sock, peer, source, "max_handshakes_per_source", per_source)
             return False
-        dropped = len(self._pending) >= limits.handshake_limit()
-        if dropped:
-            self._drop_oldest_handshake()
+        if shared is None:
+            dropped = len(self._pending) >= limits.handshake_limit()
+            if dropped:
+                self._drop_oldest_handshake()
+        else:
+            dropped = False
+            while not shared.try_add_handshake(limits.handshake_limit()):
+                # The whole proxy's budget is full: drop this worker's oldest pending
+                # handshake; a worker with none of its own refuses the newcomer instead.
+                if not self._pending:
+                    self._refused_at_accept(
+                        sock, peer, source, "max_handshakes", limits.handshake_limit()
+                    )
+                    return dropped
+                self._drop_oldest_handshake()
+                dropped = True
         if tcp:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         conn = Connection(self, peer, source)
@@ -641,6 +664,8 @@ class ProxyServer:
     def _leave_pending(self, conn: Connection) -> None:
         if self._pending.pop(conn, None) is None:
             return
+        if self.shared is not None:
+            self.shared.remove_handshake()
         source = conn.source
         if source is not None:
             left = self._pending_per_source.get(source, 1) - 1
@@ -742,7 +767,11 @@ class ProxyServer:
             conn.client = tls
             tls.pause_reading()
             conn.reading = False
-            if len(self._open_transports) > limits.max_connections:
+            if (
+                conn.over_limit
+                if self.shared is not None
+                else len(self._open_transports) > limits.max_connections
+            ):
                 # Handshakes that completed together overshot the limit: cut this one at once.
                 self.metrics.handshake_failures.labels("max_connections").inc()
                 self._peer_event(
@@ -807,6 +836,20 @@ class ProxyServer:
                     cap,
                 )
                 return
+            if cap is not None and self.shared is not None:
+                if not self.shared.try_add_principal(principal, cap):
+                    self._refuse(
+                        conn,
+                        "max_connections_per_principal",
+                        logging.WARNING,
+                        "refused peer=%s principal=%s reason=max_connections_per_principal "
+                        "(%d, whole proxy)",
+                        peer,
+                        principal,
+                        cap,
+                    )
+                    return
+                conn.counted_shared = True
             self._per_principal[principal] = self._per_principal.get(principal, 0) + 1
             conn.counted_as = principal
             conn.principal = principal
@@ -883,6 +926,9 @@ class ProxyServer:
 
     def transport_made(self, conn: Connection) -> None:
         self._open_transports.add(conn)
+        if self.shared is not None:
+            conn.over_limit = self.shared.add_connection() > self.config.limits.max_connections
+
     def schedule_audit(self) -> None:
         """Log the denial summaries when the earliest suppressing window ends."""
         if self._audit_timer is not None:
@@ -916,8 +962,14 @@ class ProxyServer:
     def transport_gone(self, conn: Connection) -> None:
         """The client's socket is closed: only now does it stop counting against
         max_connections and max_connections_per_principal."""
-        self._open_transports.discard(conn)
+        if conn in self._open_transports:
+            self._open_transports.discard(conn)
+            if self.shared is not None:
+                self.shared.remove_connection()
         if conn.counted_as is not None:
+            if conn.counted_shared and self.shared is not None:
+                self.shared.remove_principal(conn.counted_as)
+                conn.counted_shared = False
             left = self._per_principal.get(conn.counted_as, 1) - 1
             if left > 0:
                 self._per_principal[conn.counted_as] = left
@@ -938,6 +990,7 @@ class ProxyServer:
         rate = self.policy.current.rate_for(principal)
         if rate is None:
             return None
+        rate = worker_share(rate, self.workers)
         bucket = self._buckets.get(principal)
         if bucket is None or (bucket.rate, bucket.burst) != rate:
             bucket = self._buckets[principal] = TokenBucket(rate[0], rate[1], time.monotonic())
@@ -952,7 +1005,8 @@ class ProxyServer:
         affected = 0
         self.policy.current = policy
         for name, bucket in list(self._buckets.items()):
-            if policy.rate_for(name) != (bucket.rate, bucket.burst):
+            rate = policy.rate_for(name)
+            if rate is None or worker_share(rate, self.workers) != (bucket.rate, bucket.burst):
                 del self._buckets[name]
         for conn in list(self.connections):
             if conn.identity is None or conn.session is None:

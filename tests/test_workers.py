@@ -1,16 +1,24 @@
 """``serve --workers N``, run through the real CLI (so on uvloop when installed): N processes
-share the listen port with SO_REUSEPORT; SIGHUP and
-SIGTERM sent to the supervisor reach every worker."""
+share the listen port with SO_REUSEPORT; SIGHUP and SIGTERM sent to the supervisor reach every
+worker; the workers behave as one proxy: one metrics address with the sums of all workers,
+``/connections`` merged, connection limits for the whole proxy, and a worker killed with
+SIGKILL releases its share and is replaced."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import re
 import signal
+import ssl
 import subprocess
+import time
 from pathlib import Path
+from typing import Any
 
 from conftest import PKI, Beanstalkd, Client, LogReader, free_port, spawn_serve, write_serve_config
+from test_metrics import http, scrape, until, value
 
 
 def _write_config(tmp: Path, pki: PKI, upstream: int, port: int) -> Path:
@@ -58,3 +66,241 @@ async def test_workers_share_port_and_receive_signals(
             proc.wait()
         assert proc.stderr is not None
         proc.stderr.close()
+
+
+# --- workers that behave as one proxy ---------------------------------------------------------
+
+
+class _Proxy:
+    """``serve --workers 2`` with its status endpoints on one address."""
+
+    def __init__(self, proc: subprocess.Popen[str], port: int, metrics_port: int) -> None:
+        self.proc = proc
+        self.port = port
+        self.metrics_port = metrics_port
+        self.log = LogReader(proc)
+
+    async def sessions(self) -> dict[str, Any]:
+        code, _, body = await http(self.metrics_port, "/connections")
+        assert code == 200, body
+        doc: dict[str, Any] = json.loads(body)
+        return doc
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                subprocess.run(["pkill", "-9", "-P", str(self.proc.pid)], check=False)
+                self.proc.kill()
+                self.proc.wait()
+        assert self.proc.stderr is not None
+        self.proc.stderr.close()
+
+
+async def _start(tmp: Path, pki: PKI, beanstalkd: Beanstalkd, **limits: int) -> _Proxy:
+    port, metrics_port = free_port(), free_port()
+    extra: dict[str, Any] = {
+        "metrics": {"listen": f"127.0.0.1:{metrics_port}", "connections": True}
+    }
+    if limits:
+        extra["limits"] = limits
+    cfg = write_serve_config(tmp, pki, beanstalkd.port, port, **extra)
+    proxy = _Proxy(spawn_serve(cfg, "--workers", "2"), port, metrics_port)
+    await proxy.log.wait_for(r"ready: listening on", count=2)
+    await proxy.log.wait_for(rf"status endpoints .* on 127\.0\.0\.1:{metrics_port}")
+    return proxy
+
+
+async def _served(pki: PKI, port: int, body: bytes) -> Client | None:
+    """A connection that could put a job, or None when the proxy refused it."""
+    try:
+        c = await _connect(pki, port)
+    except (OSError, ssl.SSLError):
+        return None
+    try:
+        reply = await c.put(body)
+    except (OSError, ssl.SSLError, asyncio.IncompleteReadError):
+        await c.close()
+        return None
+    assert reply.startswith(b"INSERTED "), reply
+    return c
+
+
+def _local_port(c: Client) -> int:
+    return int(c.writer.get_extra_info("sockname")[1])
+
+
+async def _on_both_workers(pki: PKI, proxy: _Proxy, at_most: int = 64) -> list[Client]:
+    """Connections until the kernel has put some on each worker (bounded: all of ``at_most``
+    on one worker has a probability of 2 ** (1 - at_most))."""
+    clients: list[Client] = []
+    for _ in range(at_most):
+        c = await _served(pki, proxy.port, b"x")
+        assert c is not None
+        clients.append(c)
+        doc = await proxy.sessions()
+        if len(clients) >= 4 and {e["worker"] for e in doc["connections"]} == {0, 1}:
+            return clients
+    raise AssertionError(f"{at_most} connections all landed on one worker")
+
+
+async def test_one_metrics_address_sums_both_workers(
+    tmp_path: Path, pki: PKI, beanstalkd: Beanstalkd
+) -> None:
+    proxy = await _start(tmp_path, pki, beanstalkd)
+    try:
+        clients = await _on_both_workers(pki, proxy)
+        for c in clients:
+            assert (await c.put(b"more")).startswith(b"INSERTED ")
+        doc = await proxy.sessions()
+        assert doc["count"] == len(clients) == len(doc["connections"])
+        by_port = {int(e["peer"].rsplit(":", 1)[1]): e for e in doc["connections"]}
+        assert set(by_port) == {_local_port(c) for c in clients}
+        assert {e["worker"] for e in doc["connections"]} == {0, 1}
+        assert len({e["pid"] for e in doc["connections"]}) == 2
+        assert sorted(w["count"] for w in doc["workers"]) == sorted(
+            [sum(1 for e in doc["connections"] if e["worker"] == k) for k in (0, 1)]
+        )
+        assert all(e["commands"] == 2 for e in doc["connections"])
+
+        samples = await scrape(proxy.metrics_port)
+        n = len(clients)
+        assert value(samples, "beanstalk_proxy_connections_total") == n
+        put = {"command": "put", "decision": "allowed"}
+        assert value(samples, "beanstalk_proxy_commands_total", **put) == 2 * n
+        assert value(samples, "beanstalk_proxy_connections_open") == n
+        assert value(samples, "beanstalk_proxy_client_sockets") == n
+        assert value(samples, "beanstalk_proxy_worker_up", worker="0") == 1
+        assert value(samples, "beanstalk_proxy_worker_up", worker="1") == 1
+        # Per-process figures are per worker; build info is one series with value 1.
+        rss = [k for k in samples if k[0] == "process_resident_memory_bytes"]
+        assert sorted(dict(labels)["worker"] for _, labels in rss) == ["0", "1"]
+        info = [v for k, v in samples.items() if k[0] == "beanstalk_proxy_build_info"]
+        assert info == [1.0]
+        # The histogram is summed bucket by bucket: +Inf equals the summed count.
+        inf = value(samples, "beanstalk_proxy_command_latency_seconds_bucket", le="+Inf")
+        assert inf == value(samples, "beanstalk_proxy_command_latency_seconds_count") > 0
+
+        assert (await http(proxy.metrics_port, "/healthz"))[0] == 200
+        code, _, body = await http(proxy.metrics_port, "/readyz")
+        assert (code, body) == (200, b"ok\n")
+        assert (await http(proxy.metrics_port, "/nope"))[0] == 404
+        # No worker listens on metrics port + k any more.
+        for c in clients:
+            await c.close()
+        await until(lambda: _count_is(proxy, 0))
+    finally:
+        proxy.stop()
+    assert proxy.proc.returncode == 0
+
+
+async def _count_is(proxy: _Proxy, n: int) -> bool:
+    return int((await proxy.sessions())["count"]) == n
+
+
+async def test_max_connections_holds_for_the_whole_proxy(
+    tmp_path: Path, pki: PKI, beanstalkd: Beanstalkd
+) -> None:
+    # max_handshakes defaults to max_connections: room for all 12 at once, so each refusal
+    # is for max_connections.
+    proxy = await _start(tmp_path, pki, beanstalkd, max_connections=3, max_handshakes=64)
+    try:
+        results = await asyncio.gather(*[_served(pki, proxy.port, b"x") for _ in range(12)])
+        served = [c for c in results if c is not None]
+        assert len(served) == 3
+        samples = await scrape(proxy.metrics_port)
+        refused = value(
+            samples, "beanstalk_proxy_handshake_failures_total", reason="max_connections"
+        )
+        assert refused == 9
+        assert value(samples, "beanstalk_proxy_client_sockets") == 3
+        # Refused one after another too, whichever worker accepts.
+        for _ in range(6):
+            assert await _served(pki, proxy.port, b"y") is None
+        # A closed connection frees its place for the whole proxy.
+        await served.pop().close()
+        again = await _eventually_served(pki, proxy.port)
+        assert await _served(pki, proxy.port, b"z") is None
+        for c in [*served, again]:
+            await c.close()
+    finally:
+        proxy.stop()
+
+
+async def _eventually_served(pki: PKI, port: int, timeout: float = 10.0) -> Client:
+    """Bounded polling: the release of a count happens when the proxy sees the socket close."""
+    deadline = time.monotonic() + timeout
+    while (c := await _served(pki, port, b"again")) is None:
+        assert time.monotonic() < deadline, "no connection served in time"
+        await asyncio.sleep(0.05)
+    return c
+
+
+async def test_max_connections_per_principal_holds_for_the_whole_proxy(
+    tmp_path: Path, pki: PKI, beanstalkd: Beanstalkd
+) -> None:
+    proxy = await _start(
+        tmp_path, pki, beanstalkd, max_connections_per_principal=2, max_handshakes=64
+    )
+    try:
+        results = await asyncio.gather(*[_served(pki, proxy.port, b"x") for _ in range(10)])
+        served = [c for c in results if c is not None]
+        assert len(served) == 2
+        samples = await scrape(proxy.metrics_port)
+        reason = "max_connections_per_principal"
+        assert value(samples, "beanstalk_proxy_handshake_failures_total", reason=reason) == 8
+        for c in served:
+            await c.close()
+        again = [await _eventually_served(pki, proxy.port) for _ in range(2)]
+        assert await _served(pki, proxy.port, b"z") is None
+        for c in again:
+            await c.close()
+    finally:
+        proxy.stop()
+
+
+async def test_a_killed_worker_releases_its_connections(
+    tmp_path: Path, pki: PKI, beanstalkd: Beanstalkd
+) -> None:
+    limit = 16
+    proxy = await _start(tmp_path, pki, beanstalkd, max_connections=limit)
+    try:
+        clients = await _on_both_workers(pki, proxy, at_most=limit)
+        while len(clients) < limit:
+            c = await _served(pki, proxy.port, b"x")
+            assert c is not None
+            clients.append(c)
+        assert await _served(pki, proxy.port, b"no") is None  # the limit is reached
+        doc = await proxy.sessions()
+        worker_of = {int(e["peer"].rsplit(":", 1)[1]): e for e in doc["connections"]}
+        victim = doc["connections"][0]
+        victim_pid = int(victim["pid"])
+        held = [c for c in clients if worker_of[_local_port(c)]["pid"] == victim_pid]
+        kept = [c for c in clients if c not in held]
+        assert held and kept
+        before = await scrape(proxy.metrics_port)
+
+        os.kill(victim_pid, signal.SIGKILL)
+        await proxy.log.wait_for(
+            rf"worker {victim['worker']} \(pid {victim_pid}\) ended \(killed by SIGKILL\)"
+        )
+        for c in held:
+            await c.closed()
+        # Its places are free again for the whole proxy, the other worker's are still held.
+        fresh = [await _eventually_served(pki, proxy.port) for _ in held]
+        assert await _served(pki, proxy.port, b"no") is None
+        for c in kept:
+            assert (await c.put(b"still")).startswith(b"INSERTED ")
+        await proxy.log.wait_for(r"ready: listening on", count=3)  # the replacement
+        await until(lambda: _count_is(proxy, len(kept) + len(fresh)), timeout=10)
+        after = await scrape(proxy.metrics_port)
+        assert value(after, "beanstalk_proxy_worker_up", worker=str(victim["worker"])) == 1
+        # The whole-proxy counters did not go backwards when the worker was replaced.
+        accepted = "beanstalk_proxy_connections_total"
+        assert value(after, accepted) >= value(before, accepted) + len(fresh)
+        for c in [*kept, *fresh]:
+            await c.close()
+    finally:
+        proxy.stop()
