@@ -126,7 +126,9 @@ class SharedCounts:
 
     def remove_principal(self, name: str) -> None:
         slot = self._slot_of.get(name)
-        if slot is not None:
+        if slot is None:
+            slot = self._find(_key(name), insert=False)
+        if slot >= 0:
             self._cells[self._base(slot) + 1 + self.worker] -= 1
 
     def reclaim(self, worker: int) -> None:

@@ -30,7 +30,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from proxy.acl import Policy, parse_acl
 from proxy.errors import ConfigError
 from proxy.protocol import NAMES, OP_PUT
-from proxy.ratelimit import TokenBucket
+from proxy.ratelimit import TokenBucket, worker_share
 from proxy.session import Session
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -439,3 +439,21 @@ async def test_rate_limit_follows_a_renamed_principal(pki: PKI, beanstalkd: Bean
         await billing.close()
     finally:
         await proxy.server.close()
+
+
+@pytest.mark.parametrize(
+    ("rate", "workers", "share"),
+    [
+        ((10.0, 20), 1, (10.0, 20)),
+        ((10.0, 20), 2, (5.0, 10)),
+        ((10.0, 21), 2, (5.0, 10)),  # rounded down: the sum never exceeds the burst...
+        ((1.0, 1), 4, (0.25, 1)),  # ...unless it is below N: a bucket needs one token
+        ((0.5, 3), 3, (0.5 / 3, 1)),
+    ],
+)
+def test_worker_share(rate: tuple[float, int], workers: int, share: tuple[float, int]) -> None:
+    assert worker_share(rate, workers) == share
+    per_second, burst = worker_share(rate, workers)
+    assert per_second * workers == pytest.approx(rate[0])
+    assert burst * workers <= max(rate[1], workers)
+    TokenBucket(per_second, burst, 0.0)  # a valid bucket

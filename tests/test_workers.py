@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import yaml
 from conftest import PKI, Beanstalkd, Client, LogReader, free_port, spawn_serve, write_serve_config
 from test_metrics import http, scrape, until, value
 
@@ -99,7 +100,9 @@ class _Proxy:
         self.proc.stderr.close()
 
 
-async def _start(tmp: Path, pki: PKI, beanstalkd: Beanstalkd, **limits: int) -> _Proxy:
+async def _start(
+    tmp: Path, pki: PKI, beanstalkd: Beanstalkd, rate: dict[str, float] | None = None, **limits: int
+) -> _Proxy:
     port, metrics_port = free_port(), free_port()
     extra: dict[str, Any] = {
         "metrics": {"listen": f"127.0.0.1:{metrics_port}", "connections": True}
@@ -107,6 +110,11 @@ async def _start(tmp: Path, pki: PKI, beanstalkd: Beanstalkd, **limits: int) -> 
     if limits:
         extra["limits"] = limits
     cfg = write_serve_config(tmp, pki, beanstalkd.port, port, **extra)
+    if rate is not None:
+        acl = tmp / "acl.yaml"
+        doc = yaml.safe_load(acl.read_text())
+        doc["principals"][0]["rate"] = rate
+        acl.write_text(yaml.safe_dump(doc))
     proxy = _Proxy(spawn_serve(cfg, "--workers", "2"), port, metrics_port)
     await proxy.log.wait_for(r"ready: listening on", count=2)
     await proxy.log.wait_for(rf"status endpoints .* on 127\.0\.0\.1:{metrics_port}")
@@ -304,3 +312,38 @@ async def test_a_killed_worker_releases_its_connections(
             await c.close()
     finally:
         proxy.stop()
+
+
+async def test_each_worker_holds_its_share_of_a_rate(
+    tmp_path: Path, pki: PKI, beanstalkd: Beanstalkd
+) -> None:
+    # burst 6 for the whole proxy: 3 per worker (a token per 1000 s: no refill meanwhile).
+    proxy = await _start(tmp_path, pki, beanstalkd, rate={"per_second": 0.002, "burst": 6})
+    try:
+        clients = await _on_both_workers_idle(pki, proxy)
+        per_worker: dict[int, list[bytes]] = {0: [], 1: []}
+        doc = await proxy.sessions()
+        worker_of = {int(e["peer"].rsplit(":", 1)[1]): e["worker"] for e in doc["connections"]}
+        for c in clients:
+            await c.send(b"list-tube-used\r\n" * 4)
+            per_worker[worker_of[_local_port(c)]] += [(await c.reply())[0] for _ in range(4)]
+        for replies in per_worker.values():
+            assert replies.count(b"USING default") == 3, replies
+        samples = await scrape(proxy.metrics_port)
+        limited = value(samples, "beanstalk_proxy_rate_limited_total", principal="admin")
+        assert limited == 4 * len(clients) - 6
+        for c in clients:
+            await c.close()
+    finally:
+        proxy.stop()
+
+
+async def _on_both_workers_idle(pki: PKI, proxy: _Proxy, at_most: int = 32) -> list[Client]:
+    """Connections (sending nothing) until each worker has one."""
+    clients: list[Client] = []
+    for _ in range(at_most):
+        clients.append(await _connect(pki, proxy.port))
+        await until(lambda: _count_is(proxy, len(clients)))
+        if {e["worker"] for e in (await proxy.sessions())["connections"]} == {0, 1}:
+            return clients
+    raise AssertionError(f"{at_most} connections all landed on one worker")
