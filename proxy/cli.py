@@ -1208,7 +1208,8 @@ def _session_row(entry: dict[str, Any]) -> list[str]:
     required=True,
     metavar="URL",
     help="The proxy's status listener (its metrics.listen), e.g. http://127.0.0.1:9400. "
-    "Repeatable: with serve --workers N each worker serves its own sessions on port+k.",
+    "Repeatable (one table for several proxies). With serve --workers N the one address "
+    "lists every worker's sessions, and a PID column says which worker holds each.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON document(s) as served.")
 @click.option("--timeout", default=5.0, show_default=True, help="Seconds to wait for an answer.")
@@ -1232,7 +1233,11 @@ def status(urls: tuple[str, ...], as_json: bool, timeout: float) -> None:
             click.echo(json.dumps(doc, indent=2))
         return
     header = list(_STATUS_COLUMNS)
-    if len(docs) > 1:
+    # Several listeners, or one serve --workers N whose entries each carry their worker's pid.
+    with_pid = len(docs) > 1 or any(
+        isinstance(e, dict) and "pid" in e for _, doc in docs for e in doc["connections"]
+    )
+    if with_pid:
         header.insert(0, "PID")
     rows: list[list[str]] = []
     notes: list[str] = []
@@ -1240,7 +1245,7 @@ def status(urls: tuple[str, ...], as_json: bool, timeout: float) -> None:
         entries = [e for e in doc["connections"] if isinstance(e, dict)]
         for entry in entries:
             row = _session_row(entry)
-            rows.append([_cell(doc.get("pid")), *row] if len(docs) > 1 else row)
+            rows.append([_cell(entry.get("pid", doc.get("pid"))), *row] if with_pid else row)
         if doc.get("truncated"):
             notes.append(
                 f"{url}: {doc.get('count')} connections, only the oldest {len(entries)} listed"

@@ -116,6 +116,7 @@ class Metrics:
             buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25, 1, 5, 30),
             registry=r,
         )
+        self.started = time.time()  # this process's (a worker's own, not its supervisor's)
         self._live: Iterable[Connection] = ()
         self._client_sockets: Callable[[], int] = lambda: 0
         self._handshakes: Callable[[], int] = lambda: 0
@@ -273,7 +274,7 @@ class _LiveCollector(Collector):
             g.add_metric([], fds)
             yield g
         g = GaugeMetricFamily("beanstalk_proxy_start_time_seconds", "Process start (unix time)")
-        g.add_metric([], _START)
+        g.add_metric([], self.metrics.started)
         yield g
 
 
@@ -310,7 +311,6 @@ def _loop_name() -> str:
     return "uvloop" if type(loop).__module__.split(".", 1)[0] == "uvloop" else "asyncio"
 
 
-_START = time.time()
 _OPENSSL = " ".join(ssl.OPENSSL_VERSION.split()[:2])  # "OpenSSL 3.0.13", without the date
 
 

@@ -13,6 +13,7 @@ import re
 import signal
 import ssl
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -185,11 +186,24 @@ async def test_one_metrics_address_sums_both_workers(
         # Per-process figures are per worker; build info is one series with value 1.
         rss = [k for k in samples if k[0] == "process_resident_memory_bytes"]
         assert sorted(dict(labels)["worker"] for _, labels in rss) == ["0", "1"]
+        started = [v for k, v in samples.items() if k[0] == "beanstalk_proxy_start_time_seconds"]
+        assert len(set(started)) == 2  # each worker's own start
         info = [v for k, v in samples.items() if k[0] == "beanstalk_proxy_build_info"]
         assert info == [1.0]
         # The histogram is summed bucket by bucket: +Inf equals the summed count.
         inf = value(samples, "beanstalk_proxy_command_latency_seconds_bucket", le="+Inf")
         assert inf == value(samples, "beanstalk_proxy_command_latency_seconds_count") > 0
+
+        # `status` prints the merged list with each session's worker pid.
+        out = subprocess.run(
+            [sys.executable, "-m", "proxy", "status", "--metrics-url",
+             f"http://127.0.0.1:{proxy.metrics_port}"],
+            capture_output=True, text=True, check=True, timeout=30,
+        ).stdout.splitlines()  # fmt: skip
+        assert out[0].split()[:2] == ["PID", "PEER"]
+        pids = {str(e["pid"]) for e in doc["connections"]}
+        assert {line.split()[0] for line in out[1:-1]} == pids
+        assert out[-1] == f"{len(clients)} connections"
 
         assert (await http(proxy.metrics_port, "/healthz"))[0] == 200
         code, _, body = await http(proxy.metrics_port, "/readyz")
