@@ -8,7 +8,8 @@
    workers and merges) and, for comparison, with one process (``/metrics`` served directly),
    each holding ``--conns`` idle mTLS connections: latency of sequential ``GET /metrics`` and
    ``GET /connections`` on the one metrics address (p50, p99, max, in milliseconds), and the
-   size of the exposition.
+   size of the exposition; and the resident memory of each process (supervisor, workers,
+   aggregator) with the connections open.
 
 Usage: ``python bench/workers.py [--workers 2] [--conns 50] [--requests 200]``. Needs
 beanstalkd. Self-contained: a throwaway PKI and beanstalkd in a temporary directory.
@@ -52,6 +53,18 @@ def wait_port(port: int, timeout: float = 20.0) -> None:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.05)
+
+
+def children(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def admission(rounds: int) -> None:
@@ -121,6 +134,8 @@ def scrape(workers: int, conns: int, requests: int, work: Path, upstream: int) -
             assert s.recv(100).startswith(b"USING")
             held.append(s)
         label = f"{workers} worker{'s' if workers > 1 else ''}"
+        pids = [proc.pid, *children(proc.pid)]
+        print(f"RSS {label}: " + ", ".join(f"pid {p} {rss_mib(p):.1f} MiB" for p in pids))
         for path in ("/metrics", "/connections"):
             times, size = [], 0
             for _ in range(requests):

@@ -237,7 +237,8 @@ def _fd_limit_problem(config: Config, raise_soft: bool) -> str | None:
         f"is below the {need} descriptors the limits allow (2 x limits.max_connections "
         f"{limits.max_connections} + limits.max_handshakes {limits.handshake_limit()} + 32): "
         "at full load accept() fails with 'Too many open files'; raise the limit (ulimit -n, "
-        "LimitNOFILE=) or lower limits.max_connections (per worker with --workers)"
+        "LimitNOFILE=) or lower limits.max_connections (with --workers a limit for the whole "
+        "proxy, of which any one worker may hold all)"
     )
 
 
