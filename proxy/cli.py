@@ -523,13 +523,11 @@ def _serve_workers(
     from proxy.workers import WorkerPlan, supervise
 
     plan = WorkerPlan(workers)
-    first = set(range(workers))
 
-    def run_worker(k: int) -> int:
+    def run_worker(k: int, replacement: bool) -> int:
         worker_policy, worker_ctx, worker_baseline = policy, ctx, baseline
-        if k not in first:
+        if replacement:
             worker_policy, worker_ctx, worker_baseline = _fresh_files(config, policy, ctx, baseline)
-        first.discard(k)
         return _run(
             _serve(
                 config,

@@ -11,7 +11,9 @@ writer, so escaping round-trips). Each family is merged by its ``mode`` (``famil
   query for a whole-proxy figure).
 - ``min``: the last-reload success flags and timestamps and the certificate expiry: the
   whole proxy is as good as its worst worker.
-- ``max``: ``beanstalk_proxy_build_info`` (1 in every worker, so 1).
+- ``max``: ``beanstalk_proxy_build_info`` (1 in every worker, so 1) and
+  ``beanstalk_proxy_reloads_total`` (every worker loads the same files on the same signal or
+  change: a reload of the proxy counts once, not N times).
 
 An input may be ``retired`` (its worker label ``None``): the counters of a worker that was
 replaced, carried so the whole-proxy counters never go backwards when a worker restarts; it
@@ -42,7 +44,7 @@ _MIN: Final = frozenset(
         "beanstalk_proxy_certificate_expiry_timestamp_seconds",
     }
 )
-_MAX: Final = frozenset({"beanstalk_proxy_build_info"})
+_MAX: Final = frozenset({"beanstalk_proxy_build_info", "beanstalk_proxy_reloads"})
 _CUMULATIVE: Final = frozenset({"counter", "histogram", "summary"})
 
 _Key = tuple[str, tuple[tuple[str, str], ...]]  # sample name, sorted labels

@@ -77,16 +77,20 @@ def _in_child() -> None:
 
 def supervise(
     plan: WorkerPlan,
-    run_worker: Callable[[int], int],
+    run_worker: Callable[[int, bool], int],
     run_aggregator: Callable[[], int] | None = None,
 ) -> int:
     """Fork the workers (and the aggregator), supervise them until they are all gone; the
-    exit status is 0 unless a child failed."""
+    exit status is 0 unless a child failed. ``run_worker(k, replacement)`` runs worker ``k``
+    in the child; ``replacement`` is true when it replaces one that died."""
     children: dict[int, int] = {}  # pid -> worker index (or _AGGREGATOR)
+    started: set[int] = set()
     respawns: list[float] = []
     stopping = False
 
     def start(index: int) -> None:
+        replacement = index in started
+        started.add(index)
         pid = os.fork()
         if pid == 0:  # child
             code = 1
@@ -97,7 +101,7 @@ def supervise(
                     code = run_aggregator()
                 else:
                     plan.shared.attach(index)
-                    code = run_worker(index)
+                    code = run_worker(index, replacement)
             finally:
                 os._exit(code)
         children[pid] = index

@@ -361,3 +361,38 @@ async def _on_both_workers_idle(pki: PKI, proxy: _Proxy, at_most: int = 32) -> l
         if {e["worker"] for e in (await proxy.sessions())["connections"]} == {0, 1}:
             return clients
     raise AssertionError(f"{at_most} connections all landed on one worker")
+
+
+async def test_a_replacement_worker_reads_the_files_as_they_are_now(
+    tmp_path: Path, pki: PKI, beanstalkd: Beanstalkd
+) -> None:
+    proxy = await _start(tmp_path, pki, beanstalkd)
+    try:
+        clients = await _on_both_workers_idle(pki, proxy)
+        doc = await proxy.sessions()
+        old_pids = {e["pid"] for e in doc["connections"]}
+        victim = next(e for e in doc["connections"] if e["worker"] == 0)
+        # The ACL changes on disk, with no SIGHUP (and no file watching): the running workers
+        # keep theirs, a replacement must not resurrect the startup one.
+        acl = tmp_path / "acl.yaml"
+        text = acl.read_text().replace("admin", "root")
+        acl.write_text(text.replace("cn: root", "cn: admin"))
+        os.kill(int(victim["pid"]), signal.SIGKILL)
+        await proxy.log.wait_for(r"ready: listening on", count=3)
+        principals: dict[bool, set[str]] = {True: set(), False: set()}
+        for _ in range(32):
+            c = await _connect(pki, proxy.port)
+            clients.append(c)
+            assert await c.line(b"list-tube-used") == b"USING default"
+            doc = await proxy.sessions()
+            entry = next(
+                e for e in doc["connections"] if int(e["peer"].rsplit(":", 1)[1]) == _local_port(c)
+            )
+            principals[entry["pid"] in old_pids].add(entry["principal"])
+            if principals[True] and principals[False]:
+                break
+        assert principals == {True: {"admin"}, False: {"root"}}
+        for c in clients:
+            await c.close()
+    finally:
+        proxy.stop()
