@@ -522,7 +522,15 @@ def _serve_workers(
     load now."""
     from proxy.workers import WorkerPlan, supervise
 
-    plan = WorkerPlan(workers)
+    try:
+        plan = WorkerPlan(workers)
+    except OSError as exc:
+        log.error(
+            "--workers needs a writable directory for the workers' shared counts and status "
+            "sockets (TMPDIR, else /tmp; on a read-only root filesystem mount a tmpfs there): %s",
+            exc,
+        )
+        return 1
 
     def run_worker(k: int, replacement: bool) -> int:
         worker_policy, worker_ctx, worker_baseline = policy, ctx, baseline
