@@ -18,7 +18,9 @@ Limits: a client socket counts against ``max_connections`` from the end of its h
 ``connection_lost`` (closing waits ``close_timeout`` for the peer's close_notify, then aborts);
 handshakes in progress have their own budget (``max_handshakes``, oldest dropped when full)
 and a per-source cap; refusals and failed handshakes are logged at most ``PEER_LOG_LINES`` per
-source address per window, the rest summarised.
+source address per window, the rest summarised. With ``serve --workers N`` (a ``SharedCounts``)
+``max_connections``, ``max_handshakes`` and ``max_connections_per_principal`` are checked
+against the whole proxy's counts, and each principal's rate bucket holds 1/N of its rate.
 """
 
 from __future__ import annotations

@@ -396,4 +396,3 @@ async def test_a_replacement_worker_reads_the_files_as_they_are_now(
             await c.close()
     finally:
         proxy.stop()
-
