@@ -133,7 +133,7 @@ def test_rate_for(rate: dict[str, Any], expected: tuple[float, int]) -> None:
     ("rate", "key", "reason"),
     [
         (5, "principals[1].rate", "expected a mapping, got an integer"),
-        (None, "principals[1].rate", "expected a mapping, got nothing (null)"),
+        (None, "principals[1].rate", "expected a mapping, got null"),
         ({}, "principals[1].rate.per_second", "missing required key"),
         ({"burst": 3}, "principals[1].rate.per_second", "missing required key"),
         ({"per_second": 0}, "principals[1].rate.per_second", "expected a number > 0"),

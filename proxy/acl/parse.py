@@ -10,13 +10,13 @@ The format is documented in ``config/ACL.md``. Pure: no asyncio, socket, ssl, cl
 
 from __future__ import annotations
 
-import difflib
 import ipaddress
 import math
 import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Final
 
+from proxy import schema
 from proxy.acl.globs import StarGlob, exact_matcher, segment_matcher, star_matcher
 from proxy.acl.policy import Condition, Policy, Principal, PutLimits, Rule
 from proxy.acl.verbs import (
@@ -31,6 +31,7 @@ from proxy.acl.verbs import (
 )
 from proxy.errors import ConfigError
 from proxy.identity import normalize_dn, uri_match_form
+from proxy.schema import suggest
 
 __all__ = ["parse_acl"]
 
@@ -39,24 +40,6 @@ _MAX_RATE: Final = 1e9  # commands per second; far beyond what a proxy process c
 _PRINCIPAL_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.@:/+-]{0,99}")
 _DNS_PATTERN_CHARS: Final = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-._*")
 _HEX: Final = frozenset("0123456789abcdef")
-
-
-def _kind(value: object) -> str:
-    if value is None:
-        return "nothing (null)"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int):
-        return "an integer"
-    if isinstance(value, float):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, Mapping):
-        return "a mapping"
-    if isinstance(value, list | tuple):
-        return "a list"
-    return type(value).__name__
 
 
 def _one_of(names: Iterable[str]) -> str:
@@ -71,30 +54,26 @@ class _Parser:
         return ConfigError(self.source, key, reason)
 
     def mapping(self, value: object, key: str, allowed: tuple[str, ...]) -> Mapping[str, object]:
-        if not isinstance(value, Mapping):
-            raise self.fail(key, f"expected a mapping, got {_kind(value)}")
-        for k in value:
-            if not isinstance(k, str) or k not in allowed:
-                hint = _suggest(str(k), allowed)
-                sub = f"{key}.{k}" if key else str(k)
-                raise self.fail(sub, f"unknown key {k!r}{hint}; expected one of {_one_of(allowed)}")
-        return value
+        return schema.mapping(self.source, key, value, allowed)
+
+    def missing(self, key: str) -> ConfigError:
+        return schema.missing_key(self.source, key)
 
     def seq(self, value: object, key: str, what: str) -> list[object]:
         if not isinstance(value, list | tuple):
-            raise self.fail(key, f"expected a list of {what}, got {_kind(value)}")
+            raise schema.wrong_type(self.source, key, f"a list of {what}", value)
         return list(value)
 
     def string(self, value: object, key: str, what: str) -> str:
         if not isinstance(value, str):
-            raise self.fail(key, f"expected {what} (a string), got {_kind(value)}")
+            raise schema.wrong_type(self.source, key, f"{what} (a string)", value)
         if not value:
             raise self.fail(key, f"{what} must not be empty")
         return value
 
     def integer(self, value: object, key: str, low: int, high: int) -> int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise self.fail(key, f"expected an integer, got {_kind(value)}")
+            raise schema.wrong_type(self.source, key, "an integer", value)
         if not low <= value <= high:
             raise self.fail(key, f"{value} is out of range [{low}, {high}]")
         return value
@@ -109,7 +88,7 @@ class _Parser:
         doc = self.mapping(data, "", ("principals", "rules"))
         for required in ("principals", "rules"):
             if required not in doc:
-                raise self.fail(required, "missing required key")
+                raise self.missing(required)
         raw_principals = self.seq(doc["principals"], "principals", "principal definitions")
         principals: list[Principal] = []
         first_index: dict[str, int] = {}
@@ -134,7 +113,7 @@ class _Parser:
         body = self.mapping(raw, key, ("name", "match", "rate"))
         for required in ("name", "match"):
             if required not in body:
-                raise self.fail(f"{key}.{required}", "missing required key")
+                raise self.missing(f"{key}.{required}")
         name = self.string(body["name"], f"{key}.name", "a principal name")
         if name == "*":
             raise self.fail(f"{key}.name", "'*' is reserved for rules that apply to everyone")
@@ -156,7 +135,7 @@ class _Parser:
     def rate(self, raw: object, key: str) -> tuple[float, int]:
         body = self.mapping(raw, key, ("per_second", "burst"))
         if "per_second" not in body:
-            raise self.fail(f"{key}.per_second", "missing required key")
+            raise self.missing(f"{key}.per_second")
         per_second = self.positive_number(body["per_second"], f"{key}.per_second")
         if "burst" in body:
             burst = self.integer(body["burst"], f"{key}.burst", 1, _U32_MAX)
@@ -173,7 +152,7 @@ class _Parser:
                     hint = " (unquote it; YAML reads 1e3 as a string: write 1000 or 1.0e+3)"
                 except ValueError:
                     pass
-            raise self.fail(key, f"expected a number > 0, got {_kind(value)}{hint}")
+            raise self.fail(key, f"expected a number > 0, got {schema.describe(value)}{hint}")
         number = float(value)
         if not math.isfinite(number) or not 0 < number <= _MAX_RATE:
             raise self.fail(key, f"expected a number > 0 (at most {_MAX_RATE:.0f}), got {value}")
@@ -264,13 +243,13 @@ class _Parser:
         key = f"rules[{index}]"
         body = self.mapping(raw, key, ("principal", "tubes", "allow", "deny", "put"))
         if "principal" not in body:
-            raise self.fail(f"{key}.principal", "missing required key")
+            raise self.missing(f"{key}.principal")
         principal = self.string(body["principal"], f"{key}.principal", "a principal name or '*'")
         if principal != "*" and principal not in principals:
             defined = _one_of(principals) or "none"
             raise self.fail(
                 f"{key}.principal",
-                f"unknown principal {principal!r}{_suggest(principal, list(principals))}; "
+                f"unknown principal {principal!r}{suggest(principal, list(principals))}; "
                 f"defined principals: {defined} (or '*' for everyone)",
             )
         tubes = self.tubes(body.get("tubes", ["*"]), f"{key}.tubes")
@@ -389,7 +368,7 @@ class _Parser:
                 named = [c for c, v in COMMAND_VERBS.items() if v not in (ALWAYS, ANY)]
                 raise self.fail(
                     ikey,
-                    f"unknown verb {entry!r}{_suggest(entry, [*choices, *named])}; expected one "
+                    f"unknown verb {entry!r}{suggest(entry, [*choices, *named])}; expected one "
                     f"of {_one_of(choices)} or a command name ({_one_of(named)})",
                 )
             out.append(entry)
@@ -417,11 +396,6 @@ class _Parser:
                 raise self.fail(rkey, f"low {low} is greater than high {high}")
             ranges[name] = (low, high)
         return PutLimits(max_body, ranges["priority"], ranges["delay"], ranges["ttr"])
-
-
-def _suggest(word: str, choices: Iterable[str]) -> str:
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.5)
-    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def _non_ascii_dns(text: str) -> str:
