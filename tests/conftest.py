@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import os
 import re
@@ -18,7 +19,7 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -77,6 +78,23 @@ def make_session(
         max_job_size=max_job_size,
         denial_reply=denial_reply,
     )
+
+
+async def until(
+    predicate: Callable[[], bool | Awaitable[bool]], what: str = "condition", timeout: float = 15.0
+) -> None:
+    """Bounded polling for state that has no event to await (server-side bookkeeping,
+    counters): ``predicate`` (plain or async) is checked every 10 ms until it holds; the test
+    fails naming ``what`` if it does not within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return
+        assert time.monotonic() < deadline, f"not reached in time: {what}"
+        await asyncio.sleep(0.01)
 
 
 def take(buf: bytearray) -> bytes:

@@ -444,7 +444,7 @@ def test_is_loopback(endpoint: Endpoint, loopback: bool) -> None:
         # tls.crl
         (with_change("tls.crl", 5), "tls.crl", "a path or a list of paths"),
         (with_change("tls.crl", ""), "tls.crl", "must not be empty"),
-        (with_change("tls.crl", ["a.pem", 7]), "tls.crl[1]", "expected a non-empty path (a string), got an integer (7)"),
+        (with_change("tls.crl", ["a.pem", 7]), "tls.crl[1]", "path (a string), got an integer (7)"),
         (with_change("tls.crl", ["a.pem", "b.pem", ""]), "tls.crl[2]", "non-empty path"),
         (with_change("tls.crl", {"a": 1}), "tls.crl", "a path or a list of paths"),
         # tls.min_version
@@ -457,16 +457,16 @@ def test_is_loopback(endpoint: Endpoint, loopback: bool) -> None:
         # limits
         (with_change("limits.max_connections", 0), "limits.max_connections", "at least 1"),
         (with_change("limits.max_connections", -3), "limits.max_connections", "at least 1"),
-        (with_change("limits.max_connections", 1.5), "limits.max_connections", "expected an integer, got"),
-        (with_change("limits.max_connections", "10"), "limits.max_connections", "expected an integer, got"),
-        (with_change("limits.max_connections", True), "limits.max_connections", "expected an integer, got"),
+        (with_change("limits.max_connections", 1.5), "limits.max_connections", "an integer"),
+        (with_change("limits.max_connections", "10"), "limits.max_connections", "an integer"),
+        (with_change("limits.max_connections", True), "limits.max_connections", "an integer"),
         (with_change("limits.max_job_size", -1), "limits.max_job_size", "between 0 and"),
         (
             with_change("limits.max_job_size", 1073741825),
             "limits.max_job_size",
             "between 0 and 1073741824",
         ),
-        (with_change("limits.max_job_size", "64k"), "limits.max_job_size", "expected an integer, got"),
+        (with_change("limits.max_job_size", "64k"), "limits.max_job_size", "expected an integer"),
         (with_change("limits.handshake_timeout", "5 sec"), "limits.handshake_timeout", "units"),
         (with_change("limits.handshake_timeout", 0), "limits.handshake_timeout", "positive"),
         (with_change("limits.handshake_timeout", -1), "limits.handshake_timeout", "positive"),
