@@ -70,7 +70,7 @@ TUBE_COMBOS: Final = (
 TUBE_CHARS: Final = frozenset(
     "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-+/;.$_()"
 )
-"""beanstalkd's NAME_CHARS (protocol reference section 2.5); all are literal in tube patterns."""
+"""beanstalkd's NAME_CHARS (``docs/protocol.md`` section 2.5); all are literal in tube patterns."""
 
 MAX_TUBE_PATTERN: Final = 200
 """Longest tube pattern a rule may name (beanstalkd's own limit on tube names)."""
