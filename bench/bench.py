@@ -343,7 +343,6 @@ class Env:
     procs: Processes
     upstream_port: int
     profile_dir: Path | None
-    proxy_launch: str  # auto | cli | inline
     workers: int = 1  # serve --workers N (only passed when > 1)
     principals: int = 1  # ACL size: the bench client's principal comes last of this many
     principal_kind: str = "exact"  # exact | glob: the other principals' match patterns
@@ -357,66 +356,6 @@ def start_beanstalkd(env_work: Path, procs: Processes) -> int:
     proc = procs.spawn("beanstalkd", [BEANSTALKD, "-l", "127.0.0.1", "-p", str(port)], log)
     wait_for_port(port, proc, log, 10)
     return port
-
-
-def _cli_help() -> str:
-    out = subprocess.run(
-        [sys.executable, "-m", "proxy", "serve", "--help"],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=30,
-    )
-    return out.stdout if out.returncode == 0 else ""
-
-
-#: Runs the proxy's ``main`` with ``uvloop`` made unimportable: the CLI then falls back to the
-#: stdlib event loop (used when ``serve`` has no ``--loop`` option).
-_NO_UVLOOP = (
-    "import sys; sys.modules['uvloop'] = None; from proxy.cli import main; "
-    "sys.argv[0] = 'beanstalk-proxy'; main()"
-)
-
-#: Fallback when ``serve`` does not work: ProxyServer built as tests/conftest.make_config does.
-_INLINE = r"""
-import asyncio, json, logging, signal, sys
-from proxy.acl import parse_acl
-from proxy.config import Config, Endpoint, Limits, LogConfig, TLSConfig
-from proxy.relay import PolicyHolder, ProxyServer
-from proxy.tlsctx import server_context
-import yaml
-a = json.loads(sys.argv[1])
-logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-config = Config(
-    listen=Endpoint("127.0.0.1", a["port"], None),
-    upstream=Endpoint("127.0.0.1", a["upstream"], None),
-    allow_remote_upstream=False,
-    tls=TLSConfig(cert=a["cert"], key=a["key"], client_ca=a["ca"], crl=(), min_version="1.2",
-                  transport=a["transport"]),
-    acl=a["acl"],
-    limits=Limits(max_connections=10000, handshake_timeout=5.0, max_job_size=65535,
-                  upstream_connect_timeout=5.0),
-    metrics_listen=None,
-    log=LogConfig("text", "info"),
-    source="<bench>",
-)
-policy = parse_acl(yaml.safe_load(open(a["acl"])), a["acl"])
-async def run():
-    server = ProxyServer(config, server_context(config.tls), PolicyHolder(policy))
-    await server.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(signal.SIGINT, stop.set)
-    await stop.wait()
-    await server.close()
-factory = None
-if a["loop"] == "uvloop":
-    import uvloop
-    factory = uvloop.new_event_loop
-with asyncio.Runner(loop_factory=factory) as runner:
-    runner.run(run())
-"""
 
 
 def _uses_uvloop(pid: int) -> bool | None:
@@ -463,76 +402,29 @@ log:
         prof = env.profile_dir / f"{tag}.prof"
         python += ["-m", "cProfile", "-o", str(prof)]
 
-    help_text = _cli_help() if env.proxy_launch in ("auto", "cli") else ""
-    has_loop_option = "--loop" in help_text
-    launches: list[tuple[str, list[str]]] = []
-    if env.proxy_launch in ("auto", "cli"):
-        if has_loop_option:
-            argv = [*python, "-m", "proxy", "serve", "--config", str(cfg), "--loop", loop]
-        elif loop == "uvloop":
-            argv = [*python, "-m", "proxy", "serve", "--config", str(cfg)]
-        elif prof is not None:
-            script = env.work / "serve_no_uvloop.py"
-            script.write_text(_NO_UVLOOP.replace("; ", "\n") + "\n")
-            argv = [*python, str(script), "serve", "--config", str(cfg)]
-        else:
-            argv = [*python, "-c", _NO_UVLOOP, "serve", "--config", str(cfg)]
-        if env.workers > 1:
-            if "--workers" not in help_text:
-                raise BenchError("--proxy-workers: this `serve` has no --workers option")
-            argv += ["--workers", str(env.workers)]
-        launches.append(("cli", argv))
-    if env.proxy_launch in ("auto", "inline"):
-        args = json.dumps(
-            {
-                "port": port,
-                "upstream": env.upstream_port,
-                "cert": env.pki.server_cert,
-                "key": env.pki.server_key,
-                "ca": env.pki.ca,
-                "acl": str(acl),
-                "loop": loop,
-                "transport": transport or "builtin",
-            }
-        )
-        if prof is not None:
-            script = env.work / "inline_proxy.py"
-            script.write_text(_INLINE)
-            argv = [*python, str(script), args]
-        else:
-            argv = [*python, "-c", _INLINE, args]
-        launches.append(("inline", argv))
-
-    errors = []
-    for how, argv in launches:
-        log = env.work / f"{tag}-{how}.log"
-        proc = env.procs.spawn(tag, argv, log, cwd=REPO)
-        try:
-            wait_for_port(port, proc, log, 20)
-        except BenchError as exc:
-            errors.append(f"{how}: {exc}")
-            if proc.poll() is None:
-                proc.terminate()
-                proc.wait(10)
-            continue
-        if how != "cli" and env.proxy_launch == "auto":
-            env.notes.append(f"{tag}: `serve` CLI did not start, used the inline fallback")
-        actual = _uses_uvloop(proc.pid) if env.workers == 1 else None
-        if actual is not None and actual != (loop == "uvloop"):
-            raise BenchError(f"{tag}: asked for {loop} but the process runs uvloop={actual}")
-        info = {
-            "launch": how,
-            "workers": env.workers,
-            "argv": argv,
-            "log": str(log),
-            "loop": loop,
-            "transport": transport or "default",
-            "uvloop_loaded": actual,
-            "profile": str(prof) if prof else None,
-            "principals": env.principals,
-        }
-        return port, info
-    raise BenchError("proxy did not start:\n" + "\n".join(errors))
+    argv = [*python, "-m", "proxy", "serve", "--config", str(cfg), "--loop", loop]
+    if env.workers > 1:
+        argv += ["--workers", str(env.workers)]
+    log = env.work / f"{tag}.log"
+    proc = env.procs.spawn(tag, argv, log, cwd=REPO)
+    try:
+        wait_for_port(port, proc, log, 20)
+    except BenchError as exc:
+        raise BenchError(f"{tag}: `serve` did not start: {exc}") from None
+    actual = _uses_uvloop(proc.pid) if env.workers == 1 else None
+    if actual is not None and actual != (loop == "uvloop"):
+        raise BenchError(f"{tag}: asked for {loop} but the process runs uvloop={actual}")
+    info = {
+        "workers": env.workers,
+        "argv": argv,
+        "log": str(log),
+        "loop": loop,
+        "transport": transport or "default",
+        "uvloop_loaded": actual,
+        "profile": str(prof) if prof else None,
+        "principals": env.principals,
+    }
+    return port, info
 
 
 def start_stunnel(env: Env) -> tuple[int, dict[str, Any]]:
@@ -1125,7 +1017,6 @@ def start_target(t: Target, work: Path, pki: PKI, args: argparse.Namespace) -> N
         procs=t.procs,
         upstream_port=upstream,
         profile_dir=args.profile,
-        proxy_launch=args.proxy_launch,
         notes=t.notes,
         workers=args.proxy_workers,
         principals=t.principals,
@@ -1477,13 +1368,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="run proxy targets under cProfile, write DIR/proxy-<loop>.prof and print hot spots",
     )
     ap.add_argument(
-        "--proxy-launch",
-        choices=("auto", "cli", "inline"),
-        default="auto",
-        help="how to start the proxy: the `serve` CLI, an inline ProxyServer script, or the CLI "
-        "with the inline script as fallback (default)",
-    )
-    ap.add_argument(
         "--proxy-workers",
         type=int,
         default=1,
@@ -1601,9 +1485,8 @@ def main(argv: list[str] | None = None) -> int:
                     t.procs.stop()
                     print(f"  {name:<14} FAILED to start: {t.reason}", flush=True)
                     continue
-                how = t.info.get("launch", "")
                 loop = t.info.get("loop", "")
-                extra = f", {how} launch, {loop} loop" if how else ""
+                extra = f", {loop} loop" if loop else ""
                 print(f"  {name:<14} started ({t.info.get('tls') or 'plain'}{extra})", flush=True)
             if args.fairness:
                 for t in targets.values():

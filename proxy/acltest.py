@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Final
 
+from proxy import schema
 from proxy.acl import ALWAYS, ANY, COMMAND_VERBS, DELETE_OTHER_VERB, TUBE_CHARS, Decision, Policy
 from proxy.errors import ConfigError, ProtocolError
 from proxy.identity import Identity
@@ -134,7 +135,7 @@ class _Parser:
 
     def string(self, value: object, key: str) -> str:
         if not isinstance(value, str) or not value:
-            raise self.fail(key, f"expected a non-empty string, got {value!r}")
+            raise schema.wrong_type(self.source, key, "a non-empty string", value)
         return value
 
     def tube(self, value: object, key: str) -> str:
@@ -146,7 +147,7 @@ class _Parser:
 
     def boolean(self, value: object, key: str) -> bool:
         if not isinstance(value, bool):
-            raise self.fail(key, f"expected true or false, got {value!r}")
+            raise schema.wrong_type(self.source, key, "true or false", value)
         return value
 
     def strings(self, value: object, key: str) -> tuple[str, ...]:
@@ -165,13 +166,10 @@ class _Parser:
         return "sha256:" + digest
 
     def identity(self, value: object, key: str) -> Identity:
-        if not isinstance(value, Mapping) or not value:
-            raise self.fail(key, f"expected a mapping of {', '.join(IDENTITY_KEYS)}")
-        for k in value:
-            if k not in IDENTITY_KEYS:
-                raise self.fail(
-                    f"{key}.{k}", f"unknown key; expected one of {', '.join(IDENTITY_KEYS)}"
-                )
+        what = f"a mapping of {', '.join(IDENTITY_KEYS)}"
+        value = schema.mapping(self.source, key, value, IDENTITY_KEYS, what)
+        if not value:
+            raise schema.wrong_type(self.source, key, what, value)
         lists = {
             k: self.strings(value[k], f"{key}.{k}") if k in value else ()
             for k in _LIST_IDENTITY_KEYS
@@ -209,16 +207,11 @@ class _Parser:
 
     def case(self, raw: object, index: int) -> Case:
         key = f"cases[{index}]"
-        if not isinstance(raw, Mapping):
-            raise self.fail(key, "expected a mapping (name, principal, command, expect ...)")
-        for k in raw:
-            if k not in CASE_KEYS:
-                raise self.fail(
-                    f"{key}.{k}", f"unknown key; expected one of {', '.join(CASE_KEYS)}"
-                )
+        what = "a mapping (name, principal, command, expect ...)"
+        raw = schema.mapping(self.source, key, raw, CASE_KEYS, what)
         for required in ("command", "expect"):
             if required not in raw:
-                raise self.fail(f"{key}.{required}", "missing required key")
+                raise schema.missing_key(self.source, f"{key}.{required}")
         who = [k for k in ("principal", "cert", "identity") if k in raw]
         if len(who) != 1:
             raise self.fail(key, "give exactly one of principal, cert or identity")

@@ -199,16 +199,29 @@ _config_option = click.option(
 # serve
 
 
-def _run(coro: Coroutine[Any, Any, int]) -> int:
-    """Run ``coro`` on uvloop when it is installed, else on the default asyncio loop."""
-    factory: Callable[[], asyncio.AbstractEventLoop] | None = None
+#: ``serve --loop``: uvloop when installed (``auto``), uvloop or fail, or the stdlib loop.
+LOOPS = ("auto", "uvloop", "asyncio")
+
+
+def _loop_factory(loop: str = "auto") -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The event loop factory for ``--loop`` (``None``: the default asyncio loop)."""
+    if loop == "asyncio":
+        return None
     try:
         uvloop = importlib.import_module("uvloop")
     except ImportError:
-        pass
-    else:
-        factory = uvloop.new_event_loop
-    with asyncio.Runner(loop_factory=factory) as runner:
+        if loop == "uvloop":
+            raise click.UsageError(
+                "--loop uvloop: uvloop is not installed (pip install 'beanstalk-proxy[fast]')"
+            ) from None
+        return None
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
+
+
+def _run(coro: Coroutine[Any, Any, int], loop: str = "auto") -> int:
+    """Run ``coro`` on the event loop ``loop`` names (see ``LOOPS``)."""
+    with asyncio.Runner(loop_factory=_loop_factory(loop)) as runner:
         return runner.run(coro)
 
 
@@ -513,7 +526,12 @@ def _sessions_of(server: ProxyServer) -> Callable[[], Awaitable[bytes]]:
 
 
 def _serve_workers(
-    config: Config, ctx: ssl.SSLContext, policy: Policy, workers: int, baseline: Snapshot
+    config: Config,
+    ctx: ssl.SSLContext,
+    policy: Policy,
+    workers: int,
+    baseline: Snapshot,
+    loop: str = "auto",
 ) -> int:
     """``serve --workers N``: the supervisor (proxy.workers) forks N workers sharing the
     listen port and the limit counts, and, with metrics.listen, the aggregator that serves the
@@ -545,11 +563,12 @@ def _serve_workers(
                 baseline=worker_baseline,
                 shared=plan.shared,
                 status_endpoint=plan.status_endpoint(k),
-            )
+            ),
+            loop,
         )
 
     def run_aggregator() -> int:
-        return _run(_aggregate(config, plan))
+        return _run(_aggregate(config, plan), loop)
 
     return supervise(
         plan, run_worker, run_aggregator if config.metrics_listen is not None else None
@@ -611,10 +630,18 @@ async def _aggregate(config: Config, plan: WorkerPlan) -> int:
     type=click.Choice(LOG_LEVELS),
     help="Log level; overrides the config's log.level.",
 )
-def serve(config_path: str, workers: int, log_level: str | None) -> None:
+@click.option(
+    "--loop",
+    type=click.Choice(LOOPS),
+    default="auto",
+    show_default=True,
+    help="Event loop: uvloop when installed (auto), uvloop (fail without it), or asyncio.",
+)
+def serve(config_path: str, workers: int, log_level: str | None, loop: str) -> None:
     """Run the proxy until SIGTERM/SIGINT; SIGHUP reloads the ACL and TLS files."""
     from proxy.acl import lint_acl
 
+    _loop_factory(loop)  # an unusable --loop fails before anything starts
     config = load_config(config_path)
     setup_logging(config.log.format, log_level or config.log.level)
     baseline = _file_state(_watched_files(config))  # before reading them: see watch()
@@ -626,12 +653,12 @@ def serve(config_path: str, workers: int, log_level: str | None) -> None:
     if fd_problem is not None:
         log.warning("%s", fd_problem)
     if workers == 1:
-        sys.exit(_run(_serve(config, ctx, policy, baseline=baseline)))
+        sys.exit(_run(_serve(config, ctx, policy, baseline=baseline), loop))
     if config.listen.is_unix or config.listen.port == 0:
         raise ConfigError(
             config.source, "listen", "--workers needs a TCP listen address with a fixed port"
         )
-    sys.exit(_serve_workers(config, ctx, policy, workers, baseline))
+    sys.exit(_serve_workers(config, ctx, policy, workers, baseline, loop))
 
 
 # --------------------------------------------------------------------------------------------

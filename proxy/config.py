@@ -12,14 +12,15 @@ not against the directory of the configuration file.
 
 from __future__ import annotations
 
-import difflib
 import ipaddress
 import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from proxy import schema
 from proxy.errors import ConfigError
+from proxy.schema import describe
 
 __all__ = [
     "DEFAULT_LISTEN",
@@ -159,26 +160,6 @@ class Config:
 _HOSTNAME_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
 
 
-def _join(path: str, key: str) -> str:
-    return f"{path}.{key}" if path else key
-
-
-def _kind(value: object) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return f"boolean {str(value).lower()}"
-    if isinstance(value, int | float):
-        return f"number {value!r}"
-    if isinstance(value, str):
-        return f"string {value!r}"
-    if isinstance(value, list):
-        return "a list"
-    if isinstance(value, dict):
-        return "a mapping"
-    return type(value).__name__
-
-
 class _Reader:
     """Reads one mapping, remembering which keys were consumed to report unknown ones."""
 
@@ -187,24 +168,10 @@ class _Reader:
         self.path = path
         if data is None:
             data = {}
-        if not isinstance(data, Mapping):
-            where = path or "(top level)"
-            raise ConfigError(source, path, f"{where} must be a mapping, got {_kind(data)}")
-        for key in data:
-            if not isinstance(key, str):
-                raise ConfigError(source, path, f"keys must be strings, got {_kind(key)}")
-            if key not in allowed:
-                hint = difflib.get_close_matches(key, allowed, n=1)
-                suggestion = f"; did you mean {hint[0]!r}?" if hint else ""
-                raise ConfigError(
-                    source,
-                    _join(path, key),
-                    f"unknown key (allowed here: {', '.join(allowed)}){suggestion}",
-                )
-        self.data: Mapping[str, object] = data
+        self.data: Mapping[str, object] = schema.mapping(source, path, data, allowed)
 
     def key(self, name: str) -> str:
-        return _join(self.path, name)
+        return schema.join(self.path, name)
 
     def get(self, name: str) -> object:
         """The value of ``name``, or None when absent or null."""
@@ -216,9 +183,9 @@ class _Reader:
     def required_str(self, name: str, what: str) -> str:
         value = self.get(name)
         if value is None:
-            raise self.error(name, f"is required ({what})")
+            raise schema.missing_key(self.source, self.key(name), what)
         if not isinstance(value, str):
-            raise self.error(name, f"must be a string ({what}), got {_kind(value)}")
+            raise schema.wrong_type(self.source, self.key(name), f"a string ({what})", value)
         if not value.strip():
             raise self.error(name, f"must not be empty ({what})")
         return value
@@ -228,7 +195,7 @@ class _Reader:
         if value is None:
             return default
         if not isinstance(value, bool):
-            raise self.error(name, f"must be true or false, got {_kind(value)}")
+            raise schema.wrong_type(self.source, self.key(name), "true or false", value)
         return value
 
     def get_int(self, name: str, default: int, low: int, high: int | None = None) -> int:
@@ -236,7 +203,7 @@ class _Reader:
         if value is None:
             return default
         if isinstance(value, bool) or not isinstance(value, int):
-            raise self.error(name, f"must be a whole number, got {_kind(value)}")
+            raise schema.wrong_type(self.source, self.key(name), "an integer", value)
         if value < low or (high is not None and value > high):
             bound = f"between {low} and {high}" if high is not None else f"at least {low}"
             raise self.error(name, f"must be {bound}, got {value}")
@@ -247,7 +214,7 @@ class _Reader:
         if value is None:
             return default
         if not isinstance(value, str) or value.lower() not in choices:
-            raise self.error(name, f"must be one of {', '.join(choices)}, got {_kind(value)}")
+            raise self.error(name, f"must be one of {', '.join(choices)}, got {describe(value)}")
         return value.lower()
 
     def duration(self, name: str, default: float) -> float:
@@ -280,7 +247,9 @@ def parse_duration(value: object) -> float:
     """Seconds from a number (``5``, ``0.5``) or a string with a unit (``"500ms"``, ``"5s"``,
     ``"2m"``, ``"1h"``; a bare numeric string means seconds). Must be > 0 and at most a day."""
     if isinstance(value, bool) or not isinstance(value, int | float | str):
-        raise ValueError(f'must be a duration such as 5, "500ms", "5s" or "2m", got {_kind(value)}')
+        raise ValueError(
+            f'expected a duration such as 5, "500ms", "5s" or "2m", got {describe(value)}'
+        )
     if isinstance(value, str):
         match = _DURATION.match(value)
         if match is None:
@@ -322,7 +291,7 @@ def parse_endpoint(value: object, *, allow_port_zero: bool = False) -> Endpoint:
     Port 0 (an ephemeral port, useful in tests) is accepted only where ``allow_port_zero``."""
     syntax = '"host:port", "[::1]:port" or "unix:/path"'
     if not isinstance(value, str):
-        raise ValueError(f"must be a string such as {syntax}, got {_kind(value)}")
+        raise ValueError(f"expected a string such as {syntax}, got {describe(value)}")
     text = value.strip()
     if text.startswith("unix:"):
         path = text[len("unix:") :]
@@ -416,7 +385,7 @@ _LOG_KEYS = ("format", "level")
 
 def _parse_tls(source: str, data: object) -> TLSConfig:
     if data is None:
-        raise ConfigError(source, "tls", "is required (a mapping with cert, key and client_ca)")
+        raise schema.missing_key(source, "tls", "a mapping with cert, key and client_ca")
     r = _Reader(source, "tls", data, _TLS_KEYS)
     cert = r.required_str("cert", "path to the server certificate chain, PEM")
     key = r.required_str("key", "path to the server private key, PEM")
@@ -434,13 +403,13 @@ def _parse_tls(source: str, data: object) -> TLSConfig:
         items: list[str] = []
         for i, item in enumerate(crl_value):
             if not isinstance(item, str) or not item.strip():
-                raise ConfigError(
-                    source, f"tls.crl[{i}]", f"must be a non-empty path string, got {_kind(item)}"
+                raise schema.wrong_type(
+                    source, f"tls.crl[{i}]", "a non-empty path (a string)", item
                 )
             items.append(item)
         crl = tuple(items)
     else:
-        raise r.error("crl", f"must be a path or a list of paths, got {_kind(crl_value)}")
+        raise schema.wrong_type(source, "tls.crl", "a path or a list of paths", crl_value)
 
     mv = r.get("min_version")
     min_version = "1.2"
@@ -453,13 +422,13 @@ def _parse_tls(source: str, data: object) -> TLSConfig:
             if text.lower().startswith("tlsv"):
                 text = text[4:]
         else:
-            raise r.error("min_version", f'must be "1.2" or "1.3", got {_kind(mv)}')
+            raise r.error("min_version", f'must be "1.2" or "1.3", got {describe(mv)}')
         if text in ("1.0", "1", "1.1"):
             raise r.error(
                 "min_version", f'TLS {text} is insecure and not supported; use "1.2" or "1.3"'
             )
         if text not in TLS_VERSIONS:
-            raise r.error("min_version", f'must be "1.2" or "1.3", got {_kind(mv)}')
+            raise r.error("min_version", f'must be "1.2" or "1.3", got {describe(mv)}')
         min_version = text
     warn_days = r.get_int("expiry_warning_days", 14, 0, 3650)
     crl_failure = r.choice("crl_failure", "refuse", CRL_FAILURE_MODES)
@@ -524,10 +493,10 @@ def parse_config(data: object, source: str) -> Config:
 
     upstream = top.endpoint("upstream", allow_port_zero=False)
     if upstream is None:
-        raise top.error(
+        raise schema.missing_key(
+            source,
             "upstream",
-            'is required: the beanstalkd address, e.g. "127.0.0.1:11300" or '
-            '"unix:/run/beanstalkd.sock"',
+            'the beanstalkd address, e.g. "127.0.0.1:11300" or "unix:/run/beanstalkd.sock"',
         )
     allow_remote = top.get_bool("allow_remote_upstream", False)
     if not upstream.is_loopback and not allow_remote:

@@ -11,7 +11,7 @@ first element is an ``OP_*`` code; ``write_command`` serializes it back to canon
 which are the only bytes the relay ever forwards. ``ReplyParser`` frames upstream replies:
 single lines, or ``RESERVED``/``FOUND``/``OK`` headers followed by a body read by count, so a
 body that does not end in ``\\r\\n`` cannot desynchronise the proxy. Nothing here imports
-asyncio, socket or ssl; see ``reference/beanstalkd-protocol.md`` for the traps it encodes.
+asyncio, socket or ssl; see ``docs/protocol.md`` for the traps it encodes.
 """
 
 from __future__ import annotations

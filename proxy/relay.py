@@ -1,8 +1,9 @@
 """The asyncio shell: accept, TLS handshake, principal lookup, one upstream per client, pump.
 
-``ProxyServer`` accepts plain TCP (or unix) connections and upgrades each with
-``loop.start_tls`` under the handshake timeout, so every failed handshake is logged with its
-reason. Only after the client certificate verified and mapped to a principal does it open
+``ProxyServer`` accepts plain TCP (or unix) sockets itself and hands each to
+``loop.connect_accepted_socket(ssl=...)`` (or, with ``tls.transport: builtin``, to
+``proxy.tlsbio.accept_tls``) under the handshake timeout, so every failed handshake is logged
+with its reason. Only after the client certificate verified and mapped to a principal does it open
 exactly one upstream connection for that client. ``Connection`` then carries bytes between
 the two transports through a ``Session`` (the pure state machine) and nothing else: it never
 looks at command bytes itself. Backpressure: the client is not read while the upstream

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import os
 import re
@@ -18,7 +19,7 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -77,6 +78,23 @@ def make_session(
         max_job_size=max_job_size,
         denial_reply=denial_reply,
     )
+
+
+async def until(
+    predicate: Callable[[], bool | Awaitable[bool]], what: str = "condition", timeout: float = 15.0
+) -> None:
+    """Bounded polling for state that has no event to await (server-side bookkeeping,
+    counters): ``predicate`` (plain or async) is checked every 10 ms until it holds; the test
+    fails naming ``what`` if it does not within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return
+        assert time.monotonic() < deadline, f"not reached in time: {what}"
+        await asyncio.sleep(0.01)
 
 
 def take(buf: bytearray) -> bytes:
@@ -553,3 +571,92 @@ class LogReader:
                     raise AssertionError(f"process exited; log so far:\n{''.join(self.lines)}")
                 self.lines.append(line)
         return [ln for ln in self.lines if regex.search(ln)]
+
+
+# --------------------------------------------------------------------------------------------
+# Automatic ``integration`` marking: ``pytest -m "not integration"`` is the fast, pure suite.
+
+#: Fixtures that start beanstalkd or a proxy (a test using any fixture built on them, directly
+#: or through other fixtures, is an integration test).
+_IO_FIXTURES = frozenset({"beanstalkd", "proxy", "conn_log"})
+#: Names whose use marks a test (or a module-level helper it calls) as integration: the socket,
+#: subprocess and server helpers here, and the asyncio calls that open connections.
+_IO_NAMES = frozenset(
+    {
+        "socket",
+        "subprocess",
+        "start_proxy",
+        "start_tunnel",
+        "spawn_serve",
+        "run_bench",
+        "direct",
+        "server_stats",
+        "free_port",
+        "wait_for_port",
+        "tls_attempt",
+        "open_connection",
+        "open_unix_connection",
+        "start_server",
+        "start_unix_server",
+        "create_connection",
+        "create_server",
+        "sock_connect",
+        "CliRunner",
+    }
+)
+
+
+def _names_used(code: Any, into: set[str]) -> None:
+    into.update(code.co_names)
+    for const in code.co_consts:
+        if hasattr(const, "co_names"):
+            _names_used(const, into)
+
+
+def _uses_io(function: Callable[..., Any]) -> bool:
+    """Does ``function``, or any function of its module it calls (transitively), name one of
+    ``_IO_NAMES``?"""
+    module = sys.modules.get(function.__module__)
+    seen: set[str] = set()
+    todo: list[Callable[..., Any]] = [function]
+    while todo:
+        names: set[str] = set()
+        _names_used(inspect.unwrap(todo.pop()).__code__, names)
+        if names & _IO_NAMES:
+            return True
+        for name in names - seen:
+            seen.add(name)
+            helper = getattr(module, name, None)
+            if inspect.isfunction(helper) and helper.__module__ == function.__module__:
+                todo.append(helper)
+    return False
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.get_closest_marker("integration") is not None:
+            continue
+        function = getattr(item, "function", None)
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if fixtures & _IO_FIXTURES or (function is not None and _uses_io(function)):
+            item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture(autouse=True)
+def _no_sockets_outside_integration(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A test left unmarked must not open a network connection or listen: if it does, the
+    automatic marking above missed it, and the fast suite would not be socket-free."""
+    if request.node.get_closest_marker("integration") is not None:
+        return
+
+    def refuse(self: socket.socket, *args: Any) -> None:
+        pytest.fail(
+            f"{request.node.nodeid} uses a socket ({args!r}) but is not marked integration: "
+            "use a fixture or helper of conftest.py (or mark it)"
+        )
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    monkeypatch.setattr(socket.socket, "bind", refuse)

@@ -24,11 +24,10 @@ from proxy.acl import (
     Decision,
     Policy,
     PutLimits,
-    _SegmentGlob,
-    _StarGlob,
     lint_acl,
     parse_acl,
 )
+from proxy.acl.globs import SegmentGlob, StarGlob
 from proxy.errors import ConfigError
 from proxy.identity import Identity
 
@@ -586,7 +585,7 @@ REJECTIONS: list[tuple[str, object, str, str]] = [
     ("cn-empty", with_principal(cn=""), "principals[0].match.cn", "must not be empty"),
     ("cn-empty-list", with_principal(cn=[]), "principals[0].match.cn", "list of patterns is empty"),
     ("cn-list-int", with_principal(cn=["ok", 3]), "principals[0].match.cn[1]", "got an integer"),
-    ("cn-null", with_principal(cn=None), "principals[0].match.cn", "got nothing (null)"),
+    ("cn-null", with_principal(cn=None), "principals[0].match.cn", "got null"),
     (
         "dns-bad-char",
         with_principal(dns="a b.example.com"),
@@ -1075,7 +1074,7 @@ def _segment_oracle(pattern: str, sep: str, text: str) -> bool:
 @settings(max_examples=400, deadline=None)
 @given(st.text("ab*.", max_size=8), st.text("ab.*", max_size=10))
 def test_star_glob_matches_oracle(pattern: str, text: str) -> None:
-    assert _StarGlob(pattern)(text) == _star_oracle(pattern, text)
+    assert StarGlob(pattern)(text) == _star_oracle(pattern, text)
 
 
 @settings(max_examples=400, deadline=None)
@@ -1084,7 +1083,7 @@ def test_star_glob_matches_oracle(pattern: str, text: str) -> None:
     st.text("ab/", max_size=10),
 )
 def test_segment_glob_matches_oracle(pattern: str, text: str) -> None:
-    assert _SegmentGlob(pattern, "/")(text) == _segment_oracle(pattern, "/", text)
+    assert SegmentGlob(pattern, "/")(text) == _segment_oracle(pattern, "/", text)
 
 
 def test_no_backtracking_blowup() -> None:

@@ -18,12 +18,13 @@ from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
+import click
 import pytest
 from click.testing import CliRunner, Result
 from cryptography import x509
 
 from proxy.certs import ensure_dev_pki, load_cert
-from proxy.cli import load_yaml, main
+from proxy.cli import _loop_factory, load_yaml, main
 from proxy.errors import ConfigError
 from proxy.logs import AUDIT_LOGGER, CONN_LOGGER, LOGGER, setup_logging
 
@@ -812,3 +813,28 @@ def test_setup_logging_is_idempotent_and_validates(restore_logging: None) -> Non
         setup_logging("xml", "info")
     with pytest.raises(ValueError):
         setup_logging("text", "loud")
+
+
+# --------------------------------------------------------------------------------------------
+# serve --loop
+
+
+def test_serve_loop_choices(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert _loop_factory("asyncio") is None
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # as if uvloop were not installed
+    assert _loop_factory("auto") is None
+    with pytest.raises(click.UsageError, match="uvloop is not installed"):
+        _loop_factory("uvloop")
+
+
+def test_serve_loop_uvloop_without_uvloop_fails_before_reading_the_config(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setitem(sys.modules, "uvloop", None)
+    result = CliRunner().invoke(
+        main, ["serve", "--config", str(tmp_path / "absent.yaml"), "--loop", "uvloop"]
+    )
+    assert result.exit_code == 2, result.output
+    assert "uvloop is not installed" in result.output
+    bad = CliRunner().invoke(main, ["serve", "--config", "x.yaml", "--loop", "trio"])
+    assert bad.exit_code == 2 and "'trio' is not one of" in bad.output

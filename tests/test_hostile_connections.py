@@ -20,7 +20,6 @@ import socket
 import ssl
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -33,6 +32,7 @@ from conftest import (
     server_stats,
     start_proxy,
     tls_attempt,
+    until,
 )
 from pki_helpers import make_client_cert, utcnow
 
@@ -83,14 +83,6 @@ def failures(proxy: RunningProxy, reason: str) -> float:
 
 def accepts(proxy: RunningProxy) -> float:
     return sample(proxy, "beanstalk_proxy_connections_total")
-
-
-async def until(predicate: Callable[[], bool], what: str, timeout: float = 15.0) -> None:
-    """Bounded polling for server-side state that has no event to await."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"not reached in time: {what}"
-        await asyncio.sleep(0.005)
 
 
 async def served(proxy: RunningProxy, name: str, local: str | None = None) -> bool:

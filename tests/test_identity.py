@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import datetime as dt
 import hashlib
 import ipaddress
-from pathlib import Path
 
 import pytest
 from cryptography import x509
@@ -182,20 +180,3 @@ def test_truncated_der_raises_value_error() -> None:
     der, _ = make_cert(attrs=[(NameOID.COMMON_NAME, "x")])
     with pytest.raises(ValueError):
         identity_from_der(der[:-10])
-
-
-def _imported_modules(path: Path) -> set[str]:
-    tree = ast.parse(path.read_text())
-    names: set[str] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            names.update(a.name.split(".")[0] for a in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            names.add(node.module.split(".")[0])
-    return names
-
-
-@pytest.mark.parametrize("module", ["identity.py", "acl.py", "servercert.py"])
-def test_pure_modules_do_no_io_imports(module: str) -> None:
-    path = Path(__file__).resolve().parent.parent / "proxy" / module
-    assert not _imported_modules(path) & {"asyncio", "socket", "ssl", "click", "yaml"}

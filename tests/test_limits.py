@@ -11,7 +11,7 @@ import ssl
 import time
 
 import pytest
-from conftest import PKI, Beanstalkd, Client, RunningProxy, start_proxy
+from conftest import PKI, Beanstalkd, Client, RunningProxy, start_proxy, until
 
 CONN = "beanstalk_proxy.conn"
 
@@ -22,14 +22,6 @@ def conn_lines(caplog: pytest.LogCaptureFixture, *needles: str) -> list[str]:
         for r in caplog.records
         if r.name == CONN and all(n in r.getMessage() for n in needles)
     ]
-
-
-async def until(predicate, timeout: float = 5.0) -> None:
-    """Bounded polling for server-side state that has no event to await."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.01)
 
 
 async def refused(proxy: RunningProxy, name: str) -> bytes:

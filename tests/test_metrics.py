@@ -9,11 +9,10 @@ import contextlib
 import platform
 import signal
 import ssl
-import time
 from collections.abc import AsyncIterator
 
 import pytest
-from conftest import PKI, Beanstalkd, Client, RunningProxy, StatusListener, start_proxy
+from conftest import PKI, Beanstalkd, Client, RunningProxy, StatusListener, start_proxy, until
 from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -71,14 +70,6 @@ async def scrape(port: int) -> Samples:
 
 def value(samples: Samples, name: str, **labels: str) -> float:
     return samples.get((name, frozenset(labels.items())), 0.0)
-
-
-async def until(predicate, timeout: float = 5.0) -> None:
-    """Bounded polling for state with no event to await (server-side bookkeeping)."""
-    deadline = time.monotonic() + timeout
-    while not await predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.01)
 
 
 # --------------------------------------------------------------------------------------------

@@ -19,7 +19,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from proxy.acl import Policy, _Condition, parse_acl
+from proxy.acl import Policy, parse_acl
+from proxy.acl.policy import Condition
 from proxy.identity import Identity
 
 FP = ["sha256:" + c * 32 for c in ("ab", "cd", "ef")]
@@ -289,13 +290,13 @@ def test_cache_is_bounded() -> None:
 
 def _count_holds(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     calls = [0]
-    original = _Condition.holds
+    original = Condition.holds
 
-    def counting(self: _Condition, identity: Identity) -> bool:
+    def counting(self: Condition, identity: Identity) -> bool:
         calls[0] += 1
         return original(self, identity)
 
-    monkeypatch.setattr(_Condition, "holds", counting)
+    monkeypatch.setattr(Condition, "holds", counting)
     return calls
 
 

@@ -1,11 +1,11 @@
 """Tests for ``proxy.protocol``: the sans-I/O client parser, canonical serializer and reply parser.
 
-The tables below follow ``reference/beanstalkd-protocol.md`` (sections 2 and 3) and rule 1 of
-SPEC.md: framing problems raise ``ProtocolError`` (the session answers BAD_FORMAT and closes);
-well-framed but wrong lines yield ``(OP_ERROR, reply)`` with beanstalkd's own reply; lax lines
-beanstalkd accepts are accepted and canonicalized. Every table row is run three ways (whole,
-one byte at a time, whole plus a trailing partial line that must stay buffered), in the manner
-of h11's ``test_io.tr()``.
+The tables below follow ``docs/protocol.md`` (sections 2 and 3) and property 1 of
+``docs/security-properties.md``: framing problems raise ``ProtocolError`` (the session answers
+BAD_FORMAT and closes); well-framed but wrong lines yield ``(OP_ERROR, reply)`` with
+beanstalkd's own reply; lax lines beanstalkd accepts are accepted and canonicalized. Every
+table row is run three ways (whole, one byte at a time, whole plus a trailing partial line that
+must stay buffered), in the manner of h11's ``test_io.tr()``.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Smuggling attempts from the protocol reference never reach beanstalkd as commands.
+"""Smuggling attempts from ``docs/protocol.md`` (section 3) never reach beanstalkd as commands.
 
 Each attempt is a byte sequence that beanstalkd 1.12 would frame differently from a naive
 proxy (a malformed ``put`` line whose body spells a command, a stray ``\\r``, a bare ``\\n``, a

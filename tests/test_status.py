@@ -352,8 +352,8 @@ def test_metrics_connections_key() -> None:
 @pytest.mark.parametrize(
     ("metrics", "reason"),
     [
-        ({"listen": "127.0.0.1:9400", "connections": "yes"}, "must be true or false"),
-        ({"listen": "127.0.0.1:9400", "connections": 1}, "must be true or false"),
+        ({"listen": "127.0.0.1:9400", "connections": "yes"}, "expected true or false, got"),
+        ({"listen": "127.0.0.1:9400", "connections": 1}, "expected true or false, got"),
         ({"connections": True}, "needs metrics.listen"),
         ({"listen": "127.0.0.1:9400", "conections": True}, "did you mean 'connections'"),
     ],

@@ -37,6 +37,7 @@ from conftest import (
     RunningProxy,
     make_config,
     server_stats,
+    until,
 )
 from pki_helpers import make_client_cert, utcnow
 
@@ -73,14 +74,6 @@ async def serving(
         yield RunningProxy(server, pki)
     finally:
         await server.close()
-
-
-async def until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-    """Poll a condition that has no event, with a bounded deadline."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached"
-        await asyncio.sleep(0.01)
 
 
 class BioClient:

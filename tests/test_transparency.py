@@ -1,4 +1,5 @@
-"""SPEC rule 3: for a principal allowed everything, the proxy is invisible.
+"""Property 3 of ``docs/security-properties.md``: for a principal allowed everything, the proxy
+is invisible.
 
 The same scripted session runs once straight against a fresh beanstalkd and once through the
 proxy (as ``admin``) against another fresh beanstalkd. The client-visible replies must be

@@ -11,7 +11,7 @@ import socket
 import struct
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from conftest import (
     server_stats,
     start_proxy,
     start_tunnel,
+    until,
 )
 
 from proxy.tunnel import TunnelServer
@@ -149,16 +150,6 @@ def run_on(loop_name: str, coro: Coroutine[Any, Any, None]) -> None:
         runner.run(coro)
 
 
-async def until(what: str, check: Callable[[], Awaitable[bool]], timeout: float = 10) -> None:
-    """Poll ``check`` until it holds (bounded); fail naming ``what`` otherwise."""
-    try:
-        async with asyncio.timeout(timeout):
-            while not await check():
-                await asyncio.sleep(0.01)  # polling counters that have no event
-    except TimeoutError:
-        pytest.fail(f"never true: {what}")
-
-
 class Gate:
     """A TCP forwarder in front of the proxy that holds every connection until ``open()``:
     the tunnel's TLS leg is then certainly not up while the local client sends and leaves."""
@@ -248,7 +239,7 @@ async def no_leak(proxy: RunningProxy, tunnel: TunnelServer, beanstalkd_port: in
             and await beanstalkd_connections(beanstalkd_port) == 0
         )
 
-    await until("all tunnel, proxy and beanstalkd connections closed", gone)
+    await until(gone, "all tunnel, proxy and beanstalkd connections closed")
 
 
 async def fire_and_forget(port: int, data: bytes = FIRE_AND_FORGET) -> None:
@@ -280,12 +271,12 @@ def test_fire_and_forget_producer_through_the_tunnel(
             await gate.wait_accepted(3)
             assert (await server_stats(beanstalkd.port))["cmd-put"] == "0"
             gate.opened.set()
-            await until("3 jobs inserted", lambda: jobs_ready(beanstalkd.port, 3))
+            await until(lambda: jobs_ready(beanstalkd.port, 3), "3 jobs inserted")
             await no_leak(proxy, tunnel, beanstalkd.port)
             # and racing the handshake, the way a real producer does
             for _ in range(20):
                 await fire_and_forget(port)
-            await until("23 jobs inserted", lambda: jobs_ready(beanstalkd.port, 23))
+            await until(lambda: jobs_ready(beanstalkd.port, 23), "23 jobs inserted")
             await no_leak(proxy, tunnel, beanstalkd.port)
 
     run_on(loop_name, scenario())
@@ -304,7 +295,7 @@ def test_fire_and_forget_without_quit_and_a_client_that_sent_nothing(
             await fire_and_forget(port, b"")
             await gate.wait_accepted(2)
             gate.opened.set()
-            await until("1 job inserted", lambda: jobs_ready(beanstalkd.port, 1))
+            await until(lambda: jobs_ready(beanstalkd.port, 1), "1 job inserted")
             await no_leak(proxy, tunnel, beanstalkd.port)
 
     run_on(loop_name, scenario())
@@ -363,7 +354,7 @@ def test_a_client_gone_with_a_reset_before_the_tls_leg_still_delivers(
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()
             gate.opened.set()
-            await until("1 job inserted", lambda: jobs_ready(beanstalkd.port, 1))
+            await until(lambda: jobs_ready(beanstalkd.port, 1), "1 job inserted")
             await no_leak(proxy, tunnel, beanstalkd.port)
 
     run_on(loop_name, scenario())

@@ -14,7 +14,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from conftest import PKI, Beanstalkd, Client, RunningProxy, direct, start_proxy
+from conftest import PKI, Beanstalkd, Client, RunningProxy, direct, start_proxy, until
 
 GENERAL = "beanstalk_proxy"
 DISCONNECTED = (ssl.SSLError, ConnectionError, asyncio.IncompleteReadError, OSError)
@@ -26,14 +26,6 @@ def sample(proxy: RunningProxy, name: str) -> float:
 
 def messages(caplog: pytest.LogCaptureFixture, needle: str, logger: str = GENERAL) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.name == logger and needle in r.getMessage()]
-
-
-async def until(predicate, timeout: float = 5.0) -> None:
-    """Bounded polling for server-side state that has no event to await."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.01)
 
 
 async def test_beanstalkd_down_at_connect_time(
