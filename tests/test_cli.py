@@ -696,14 +696,15 @@ def test_serve_reload_and_terminate(setup: Path, tmp_path: Path) -> None:
         acl = tmp_path / "acl.yaml"
         acl.write_text(ACL.replace("allow: [produce]", "allow: [produse]"))
         proc.send_signal(signal.SIGHUP)
-        err = lines.wait_for("ACL not reloaded")
-        assert "rules[0].allow" in err
+        err = json.loads(lines.wait_for("ACL not reloaded"))
+        assert err["event"] == "reload_failed" and err["key"] == "rules[0].allow[0]", err
+        assert err["file"] == str(acl) and err["line"] > 1 and err["column"] > 1, err
         lines.wait_for("TLS certificate, key, CA and CRL reloaded")
 
         # a fixed ACL is picked up
         acl.write_text(ACL)
         proc.send_signal(signal.SIGHUP)
-        lines.wait_for(f"ACL {acl} loaded (2 principals)")
+        lines.wait_for(f'"event":"reload","what":"acl","file":"{acl}","principals":2')
 
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=20) == 0
