@@ -97,10 +97,9 @@ def load_yaml(path: str) -> object:
         data, positions = compose_with_positions(text, _StrictLoader)  # SafeLoader subclass
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = exc.problem or exc.context or "syntax error"
         line, column = (mark.line + 1, mark.column + 1) if mark else (None, None)
-        raise ConfigError(path, "", f"invalid YAML{where}: {problem}", line, column) from None
+        raise ConfigError(path, "", f"invalid YAML: {problem}", line, column) from None
     except yaml.YAMLError as exc:
         raise ConfigError(path, "", f"invalid YAML: {exc}") from None
     remember(path, positions)
@@ -143,8 +142,11 @@ def load_acl(path: str, config_source: str | None = None) -> Policy:
 
 
 def describe_config_error(exc: ConfigError) -> str:
-    """``str(exc)`` followed by the line and column of its key path when the file was loaded
-    here: ``proxy.yaml: tls.cert: ... (line 5, column 3)``."""
+    """``str(exc)`` followed by the line and column of the error (a YAML syntax error) or of
+    its key path when the file was loaded here: ``proxy.yaml: tls.cert: ... (line 5, column
+    3)``."""
+    if exc.line is not None:
+        return f"{exc} (line {exc.line}, column {exc.column})"
     if not exc.key:
         return str(exc)
     found = position(exc.source, exc.key)
