@@ -35,7 +35,7 @@ import yaml
 from proxy import __version__
 from proxy.config import LOG_LEVELS, Config, Endpoint, parse_config
 from proxy.errors import ConfigError, ProtocolError
-from proxy.logs import LOGGER, setup_logging
+from proxy.logs import LOGGER, event, setup_logging
 from proxy.watch import Kinds, Snapshot, changed_paths, watch
 from proxy.watch import snapshot as _file_state
 from proxy.yamlpos import compose_with_positions, position, remember
@@ -99,9 +99,9 @@ def load_yaml(path: str) -> object:
         data, positions = compose_with_positions(text, _StrictLoader)  # SafeLoader subclass
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = exc.problem or exc.context or "syntax error"
-        raise ConfigError(path, "", f"invalid YAML{where}: {problem}") from None
+        line, column = (mark.line + 1, mark.column + 1) if mark else (None, None)
+        raise ConfigError(path, "", f"invalid YAML: {problem}", line, column) from None
     except yaml.YAMLError as exc:
         raise ConfigError(path, "", f"invalid YAML: {exc}") from None
     remember(path, positions)
@@ -144,8 +144,11 @@ def load_acl(path: str, config_source: str | None = None) -> Policy:
 
 
 def describe_config_error(exc: ConfigError) -> str:
-    """``str(exc)`` followed by the line and column of its key path when the file was loaded
-    here: ``proxy.yaml: tls.cert: ... (line 5, column 3)``."""
+    """``str(exc)`` followed by the line and column of the error (a YAML syntax error) or of
+    its key path when the file was loaded here: ``proxy.yaml: tls.cert: ... (line 5, column
+    3)``."""
+    if exc.line is not None:
+        return f"{exc} (line {exc.line}, column {exc.column})"
     if not exc.key:
         return str(exc)
     found = position(exc.source, exc.key)
@@ -276,11 +279,13 @@ def _record_expiry(config: Config, server: ProxyServer) -> None:
         days_left = (expiry - time.time()) / 86400
         if label == "server" and days_left < config.tls.expiry_warning_days:
             log.warning(
-                "server certificate %s expires in %.1f days (tls.expiry_warning_days: %d)",
-                path,
-                days_left,
-                config.tls.expiry_warning_days,
-                extra={"fields": {"event": "cert_expiry", "days_left": round(days_left, 2)}},
+                "server certificate expires soon",
+                extra=event(
+                    "cert_expiry",
+                    file=path,
+                    days_left=round(days_left, 2),
+                    expiry_warning_days=config.tls.expiry_warning_days,
+                ),
             )
 
 
@@ -311,9 +316,12 @@ def _files_changed(
         return
     paths = [p for p in changed_paths(old, new) if any(p in kinds.groups[k] for k in todo)]
     log.info(
-        "files changed on disk, reloading %s: %s",
-        " and ".join(todo),
-        ", ".join(paths or [p for k in todo for p in kinds.groups[k]]),
+        "files changed on disk, reloading",
+        extra=event(
+            "files_changed",
+            what=sorted(todo),
+            paths=paths or [p for k in todo for p in kinds.groups[k]],
+        ),
     )
     _reload(config, server, kinds, todo)
 
@@ -335,21 +343,36 @@ def _reload(
         _reload_tls(config, server, kinds.attempt("tls"))
 
 
+def _error_fields(exc: BaseException) -> dict[str, object]:
+    """Where a load failed, as event fields: the file, the key path, the line and column (of
+    the key, or of a YAML syntax error) when known, and the reason."""
+    if not isinstance(exc, ConfigError):
+        return {"error": str(exc) or type(exc).__name__}
+    line, column = exc.line, exc.column
+    if line is None and exc.key:
+        found = position(exc.source, exc.key)
+        if found is not None:
+            line, column = found
+    fields = {"file": exc.source, "key": exc.key, "line": line, "column": column}
+    return {**{k: v for k, v in fields.items() if v}, "error": exc.reason}
+
+
 def _reload_acl(config: Config, server: ProxyServer, counted: bool) -> None:
     try:
-        policy = load_acl(config.acl)
+        policy = load_acl(config.acl, config.source)
     except Exception as exc:
         server.metrics.reload_result("acl", False, counted)
-        log.error("reload: ACL not reloaded, keeping the previous policy: %s", exc)
+        log.error(
+            "reload: ACL not reloaded, keeping the previous policy",
+            extra=event("reload_failed", what="acl", kept="previous", **_error_fields(exc)),
+        )
     else:
         server.metrics.reload_result("acl", True, counted)
         diff = _policy_diff(server.policy.current, policy)
         affected = server.reload_policy(policy, diff.changed if diff is not None else ())
         log.info(
-            "reload: ACL %s loaded (%d principals)",
-            config.acl,
-            len(policy.principals),
-            extra={"fields": {"event": "reload", "what": "acl"}},
+            "reload: ACL loaded",
+            extra=event("reload", what="acl", file=config.acl, principals=len(policy.principals)),
         )
         if diff is not None:
             _log_reload_diff(config.acl, diff, affected)
@@ -361,7 +384,10 @@ def _policy_diff(old: Policy, new: Policy) -> PolicyDiff | None:
     try:
         return diff_policies(old, new)
     except Exception:  # the summary must never stop a valid policy from loading
-        log.exception("reload: cannot compute the ACL diff; the new ACL is loaded anyway")
+        log.exception(
+            "reload: cannot compute the ACL diff; the new ACL is loaded anyway",
+            extra=event("acl_diff_failed"),
+        )
         return None
 
 
@@ -372,20 +398,16 @@ def _log_reload_diff(path: str, diff: PolicyDiff, affected: int) -> None:
 
     lines = render(diff)
     log.info(
-        "reload: ACL %s diff: %s; %d live connection(s) affected",
-        path,
-        lines[-1],
-        affected,
-        extra={
-            "fields": {
-                "event": "acl_reload_diff",
-                "principals_changed": sorted(diff.changed),
-                "rights_gained": diff.gained,
-                "rights_lost": diff.lost,
-                "connections_affected": affected,
-                "summary": lines,
-            }
-        },
+        "reload: ACL diff",
+        extra=event(
+            "acl_reload_diff",
+            file=path,
+            principals_changed=sorted(diff.changed),
+            rights_gained=diff.gained,
+            rights_lost=diff.lost,
+            connections_affected=affected,
+            summary=lines,
+        ),
     )
 
 
@@ -401,27 +423,38 @@ def _reload_tls(config: Config, server: ProxyServer, counted: bool) -> None:
             try:
                 server.reload_tls(refuse_all_context(config.tls, config.source))
             except ConfigError as exc2:
-                log.error("reload: TLS files not reloaded, keeping the previous context: %s", exc2)
+                log.error(
+                    "reload: TLS files not reloaded, keeping the previous context",
+                    extra=event(
+                        "reload_failed", what="tls", kept="previous", **_error_fields(exc2)
+                    ),
+                )
                 return
             log.error(
                 "reload: the CRL is unusable, refusing every new client until a good CRL is "
-                "loaded (tls.crl_failure: refuse): %s",
-                exc,
+                "loaded (tls.crl_failure: refuse)",
+                extra=event("reload_failed", what="tls", kept="refuse_all", **_error_fields(exc)),
             )
             return
-        log.error("reload: TLS files not reloaded, keeping the previous context: %s", exc)
+        log.error(
+            "reload: TLS files not reloaded, keeping the previous context",
+            extra=event("reload_failed", what="tls", kept="previous", **_error_fields(exc)),
+        )
     else:
         server.metrics.reload_result("tls", True, counted)
         _record_expiry(config, server)
         try:
             revoked = _revocation_check(config)
         except (OSError, ValueError) as exc:  # the context loaded it; a race with a rewrite
-            log.error("reload: CRL re-read failed, live connections not re-checked: %s", exc)
+            log.error(
+                "reload: CRL re-read failed, live connections not re-checked",
+                extra=event("crl_recheck_failed", error=str(exc)),
+            )
             revoked = None
         server.reload_tls(ctx, revoked)
         log.info(
             "reload: TLS certificate, key, CA and CRL reloaded",
-            extra={"fields": {"event": "reload", "what": "tls"}},
+            extra=event("reload", what="tls"),
         )
 
 
@@ -474,18 +507,18 @@ async def _serve(
             if status is not None:
                 await status.start()
         except OSError as exc:
-            log.error("cannot listen on %s: %s", config.listen, exc)
+            log.error(
+                "cannot listen",
+                extra=event("listen_failed", listen=str(config.listen), error=str(exc)),
+            )
             await server.close()
             return 1
         where = str(config.listen)
         if not config.listen.is_unix and server.port is not None:
             where = str(Endpoint(config.listen.host, server.port, None))
         log.info(
-            "ready: listening on %s, upstream %s, pid %d; SIGHUP reloads the ACL and TLS files",
-            where,
-            config.upstream,
-            os.getpid(),
-            extra={"fields": {"event": "ready", "listen": where, "upstream": str(config.upstream)}},
+            "ready: listening",
+            extra=event("ready", listen=where, upstream=str(config.upstream), pid=os.getpid()),
         )
         watcher = (
             asyncio.get_running_loop().create_task(
@@ -502,10 +535,12 @@ async def _serve(
         try:
             await stop.wait()
             log.info(
-                "shutting down: draining %d connections (up to %.1fs)",
-                len(server.connections),
-                config.limits.shutdown_timeout,
-                extra={"fields": {"event": "shutdown"}},
+                "shutting down",
+                extra=event(
+                    "shutdown",
+                    connections=len(server.connections),
+                    timeout=config.limits.shutdown_timeout,
+                ),
             )
         finally:
             if watcher is not None:
@@ -545,8 +580,8 @@ def _serve_workers(
     except OSError as exc:
         log.error(
             "--workers needs a writable directory for the workers' shared counts and status "
-            "sockets (TMPDIR, else /tmp; on a read-only root filesystem mount a tmpfs there): %s",
-            exc,
+            "sockets (TMPDIR, else /tmp; on a read-only root filesystem mount a tmpfs there)",
+            extra=event("workers_failed", error=str(exc)),
         )
         return 1
 
@@ -585,7 +620,10 @@ def _fresh_files(
         return load_acl(config.acl, config.source), _server_context(config), now
     except (ConfigError, OSError, ValueError) as exc:
         message = describe_config_error(exc) if isinstance(exc, ConfigError) else str(exc)
-        log.error("replacement worker: files do not load, starting with the old ones: %s", message)
+        log.error(
+            "replacement worker: files do not load, starting with the old ones",
+            extra=event("reload_failed", what="replacement worker", kept="previous", error=message),
+        )
         return policy, ctx, baseline
 
 
@@ -607,7 +645,10 @@ async def _aggregate(config: Config, plan: WorkerPlan) -> int:
     try:
         await status.start()
     except OSError as exc:
-        log.error("cannot listen on %s: %s", config.metrics_listen, exc)
+        log.error(
+            "cannot listen",
+            extra=event("listen_failed", listen=str(config.metrics_listen), error=str(exc)),
+        )
         return 1
     try:
         await stop.wait()
@@ -647,11 +688,11 @@ def serve(config_path: str, workers: int, log_level: str | None, loop: str) -> N
     baseline = _file_state(_watched_files(config))  # before reading them: see watch()
     policy = load_acl(config.acl, config.source)
     for warning in lint_acl(policy):
-        log.warning("%s: %s", config.acl, warning)
+        log.warning("ACL lint warning", extra=event("acl_lint", file=config.acl, warning=warning))
     ctx = _server_context(config)
     fd_problem = _fd_limit_problem(config, raise_soft=True)
     if fd_problem is not None:
-        log.warning("%s", fd_problem)
+        log.warning("open-file limit too low", extra=event("fd_limit", detail=fd_problem))
     if workers == 1:
         sys.exit(_run(_serve(config, ctx, policy, baseline=baseline), loop))
     if config.listen.is_unix or config.listen.port == 0:
@@ -1320,9 +1361,17 @@ async def _client(
         try:
             tunnel.reload_tls(make_ctx())
         except ConfigError as exc:
-            log.error("reload: client certificate not reloaded, keeping the previous: %s", exc)
+            log.error(
+                "reload: client certificate not reloaded, keeping the previous",
+                extra=event(
+                    "reload_failed", what="client_tls", kept="previous", **_error_fields(exc)
+                ),
+            )
         else:
-            log.info("reload: client certificate, key and CA reloaded")
+            log.info(
+                "reload: client certificate, key and CA reloaded",
+                extra=event("reload", what="client_tls"),
+            )
 
     loop.add_signal_handler(signal.SIGHUP, reload)
     loop.add_signal_handler(signal.SIGTERM, stop.set)
@@ -1330,10 +1379,15 @@ async def _client(
     try:
         await tunnel.start()
         log.info(
-            "ready: tunnel listening on %s -> %s (TLS, server name %s)",
-            listen if tunnel.port is None else Endpoint(listen.host, tunnel.port, None),
-            connect,
-            name,
+            "ready: tunnel listening",
+            extra=event(
+                "tunnel_ready",
+                listen=str(
+                    listen if tunnel.port is None else Endpoint(listen.host, tunnel.port, None)
+                ),
+                proxy=str(connect),
+                server_name=name,
+            ),
         )
 
         # The certificate, key and CA are reloaded when they change on disk, as on the server.
@@ -1345,7 +1399,7 @@ async def _client(
         await stop.wait()
         watcher.cancel()
     except OSError as exc:
-        log.error("cannot listen on %s: %s", listen, exc)
+        log.error("cannot listen", extra=event("listen_failed", listen=str(listen), error=str(exc)))
         return 1
     finally:
         await tunnel.close()

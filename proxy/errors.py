@@ -10,12 +10,17 @@ from __future__ import annotations
 
 
 class ConfigError(Exception):
-    """A configuration, ACL or certificate problem, located by file and key path."""
+    """A configuration, ACL or certificate problem, located by file and key path (and by line
+    and column when the error is in the YAML syntax itself, where no key path exists)."""
 
-    def __init__(self, source: str, key: str, reason: str) -> None:
+    def __init__(
+        self, source: str, key: str, reason: str, line: int | None = None, column: int | None = None
+    ) -> None:
         self.source = source
         self.key = key
         self.reason = reason
+        self.line = line
+        self.column = column
         where = f"{source}: {key}" if key else source
         super().__init__(f"{where}: {reason}")
 

@@ -22,6 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from proxy.config import Endpoint
 from proxy.listen import bind_listener, bound_port
+from proxy.logs import event
 from proxy.metrics import Metrics
 from proxy.protocol import NEED_DATA, ReplyParser
 
@@ -100,12 +101,15 @@ class StatusServer:
         else:
             self._server = await asyncio.start_server(self._handle, sock=self._sock)
         paths = "/metrics, /healthz, /readyz" + (", /connections" if self.connections else "")
-        log.info("status endpoints (%s) on %s", paths, self.listen)
+        log.info(
+            "status endpoints listening",
+            extra=event("status_listening", listen=str(self.listen), paths=paths),
+        )
         if self.connections is not None and not self.listen.is_loopback:
             log.warning(
-                "/connections is served on %s, which is not loopback: whoever reaches it sees "
-                "every client's address, principal and certificate subject",
-                self.listen,
+                "/connections is served on an address that is not loopback: whoever reaches it "
+                "sees every client's address, principal and certificate subject",
+                extra=event("connections_exposed", listen=str(self.listen)),
             )
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -1,14 +1,20 @@
 """Log formatting for the proxy: plain text for people, one JSON object per line for machines.
 
 ``setup_logging(format, level)`` installs a single stderr handler on the root logger (calling it
-again replaces it, so SIGHUP-style re-configuration and tests do not stack handlers). Records
-may carry structured data as ``extra={"fields": {...}}``: in JSON those keys are merged into
-the object next to ``time`` (ISO 8601, UTC), ``level``, ``logger`` and ``message``; in text
-they are appended as ``key=value`` pairs, except a pair the message already shows word for
-word. Such a record's message is a short phrase, never the record again. The proxy logs under
-three names: ``beanstalk_proxy`` (general), ``beanstalk_proxy.conn`` (one line per connection
-open/close) and ``beanstalk_proxy.audit`` (denials: a burst per connection and window one line
-each, then one "denials suppressed" summary line per window; see ``proxy.logsummary``).
+again replaces it, so SIGHUP-style re-configuration and tests do not stack handlers). Every line
+the proxy writes is an *event*: ``log.info("connection closed", extra=event("close", peer=...))``
+gives the record a stable ``event`` name and its structured fields; the message is a constant
+short phrase that never carries the fields again. In JSON the fields are merged into one flat
+object next to ``time`` (ISO 8601, UTC), ``level``, ``logger`` and ``message``; in text they are
+appended once as ``key=value`` pairs (strings with spaces, quotes, ``=`` or unprintable
+characters JSON-quoted, other values as compact JSON, so a certificate value cannot forge a
+line). Severity: a client's fault
+(bad certificate, refused identity, a close) is ``info``; what an operator must look at (a limit
+reached, an upstream failure, a reload that failed) is ``warning`` or ``error``. The proxy logs
+under three names: ``beanstalk_proxy`` (general), ``beanstalk_proxy.conn`` (connections:
+handshakes, refusals, open/close) and ``beanstalk_proxy.audit`` (denials: a burst per
+connection and window one line each, then one summary per window; see ``proxy.logsummary``).
+README.md ("Logs") lists every event; tests/test_events.py keeps that table and the code equal.
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ __all__ = [
     "LOGGER",
     "JsonFormatter",
     "TextFormatter",
+    "event",
+    "render_text",
     "setup_logging",
 ]
 
@@ -43,9 +51,36 @@ _LEVELS = {
 _CORE_KEYS = ("time", "level", "logger", "message")
 
 
+def event(name: str, **fields: object) -> dict[str, dict[str, object]]:
+    """The ``extra`` of a log call recording the event ``name`` with ``fields``."""
+    return {"fields": {"event": name, **fields}}
+
+
 def _fields(record: logging.LogRecord) -> Mapping[str, object]:
     fields = getattr(record, "fields", None)
     return fields if isinstance(fields, Mapping) else {}
+
+
+def render_text(record: logging.LogRecord) -> str:
+    """The record's message followed by its fields as ``key=value`` (the text line without
+    time, level and logger); a pair the message already shows word for word is not repeated."""
+    message = record.getMessage()
+    fields = _fields(record)
+    if not fields:
+        return message
+    parts = [message]
+    said = set(message.split())
+    for key, value in fields.items():
+        if isinstance(value, str):
+            text = value
+            if text == "" or not text.isprintable() or any(c.isspace() or c in '"=' for c in text):
+                text = json.dumps(text)
+        else:  # numbers, null, lists and maps as compact JSON (non-ASCII escaped)
+            text = json.dumps(value, default=str, separators=(",", ":"))
+        pair = f"{key}={text}"
+        if pair not in said:  # said once: not again as a field
+            parts.append(pair)
+    return " ".join(parts)
 
 
 class TextFormatter(logging.Formatter):
@@ -56,22 +91,11 @@ class TextFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
-        fields = _fields(record)
-        if not fields:
+        if not _fields(record):
             return line
-        parts = []
-        said = set(record.getMessage().split())
-        for key, value in fields.items():
-            text = value if isinstance(value, str) else json.dumps(value, default=str)
-            if text == "" or any(c.isspace() or c in '"=' for c in text):
-                text = json.dumps(text)
-            pair = f"{key}={text}"
-            if pair not in said:  # said once: not again as a field
-                parts.append(pair)
-        if not parts:
-            return line
+        pairs = render_text(record)[len(record.getMessage()) :]
         first, newline, rest = line.partition("\n")  # keep tracebacks after the fields
-        return f"{first} {' '.join(parts)}{newline}{rest}"
+        return f"{first}{pairs}{newline}{rest}"
 
 
 class JsonFormatter(logging.Formatter):

@@ -39,6 +39,7 @@ from proxy.acl import Policy
 from proxy.config import Config, Endpoint
 from proxy.identity import Identity
 from proxy.listen import bind_listener, bound_port
+from proxy.logs import event
 from proxy.logsummary import AUDIT_BURST, AUDIT_WINDOW, Suppressed, WindowCounter
 from proxy.metrics import Metrics
 from proxy.ratelimit import TokenBucket, worker_share
@@ -237,7 +238,7 @@ class Connection(asyncio.Protocol):
             # the commands are kept: the handshake task drains them upstream, then closes.
             self.lost_early = True
             return
-        self.close(f"client lost: {exc}" if exc else "client closed")
+        self.close(f"client lost: {exc}" if exc else "client closed", by="client")
 
     def pause_writing(self) -> None:
         self.client_full = True
@@ -267,14 +268,19 @@ class Connection(asyncio.Protocol):
         if self.closed:
             return
         session = self.session
+        by = "upstream"
         if session is not None and session.draining:
             reason = session.close_reason or reason
+            by = "client" if reason in ("quit", "client closed") else "proxy"
         else:
             self.server.metrics.upstream_lost.inc()
             log.warning(
-                "upstream connection ended for %s (%s): %s", self.peer, self.principal, reason
+                "upstream connection ended",
+                extra=event(
+                    "upstream_lost", peer=self.peer, principal=self.principal, error=reason
+                ),
             )
-        self.close(reason)
+        self.close(reason, by=by)
 
     # --- pump ---------------------------------------------------------------------------------
 
@@ -401,12 +407,13 @@ class Connection(asyncio.Protocol):
             if counter.hit(self, record["command"], now):
                 record["peer"] = self.peer
                 record["fingerprint"] = fingerprint
-                audit_log.info("denied", extra={"fields": record})
+                audit_log.info("denied", extra=event("denied", **record))
         if counter.suppressed(self):
             server.schedule_audit()
 
-    def close(self, reason: str) -> None:
-        """Close both sides (flushing what is buffered) and log the connection once."""
+    def close(self, reason: str, by: str = "proxy") -> None:
+        """Close both sides (flushing what is buffered) and log the connection once: why
+        (``reason``) and who ended it (``by``: ``client``, ``upstream`` or ``proxy``)."""
         if self.closed:
             return
         self.closed = True
@@ -425,26 +432,20 @@ class Connection(asyncio.Protocol):
         self.close_transport()
         self.server.forget(self)
         self.server.metrics.connection_closed(self)
-        fields = {
-            "event": "close",
-            "peer": self.peer,
-            "principal": self.principal,
-            "subject": self.identity.subject if self.identity else None,
-            "fingerprint": self.identity.fingerprint if self.identity else None,
-            "bytes_in": self.bytes_in,
-            "bytes_out": self.bytes_out,
-            "duration": round(time.monotonic() - self.started, 3),
-            "reason": reason,
-        }
         conn_log.info(
-            "close peer=%s principal=%s in=%d out=%d duration=%.3fs reason=%s",
-            self.peer,
-            self.principal,
-            self.bytes_in,
-            self.bytes_out,
-            fields["duration"],
-            reason,
-            extra={"fields": fields},
+            "close",
+            extra=event(
+                "close",
+                peer=self.peer,
+                principal=self.principal,
+                subject=self.identity.subject if self.identity else None,
+                fingerprint=self.identity.fingerprint if self.identity else None,
+                bytes_in=self.bytes_in,
+                bytes_out=self.bytes_out,
+                duration=round(time.monotonic() - self.started, 3),
+                reason=reason,
+                closed_by=by,
+            ),
         )
 
     def close_transport(self) -> None:
@@ -540,7 +541,12 @@ class ProxyServer:
         _quiet_unreadable_certificates(loop)
         self._listener = bind_listener(self.config.listen, self.reuse_port)
         self._acceptor = loop.create_task(self._accept_loop(self._listener))
-        log.info("listening on %s, upstream %s", self.config.listen, self.config.upstream)
+        log.debug(
+            "listening",
+            extra=event(
+                "listening", listen=str(self.config.listen), upstream=str(self.config.upstream)
+            ),
+        )
         limits = self.config.limits
         periods = [t for t in (limits.idle_timeout, limits.max_connection_lifetime) if t]
         if periods:
@@ -560,14 +566,28 @@ class ProxyServer:
                     continue
                 lifetime = limits.max_connection_lifetime
                 if lifetime and now - conn.started > lifetime:
-                    conn.drain("max connection lifetime reached")
+                    why, limit = "max connection lifetime reached", "max_connection_lifetime"
                 elif (
                     limits.idle_timeout
                     and now - conn.last_active > limits.idle_timeout
                     and not session.pending
                     and not session.draining
                 ):
-                    conn.drain("idle timeout")
+                    why, limit = "idle timeout", "idle_timeout"
+                else:
+                    continue
+                if not session.draining:
+                    conn_log.info(
+                        "draining",
+                        extra=event(
+                            "drain",
+                            peer=conn.peer,
+                            principal=conn.principal,
+                            reason=why,
+                            limit=f"limits.{limit}",
+                        ),
+                    )
+                conn.drain(why)
 
     async def _accept_loop(self, listener: socket.socket) -> None:
         loop = asyncio.get_running_loop()
@@ -575,7 +595,10 @@ class ProxyServer:
             try:
                 sock, addr = await loop.sock_accept(listener)
             except OSError as exc:  # EMFILE and friends: log, back off, keep serving
-                log.error("accept failed on %s: %s", self.config.listen, exc)
+                log.error(
+                    "accept failed",
+                    extra=event("accept_failed", listen=str(self.config.listen), error=str(exc)),
+                )
                 await asyncio.sleep(0.1)
                 continue
             if self.accepted(sock, addr):
@@ -641,10 +664,8 @@ class ProxyServer:
             source,
             kind,
             logging.WARNING,
-            "refused peer=%s reason=%s (%d) reached",
-            peer,
-            kind,
-            limit,
+            "refused",
+            event("refused", peer=peer, reason=kind, limit=f"limits.{kind}", max=limit),
         )
 
     def _drop_oldest_handshake(self) -> None:
@@ -657,11 +678,15 @@ class ProxyServer:
         self._peer_event(
             conn.source,
             "dropped",
-            logging.INFO,
-            "handshake failed peer=%s reason=dropped: oldest pending handshake, "
-            "max_handshakes (%d) reached",
-            conn.peer,
-            self.config.limits.handshake_limit(),
+            logging.WARNING,
+            "refused: oldest pending handshake dropped",
+            event(
+                "refused",
+                peer=conn.peer,
+                reason="dropped",
+                limit="limits.max_handshakes",
+                max=self.config.limits.handshake_limit(),
+            ),
         )
 
     def _leave_pending(self, conn: Connection) -> None:
@@ -688,16 +713,21 @@ class ProxyServer:
             # A bug, never a client's doing: logged once (never "exception never retrieved")
             # and the connection closed like any other.
             exc = task.exception()
-            log.error("connection from %s failed: %r", conn.peer, exc, exc_info=exc)
+            log.error(
+                "internal error",
+                exc_info=exc,
+                extra=event("internal_error", peer=conn.peer, error=repr(exc)),
+            )
             conn.close(f"internal error: {type(exc).__name__}")
 
     def _peer_event(
-        self, source: str | None, kind: str, level: int, message: str, *args: object
+        self, source: str | None, kind: str, level: int, message: str, extra: dict[str, Any]
     ) -> None:
-        """Log one refusal or failed handshake, unless its source address already had its
-        ``PEER_LOG_LINES`` in this window: then it is only counted, and summarised later."""
+        """Log one refusal or failed handshake (``extra``: its ``event``), unless its source
+        address already had its ``PEER_LOG_LINES`` in this window: then it is only counted,
+        and summarised later."""
         if self._peer_log.hit(source or "unix", kind, time.monotonic()):
-            conn_log.log(level, message, *args)
+            conn_log.log(level, message, extra=extra)
         elif self._peer_log_timer is None:
             self._peer_log_timer = asyncio.get_running_loop().call_later(
                 PEER_LOG_WINDOW, self._report_suppressed
@@ -712,11 +742,14 @@ class ProxyServer:
                 PEER_LOG_WINDOW, self._report_suppressed
             )
 
-    def _refuse(self, conn: Connection, kind: str, level: int, message: str, *args: object) -> None:
+    def _refuse(
+        self, conn: Connection, kind: str, level: int, message: str, extra: dict[str, Any]
+    ) -> None:
         """Refuse a connection whose handshake completed: counted, logged (summarised per
-        source), and closed like every other connection (counted until its socket is)."""
+        source; the ``refused`` event is the only line: no ``close`` follows), and closed like
+        every other connection (counted until its socket is)."""
         self.metrics.handshake_failures.labels(kind).inc()
-        self._peer_event(conn.source, kind, level, message, *args)
+        self._peer_event(conn.source, kind, level, message, extra)
         conn.closed = True
         conn.reason = kind
         conn.close_transport()
@@ -758,9 +791,8 @@ class ProxyServer:
                     conn.source,
                     kind,
                     logging.INFO,
-                    "handshake failed peer=%s reason=%s",
-                    peer,
-                    _ssl_reason(exc),
+                    "handshake failed",
+                    event("handshake_failed", peer=peer, reason=kind, error=_ssl_reason(exc)),
                 )
                 sock.close()
                 return
@@ -781,9 +813,14 @@ class ProxyServer:
                     conn.source,
                     "max_connections",
                     logging.WARNING,
-                    "refused peer=%s reason=max_connections (%d) reached",
-                    peer,
-                    limits.max_connections,
+                    "refused",
+                    event(
+                        "refused",
+                        peer=peer,
+                        reason="max_connections",
+                        limit="limits.max_connections",
+                        max=limits.max_connections,
+                    ),
                 )
                 conn.closed = True
                 tls.abort()
@@ -795,8 +832,8 @@ class ProxyServer:
                     conn,
                     "no_certificate",
                     logging.INFO,
-                    "refused peer=%s reason=no client certificate",
-                    peer,
+                    "refused",
+                    event("refused", peer=peer, reason="no_certificate"),
                 )
                 return
             try:
@@ -806,11 +843,14 @@ class ProxyServer:
                 self._refuse(
                     conn,
                     "unparseable_certificate",
-                    logging.WARNING,
-                    "refused peer=%s reason=unparseable_certificate (%s: %.200r)",
-                    peer,
-                    type(exc).__name__,
-                    str(exc),
+                    logging.INFO,
+                    "refused",
+                    event(
+                        "refused",
+                        peer=peer,
+                        reason="unparseable_certificate",
+                        error=f"{type(exc).__name__}: {str(exc)[:200]}",
+                    ),
                 )
                 return
             conn.identity = identity
@@ -819,12 +859,22 @@ class ProxyServer:
                 self._refuse(
                     conn,
                     "no_principal",
-                    logging.WARNING,
-                    "refused peer=%s subject=%s fingerprint=%s reason=%s",
-                    peer,
-                    identity.subject,
-                    identity.fingerprint,
-                    identity.refusal or "no principal matches",
+                    logging.INFO,
+                    "refused",
+                    event(
+                        "refused",
+                        peer=peer,
+                        reason="no_principal",
+                        detail=identity.refusal or "no principal matches",
+                        subject=identity.subject,
+                        cn=identity.cn,
+                        ou=list(identity.ous),
+                        dns=list(identity.dns),
+                        uri=list(identity.uris),
+                        ip=list(identity.ips),
+                        fingerprint=identity.fingerprint,
+                        issuer=identity.issuer,
+                    ),
                 )
                 return
             cap = limits.max_connections_per_principal
@@ -833,10 +883,15 @@ class ProxyServer:
                     conn,
                     "max_connections_per_principal",
                     logging.WARNING,
-                    "refused peer=%s principal=%s reason=max_connections_per_principal (%d)",
-                    peer,
-                    principal,
-                    cap,
+                    "refused",
+                    event(
+                        "refused",
+                        peer=peer,
+                        principal=principal,
+                        reason="max_connections_per_principal",
+                        limit="limits.max_connections_per_principal",
+                        max=cap,
+                    ),
                 )
                 return
             if cap is not None and self.shared is not None:
@@ -845,11 +900,16 @@ class ProxyServer:
                         conn,
                         "max_connections_per_principal",
                         logging.WARNING,
-                        "refused peer=%s principal=%s reason=max_connections_per_principal "
-                        "(%d, whole proxy)",
-                        peer,
-                        principal,
-                        cap,
+                        "refused",
+                        event(
+                            "refused",
+                            peer=peer,
+                            principal=principal,
+                            reason="max_connections_per_principal",
+                            limit="limits.max_connections_per_principal",
+                            max=cap,
+                            scope="whole proxy",
+                        ),
                     )
                     return
                 conn.counted_shared = True
@@ -872,7 +932,7 @@ class ProxyServer:
             if conn.session is None:
                 conn.starting = False
                 if conn.lost_early:
-                    conn.close("client closed")
+                    conn.close("client closed", by="client")
         self.connections.add(conn)
         # A connection lives no longer than its client certificate.
         left = conn.identity.not_after.timestamp() - time.time() if conn.identity else 0.0
@@ -900,7 +960,10 @@ class ProxyServer:
             why = str(exc) or type(exc).__name__  # a TimeoutError has no message
             if isinstance(exc, TimeoutError):
                 why = f"timed out after {self.config.limits.upstream_connect_timeout}s"
-            log.error("upstream %s unreachable for %s: %s", up, conn.peer, why)
+            log.error(
+                "upstream unreachable",
+                extra=event("upstream_unreachable", upstream=str(up), peer=conn.peer, error=why),
+            )
             conn.close(f"upstream unreachable: {why}")
             return
         if conn.closed:
@@ -910,20 +973,14 @@ class ProxyServer:
         conn.starting = False
         identity = conn.identity
         conn_log.info(
-            "open peer=%s principal=%s subject=%s fingerprint=%s",
-            conn.peer,
-            conn.principal,
-            identity.subject if identity else None,
-            identity.fingerprint if identity else None,
-            extra={
-                "fields": {
-                    "event": "open",
-                    "peer": conn.peer,
-                    "principal": conn.principal,
-                    "subject": identity.subject if identity else None,
-                    "fingerprint": identity.fingerprint if identity else None,
-                }
-            },
+            "open",
+            extra=event(
+                "open",
+                peer=conn.peer,
+                principal=conn.principal,
+                subject=identity.subject if identity else None,
+                fingerprint=identity.fingerprint if identity else None,
+            ),
         )
         conn.flush()
 
@@ -954,7 +1011,11 @@ class ProxyServer:
         if summary is None:
             return
         conn = summary.key
-        fields: dict[str, Any] = {"suppressed": summary.total, "by_command": summary.by_kind}
+        fields: dict[str, Any] = {
+            "event": "denials_suppressed",
+            "suppressed": summary.total,
+            "by_command": summary.by_kind,
+        }
         if isinstance(conn, Connection):
             fields["principal"] = conn.principal
             fields["peer"] = conn.peer
@@ -1030,12 +1091,7 @@ class ProxyServer:
                 # A reserve waiting on a tube the principal may no longer consume: closing
                 # the upstream connection ends it (beanstalkd puts back anything it reserved);
                 # a release or ignore on the client's behalf would be a command it never sent.
-                conn_log.warning(
-                    "closing peer=%s principal=%s reason=consume revoked while waiting in reserve",
-                    conn.peer,
-                    conn.principal,
-                )
-                conn.close("consume revoked while waiting in reserve")
+                conn.close("consume revoked while waiting in reserve")  # logged by close
         return affected
 
     def reload_tls(
@@ -1048,12 +1104,7 @@ class ProxyServer:
             return
         for conn in list(self.connections):
             if conn.der is not None and revoked(conn.der):
-                conn_log.warning(
-                    "revoked peer=%s principal=%s: client certificate is now in the CRL",
-                    conn.peer,
-                    conn.principal,
-                )
-                conn.close("client certificate revoked")
+                conn.close("client certificate revoked")  # logged by close
 
     async def close(self, grace: float = 0.0) -> None:
         """Stop accepting; with ``grace`` > 0, drain every connection first (in-flight commands
@@ -1067,12 +1118,22 @@ class ProxyServer:
             self._sweeper.cancel()
         if grace > 0 and self.connections:
             self._idle.clear()
+            draining, started = len(self.connections), time.monotonic()
             for conn in list(self.connections):
                 conn.drain("proxy shutting down")
             if self.connections:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(grace):
                         await self._idle.wait()
+            log.info(
+                "shutdown drain finished",
+                extra=event(
+                    "shutdown_drained",
+                    drained=draining - len(self.connections),
+                    cut=len(self.connections),
+                    seconds=round(time.monotonic() - started, 3),
+                ),
+            )
         for conn in list(self.connections):
             conn.close("proxy shutting down")
         for task in list(self._pending.values()):
@@ -1096,21 +1157,15 @@ class ProxyServer:
 
 
 def _log_suppressed(s: Suppressed) -> None:
-    by_kind = ", ".join(f"{kind}={n}" for kind, n in sorted(s.by_kind.items()))
     conn_log.warning(
-        "suppressed %d more refusals and failed handshakes from source=%s in %.0fs (%s)",
-        s.total,
-        s.key,
-        PEER_LOG_WINDOW,
-        by_kind,
-        extra={
-            "fields": {
-                "event": "suppressed",
-                "source": s.key,
-                "count": s.total,
-                "by_reason": s.by_kind,
-            }
-        },
+        "suppressed refusals and failed handshakes",
+        extra=event(
+            "refusals_suppressed",
+            source=s.key,
+            count=s.total,
+            by_reason=s.by_kind,
+            window=PEER_LOG_WINDOW,
+        ),
     )
 
 

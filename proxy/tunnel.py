@@ -23,6 +23,7 @@ from typing import cast
 
 from proxy.config import Endpoint
 from proxy.listen import bind_listener, bound_port
+from proxy.logs import event
 
 log = logging.getLogger("beanstalk_proxy")
 conn_log = logging.getLogger("beanstalk_proxy.conn")
@@ -181,12 +182,15 @@ class _Pipe:
             if side.transport is not None:
                 side.transport.close()
         conn_log.info(
-            "tunnel close peer=%s up=%d down=%d duration=%.3fs reason=%s",
-            self.peer,
-            self.bytes_up,
-            self.bytes_down,
-            time.monotonic() - self.started,
-            reason,
+            "tunnel close",
+            extra=event(
+                "tunnel_close",
+                peer=self.peer,
+                bytes_up=self.bytes_up,
+                bytes_down=self.bytes_down,
+                duration=round(time.monotonic() - self.started, 3),
+                reason=reason,
+            ),
         )
 
 
@@ -224,7 +228,10 @@ class TunnelServer:
             self._server = await loop.create_unix_server(self._accept, sock=self._sock)
         else:
             self._server = await loop.create_server(self._accept, sock=self._sock)
-        log.info("client tunnel listening on %s, proxy %s", self.listen, self.connect)
+        log.debug(
+            "tunnel listening",
+            extra=event("tunnel_listening", listen=str(self.listen), proxy=str(self.connect)),
+        )
 
     def _accept(self) -> _Side:
         pipe = _Pipe(
@@ -254,10 +261,15 @@ class TunnelServer:
                     server_hostname=self.server_hostname,
                 )
         except (OSError, TimeoutError) as exc:
-            log.error("tunnel to %s failed for %s: %s", target, pipe.peer, exc or "timeout")
+            log.error(
+                "tunnel to the proxy failed",
+                extra=event(
+                    "tunnel_failed", peer=pipe.peer, proxy=str(target), error=str(exc) or "timeout"
+                ),
+            )
             pipe.close(f"proxy unreachable: {exc or 'timeout'}")
             return
-        conn_log.info("tunnel open peer=%s proxy=%s", pipe.peer, target)
+        conn_log.info("tunnel open", extra=event("tunnel_open", peer=pipe.peer, proxy=str(target)))
         if pipe.closed:  # the proxy refused at once, or the tunnel is shutting down
             remote.close()
             return

@@ -31,6 +31,7 @@ from collections.abc import Callable
 from typing import Final
 
 from proxy.config import Endpoint
+from proxy.logs import event
 from proxy.sharedlimits import SharedCounts
 
 __all__ = ["MAX_RESPAWNS", "RESPAWN_WINDOW", "WorkerPlan", "supervise"]
@@ -123,10 +124,13 @@ def supervise(
     for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, forward)
     log.info(
-        "supervisor pid %d started %d workers: %s",
-        os.getpid(),
-        plan.workers,
-        sorted(p for p, i in children.items() if i != _AGGREGATOR),
+        "supervisor started its workers",
+        extra=event(
+            "workers_started",
+            pid=os.getpid(),
+            workers=plan.workers,
+            pids=sorted(p for p, i in children.items() if i != _AGGREGATOR),
+        ),
     )
     status = 0
     try:
@@ -147,7 +151,10 @@ def supervise(
                     status = status or 1
                 continue
             if code > 0:  # it exited by itself with an error: a restart would repeat it
-                log.error("%s (pid %d) exited with %d; stopping the others", what, pid, code)
+                log.error(
+                    "worker exited; stopping the others",
+                    extra=event("worker_exited", worker=what, pid=pid, code=code),
+                )
                 status = status or 1
                 forward(signal.SIGTERM, None)
                 continue
@@ -155,23 +162,24 @@ def supervise(
             respawns[:] = [t for t in respawns if now - t < RESPAWN_WINDOW]
             if len(respawns) >= MAX_RESPAWNS:
                 log.error(
-                    "%s (pid %d) ended (%s); %d restarts in %.0fs already: stopping the others",
-                    what,
-                    pid,
-                    _describe(code),
-                    len(respawns),
-                    RESPAWN_WINDOW,
+                    "worker ended too often; stopping the others",
+                    extra=event(
+                        "worker_exited",
+                        worker=what,
+                        pid=pid,
+                        code=code,
+                        ended=_describe(code),
+                        restarts=len(respawns),
+                        window=RESPAWN_WINDOW,
+                    ),
                 )
                 status = status or 1
                 forward(signal.SIGTERM, None)
                 continue
             respawns.append(now)
             log.error(
-                "%s (pid %d) ended (%s); its connections are released, starting a new one",
-                what,
-                pid,
-                _describe(code),
-                extra={"fields": {"event": "worker_restart", "worker": what, "pid": pid}},
+                "worker ended; its connections are released, starting a new one",
+                extra=event("worker_restart", worker=what, pid=pid, ended=_describe(code)),
             )
             start(index)
     finally:

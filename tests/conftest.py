@@ -31,6 +31,7 @@ from proxy.acl import parse_acl
 from proxy.certs import init_ca_and_server, issue_client
 from proxy.config import Config, Endpoint, Limits, LogConfig, TLSConfig
 from proxy.httpd import StatusServer
+from proxy.logs import render_text
 from proxy.relay import PolicyHolder, ProxyServer
 from proxy.session import Session
 from proxy.tlsctx import server_context
@@ -492,10 +493,12 @@ class LogWatch(logging.Handler):
     def __init__(self) -> None:
         super().__init__(logging.DEBUG)
         self.messages: list[str] = []
+        self.records: list[logging.LogRecord] = []
         self._changed = asyncio.Event()
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
+        self.records.append(record)
+        self.messages.append(render_text(record))  # "message key=value ...", as in the text log
         self._changed.set()
 
     async def wait_for(self, predicate: Callable[[str], bool], timeout: float = 5.0) -> str:

@@ -284,8 +284,13 @@ async def test_cli_reload_reads_the_file_and_keeps_the_old_policy_on_error(
             caplog.clear()
             _reload(config, proxy.server)
             assert proxy.server.policy.current is old
-            errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
-            assert any("keeping the previous policy" in m and str(acl_file) in m for m in errors)
+            errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+            assert any(
+                "keeping the previous policy" in r.getMessage()
+                and r.fields["event"] == "reload_failed"  # type: ignore[attr-defined]
+                and r.fields["file"] == str(acl_file)  # type: ignore[attr-defined]
+                for r in errors
+            )
             assert await c.line(b"use beta") == b"NOT_PERMITTED"
             assert await c.line(b"use alpha") == b"USING alpha"
         acl_file.write_text(yaml.safe_dump(doc(ALPHA_ALL, BETA_ALL)))

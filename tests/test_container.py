@@ -633,7 +633,7 @@ async def deployment(image: Image, pki: PKI, tmp_path: Path) -> AsyncIterator[De
             cwd=image.workdir,
         )
         log = Lines(proxy)
-        ready = await log.wait_for(r'"message":\s*"ready: listening on')
+        ready = await log.wait_for(r'"event":\s*"ready"')
         record = json.loads(ready)  # the compose config logs JSON
         port = int(record["listen"].rsplit(":", 1)[1])
         # A client certificate the compose ACL maps to `dev` (CN dev-*, OU dev).

@@ -598,7 +598,9 @@ async def test_crl_reload_closes_live_connection_under_revoked_intermediate(
             proxy.server.reload_tls(server_context(config.tls), _revocation_check(config))
             async with asyncio.timeout(10):
                 assert await under.read() == b""  # closed by the proxy
-            await conn_log.wait_for(lambda m: m.startswith("revoked"))
+            await conn_log.wait_for(
+                lambda m: 'reason="client certificate revoked" closed_by=proxy' in m
+            )
             w_direct.write(b"list-tube-used\r\n")
             async with asyncio.timeout(10):
                 assert await direct.readuntil(b"\r\n") == b"USING default\r\n"

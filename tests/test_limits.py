@@ -13,15 +13,15 @@ import time
 import pytest
 from conftest import PKI, Beanstalkd, Client, RunningProxy, start_proxy, until
 
+from proxy.logs import render_text
+
 CONN = "beanstalk_proxy.conn"
 
 
 def conn_lines(caplog: pytest.LogCaptureFixture, *needles: str) -> list[str]:
-    return [
-        r.getMessage()
-        for r in caplog.records
-        if r.name == CONN and all(n in r.getMessage() for n in needles)
-    ]
+    """The connection log lines (message and fields, as in the text log) with every needle."""
+    lines = [render_text(r) for r in caplog.records if r.name == CONN]
+    return [line for line in lines if all(n in line for n in needles)]
 
 
 async def refused(proxy: RunningProxy, name: str) -> bytes:
@@ -68,7 +68,7 @@ async def test_per_principal_limit_refuses_the_next_one_and_logs_it(
         assert await refused(proxy, "admin") == b""
         lines = conn_lines(caplog, "refused", "principal=admin", "max_connections_per_principal")
         assert len(lines) == 1, lines
-        assert "(2)" in lines[0]
+        assert "max=2" in lines[0]
         assert failures(proxy, "max_connections_per_principal") == 1
 
         # Another principal is not affected by admin's cap.
@@ -100,7 +100,7 @@ async def test_global_max_connections(
         second = await ready(proxy, "billing")
         assert await refused(proxy, "inspector") == b""
         lines = conn_lines(caplog, "refused", "max_connections")
-        assert len(lines) == 1 and "(2)" in lines[0], lines
+        assert len(lines) == 1 and "max=2" in lines[0], lines
         assert failures(proxy, "max_connections") == 1
 
         await second.close()
@@ -132,7 +132,7 @@ async def test_idle_timeout_closes_idle_but_not_a_blocked_reserve(
         # The idle connection is closed after about one idle period ...
         assert await sleeper.closed(timeout=5) == b""
         assert time.monotonic() - started >= idle * 0.9
-        assert len(conn_lines(caplog, "close", "reason=idle timeout")) == 1
+        assert len(conn_lines(caplog, "event=close", 'reason="idle timeout"')) == 1
 
         # ... while the blocked reserve outlives several idle periods and gets beanstalkd's
         # own answer when its timeout expires (a drain would have ended it early).
@@ -140,7 +140,7 @@ async def test_idle_timeout_closes_idle_but_not_a_blocked_reserve(
         waited = time.monotonic() - started
         assert line == b"TIMED_OUT"
         assert waited >= 1.9, f"reserve ended after {waited:.2f}s: the connection was drained"
-        assert len(conn_lines(caplog, "close", "reason=idle timeout")) == 1
+        assert len(conn_lines(caplog, "event=close", 'reason="idle timeout"')) == 1
         await worker.close()
     finally:
         await proxy.server.close()
@@ -196,7 +196,7 @@ async def test_max_connection_lifetime_closes_a_connection(
         assert put.startswith(b"INSERTED ")
         assert await c.closed(timeout=5) == b""
         assert time.monotonic() - started >= lifetime * 0.9
-        assert len(conn_lines(caplog, "close", "max connection lifetime")) == 1
+        assert len(conn_lines(caplog, "event=close", "max connection lifetime")) == 1
         await c.close()
         # A new connection is fine (the limit is per connection, not per client).
         again = await ready(proxy, "admin")

@@ -130,8 +130,8 @@ async def serve(pki: PKI, beanstalkd: Beanstalkd, tmp_path: Path) -> AsyncIterat
     )
     p = ProxyProcess(proc)
     try:
-        i = await p.wait_for(r"ready: listening on ")
-        m = re.search(r"ready: listening on 127\.0\.0\.1:(\d+)", p.lines[i])
+        i = await p.wait_for(r"ready: listening ")
+        m = re.search(r"ready: listening event=ready listen=127\.0\.0\.1:(\d+)", p.lines[i])
         assert m, p.lines[i]
         p.port = int(m.group(1))
         yield p
@@ -233,7 +233,7 @@ async def test_sigterm_during_pipelined_puts_loses_no_acknowledged_job(
         mark = len(serve.lines)
         serve.signal(signal.SIGTERM)
         sent_at = time.monotonic()
-        await serve.wait_for(r"shutting down: draining 1 connections", start=mark)
+        await serve.wait_for(r"shutting down event=shutdown connections=1 ", start=mark)
         async with asyncio.timeout(SHUTDOWN_TIMEOUT + 5):
             await r  # until the proxy closes the connection
         code = await serve.exit_code(timeout=SHUTDOWN_TIMEOUT + 5)
@@ -291,7 +291,7 @@ async def test_sigterm_releases_reserved_jobs_and_answers_blocked_reserves(
     mark = len(serve.lines)
     sent_at = time.monotonic()
     serve.signal(signal.SIGTERM)
-    await serve.wait_for(r"shutting down: draining 3 connections", start=mark)
+    await serve.wait_for(r"shutting down event=shutdown connections=3 ", start=mark)
     # The blocked reserve gets beanstalkd's answer, then every connection is closed.
     assert await waiter.closed(timeout=SHUTDOWN_TIMEOUT + 5) == b"TIMED_OUT\r\n"
     assert await holder.closed(timeout=SHUTDOWN_TIMEOUT + 5) == b""
@@ -316,7 +316,7 @@ async def test_sigterm_with_no_connections_exits_at_once(serve: ProxyProcess) ->
     serve.signal(signal.SIGTERM)
     assert await serve.exit_code(timeout=SHUTDOWN_TIMEOUT) == 0
     assert time.monotonic() - sent_at < 2
-    await serve.wait_for(r"shutting down: draining 0 connections")
+    await serve.wait_for(r"shutting down event=shutdown connections=0 ")
 
 
 # --------------------------------------------------------------------------------------------
@@ -340,7 +340,7 @@ async def test_sighup_broken_acl_keeps_policy_good_acl_changes_live_connection(
     mark = len(serve.lines)
     serve.signal(signal.SIGHUP)
     i = await serve.wait_for(r"reload: ACL not reloaded, keeping the previous policy", start=mark)
-    assert str(acl) in serve.lines[i] and "rules[2]" in serve.lines[i], serve.lines[i]
+    assert f"file={acl}" in serve.lines[i] and "key=rules[2]" in serve.lines[i], serve.lines[i]
     assert (await billing.put(b"two")).startswith(b"INSERTED ")
 
     # 2. Not even YAML: same.
@@ -362,7 +362,9 @@ async def test_sighup_broken_acl_keeps_policy_good_acl_changes_live_connection(
     acl.write_text(yaml.safe_dump(good))
     mark = len(serve.lines)
     serve.signal(signal.SIGHUP)
-    await serve.wait_for(rf"reload: ACL {re.escape(str(acl))} loaded", start=mark)
+    await serve.wait_for(
+        rf"reload: ACL loaded event=reload what=acl file={re.escape(str(acl))} ", start=mark
+    )
     assert await billing.put(b"four") == b"UNKNOWN_COMMAND"  # acl_denial_reply: compatible
     assert await billing.line(b"use invoices.v2") == b"USING invoices.v2"
     assert (await billing.put(b"five")).startswith(b"INSERTED ")

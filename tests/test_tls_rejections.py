@@ -165,7 +165,7 @@ async def test_silent_client_is_cut_after_handshake_timeout(
         line = await conn_log.wait_for(lambda m: "handshake failed" in m)
     assert data == b""
     assert 0.4 <= elapsed < 5, elapsed
-    assert "reason=tls handshake timed out" in line, line
+    assert 'reason=timeout error="tls handshake timed out' in line, line
     assert short_proxy.server.handshaking == 0
     sample = short_proxy.server.metrics.registry.get_sample_value(
         "beanstalk_proxy_handshake_failures_total", {"reason": "timeout"}

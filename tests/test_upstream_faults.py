@@ -16,6 +16,8 @@ from collections.abc import Iterator
 import pytest
 from conftest import PKI, Beanstalkd, Client, RunningProxy, direct, start_proxy, until
 
+from proxy.logs import render_text
+
 GENERAL = "beanstalk_proxy"
 DISCONNECTED = (ssl.SSLError, ConnectionError, asyncio.IncompleteReadError, OSError)
 
@@ -25,7 +27,9 @@ def sample(proxy: RunningProxy, name: str) -> float:
 
 
 def messages(caplog: pytest.LogCaptureFixture, needle: str, logger: str = GENERAL) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name == logger and needle in r.getMessage()]
+    """The ``logger``'s lines (message and fields, as in the text log) containing ``needle``."""
+    lines = [render_text(r) for r in caplog.records if r.name == logger]
+    return [line for line in lines if needle in line]
 
 
 async def test_beanstalkd_down_at_connect_time(
@@ -48,7 +52,7 @@ async def test_beanstalkd_down_at_connect_time(
         assert f"127.0.0.1:{beanstalkd.port}" in lines[0]
         assert any(r.levelno == logging.ERROR for r in caplog.records if r.name == GENERAL)
         # The connection's close line carries the reason too.
-        assert messages(caplog, "reason=upstream unreachable", logger="beanstalk_proxy.conn")
+        assert messages(caplog, 'reason="upstream unreachable', logger="beanstalk_proxy.conn")
         assert sample(proxy, "beanstalk_proxy_upstream_connect_failures_total") == 1
         await until(lambda: not proxy.server.connections)
 

@@ -31,7 +31,14 @@ from proxy.acl import Policy
 from proxy.certs import issue_server
 from proxy.cli import _files_changed, _kind_files, _reload, _watched_files
 from proxy.config import Config
+from proxy.logs import render_text
 from proxy.watch import FileState, Kinds, Settle, file_state, snapshot, watch
+
+
+def events(caplog: pytest.LogCaptureFixture) -> list[dict[str, Any]]:
+    """The fields of every captured event record."""
+    return [r.fields for r in caplog.records if "event" in getattr(r, "fields", {})]  # type: ignore[attr-defined]
+
 
 # --- the settle rule, with a fake clock ------------------------------------------------------
 
@@ -284,7 +291,7 @@ async def test_broken_file_flips_the_gauge_until_fixed_and_counts_once(
     caplog.set_level(logging.INFO)
 
     def errors() -> list[str]:
-        return [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+        return [render_text(r) for r in caplog.records if r.levelno >= logging.ERROR]
 
     async with watched(pki, beanstalkd, tmp_path) as w:
         worker = await w.proxy.connect("worker")
@@ -351,7 +358,8 @@ async def test_each_kind_reloads_only_for_its_own_files(
     caplog.set_level(logging.INFO)
 
     def reloaded(what: str) -> int:
-        return sum(1 for r in caplog.records if getattr(r, "fields", {}).get("what") == what)
+        fields = [getattr(r, "fields", {}) for r in caplog.records]
+        return sum(1 for f in fields if f.get("event") == "reload" and f.get("what") == what)
 
     async with watched(pki, beanstalkd, tmp_path) as w:
         policy = w.policy
@@ -363,8 +371,8 @@ async def test_each_kind_reloads_only_for_its_own_files(
             await w.ticker.tick()
         assert (reloaded("acl"), reloaded("tls")) == (1, 0)
         assert (w.reloads("acl", "success"), w.reloads("tls", "success")) == (1, 0)
-        changed = [r.getMessage() for r in caplog.records if "files changed" in r.getMessage()]
-        assert changed == [f"files changed on disk, reloading acl: {w.acl}"]
+        changed = [f for f in events(caplog) if f["event"] == "files_changed"]
+        assert changed == [{"event": "files_changed", "what": ["acl"], "paths": [str(w.acl)]}]
         policy = w.policy
 
         # the same certificate written again (new inode, same bytes) is no change
@@ -385,9 +393,13 @@ async def test_each_kind_reloads_only_for_its_own_files(
         assert (reloaded("acl"), reloaded("tls")) == (1, 1)
         assert (w.reloads("acl", "success"), w.reloads("tls", "success")) == (1, 1)
         assert w.policy is policy
-        changed = [r.getMessage() for r in caplog.records if "files changed" in r.getMessage()]
+        changed = [f for f in events(caplog) if f["event"] == "files_changed"]
         assert changed[1:] == [
-            f"files changed on disk, reloading tls: {cert}, {w.ca / 'server.key'}"
+            {
+                "event": "files_changed",
+                "what": ["tls"],
+                "paths": [str(cert), str(w.ca / "server.key")],
+            }
         ]
         c = await w.proxy.connect("admin")
         assert await c.line(b"list-tube-used") == b"USING default"
