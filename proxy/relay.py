@@ -18,7 +18,11 @@ Limits: a client socket counts against ``max_connections`` from the end of its h
 ``connection_lost`` (closing waits ``close_timeout`` for the peer's close_notify, then aborts);
 handshakes in progress have their own budget (``max_handshakes``, oldest dropped when full)
 and a per-source cap; refusals and failed handshakes are logged at most ``PEER_LOG_LINES`` per
-source address per window, the rest summarised.
+source address per window, the rest summarised. Put bodies in flight are bounded proxy-wide
+(``limits.max_buffered_bytes``, a pure ``Budget``): a put reserves its size at its command
+line, a client whose put must wait is not read until its reservation is granted (in arrival
+order), and the relay gives the bytes back once the body was handed to the upstream transport,
+or when the connection closes.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from collections.abc import Callable, Collection
 from typing import Any, cast
 
 from proxy.acl import Policy
+from proxy.budget import Budget
 from proxy.config import Config, Endpoint
 from proxy.identity import Identity
 from proxy.listen import bind_listener, bound_port
@@ -302,6 +307,11 @@ class Connection(asyncio.Protocol):
                 else:
                     self._sample_skip = LATENCY_SAMPLE_EVERY - 1
                     self._sample_t0 = time.monotonic()
+        if session.queued:
+            # Put bodies handed to the upstream transport (or dropped): their budget is free.
+            queued = session.queued
+            session.queued = 0
+            self.server.grant(self.server.budget.release(queued))
         if (
             session.draining
             and not session.blocked
@@ -360,6 +370,8 @@ class Connection(asyncio.Protocol):
             or self.client_full
             or self.upstream is None
             or session.blocked
+            # a put waits for the proxy-wide budget of bodies in flight (budget_granted)
+            or session.stalled
             # behind a blocking reserve the client is read (to notice its EOF) only up to a
             # bound: those commands are decided when the reserve returns
             or (session.waiting and session.parser.buffered > MAX_HELD_BYTES)
@@ -368,6 +380,30 @@ class Connection(asyncio.Protocol):
             or (session.draining and (session.close_reason != "quit" or self.client_ended))
             or len(session.pending) > MAX_PENDING
         )
+
+    def budget_granted(self) -> None:
+        """This connection's waiting put got its share of ``limits.max_buffered_bytes``."""
+        session = self.session
+        if session is None:
+            return
+        session.budget_granted()
+        if self.closed:  # (close cancels a waiting put, so this is only a safety net)
+            self._release_budget(session)
+            return
+        self.update_reading()  # schedules the turn that reads the body
+
+    def _release_budget(self, session: Session) -> None:
+        """Give back everything this connection holds of the budget (closing)."""
+        budget = self.server.budget
+        granted: list[Any] = []
+        if session.stalled:
+            session.stalled = 0
+            granted = budget.cancel(self)
+        held = session.receiving + session.queued
+        if held:
+            session.receiving = session.queued = 0
+            granted += budget.release(held)
+        self.server.grant(granted)
 
     def drain(self, reason: str) -> None:
         """Stop reading the client; let upstream answer what it was sent, then close."""
@@ -416,6 +452,8 @@ class Connection(asyncio.Protocol):
             self.session.to_client = bytearray()
         if self.upstream is not None:
             self.upstream.close()
+        if self.session is not None:
+            self._release_budget(self.session)
         self.close_transport()
         self.server.forget(self)
         self.server.metrics.connection_closed(self)
@@ -501,6 +539,9 @@ class ProxyServer:
         # Per connection, a burst of denial lines per window; the rest summarised.
         self.denial_audit = WindowCounter(AUDIT_BURST, AUDIT_WINDOW)
         self._audit_timer: asyncio.TimerHandle | None = None
+        # Put bodies in flight, proxy-wide (limits.max_buffered_bytes); keys are Connections.
+        self.budget = Budget(config.limits.max_buffered_bytes)
+        self.metrics.track_budget(self.budget)
 
     @property
     def handshaking(self) -> int:
@@ -816,6 +857,8 @@ class ProxyServer:
                 limits.max_job_size,
                 self._limiter_for(principal),
                 self.config.denial_reply,
+                self.budget,
+                conn,
             )
             if conn.early:
                 conn.session.feed_client(bytes(conn.early))
@@ -880,6 +923,11 @@ class ProxyServer:
             },
         )
         conn.flush()
+
+    def grant(self, granted: list[Any]) -> None:
+        """Resume the connections whose waiting puts ``Budget`` granted."""
+        for conn in granted:
+            conn.budget_granted()
 
     def transport_made(self, conn: Connection) -> None:
         self._open_transports.add(conn)
