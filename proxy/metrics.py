@@ -267,7 +267,8 @@ class _LiveCollector(Collector):
         yield g
         g = GaugeMetricFamily(
             "beanstalk_proxy_handshakes_pending",
-            "Client connections in the TLS handshake (limited by limits.max_handshakes)",
+            "Client connections in the TLS handshake, and refused ones whose socket is still "
+            "open after the alert (limited by limits.max_handshakes)",
         )
         g.add_metric([], self.metrics._handshakes())
         yield g

@@ -17,8 +17,10 @@ releases its reservations; an upstream that vanishes closes the client with a lo
 Limits: a client socket counts against ``max_connections`` from the end of its handshake until
 ``connection_lost`` (closing waits ``close_timeout`` for the peer's close_notify, then aborts);
 handshakes in progress have their own budget (``max_handshakes``, oldest dropped when full)
-and a per-source cap; refusals and failed handshakes are logged at most ``PEER_LOG_LINES`` per
-source address per window, the rest summarised. Put bodies in flight are bounded proxy-wide
+and a per-source cap, which also count a refused handshake's socket until it is closed (the
+builtin transport lingers after the alert; such sockets are dropped first); refusals and
+failed handshakes are logged at most ``PEER_LOG_LINES`` per source address per window, the
+rest summarised. Put bodies in flight are bounded proxy-wide
 (``limits.max_buffered_bytes``, a pure ``Budget``): a put reserves its size at its command
 line, a client whose put must wait is not read until its reservation is granted (in arrival
 order), and the relay gives the bytes back once the body was handed to the upstream transport,
@@ -519,6 +521,10 @@ class ProxyServer:
         # and how many of them each source address has.
         self._pending: dict[Connection, asyncio.Task[None]] = {}
         self._pending_per_source: dict[str, int] = {}
+        # Sockets of failed handshakes still open after their alert (builtin transport, up to
+        # close_timeout), oldest first, with their source address: they count against
+        # max_handshakes (and per source) until really closed, and are the first dropped.
+        self._lingering: dict[TLSTransport, str | None] = {}
         self._peer_log = WindowCounter(PEER_LOG_LINES, PEER_LOG_WINDOW, max_keys=10_000)
         self._peer_log_timer: asyncio.TimerHandle | None = None
         self._listener: socket.socket | None = None
@@ -535,7 +541,7 @@ class ProxyServer:
         self._transports_gone = asyncio.Event()
         self._sweeper: asyncio.Task[None] | None = None
         self.metrics.track(self.connections)
-        self.metrics.track_sockets(lambda: len(self._open_transports), lambda: len(self._pending))
+        self.metrics.track_sockets(lambda: len(self._open_transports), lambda: self.handshaking)
         # Per connection, a burst of denial lines per window; the rest summarised.
         self.denial_audit = WindowCounter(AUDIT_BURST, AUDIT_WINDOW)
         self._audit_timer: asyncio.TimerHandle | None = None
@@ -545,8 +551,9 @@ class ProxyServer:
 
     @property
     def handshaking(self) -> int:
-        """Connections in the TLS handshake now."""
-        return len(self._pending)
+        """Connections in the TLS handshake now, and failed ones whose socket is not closed yet
+        (what counts against ``max_handshakes``)."""
+        return len(self._pending) + len(self._lingering)
 
     @property
     def client_sockets(self) -> int:
@@ -633,7 +640,7 @@ class ProxyServer:
         ):
             self._refused_at_accept(sock, peer, source, "max_handshakes_per_source", per_source)
             return False
-        dropped = len(self._pending) >= limits.handshake_limit()
+        dropped = self.handshaking >= limits.handshake_limit()
         if dropped:
             self._drop_oldest_handshake()
         if tcp:
@@ -664,7 +671,13 @@ class ProxyServer:
 
     def _drop_oldest_handshake(self) -> None:
         """max_handshakes is full: drop the oldest pending handshake (its task is cancelled,
-        which closes its socket) so sockets that never finish cannot hold the door shut."""
+        which closes its socket) so sockets that never finish cannot hold the door shut. The
+        socket of a failed handshake still lingering after its alert goes first (aborted)."""
+        if self._lingering:
+            tls = next(iter(self._lingering))
+            self._linger_done(tls)
+            tls.abort()
+            return
         conn, task = next(iter(self._pending.items()))
         self._leave_pending(conn)
         task.cancel()
@@ -682,13 +695,27 @@ class ProxyServer:
     def _leave_pending(self, conn: Connection) -> None:
         if self._pending.pop(conn, None) is None:
             return
-        source = conn.source
+        self._leave_source(conn.source)
+
+    def _leave_source(self, source: str | None) -> None:
         if source is not None:
             left = self._pending_per_source.get(source, 1) - 1
             if left > 0:
                 self._pending_per_source[source] = left
             else:
                 self._pending_per_source.pop(source, None)
+
+    def _lingers(self, tls: TLSTransport, source: str | None) -> None:
+        """``accept_tls``'s ``on_linger``: a failed handshake's socket stays open after the
+        alert; it keeps counting (as a handshake, and for its source) until it is closed."""
+        self._lingering[tls] = source
+        if source is not None:
+            self._pending_per_source[source] = self._pending_per_source.get(source, 0) + 1
+        tls.on_closed = lambda: self._linger_done(tls)
+
+    def _linger_done(self, tls: TLSTransport) -> None:
+        if tls in self._lingering:
+            self._leave_source(self._lingering.pop(tls))
 
     def _handshake_task_done(
         self, task: asyncio.Task[None], conn: Connection, sock: socket.socket
@@ -750,6 +777,7 @@ class ProxyServer:
                         self.ssl_context,
                         ssl_handshake_timeout=limits.handshake_timeout,
                         close_timeout=limits.close_timeout,
+                        on_linger=lambda tls: self._lingers(tls, conn.source),
                     )
                 else:
                     transport, _ = await loop.connect_accepted_socket(
@@ -1068,6 +1096,8 @@ class ProxyServer:
             conn.close("proxy shutting down")
         for task in list(self._pending.values()):
             task.cancel()
+        for tls in list(self._lingering):
+            tls.abort()
         if self._peer_log_timer is not None:
             self._peer_log_timer.cancel()
         self._report_suppressed(now=float("inf"))

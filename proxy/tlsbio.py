@@ -5,17 +5,18 @@ driven by a ``BufferedProtocol`` on the raw accepted socket (asyncio and uvloop 
 app protocol a transport with the same methods. It differs from the stock SSL transports where
 they lose things: a handshake OpenSSL refuses flushes OpenSSL's alert (certificate required,
 unknown CA, certificate revoked or expired, bad certificate) to the client before the socket
-closes, and the awaitable raises the ``ssl.SSLError`` naming the reason; a TLS 1.3 client's
-close_notify (or a bare TCP FIN on any version) calls the app's ``eof_received`` and, when it
-returns True, the transport stays open for writing until the app calls ``close()``; a TLS 1.2
-close_notify is answered with ours at once and the socket closes (RFC 5246 7.2.1), but the app
-gets ``eof_received`` and, only once it calls ``close()``, ``connection_lost``, so it can
-finish what the client sent (the relay drains it upstream); its writes are dropped. Closing
-sends close_notify and a FIN, then waits at most ``close_timeout`` seconds for the client's
-close_notify or FIN before aborting. Reads go through one 64 KiB buffer per thread (reads are
-synchronous), fed to OpenSSL 16 KiB at a time, and writes are encrypted 16 KiB at a time, so
-nothing large is allocated or kept per connection (CPython's ``SSL_MODE_RELEASE_BUFFERS`` frees
-OpenSSL's record buffers when idle).
+closes, and the awaitable raises the ``ssl.SSLError`` naming the reason (the socket then
+lingers, at most ``close_timeout``; ``accept_tls``'s caller learns it through ``on_linger``); a
+TLS 1.3 client's close_notify (or a bare TCP FIN on any version) calls the app's
+``eof_received`` and, when it returns True, the transport stays open for writing until the app
+calls ``close()``; a TLS 1.2 close_notify is answered with ours at once and the socket closes
+(RFC 5246 7.2.1), but the app gets ``eof_received`` and, only once it calls ``close()``,
+``connection_lost``, so it can finish what the client sent (the relay drains it upstream); its
+writes are dropped. Closing sends close_notify and a FIN, then waits at most ``close_timeout``
+seconds for the client's close_notify or FIN before aborting. Reads go through one 64 KiB buffer
+per thread (reads are synchronous), fed to OpenSSL 16 KiB at a time, and writes are encrypted 16
+KiB at a time, so nothing large is allocated or kept per connection (CPython's
+``SSL_MODE_RELEASE_BUFFERS`` frees OpenSSL's record buffers when idle).
 """
 
 from __future__ import annotations
@@ -80,6 +81,7 @@ class TLSTransport(asyncio.Transport, asyncio.BufferedProtocol):
         "_view",
         "_waiter",
         "close_timeout",
+        "on_closed",
     )
 
     def __init__(
@@ -110,6 +112,8 @@ class TLSTransport(asyncio.Transport, asyncio.BufferedProtocol):
         self._timer: asyncio.TimerHandle | None = None
         self._view = _read_buffer()
         self.close_timeout = close_timeout
+        #: Called once when the socket is really closed (``accept_tls``'s ``on_linger``).
+        self.on_closed: Callable[[], None] | None = None
 
     # --- raw side: BufferedProtocol ---------------------------------------------------------
 
@@ -164,6 +168,10 @@ class TLSTransport(asyncio.Transport, asyncio.BufferedProtocol):
         return self._state == _OPEN or self._state == _HANDSHAKE
 
     def connection_lost(self, exc: Exception | None) -> None:
+        on_closed = self.on_closed
+        if on_closed is not None:
+            self.on_closed = None
+            on_closed()
         ended = self._state == _ENDED and not self._closing
         self._raw = None
         self._state = _DEAD
@@ -261,12 +269,13 @@ class TLSTransport(asyncio.Transport, asyncio.BufferedProtocol):
         self.give_up()
 
     def give_up(self) -> None:
-        """The handshake is abandoned (timed out, or the caller was cancelled): abort."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        """The handshake is abandoned (timed out, or the caller was cancelled): abort. After a
+        failed handshake (lingering after the alert) the linger's own deadline stays."""
         self._waiter = None
         if self._state == _HANDSHAKE:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
             self._closing = True
             self._state = _DEAD
             if self._raw is not None:
@@ -516,10 +525,15 @@ async def accept_tls(
     *,
     ssl_handshake_timeout: float,
     close_timeout: float = 2.0,
+    on_linger: Callable[[TLSTransport], None] | None = None,
 ) -> tuple[TLSTransport, asyncio.BaseProtocol]:
     """Like ``loop.connect_accepted_socket(protocol_factory, sock, ssl=ssl_context,
     ssl_handshake_timeout=...)`` on the transport of this module. On failure it raises the
     ``ssl.SSLError`` (after sending OpenSSL's alert), ``TimeoutError`` or ``OSError``.
+    A failed handshake's socket may stay open after that (up to ``close_timeout``, waiting
+    for the client to read the alert and close): then ``on_linger`` is called with the
+    transport first, whose ``on_closed`` the caller may set to learn when the socket is really
+    closed (or ``abort()`` it). Not called when the caller was cancelled.
 
     The transport takes the socket's file descriptor over (``sock`` is detached), so a caller
     that closes ``sock`` after a failure does not close the descriptor the transport is still
@@ -531,10 +545,12 @@ async def accept_tls(
     try:
         await loop.connect_accepted_socket(lambda: tls, own)
         await waiter
-    except BaseException:
+    except BaseException as exc:
         tls.give_up()
         if tls._raw is None:
             own.close()
+        elif on_linger is not None and not isinstance(exc, asyncio.CancelledError):
+            on_linger(tls)
         raise
     app = tls._app
     assert app is not None
