@@ -5,18 +5,19 @@ driven by a ``BufferedProtocol`` on the raw accepted socket (asyncio and uvloop 
 app protocol a transport with the same methods. It differs from the stock SSL transports where
 they lose things: a handshake OpenSSL refuses flushes OpenSSL's alert (certificate required,
 unknown CA, certificate revoked or expired, bad certificate) to the client before the socket
-closes, and the awaitable raises the ``ssl.SSLError`` naming the reason (the socket then
-lingers, at most ``close_timeout``; ``accept_tls``'s caller learns it through ``on_linger``); a
-TLS 1.3 client's close_notify (or a bare TCP FIN on any version) calls the app's
-``eof_received`` and, when it returns True, the transport stays open for writing until the app
-calls ``close()``; a TLS 1.2 close_notify is answered with ours at once and the socket closes
-(RFC 5246 7.2.1), but the app gets ``eof_received`` and, only once it calls ``close()``,
-``connection_lost``, so it can finish what the client sent (the relay drains it upstream); its
-writes are dropped. Closing sends close_notify and a FIN, then waits at most ``close_timeout``
-seconds for the client's close_notify or FIN before aborting. Reads go through one 64 KiB buffer
-per thread (reads are synchronous), fed to OpenSSL 16 KiB at a time, and writes are encrypted 16
-KiB at a time, so nothing large is allocated or kept per connection (CPython's
-``SSL_MODE_RELEASE_BUFFERS`` frees OpenSSL's record buffers when idle).
+closes, and the awaitable raises the ``ssl.SSLError`` naming the reason; a TLS 1.3 client's
+close_notify (or a bare TCP FIN on any version) calls the app's ``eof_received`` and, when it
+returns True, the transport stays open for writing until the app calls ``close()``; a TLS 1.2
+close_notify is answered with ours at once and the socket closes (RFC 5246 7.2.1), but the app
+gets ``eof_received`` and, only once it calls ``close()``, ``connection_lost``, so it can
+finish what the client sent (the relay drains it upstream); its writes are dropped. Closing
+sends close_notify and a FIN, then waits at most ``close_timeout`` seconds for the client's
+close_notify or FIN before aborting. Reads go through one 64 KiB buffer per thread (reads are
+synchronous), fed to OpenSSL 16 KiB at a time, and writes are encrypted 16 KiB at a time, so
+nothing large is allocated or kept per connection (CPython's ``SSL_MODE_RELEASE_BUFFERS`` frees
+OpenSSL's record buffers when idle).
+A refused handshake's socket lingers the same way after the alert (at most ``close_timeout``);
+``accept_tls``'s caller learns of it through ``on_linger``.
 """
 
 from __future__ import annotations
