@@ -195,6 +195,7 @@ class Connection(asyncio.Protocol):
         self.lost = False  # the client transport reported connection_lost: its socket is closed
         self._abort_timer: asyncio.TimerHandle | None = None
         self._turn: asyncio.Handle | None = None  # the session's next turn, when scheduled
+        self.finishing = False  # the client is gone; the session runs what it sent, then closes
 
     # --- client transport callbacks ---------------------------------------------------------
 
@@ -229,6 +230,21 @@ class Connection(asyncio.Protocol):
         self.lost = True
         if self._abort_timer is not None:
             self._abort_timer.cancel()
+        session = self.session
+        if (
+            exc is None
+            and self.client_ended
+            and not self.closed
+            and session is not None
+            and (session.stalled or session.backlog)
+        ):
+            # The client closed cleanly behind commands not run yet (a put waiting for the
+            # budget, a backlog of turns): beanstalkd would run them, so the session finishes
+            # and drains, then closes. It keeps counting against the limits until then, as it
+            # still holds its upstream connection.
+            self.finishing = True
+            self.client_full = False
+            return
         self.server.transport_gone(self)
         if self.closed:
             return
@@ -345,7 +361,7 @@ class Connection(asyncio.Protocol):
             want = False
             if self._turn is None:
                 self._turn = asyncio.get_running_loop().call_soon(self._next_turn)
-        if want != self.reading:
+        if want != self.reading and not self.lost:
             self.reading = want
             if want:
                 client.resume_reading()
@@ -457,6 +473,8 @@ class Connection(asyncio.Protocol):
         if self.session is not None:
             self._release_budget(self.session)
         self.close_transport()
+        if self.finishing:
+            self.server.transport_gone(self)
         self.server.forget(self)
         self.server.metrics.connection_closed(self)
         fields = {

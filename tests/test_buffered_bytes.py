@@ -238,3 +238,36 @@ async def test_a_put_larger_than_the_bound_goes_through_alone(pki: PKI, big: Bea
         assert budget.peak == BODY and budget.used == 0  # one put over the bound, alone
         await c.close()
         assert await drain_jobs(big.port, b"default") == [data]
+
+
+@pytest.mark.parametrize(
+    ("loop", "transport"), [("asyncio", "builtin"), ("asyncio", "stock"), ("uvloop", "stock")]
+)
+def test_a_fire_and_forget_producer_waiting_for_the_budget_keeps_its_job(
+    pki: PKI, big: Beanstalkd, loop: str, transport: str
+) -> None:
+    """put, then close at once, while the budget is full: the job is inserted once the put's
+    turn comes, as beanstalkd would have inserted it (the client is gone by then)."""
+
+    async def main() -> None:
+        async with serving(pki, big.port, transport, max_buffered_bytes=BODY) as proxy:
+            budget = proxy.server.budget
+            holder = await proxy.connect("admin")
+            await holder.send(b"put 0 0 60 %d\r\n" % BODY)
+            await until(lambda: budget.used == BODY)
+            producer = await proxy.connect("admin")
+            producer.writer.write(b"put 0 0 60 5\r\nhello\r\n")
+            producer.writer.close()  # close_notify right behind the put, never reads
+            await until(lambda: budget.waiting == 1)
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(5):
+                    await producer.writer.wait_closed()
+            # gone or not, the producer's connection counts until it has finished
+            assert proxy.server.client_sockets == 2 and budget.waiting == 1
+            await holder.send(b"h" * BODY + b"\r\n")
+            assert (await holder.reply())[0].startswith(b"INSERTED")
+            await holder.close()
+            await until(lambda: not proxy.server.connections and budget.used == 0)
+            assert sorted(await drain_jobs(big.port, b"default")) == sorted([b"h" * BODY, b"hello"])
+
+    run(loop, main)
