@@ -271,3 +271,34 @@ def test_a_fire_and_forget_producer_waiting_for_the_budget_keeps_its_job(
             assert sorted(await drain_jobs(big.port, b"default")) == sorted([b"h" * BODY, b"hello"])
 
     run(loop, main)
+
+
+async def test_a_waiting_connection_closed_by_the_proxy_leaves_the_queue(
+    pki: PKI, big: Beanstalkd
+) -> None:
+    """An ACL reload that removes a waiting client's principal closes it: its place in the
+    queue goes at once, and the put queued behind it runs when the budget frees."""
+    async with serving(pki, big.port, max_buffered_bytes=BODY) as proxy:
+        budget = proxy.server.budget
+        holder = await proxy.connect("admin")
+        await holder.send(b"put 0 0 60 %d\r\n" % BODY)
+        await until(lambda: budget.used == BODY)
+        billing, behind = await proxy.connect("billing"), await proxy.connect("admin")
+        await billing.send(b"use invoices\r\nput 0 0 60 %d\r\n" % BODY)
+        await until(lambda: budget.waiting == 1)
+        await behind.send(b"put 0 0 60 3\r\nabc\r\n")
+        await until(lambda: budget.waiting == 2)
+        acl = {
+            "principals": [p for p in TEST_ACL["principals"] if p["name"] != "billing"],
+            "rules": [r for r in TEST_ACL["rules"] if r["principal"] != "billing"],
+        }
+        proxy.server.reload_policy(parse_acl(acl, "<reloaded>"))
+        assert budget.waiting == 1  # billing's turn withdrawn with its connection
+        assert (await billing.reply())[0] == b"USING invoices"
+        await billing.closed()
+        await holder.send(b"h" * BODY + b"\r\n")
+        assert (await holder.reply())[0].startswith(b"INSERTED")
+        assert (await behind.reply())[0].startswith(b"INSERTED")
+        await until(lambda: budget.used == 0 and budget.waiting == 0)
+        for c in (holder, behind, billing):
+            await c.close()
