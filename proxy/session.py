@@ -540,7 +540,7 @@ class Session:
         answered in its turn by ``_h_put``; an allowed one is decided again once its body has
         arrived (a reload may land during the upload). An allowed one reserves its size in the
         budget first; ``None`` when it must wait for it (see ``stalled``)."""
-        if not self._puts_free:
+        if not self._puts_free or self._source.current is not self._policy:
             refusal = self._put_denial(pri, delay, ttr, size)
             if refusal is not None:
                 self._put_refusal = refusal

@@ -347,3 +347,16 @@ def test_config_key() -> None:
 def test_config_key_rejects(value: object) -> None:
     with pytest.raises(ConfigError, match=r"limits\.max_buffered_bytes"):
         parse_config({**BASE, "limits": {"max_buffered_bytes": value}}, "p.yaml")
+
+
+def test_a_reload_revoking_a_free_producer_refuses_at_the_next_put_line() -> None:
+    """A principal allowed every put skips the early decision, until the policy changes."""
+    holder = Holder(parse_acl(ACL, "<t>"))
+    b = Budget(1000)
+    s = _session(b, "all", holder)
+    s.feed_client(b"put 0 0 60 3\r\nabc\r\n")
+    assert b"abc" in bytes(s.to_upstream) and s.queued == 3
+    _flush(s, b)
+    holder.current = parse_acl({**ACL, "rules": []}, "<t>")
+    s.feed_client(b"put 0 0 60 3\r\nab")
+    assert s.parser.buffered == 0 and b.used == 0  # refused at its line, body discarded
