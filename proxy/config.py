@@ -45,6 +45,8 @@ DEFAULT_CLOSE_TIMEOUT = 2.0
 #: ``limits.max_handshakes`` defaults to min(max_connections, this).
 DEFAULT_MAX_HANDSHAKES = 1024
 DEFAULT_MAX_HANDSHAKES_PER_SOURCE = 64
+#: ``limits.max_buffered_bytes``: put bodies in flight, proxy-wide (64 MiB).
+DEFAULT_MAX_BUFFERED_BYTES = 64 * 1024 * 1024
 #: Descriptors a proxy process needs besides its client and upstream sockets (listener, event
 #: loop, metrics listener, standard streams, log and watched files), with room to spare.
 FD_OVERHEAD = 32
@@ -118,6 +120,7 @@ class Limits:
     close_timeout: float = DEFAULT_CLOSE_TIMEOUT  # seconds to wait for the peer's TLS close
     max_handshakes: int | None = None  # None: min(max_connections, DEFAULT_MAX_HANDSHAKES)
     max_handshakes_per_source: int | None = DEFAULT_MAX_HANDSHAKES_PER_SOURCE  # None: no cap
+    max_buffered_bytes: int = DEFAULT_MAX_BUFFERED_BYTES  # put bodies in flight, proxy-wide
 
     def handshake_limit(self) -> int:
         """Connections allowed in the TLS handshake at once (``max_handshakes`` or its
@@ -378,6 +381,7 @@ _LIMIT_KEYS = (
     "close_timeout",
     "max_handshakes",
     "max_handshakes_per_source",
+    "max_buffered_bytes",
 )
 _METRICS_KEYS = ("listen", "connections")
 _LOG_KEYS = ("format", "level")
@@ -468,6 +472,7 @@ def _parse_limits(source: str, data: object) -> Limits:
             "max_handshakes_per_source", DEFAULT_MAX_HANDSHAKES_PER_SOURCE, 0
         )
         or None,
+        max_buffered_bytes=r.get_int("max_buffered_bytes", DEFAULT_MAX_BUFFERED_BYTES, 1),
     )
 
 

@@ -41,6 +41,7 @@ from proxy import __version__
 from proxy.protocol import NAMES
 
 if TYPE_CHECKING:
+    from proxy.budget import Budget
     from proxy.relay import Connection
     from proxy.session import Session
 
@@ -120,6 +121,7 @@ class Metrics:
         self._live: Iterable[Connection] = ()
         self._client_sockets: Callable[[], int] = lambda: 0
         self._handshakes: Callable[[], int] = lambda: 0
+        self._budget: Budget | None = None
         self._closed_commands = [0] * len(NAMES)
         self._closed_denied = [0] * len(NAMES)
         self._closed_bytes = {"in": 0, "out": 0}
@@ -142,6 +144,10 @@ class Metrics:
         refused or closing) and the handshakes in progress."""
         self._client_sockets = client_sockets
         self._handshakes = handshakes
+
+    def track_budget(self, budget: Budget) -> None:
+        """The budget of put bodies in flight, read at scrape time."""
+        self._budget = budget
 
     def connection_closed(self, conn: Connection) -> None:
         """Fold a closed connection's counters into the totals."""
@@ -262,10 +268,27 @@ class _LiveCollector(Collector):
         yield g
         g = GaugeMetricFamily(
             "beanstalk_proxy_handshakes_pending",
-            "Client connections in the TLS handshake (limited by limits.max_handshakes)",
+            "Client connections in the TLS handshake, and refused ones whose socket is still "
+            "open after the alert (limited by limits.max_handshakes)",
         )
         g.add_metric([], self.metrics._handshakes())
         yield g
+        budget = self.metrics._budget
+        if budget is not None:
+            g = GaugeMetricFamily(
+                "beanstalk_proxy_buffered_bytes",
+                "Bytes of put bodies in flight reserved now (received or being received, not yet "
+                "handed to beanstalkd's connection), bounded by limits.max_buffered_bytes",
+            )
+            g.add_metric([], budget.used)
+            yield g
+            fam = CounterMetricFamily(
+                "beanstalk_proxy_buffered_pauses",
+                "Puts that waited (their client not read) because limits.max_buffered_bytes "
+                "was reached",
+            )
+            fam.add_metric([], budget.pauses)
+            yield fam
         fds = _open_fds()
         if fds >= 0:
             g = GaugeMetricFamily(

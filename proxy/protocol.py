@@ -394,9 +394,12 @@ class ClientParser:
     its body is buffered: when it returns false, the ``n`` body bytes are discarded as they
     arrive (never held) and, once the trailing CRLF is there, the put is returned as
     ``(OP_PUT, pri, delay, ttr, None)`` (``EXPECTED_CRLF`` as usual when it is not a CRLF).
+    When it returns ``None`` the put is allowed but must wait (the proxy-wide budget of bodies
+    in flight is full): ``next_command`` returns ``NEED_DATA`` without reading its body, bytes
+    fed meanwhile are kept, and ``admit`` lets the body be read.
     """
 
-    __slots__ = ("_buf", "_failed", "_pos", "_put", "_skip", "max_job_size", "on_put")
+    __slots__ = ("_buf", "_failed", "_held", "_pos", "_put", "_skip", "max_job_size", "on_put")
 
     def __init__(self, max_job_size: int = 65535) -> None:
         if not 0 <= max_job_size <= MAX_JOB_SIZE_CAP:
@@ -407,7 +410,8 @@ class ClientParser:
         self._put: tuple[int, int, int, int] | None = None  # header of a put awaiting its body
         self._skip = 0  # bytes of an oversized put body still to discard
         self._failed: ProtocolError | None = None
-        self.on_put: Callable[[int, int, int, int], bool] | None = None
+        self._held = False  # a put's body waits for ``admit``
+        self.on_put: Callable[[int, int, int, int], bool | None] | None = None
 
     def feed(self, data: bytes) -> None:
         """Append received bytes."""
@@ -424,6 +428,15 @@ class ClientParser:
     def buffered(self) -> int:
         """Bytes received but not yet returned as commands."""
         return len(self._buf) - self._pos
+
+    @property
+    def held(self) -> bool:
+        """A put header was accepted with ``on_put`` returning ``None``: its body waits."""
+        return self._held
+
+    def admit(self) -> None:
+        """Let the held put's body be read (see ``on_put``)."""
+        self._held = False
 
     def _compact(self) -> None:
         if self._pos:
@@ -452,7 +465,7 @@ class ClientParser:
         buf = self._buf
         pos = self._pos
         if self._put is not None:
-            if self._skip:
+            if self._skip or self._held:
                 return NEED_DATA
             if self._put[3] == _SKIPPED_DENIED:  # a refused body has been skipped
                 if len(buf) - pos < 2:
@@ -501,8 +514,15 @@ class ClientParser:
             # Discard exactly n + 2 bytes, then answer JOB_TOO_BIG (beanstalkd does the same).
             return self._discard(nbytes + 2, (0, 0, 0, _SKIPPED_TOO_BIG))
         on_put = self.on_put
-        if on_put is not None and not on_put(pri, delay, ttr, nbytes):
-            return self._discard(nbytes, (pri, delay, ttr, _SKIPPED_DENIED))
+        if on_put is not None:
+            verdict = on_put(pri, delay, ttr, nbytes)
+            if verdict is False:
+                return self._discard(nbytes, (pri, delay, ttr, _SKIPPED_DENIED))
+            if verdict is None:
+                self._put = (pri, delay, ttr, nbytes)
+                self._held = True
+                self._compact()
+                return NEED_DATA
         self._put = (pri, delay, ttr, nbytes)
         return self._body()
 

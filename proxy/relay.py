@@ -18,10 +18,17 @@ releases its reservations; an upstream that vanishes closes the client with a lo
 Limits: a client socket counts against ``max_connections`` from the end of its handshake until
 ``connection_lost`` (closing waits ``close_timeout`` for the peer's close_notify, then aborts);
 handshakes in progress have their own budget (``max_handshakes``, oldest dropped when full)
-and a per-source cap; refusals and failed handshakes are logged at most ``PEER_LOG_LINES`` per
-source address per window, the rest summarised. With ``serve --workers N`` (a ``SharedCounts``)
+and a per-source cap, which also count a refused handshake's socket until it is closed (the
+builtin transport lingers after the alert; such sockets are dropped first); refusals and
+failed handshakes are logged at most ``PEER_LOG_LINES`` per source address per window, the
+rest summarised. Put bodies in flight are bounded per process
+(``limits.max_buffered_bytes``, a pure ``Budget``): a put reserves its size at its command
+line, a client whose put must wait is not read until its reservation is granted (in arrival
+order), and the relay gives the bytes back once the body was handed to the upstream transport,
+or when the connection closes. With ``serve --workers N`` (a ``SharedCounts``)
 ``max_connections``, ``max_handshakes`` and ``max_connections_per_principal`` are checked
-against the whole proxy's counts, and each principal's rate bucket holds 1/N of its rate.
+against the whole proxy's counts (a lingering refused socket counts only in its own worker),
+and each principal's rate bucket holds 1/N of its rate.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ from collections.abc import Callable, Collection
 from typing import Any, cast
 
 from proxy.acl import Policy
+from proxy.budget import Budget
 from proxy.config import Config, Endpoint
 from proxy.identity import Identity
 from proxy.listen import bind_listener, bound_port
@@ -195,6 +203,7 @@ class Connection(asyncio.Protocol):
         self.lost = False  # the client transport reported connection_lost: its socket is closed
         self._abort_timer: asyncio.TimerHandle | None = None
         self._turn: asyncio.Handle | None = None  # the session's next turn, when scheduled
+        self.finishing = False  # the client is gone; the session runs what it sent, then closes
 
     # --- client transport callbacks ---------------------------------------------------------
 
@@ -229,6 +238,21 @@ class Connection(asyncio.Protocol):
         self.lost = True
         if self._abort_timer is not None:
             self._abort_timer.cancel()
+        session = self.session
+        if (
+            exc is None
+            and self.client_ended
+            and not self.closed
+            and session is not None
+            and (session.stalled or session.backlog)
+        ):
+            # The client closed cleanly behind commands not run yet (a put waiting for the
+            # budget, a backlog of turns): beanstalkd would run them, so the session finishes
+            # and drains, then closes. It keeps counting against the limits until then, as it
+            # still holds its upstream connection.
+            self.finishing = True
+            self.client_full = False
+            return
         self.server.transport_gone(self)
         if self.closed:
             return
@@ -314,6 +338,11 @@ class Connection(asyncio.Protocol):
                 else:
                     self._sample_skip = LATENCY_SAMPLE_EVERY - 1
                     self._sample_t0 = time.monotonic()
+        if session.queued:
+            # Put bodies handed to the upstream transport (or dropped): their budget is free.
+            queued = session.queued
+            session.queued = 0
+            self.server.grant(self.server.budget.release(queued))
         if (
             session.draining
             and not session.blocked
@@ -345,7 +374,7 @@ class Connection(asyncio.Protocol):
             want = False
             if self._turn is None:
                 self._turn = asyncio.get_running_loop().call_soon(self._next_turn)
-        if want != self.reading:
+        if want != self.reading and not self.lost:
             self.reading = want
             if want:
                 client.resume_reading()
@@ -372,6 +401,8 @@ class Connection(asyncio.Protocol):
             or self.client_full
             or self.upstream is None
             or session.blocked
+            # a put waits for the proxy-wide budget of bodies in flight (budget_granted)
+            or session.stalled
             # behind a blocking reserve the client is read (to notice its EOF) only up to a
             # bound: those commands are decided when the reserve returns
             or (session.waiting and session.parser.buffered > MAX_HELD_BYTES)
@@ -380,6 +411,30 @@ class Connection(asyncio.Protocol):
             or (session.draining and (session.close_reason != "quit" or self.client_ended))
             or len(session.pending) > MAX_PENDING
         )
+
+    def budget_granted(self) -> None:
+        """This connection's waiting put got its share of ``limits.max_buffered_bytes``."""
+        session = self.session
+        if session is None:
+            return
+        session.budget_granted()
+        if self.closed:  # (close cancels a waiting put, so this is only a safety net)
+            self._release_budget(session)
+            return
+        self.update_reading()  # schedules the turn that reads the body
+
+    def _release_budget(self, session: Session) -> None:
+        """Give back everything this connection holds of the budget (closing)."""
+        budget = self.server.budget
+        granted: list[Any] = []
+        if session.stalled:
+            session.stalled = 0
+            granted = budget.cancel(self)
+        held = session.receiving + session.queued
+        if held:
+            session.receiving = session.queued = 0
+            granted += budget.release(held)
+        self.server.grant(granted)
 
     def drain(self, reason: str) -> None:
         """Stop reading the client; let upstream answer what it was sent, then close."""
@@ -429,7 +484,11 @@ class Connection(asyncio.Protocol):
             self.session.to_client = bytearray()
         if self.upstream is not None:
             self.upstream.close()
+        if self.session is not None:
+            self._release_budget(self.session)
         self.close_transport()
+        if self.finishing:
+            self.server.transport_gone(self)
         self.server.forget(self)
         self.server.metrics.connection_closed(self)
         conn_log.info(
@@ -493,6 +552,10 @@ class ProxyServer:
         # and how many of them each source address has.
         self._pending: dict[Connection, asyncio.Task[None]] = {}
         self._pending_per_source: dict[str, int] = {}
+        # Sockets of failed handshakes still open after their alert (builtin transport, up to
+        # close_timeout), oldest first, with their source address: they count against
+        # max_handshakes (and per source) until really closed, and are the first dropped.
+        self._lingering: dict[TLSTransport, str | None] = {}
         self._peer_log = WindowCounter(PEER_LOG_LINES, PEER_LOG_WINDOW, max_keys=10_000)
         self._peer_log_timer: asyncio.TimerHandle | None = None
         self._listener: socket.socket | None = None
@@ -509,15 +572,19 @@ class ProxyServer:
         self._transports_gone = asyncio.Event()
         self._sweeper: asyncio.Task[None] | None = None
         self.metrics.track(self.connections)
-        self.metrics.track_sockets(lambda: len(self._open_transports), lambda: len(self._pending))
+        self.metrics.track_sockets(lambda: len(self._open_transports), lambda: self.handshaking)
         # Per connection, a burst of denial lines per window; the rest summarised.
         self.denial_audit = WindowCounter(AUDIT_BURST, AUDIT_WINDOW)
         self._audit_timer: asyncio.TimerHandle | None = None
+        # Put bodies in flight, proxy-wide (limits.max_buffered_bytes); keys are Connections.
+        self.budget = Budget(config.limits.max_buffered_bytes)
+        self.metrics.track_budget(self.budget)
 
     @property
     def handshaking(self) -> int:
-        """Connections in the TLS handshake now."""
-        return len(self._pending)
+        """Connections in the TLS handshake now, and failed ones whose socket is not closed yet
+        (what counts against ``max_handshakes``)."""
+        return len(self._pending) + len(self._lingering)
 
     @property
     def client_sockets(self) -> int:
@@ -629,7 +696,7 @@ class ProxyServer:
             self._refused_at_accept(sock, peer, source, "max_handshakes_per_source", per_source)
             return False
         if shared is None:
-            dropped = len(self._pending) >= limits.handshake_limit()
+            dropped = self.handshaking >= limits.handshake_limit()
             if dropped:
                 self._drop_oldest_handshake()
         else:
@@ -637,6 +704,7 @@ class ProxyServer:
             while not shared.try_add_handshake(limits.handshake_limit()):
                 # The whole proxy's budget is full: drop this worker's oldest pending
                 # handshake; a worker with none of its own refuses the newcomer instead.
+                # (a lingering refused socket goes first; it is not in the shared count)
                 if not self._pending:
                     self._refused_at_accept(
                         sock, peer, source, "max_handshakes", limits.handshake_limit()
@@ -670,7 +738,13 @@ class ProxyServer:
 
     def _drop_oldest_handshake(self) -> None:
         """max_handshakes is full: drop the oldest pending handshake (its task is cancelled,
-        which closes its socket) so sockets that never finish cannot hold the door shut."""
+        which closes its socket) so sockets that never finish cannot hold the door shut. The
+        socket of a failed handshake still lingering after its alert goes first (aborted)."""
+        if self._lingering:
+            tls = next(iter(self._lingering))
+            self._linger_done(tls)
+            tls.abort()
+            return
         conn, task = next(iter(self._pending.items()))
         self._leave_pending(conn)
         task.cancel()
@@ -694,13 +768,27 @@ class ProxyServer:
             return
         if self.shared is not None:
             self.shared.remove_handshake()
-        source = conn.source
+        self._leave_source(conn.source)
+
+    def _leave_source(self, source: str | None) -> None:
         if source is not None:
             left = self._pending_per_source.get(source, 1) - 1
             if left > 0:
                 self._pending_per_source[source] = left
             else:
                 self._pending_per_source.pop(source, None)
+
+    def _lingers(self, tls: TLSTransport, source: str | None) -> None:
+        """``accept_tls``'s ``on_linger``: a failed handshake's socket stays open after the
+        alert; it keeps counting (as a handshake, and for its source) until it is closed."""
+        self._lingering[tls] = source
+        if source is not None:
+            self._pending_per_source[source] = self._pending_per_source.get(source, 0) + 1
+        tls.on_closed = lambda: self._linger_done(tls)
+
+    def _linger_done(self, tls: TLSTransport) -> None:
+        if tls in self._lingering:
+            self._leave_source(self._lingering.pop(tls))
 
     def _handshake_task_done(
         self, task: asyncio.Task[None], conn: Connection, sock: socket.socket
@@ -770,6 +858,7 @@ class ProxyServer:
                         self.ssl_context,
                         ssl_handshake_timeout=limits.handshake_timeout,
                         close_timeout=limits.close_timeout,
+                        on_linger=lambda tls: self._lingers(tls, conn.source),
                     )
                 else:
                     transport, _ = await loop.connect_accepted_socket(
@@ -922,6 +1011,8 @@ class ProxyServer:
                 limits.max_job_size,
                 self._limiter_for(principal),
                 self.config.denial_reply,
+                self.budget,
+                conn,
             )
             if conn.early:
                 conn.session.feed_client(bytes(conn.early))
@@ -983,6 +1074,11 @@ class ProxyServer:
             ),
         )
         conn.flush()
+
+    def grant(self, granted: list[Any]) -> None:
+        """Resume the connections whose waiting puts ``Budget`` granted."""
+        for conn in granted:
+            conn.budget_granted()
 
     def transport_made(self, conn: Connection) -> None:
         self._open_transports.add(conn)
@@ -1138,6 +1234,8 @@ class ProxyServer:
             conn.close("proxy shutting down")
         for task in list(self._pending.values()):
             task.cancel()
+        for tls in list(self._lingering):
+            tls.abort()
         if self._peer_log_timer is not None:
             self._peer_log_timer.cancel()
         self._report_suppressed(now=float("inf"))

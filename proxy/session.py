@@ -18,10 +18,11 @@ when a decision depends on it (then ``blocked`` is set until the answer arrives)
 from __future__ import annotations
 
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import Any, Final, Protocol
 
 from proxy.acl import DELETE_OTHER_VERB, TUBE_CHARS, Decision, Policy
+from proxy.budget import Budget
 from proxy.config import DENIAL_REPLY_MODES
 from proxy.errors import ProtocolError
 from proxy.protocol import (
@@ -209,6 +210,14 @@ class Session:
     relay calls ``resume`` in a later event-loop turn (and reads nothing more until then);
     ``yields`` counts those stops.
 
+    ``budget`` (optional, shared by all sessions of the proxy): every allowed ``put`` reserves
+    its declared size there at its command line, as ``budget_key``. While the reservation
+    waits, ``stalled`` is its size: the body is not read (the relay stops reading the client)
+    until the relay calls ``budget_granted``. ``receiving`` is the reservation of the body
+    being read, ``queued`` the reserved bytes of bodies complete (in ``to_upstream``, or
+    dropped by a denial or a rate limit): the relay releases ``queued`` once it has handed
+    ``to_upstream`` to the upstream transport, and ``receiving + queued`` when it closes.
+
     ``limiter`` (set by the relay, ``None`` = unlimited): called once per parsed command other
     than ``quit`` and the proxy's own error replies; when it returns false the command is not
     run, ``RATE_LIMITED`` is answered in its turn and ``rate_limited`` counts it (such a
@@ -222,6 +231,8 @@ class Session:
         max_job_size: int = 65535,
         limiter: Callable[[], bool] | None = None,
         denial_reply: str = "compatible",
+        budget: Budget | None = None,
+        budget_key: Hashable | None = None,
     ) -> None:
         self._source = policy
         self.principal = principal
@@ -243,6 +254,12 @@ class Session:
         self._replies, self._rate_limited_reply = denial_replies(denial_reply)
         self._put_refusal: tuple[Decision, str, bytes | None] | None = None  # see _put_header
         self.parser.on_put = self._put_header
+        self._puts_free = False  # every put of this principal is allowed (no early decision)
+        self.budget = budget
+        self._budget_key: Hashable = self if budget_key is None else budget_key
+        self.stalled = 0  # size of the put waiting for the budget (its body not read yet)
+        self.receiving = 0  # budget reserved by the put body being read
+        self.queued = 0  # budget reserved by complete bodies, until the relay releases it
         self.blocked = False
         # a blocking reserve is outstanding: later commands are held (not parsed, not
         # forwarded) until its reply, then decided under the policy in force at that moment
@@ -277,7 +294,8 @@ class Session:
             self._tracking = None
             # A principal whose every put is allowed needs no early decision on put lines.
             free = self._uniform("put", "produce") and not policy.has_put_limits(self.principal)
-            self.parser.on_put = None if free else self._put_header
+            self._puts_free = free
+            self.parser.on_put = None if free and self.budget is None else self._put_header
         return policy
 
     def set_principal(self, principal: str) -> None:
@@ -327,6 +345,14 @@ class Session:
         if not self.draining and not self.failed:
             self._run()
 
+    def budget_granted(self) -> None:
+        """The stalled put's reservation was granted (``Budget.release``/``cancel`` returned
+        this session's key): its body may be read; the relay runs ``resume`` next."""
+        self.receiving = self.stalled
+        self.stalled = 0
+        self.parser.admit()
+        self.backlog = True
+
     def client_eof(self) -> None:
         """The client half-closed: no more commands. Those complete are still run, even behind
         a blocking ``reserve`` (beanstalkd answers a waiting ``reserve`` of a half-closed
@@ -366,9 +392,12 @@ class Session:
                 budget -= 1
                 cmd = parser.next_command()
                 if isinstance(cmd, _NeedData):
-                    if self.ended and not self.blocked:
+                    if self.ended and not self.blocked and not self.stalled:
                         self.draining = True
                     return
+                if self.receiving:  # this is the reserved put (or its EXPECTED_CRLF)
+                    self.queued += self.receiving
+                    self.receiving = 0
                 op = cmd[0]
                 if limiter is not None and op != OP_QUIT and op != OP_ERROR and not limiter():
                     # Not run (a put's body is already consumed); answered in its turn.
@@ -505,16 +534,24 @@ class Session:
                 return Decision(False, f"{d.rule}: {broken}"), tube, None
         return None
 
-    def _put_header(self, pri: int, delay: int, ttr: int, size: int) -> bool:
+    def _put_header(self, pri: int, delay: int, ttr: int, size: int) -> bool | None:
         """``ClientParser.on_put``: decide a ``put`` from its command line, before its body is
         buffered. A refused one has its body discarded as it streams in (never held) and is
         answered in its turn by ``_h_put``; an allowed one is decided again once its body has
-        arrived (a reload may land during the upload)."""
-        refusal = self._put_denial(pri, delay, ttr, size)
-        if refusal is None:
-            return True
-        self._put_refusal = refusal
-        return False
+        arrived (a reload may land during the upload). An allowed one reserves its size in the
+        budget first; ``None`` when it must wait for it (see ``stalled``)."""
+        if not self._puts_free or self._source.current is not self._policy:
+            refusal = self._put_denial(pri, delay, ttr, size)
+            if refusal is not None:
+                self._put_refusal = refusal
+                return False
+        budget = self.budget
+        if budget is not None and size:
+            if not budget.acquire(self._budget_key, size):
+                self.stalled = size
+                return None
+            self.receiving = size
+        return True
 
     def _h_put(self, cmd: Command) -> None:
         body = cmd[4]

@@ -16,6 +16,8 @@ close_notify or FIN before aborting. Reads go through one 64 KiB buffer per thre
 synchronous), fed to OpenSSL 16 KiB at a time, and writes are encrypted 16 KiB at a time, so
 nothing large is allocated or kept per connection (CPython's ``SSL_MODE_RELEASE_BUFFERS`` frees
 OpenSSL's record buffers when idle).
+A refused handshake's socket lingers the same way after the alert (at most ``close_timeout``);
+``accept_tls``'s caller learns of it through ``on_linger``.
 """
 
 from __future__ import annotations
@@ -80,6 +82,7 @@ class TLSTransport(asyncio.Transport, asyncio.BufferedProtocol):
         "_view",
         "_waiter",
         "close_timeout",
+        "on_closed",
     )
 
     def __init__(
@@ -110,6 +113,8 @@ class TLSTransport(asyncio.Transport, asyncio.BufferedProtocol):
         self._timer: asyncio.TimerHandle | None = None
         self._view = _read_buffer()
         self.close_timeout = close_timeout
+        #: Called once when the socket is really closed (``accept_tls``'s ``on_linger``).
+        self.on_closed: Callable[[], None] | None = None
 
     # --- raw side: BufferedProtocol ---------------------------------------------------------
 
@@ -164,6 +169,10 @@ class TLSTransport(asyncio.Transport, asyncio.BufferedProtocol):
         return self._state == _OPEN or self._state == _HANDSHAKE
 
     def connection_lost(self, exc: Exception | None) -> None:
+        on_closed = self.on_closed
+        if on_closed is not None:
+            self.on_closed = None
+            on_closed()
         ended = self._state == _ENDED and not self._closing
         self._raw = None
         self._state = _DEAD
@@ -261,12 +270,13 @@ class TLSTransport(asyncio.Transport, asyncio.BufferedProtocol):
         self.give_up()
 
     def give_up(self) -> None:
-        """The handshake is abandoned (timed out, or the caller was cancelled): abort."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        """The handshake is abandoned (timed out, or the caller was cancelled): abort. After a
+        failed handshake (lingering after the alert) the linger's own deadline stays."""
         self._waiter = None
         if self._state == _HANDSHAKE:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
             self._closing = True
             self._state = _DEAD
             if self._raw is not None:
@@ -516,10 +526,15 @@ async def accept_tls(
     *,
     ssl_handshake_timeout: float,
     close_timeout: float = 2.0,
+    on_linger: Callable[[TLSTransport], None] | None = None,
 ) -> tuple[TLSTransport, asyncio.BaseProtocol]:
     """Like ``loop.connect_accepted_socket(protocol_factory, sock, ssl=ssl_context,
     ssl_handshake_timeout=...)`` on the transport of this module. On failure it raises the
     ``ssl.SSLError`` (after sending OpenSSL's alert), ``TimeoutError`` or ``OSError``.
+    A failed handshake's socket may stay open after that (up to ``close_timeout``, waiting
+    for the client to read the alert and close): then ``on_linger`` is called with the
+    transport first, whose ``on_closed`` the caller may set to learn when the socket is really
+    closed (or ``abort()`` it). Not called when the caller was cancelled.
 
     The transport takes the socket's file descriptor over (``sock`` is detached), so a caller
     that closes ``sock`` after a failure does not close the descriptor the transport is still
@@ -531,10 +546,12 @@ async def accept_tls(
     try:
         await loop.connect_accepted_socket(lambda: tls, own)
         await waiter
-    except BaseException:
+    except BaseException as exc:
         tls.give_up()
         if tls._raw is None:
             own.close()
+        elif on_linger is not None and not isinstance(exc, asyncio.CancelledError):
+            on_linger(tls)
         raise
     app = tls._app
     assert app is not None
