@@ -148,7 +148,7 @@ NOT_PERMITTED: Final = b"NOT_PERMITTED\r\n"
 OUT_OF_MEMORY: Final = b"OUT_OF_MEMORY\r\n"
 RATE_LIMITED: Final = b"RATE_LIMITED\r\n"  # the proxy's own reply; beanstalkd never sends it
 
-# Commands: tuples whose first item is their ``Op`` (a tagged union: ``if cmd[0] is OP_PUT``
+# Commands are tuples whose first item is their ``Op`` (a tagged union: ``if cmd[0] is OP_PUT``
 # narrows ``cmd`` to ``PutCmd`` under mypy). Plain tuples, not NamedTuples: the parser builds
 # one per command and a tuple display is the cheapest object Python makes.
 NoArgOp = Literal[
@@ -171,8 +171,11 @@ JobOp = Literal[Op.RESERVE_JOB, Op.DELETE, Op.TOUCH, Op.PEEK, Op.KICK_JOB, Op.ST
 PutCmd = tuple[Literal[Op.PUT], int, int, int, bytes | None]
 #: ``(OP_PUT, pri, delay, ttr, nbytes)``: a put command line, before its body (``parse_line``).
 PutLine = tuple[Literal[Op.PUT], int, int, int, int]
+#: ``(OP_<no-argument op>,)``
 NoArgCmd = tuple[NoArgOp]
+#: ``(OP_USE|WATCH|IGNORE|STATS_TUBE, tube)``
 TubeCmd = tuple[TubeOp, str]
+#: ``(OP_<job-id op>, id)``
 JobCmd = tuple[JobOp, int]
 #: ``(OP_RELEASE, id, pri, delay)``
 ReleaseCmd = tuple[Literal[Op.RELEASE], int, int, int]
@@ -438,11 +441,11 @@ def parse_command_line(line: bytes) -> ParsedLine:
         raise ValueError(f"beanstalkd would answer {cmd[1].decode().strip()}")
     op = cmd[0]
     arg = cmd[1] if len(cmd) > 1 else None
-    tube = op in (OP_USE, OP_WATCH, OP_IGNORE, OP_STATS_TUBE, OP_PAUSE_TUBE)
+    names_tube = op in (OP_USE, OP_WATCH, OP_IGNORE, OP_STATS_TUBE, OP_PAUSE_TUBE)
     return ParsedLine(
         op=op,
         name=NAMES[op],
-        tube=arg if tube and isinstance(arg, str) else None,
+        tube=arg if names_tube and isinstance(arg, str) else None,
         job_id=arg if op in JOB_ID_OPS and isinstance(arg, int) else None,
         command=cmd,
     )
