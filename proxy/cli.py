@@ -842,7 +842,7 @@ def explain(
     Example: explain --config config/proxy.yaml --cert certs/dev/dev-client.pem 'put 0 0 60 5'.
     Exits 0 when allowed, 1 when denied or refused, 2 on configuration errors."""
     from proxy.acl import ALWAYS, COMMAND_VERBS, DELETE_OTHER_VERB
-    from proxy.protocol import parse_command_line
+    from proxy.protocol import OP_PUT, parse_command_line
     from proxy.session import denial_replies
 
     config = load_config(config_path)
@@ -908,8 +908,9 @@ def explain(
     if decision.allowed:
         click.echo(f"decision: ALLOW by {decision.rule}")
         limits = decision.limits
-        if name == "put" and limits is not None:
-            _, pri, delay, ttr, size = parsed.command
+        command = parsed.command
+        if command[0] is OP_PUT and limits is not None:
+            _, pri, delay, ttr, size = command
             problem = limits.violation(pri, delay, ttr, size)
             if problem is not None:
                 click.echo(f"but refused by the rule's put limits: {problem}: {denied_reply}")

@@ -62,7 +62,7 @@ async def check_upstream(upstream: Endpoint, timeout: float) -> tuple[bool, str]
             writer.close()
             with contextlib.suppress(OSError):
                 await writer.wait_closed()
-    line, body = reply  # type: ignore[misc]
+    line, body = reply
     if not line.startswith(b"OK ") or body is None:
         return False, f"unexpected reply to stats: {line[:40]!r}"
     if b"\ndraining: true" in body:

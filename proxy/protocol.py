@@ -4,13 +4,14 @@
 to: only ``\\r\\n`` ends a line, a line holds at most 224 bytes including its ``\\r\\n``, and a
 stray ``\\r``, a bare ``\\n`` or a NUL inside a line, a malformed ``put`` line or a command name
 that beanstalkd would match by prefix raises ``ProtocolError`` (the session answers
-``BAD_FORMAT`` and closes). Well-framed but wrong lines become ``ErrorReply`` commands carrying
+``BAD_FORMAT`` and closes). Well-framed but wrong lines become ``OP_ERROR`` commands carrying
 the reply beanstalkd itself would give (``UNKNOWN_COMMAND``, ``BAD_FORMAT``, ``EXPECTED_CRLF``,
 ``JOB_TOO_BIG``), and the connection carries on. Every accepted command is a small tuple whose
-first element is an ``OP_*`` code; ``write_command`` serializes it back to canonical bytes,
-which are the only bytes the relay ever forwards. ``ReplyParser`` frames upstream replies:
-single lines, or ``RESERVED``/``FOUND``/``OK`` headers followed by a body read by count, so a
-body that does not end in ``\\r\\n`` cannot desynchronise the proxy. Nothing here imports
+first element is its ``Op`` (typed per op: ``Command`` is a union that ``cmd[0] is OP_X``
+narrows); ``write_command`` serializes it back to canonical bytes, which are the only bytes the
+relay ever forwards. ``ReplyParser`` frames upstream replies: single lines, or
+``RESERVED``/``FOUND``/``OK`` headers followed by a body read by count, so a body that does
+not end in ``\\r\\n`` cannot desynchronise the proxy. Nothing here imports
 asyncio, socket or ssl; see ``docs/protocol.md`` for the traps it encodes.
 """
 
@@ -19,7 +20,8 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Final
+from enum import Enum, IntEnum
+from typing import Final, Literal
 
 from proxy.errors import ProtocolError
 
@@ -41,35 +43,66 @@ MAX_REPLY_LINE: Final = 1024
 
 CRLF: Final = b"\r\n"
 
-# Operation codes. The order is also the index into NAMES.
-(
-    OP_PUT,
-    OP_USE,
-    OP_RESERVE,
-    OP_RESERVE_WITH_TIMEOUT,
-    OP_RESERVE_JOB,
-    OP_DELETE,
-    OP_RELEASE,
-    OP_BURY,
-    OP_TOUCH,
-    OP_WATCH,
-    OP_IGNORE,
-    OP_PEEK,
-    OP_PEEK_READY,
-    OP_PEEK_DELAYED,
-    OP_PEEK_BURIED,
-    OP_KICK,
-    OP_KICK_JOB,
-    OP_STATS_JOB,
-    OP_STATS_TUBE,
-    OP_STATS,
-    OP_LIST_TUBES,
-    OP_LIST_TUBE_USED,
-    OP_LIST_TUBES_WATCHED,
-    OP_PAUSE_TUBE,
-    OP_QUIT,
-    OP_ERROR,  # not a beanstalkd command: a reply the proxy gives itself
-) = range(26)
+
+class Op(IntEnum):
+    """Operation codes of commands; the value is also the index into ``NAMES`` and the
+    session's per-op tables."""
+
+    PUT = 0
+    USE = 1
+    RESERVE = 2
+    RESERVE_WITH_TIMEOUT = 3
+    RESERVE_JOB = 4
+    DELETE = 5
+    RELEASE = 6
+    BURY = 7
+    TOUCH = 8
+    WATCH = 9
+    IGNORE = 10
+    PEEK = 11
+    PEEK_READY = 12
+    PEEK_DELAYED = 13
+    PEEK_BURIED = 14
+    KICK = 15
+    KICK_JOB = 16
+    STATS_JOB = 17
+    STATS_TUBE = 18
+    STATS = 19
+    LIST_TUBES = 20
+    LIST_TUBE_USED = 21
+    LIST_TUBES_WATCHED = 22
+    PAUSE_TUBE = 23
+    QUIT = 24
+    ERROR = 25  # not a beanstalkd command: a reply the proxy gives itself
+
+
+# Module-level names of the ops (the session and the tests use these).
+OP_PUT: Final = Op.PUT
+OP_USE: Final = Op.USE
+OP_RESERVE: Final = Op.RESERVE
+OP_RESERVE_WITH_TIMEOUT: Final = Op.RESERVE_WITH_TIMEOUT
+OP_RESERVE_JOB: Final = Op.RESERVE_JOB
+OP_DELETE: Final = Op.DELETE
+OP_RELEASE: Final = Op.RELEASE
+OP_BURY: Final = Op.BURY
+OP_TOUCH: Final = Op.TOUCH
+OP_WATCH: Final = Op.WATCH
+OP_IGNORE: Final = Op.IGNORE
+OP_PEEK: Final = Op.PEEK
+OP_PEEK_READY: Final = Op.PEEK_READY
+OP_PEEK_DELAYED: Final = Op.PEEK_DELAYED
+OP_PEEK_BURIED: Final = Op.PEEK_BURIED
+OP_KICK: Final = Op.KICK
+OP_KICK_JOB: Final = Op.KICK_JOB
+OP_STATS_JOB: Final = Op.STATS_JOB
+OP_STATS_TUBE: Final = Op.STATS_TUBE
+OP_STATS: Final = Op.STATS
+OP_LIST_TUBES: Final = Op.LIST_TUBES
+OP_LIST_TUBE_USED: Final = Op.LIST_TUBE_USED
+OP_LIST_TUBES_WATCHED: Final = Op.LIST_TUBES_WATCHED
+OP_PAUSE_TUBE: Final = Op.PAUSE_TUBE
+OP_QUIT: Final = Op.QUIT
+OP_ERROR: Final = Op.ERROR
 
 #: Command names indexed by op code (``OP_ERROR`` has the pseudo-name ``error``).
 NAMES: Final[tuple[str, ...]] = (
@@ -115,25 +148,71 @@ NOT_PERMITTED: Final = b"NOT_PERMITTED\r\n"
 OUT_OF_MEMORY: Final = b"OUT_OF_MEMORY\r\n"
 RATE_LIMITED: Final = b"RATE_LIMITED\r\n"  # the proxy's own reply; beanstalkd never sends it
 
-#: A command: a tuple whose first item is an ``OP_*`` code. Shapes:
-#: ``(OP_PUT, pri, delay, ttr, body)``; ``(OP_USE|WATCH|IGNORE|STATS_TUBE, tube)``;
-#: ``(OP_PAUSE_TUBE, tube, delay)``; ``(OP_RELEASE, id, pri, delay)``; ``(OP_BURY, id, pri)``;
-#: ``(OP_<job-id op>, id)``; ``(OP_KICK, bound)``; ``(OP_RESERVE_WITH_TIMEOUT, secs)``;
-#: ``(OP_ERROR, reply_bytes)``; and ``(OP_<no-arg op>,)``.
-Command = tuple[Any, ...]
-_ArgParser = Callable[[bytes], "Command | None"]
+# Commands are tuples whose first item is their ``Op`` (a tagged union: ``if cmd[0] is OP_PUT``
+# narrows ``cmd`` to ``PutCmd`` under mypy). Plain tuples, not NamedTuples: the parser builds
+# one per command and a tuple display is the cheapest object Python makes.
+NoArgOp = Literal[
+    Op.RESERVE,
+    Op.PEEK_READY,
+    Op.PEEK_DELAYED,
+    Op.PEEK_BURIED,
+    Op.STATS,
+    Op.LIST_TUBES,
+    Op.LIST_TUBE_USED,
+    Op.LIST_TUBES_WATCHED,
+    Op.QUIT,
+]
+#: Ops whose whole argument is a tube name.
+TubeOp = Literal[Op.USE, Op.WATCH, Op.IGNORE, Op.STATS_TUBE]
+#: Ops whose whole argument is a job id.
+JobOp = Literal[Op.RESERVE_JOB, Op.DELETE, Op.TOUCH, Op.PEEK, Op.KICK_JOB, Op.STATS_JOB]
+#: ``(OP_PUT, pri, delay, ttr, body)``; ``body`` is ``None`` for a put refused from its command
+#: line (``ClientParser.on_put``), whose body was discarded.
+PutCmd = tuple[Literal[Op.PUT], int, int, int, bytes | None]
+#: ``(OP_PUT, pri, delay, ttr, nbytes)``: a put command line, before its body (``parse_line``).
+PutLine = tuple[Literal[Op.PUT], int, int, int, int]
+#: ``(OP_<no-argument op>,)``
+NoArgCmd = tuple[NoArgOp]
+#: ``(OP_USE|WATCH|IGNORE|STATS_TUBE, tube)``
+TubeCmd = tuple[TubeOp, str]
+#: ``(OP_<job-id op>, id)``
+JobCmd = tuple[JobOp, int]
+#: ``(OP_RELEASE, id, pri, delay)``
+ReleaseCmd = tuple[Literal[Op.RELEASE], int, int, int]
+#: ``(OP_BURY, id, pri)``
+BuryCmd = tuple[Literal[Op.BURY], int, int]
+#: ``(OP_KICK, bound)``
+KickCmd = tuple[Literal[Op.KICK], int]
+#: ``(OP_RESERVE_WITH_TIMEOUT, seconds)``
+RwtCmd = tuple[Literal[Op.RESERVE_WITH_TIMEOUT], int]
+#: ``reserve`` or ``reserve-with-timeout``
+ReserveCmd = tuple[Literal[Op.RESERVE]] | RwtCmd
+#: ``(OP_PAUSE_TUBE, tube, delay)``
+PauseCmd = tuple[Literal[Op.PAUSE_TUBE], str, int]
+#: ``(OP_ERROR, reply)``: a well-framed line the proxy answers itself, with beanstalkd's reply.
+ErrorCmd = tuple[Literal[Op.ERROR], bytes]
+#: Commands whose first argument is a job id (the ops of ``JOB_ID_OPS``).
+JobIdCmd = JobCmd | ReleaseCmd | BuryCmd
+#: Every command but ``put``.
+OtherCmd = NoArgCmd | TubeCmd | JobIdCmd | KickCmd | RwtCmd | PauseCmd | ErrorCmd
+#: A command as ``ClientParser`` returns it and ``write_command`` serializes it.
+Command = PutCmd | OtherCmd
+#: A command line as ``parse_line`` returns it (a put with its body length).
+LineCommand = PutLine | OtherCmd
+_ArgParser = Callable[[bytes], "OtherCmd | None"]
 
 
-class _NeedData:
-    """Sentinel type: the parser needs more bytes before it can return anything."""
+class NeedData(Enum):
+    """The type of ``NEED_DATA``: the parser needs more bytes before it can return anything.
+    One member, so ``if x is NEED_DATA`` narrows ``x`` under mypy."""
 
-    __slots__ = ()
+    NEED_DATA = 0
 
     def __repr__(self) -> str:
         return "NEED_DATA"
 
 
-NEED_DATA: Final = _NeedData()
+NEED_DATA: Final = NeedData.NEED_DATA
 
 # --- client side: argument grammars -------------------------------------------------------
 # Digits only (never int() on raw input: it accepts '+5', ' 5', '1_0' and Unicode digits).
@@ -176,7 +255,7 @@ _SERVER_PREFIXES: Final = (
     b"pause-tube",
 )
 
-_NOARG: Final[dict[bytes, Command]] = {
+_NOARG: Final[dict[bytes, NoArgCmd]] = {
     b"reserve": (OP_RESERVE,),
     b"peek-ready": (OP_PEEK_READY,),
     b"peek-delayed": (OP_PEEK_DELAYED,),
@@ -188,10 +267,10 @@ _NOARG: Final[dict[bytes, Command]] = {
     b"quit": (OP_QUIT,),
 }
 
-_ERR_BAD_FORMAT: Final[Command] = (OP_ERROR, BAD_FORMAT)
-_ERR_UNKNOWN: Final[Command] = (OP_ERROR, UNKNOWN_COMMAND)
-_ERR_EXPECTED_CRLF: Final[Command] = (OP_ERROR, EXPECTED_CRLF)
-_ERR_JOB_TOO_BIG: Final[Command] = (OP_ERROR, JOB_TOO_BIG)
+_ERR_BAD_FORMAT: Final[ErrorCmd] = (OP_ERROR, BAD_FORMAT)
+_ERR_UNKNOWN: Final[ErrorCmd] = (OP_ERROR, UNKNOWN_COMMAND)
+_ERR_EXPECTED_CRLF: Final[ErrorCmd] = (OP_ERROR, EXPECTED_CRLF)
+_ERR_JOB_TOO_BIG: Final[ErrorCmd] = (OP_ERROR, JOB_TOO_BIG)
 
 
 def _tube(rest: bytes) -> str | None:
@@ -201,16 +280,16 @@ def _tube(rest: bytes) -> str | None:
     return rest.decode("ascii")
 
 
-def _parse_tube_cmd(op: int) -> _ArgParser:
-    def parse(rest: bytes) -> Command | None:
+def _parse_tube_cmd(op: TubeOp) -> _ArgParser:
+    def parse(rest: bytes) -> TubeCmd | None:
         name = _tube(rest)
         return None if name is None else (op, name)
 
     return parse
 
 
-def _parse_id_cmd(op: int) -> _ArgParser:
-    def parse(rest: bytes) -> Command | None:
+def _parse_id_cmd(op: JobOp) -> _ArgParser:
+    def parse(rest: bytes) -> JobCmd | None:
         m = _ONE_NUM_RE.fullmatch(rest)
         if m is None:
             return None
@@ -220,7 +299,7 @@ def _parse_id_cmd(op: int) -> _ArgParser:
     return parse
 
 
-def _parse_release(rest: bytes) -> Command | None:
+def _parse_release(rest: bytes) -> ReleaseCmd | None:
     m = _THREE_NUM_RE.fullmatch(rest)
     if m is None:
         return None
@@ -230,7 +309,7 @@ def _parse_release(rest: bytes) -> Command | None:
     return (OP_RELEASE, job_id, pri, delay)
 
 
-def _parse_bury(rest: bytes) -> Command | None:
+def _parse_bury(rest: bytes) -> BuryCmd | None:
     m = _TWO_NUM_RE.fullmatch(rest)
     if m is None:
         return None
@@ -240,7 +319,7 @@ def _parse_bury(rest: bytes) -> Command | None:
     return (OP_BURY, job_id, pri)
 
 
-def _parse_kick(rest: bytes) -> Command | None:
+def _parse_kick(rest: bytes) -> KickCmd | None:
     # beanstalkd parses with strtoul: signs, tabs, 0x and trailing junk are all accepted and
     # wrap silently. The proxy accepts plain digits in u32 range only.
     m = _ONE_NUM_RE.fullmatch(rest)
@@ -250,7 +329,7 @@ def _parse_kick(rest: bytes) -> Command | None:
     return None if bound > U32_MAX else (OP_KICK, bound)
 
 
-def _parse_rwt(rest: bytes) -> Command | None:
+def _parse_rwt(rest: bytes) -> RwtCmd | None:
     # beanstalkd 1.12 parses with strtol into an int: "abc" is 0, "-1" waits forever, trailing
     # junk is ignored. The proxy accepts plain digits up to INT_MAX only.
     m = _ONE_NUM_RE.fullmatch(rest)
@@ -260,7 +339,7 @@ def _parse_rwt(rest: bytes) -> Command | None:
     return None if secs > RWT_MAX else (OP_RESERVE_WITH_TIMEOUT, secs)
 
 
-def _parse_pause(rest: bytes) -> Command | None:
+def _parse_pause(rest: bytes) -> PauseCmd | None:
     m = _PAUSE_RE.fullmatch(rest)
     if m is None:
         return None
@@ -289,7 +368,7 @@ _ARG: Final[dict[bytes, _ArgParser]] = {
 }
 
 
-def _refuse_or_error(line: bytes) -> Command:
+def _refuse_or_error(line: bytes) -> ErrorCmd:
     """The reply for a well-framed line the proxy does not accept as a command.
 
     Lines beanstalkd would *execute* under a prefix match (``quitX``, ``pause-tubeX``) are
@@ -307,11 +386,11 @@ def _refuse_or_error(line: bytes) -> Command:
     return _ERR_UNKNOWN
 
 
-def parse_line(line: bytes) -> Command:
+def parse_line(line: bytes) -> LineCommand:
     """Parse one command line (without its ``\\r\\n``) that contains no CR, LF or NUL.
 
-    Returns a command tuple; for ``put`` the tuple's last item is the body *length* (the
-    caller reads the body). Raises ``ProtocolError`` for lines that must close the connection.
+    Returns a command tuple; for ``put`` a ``PutLine``, whose last item is the body *length*
+    (the caller reads the body). Raises ``ProtocolError`` for lines that must close the connection.
     """
     cmd = _NOARG.get(line)
     if cmd is not None:
@@ -337,11 +416,11 @@ def parse_line(line: bytes) -> Command:
 class ParsedLine:
     """A command line as ``explain`` shows it: name, verb-relevant tube and job id."""
 
-    op: int
+    op: Op
     name: str
     tube: str | None
     job_id: int | None
-    command: Command
+    command: LineCommand
 
 
 def parse_command_line(line: bytes) -> ParsedLine:
@@ -358,27 +437,35 @@ def parse_command_line(line: bytes) -> ParsedLine:
         if bad in line:
             raise ProtocolError(f"{what} in command line")
     cmd = parse_line(line)
+    if cmd[0] is OP_ERROR:
+        raise ValueError(f"beanstalkd would answer {cmd[1].decode().strip()}")
     op = cmd[0]
-    assert isinstance(op, int)
-    if op == OP_ERROR:
-        reply = cmd[1]
-        assert isinstance(reply, bytes)
-        raise ValueError(f"beanstalkd would answer {reply.decode().strip()}")
-    tube = cmd[1] if op in (OP_USE, OP_WATCH, OP_IGNORE, OP_STATS_TUBE, OP_PAUSE_TUBE) else None
-    job_id = cmd[1] if op in JOB_ID_OPS else None
+    arg = cmd[1] if len(cmd) > 1 else None
+    names_tube = op in (OP_USE, OP_WATCH, OP_IGNORE, OP_STATS_TUBE, OP_PAUSE_TUBE)
     return ParsedLine(
         op=op,
         name=NAMES[op],
-        tube=tube if isinstance(tube, str) else None,
-        job_id=job_id if isinstance(job_id, int) else None,
+        tube=arg if names_tube and isinstance(arg, str) else None,
+        job_id=arg if op in JOB_ID_OPS and isinstance(arg, int) else None,
         command=cmd,
     )
 
 
-#: ``ClientParser._put[3]`` markers while a put body is being discarded (``-1``: over
-#: max-job-size, then JOB_TOO_BIG; ``-2``: refused by ``on_put``, then the CRLF is checked).
-_SKIPPED_TOO_BIG: Final = -1
-_SKIPPED_DENIED: Final = -2
+class Framing(Enum):
+    """What ``ClientParser`` reads next."""
+
+    LINE = 0  # a command line
+    BODY = 1  # the body of the put whose header is ``_put``, and its CRLF
+    SKIP_TOO_BIG = 2  # ``n + 2`` bytes of a put over max-job-size are dropped, then JOB_TOO_BIG
+    SKIP_DENIED = 3  # the ``n`` body bytes of a put ``on_put`` refused are dropped, then its CRLF
+    HELD = 4  # the put whose header is ``_put`` waits for ``admit`` before its body is read
+
+
+_LINE: Final = Framing.LINE
+_BODY: Final = Framing.BODY
+_SKIP_TOO_BIG: Final = Framing.SKIP_TOO_BIG
+_SKIP_DENIED: Final = Framing.SKIP_DENIED
+_HELD: Final = Framing.HELD
 
 
 class ClientParser:
@@ -399,7 +486,7 @@ class ClientParser:
     fed meanwhile are kept, and ``admit`` lets the body be read.
     """
 
-    __slots__ = ("_buf", "_failed", "_held", "_pos", "_put", "_skip", "max_job_size", "on_put")
+    __slots__ = ("_buf", "_failed", "_framing", "_pos", "_put", "_skip", "max_job_size", "on_put")
 
     def __init__(self, max_job_size: int = 65535) -> None:
         if not 0 <= max_job_size <= MAX_JOB_SIZE_CAP:
@@ -407,10 +494,11 @@ class ClientParser:
         self.max_job_size = max_job_size
         self._buf = bytearray()
         self._pos = 0
-        self._put: tuple[int, int, int, int] | None = None  # header of a put awaiting its body
+        self._framing = _LINE
+        # (pri, delay, ttr, nbytes) of the put whose body is read (BODY) or dropped (SKIP_DENIED)
+        self._put = (0, 0, 0, 0)
         self._skip = 0  # bytes of an oversized put body still to discard
         self._failed: ProtocolError | None = None
-        self._held = False  # a put's body waits for ``admit``
         self.on_put: Callable[[int, int, int, int], bool | None] | None = None
 
     def feed(self, data: bytes) -> None:
@@ -432,18 +520,19 @@ class ClientParser:
     @property
     def held(self) -> bool:
         """A put header was accepted with ``on_put`` returning ``None``: its body waits."""
-        return self._held
+        return self._framing is _HELD
 
     def admit(self) -> None:
         """Let the held put's body be read (see ``on_put``)."""
-        self._held = False
+        if self._framing is _HELD:
+            self._framing = _BODY
 
     def _compact(self) -> None:
         if self._pos:
             del self._buf[: self._pos]
             self._pos = 0
 
-    def next_command(self) -> Command | _NeedData:
+    def next_command(self) -> Command | NeedData:
         """Return the next complete command, ``NEED_DATA``, or raise ``ProtocolError``."""
         if self._failed is not None:
             raise self._failed
@@ -453,32 +542,33 @@ class ClientParser:
             self._failed = exc
             raise
 
-    def _next(self) -> Command | _NeedData:
+    def _next(self) -> Command | NeedData:
         while True:
             cmd = self._step()
             if cmd is not None:
                 return cmd
 
-    def _step(self) -> Command | _NeedData | None:
+    def _step(self) -> Command | NeedData | None:
         """The next command, ``NEED_DATA``, or ``None`` to be called again (a body was
         discarded at once)."""
         buf = self._buf
         pos = self._pos
-        if self._put is not None:
-            if self._skip or self._held:
+        framing = self._framing
+        if framing is not _LINE:
+            if self._skip or framing is _HELD:
                 return NEED_DATA
-            if self._put[3] == _SKIPPED_DENIED:  # a refused body has been skipped
+            if framing is _SKIP_DENIED:  # a refused body has been skipped
                 if len(buf) - pos < 2:
                     self._compact()
                     return NEED_DATA
                 pri, delay, ttr, _ = self._put
-                self._put = None
+                self._framing = _LINE
                 self._pos = pos + 2
                 if buf[pos] != 0x0D or buf[pos + 1] != 0x0A:
                     return _ERR_EXPECTED_CRLF
                 return (OP_PUT, pri, delay, ttr, None)
-            if self._put[3] < 0:  # an oversized body has been skipped
-                self._put = None
+            if framing is _SKIP_TOO_BIG:  # an oversized body has been skipped
+                self._framing = _LINE
                 return _ERR_JOB_TOO_BIG
             return self._body()
         end = len(buf)
@@ -506,32 +596,31 @@ class ClientParser:
         if b"\0" in line:
             raise ProtocolError("NUL byte in command line")
         cmd = parse_line(line)
-        if cmd[0] != OP_PUT:
+        if cmd[0] is not OP_PUT:
             return cmd
         _, pri, delay, ttr, nbytes = cmd
-        assert isinstance(nbytes, int)
         if nbytes > self.max_job_size:
             # Discard exactly n + 2 bytes, then answer JOB_TOO_BIG (beanstalkd does the same).
-            return self._discard(nbytes + 2, (0, 0, 0, _SKIPPED_TOO_BIG))
+            return self._discard(nbytes + 2, _SKIP_TOO_BIG)
+        self._put = (pri, delay, ttr, nbytes)
         on_put = self.on_put
         if on_put is not None:
             verdict = on_put(pri, delay, ttr, nbytes)
             if verdict is False:
-                return self._discard(nbytes, (pri, delay, ttr, _SKIPPED_DENIED))
+                return self._discard(nbytes, _SKIP_DENIED)
             if verdict is None:
-                self._put = (pri, delay, ttr, nbytes)
-                self._held = True
+                self._framing = _HELD
                 self._compact()
                 return NEED_DATA
-        self._put = (pri, delay, ttr, nbytes)
+        self._framing = _BODY
         return self._body()
 
-    def _discard(self, need: int, put: tuple[int, int, int, int]) -> Command | _NeedData | None:
-        """Drop ``need`` bytes as they arrive; ``put`` records what follows (its last item is
-        the marker). ``None``: done at once, parse on."""
+    def _discard(self, need: int, framing: Framing) -> Command | NeedData | None:
+        """Drop ``need`` bytes as they arrive, then go on as ``framing`` says. ``None``: done
+        at once, parse on."""
         buf = self._buf
         have = len(buf) - self._pos
-        self._put = put
+        self._framing = framing
         if have >= need:
             self._pos += need
             return None
@@ -540,9 +629,8 @@ class ClientParser:
         self._skip = need - have
         return NEED_DATA
 
-    def _body(self) -> Command | _NeedData:
+    def _body(self) -> Command | NeedData:
         put = self._put
-        assert put is not None
         nbytes = put[3]
         buf = self._buf
         start = self._pos
@@ -550,7 +638,7 @@ class ClientParser:
             self._compact()
             return NEED_DATA
         stop = start + nbytes
-        self._put = None
+        self._framing = _LINE
         self._pos = stop + 2
         if buf[stop] != 0x0D or buf[stop + 1] != 0x0A:
             return _ERR_EXPECTED_CRLF
@@ -559,7 +647,7 @@ class ClientParser:
 
 # --- canonical serialization ---------------------------------------------------------------
 
-_NOARG_BYTES: Final[dict[int, bytes]] = {
+_NOARG_BYTES: Final[dict[Op, bytes]] = {
     OP_RESERVE: b"reserve\r\n",
     OP_PEEK_READY: b"peek-ready\r\n",
     OP_PEEK_DELAYED: b"peek-delayed\r\n",
@@ -570,7 +658,7 @@ _NOARG_BYTES: Final[dict[int, bytes]] = {
     OP_LIST_TUBES_WATCHED: b"list-tubes-watched\r\n",
     OP_QUIT: b"quit\r\n",
 }
-_ONE_INT_FMT: Final[dict[int, bytes]] = {
+_ONE_INT_FMT: Final[dict[Op, bytes]] = {
     op: NAMES[op].encode() + b" %d\r\n"
     for op in (
         OP_PEEK,
@@ -583,47 +671,47 @@ _ONE_INT_FMT: Final[dict[int, bytes]] = {
         OP_RESERVE_WITH_TIMEOUT,
     )
 }
-_TUBE_PREFIX: Final[dict[int, bytes]] = {
+_TUBE_PREFIX: Final[dict[Op, bytes]] = {
     op: NAMES[op].encode() + b" " for op in (OP_USE, OP_WATCH, OP_IGNORE, OP_STATS_TUBE)
 }
 
 
 def write_command(out: bytearray, cmd: Command) -> None:
     """Append the canonical serialization of ``cmd`` to ``out``."""
-    op = cmd[0]
-    if op == OP_PUT:
+    if cmd[0] is OP_PUT:
         body = cmd[4]
-        assert isinstance(body, bytes)
+        assert body is not None
         out += b"put %d %d %d %d\r\n" % (cmd[1], cmd[2], cmd[3], len(body))
         out += body
         out += CRLF
         return
+    op = cmd[0]
     fixed = _NOARG_BYTES.get(op)
     if fixed is not None:
         out += fixed
         return
-    fmt = _ONE_INT_FMT.get(op)
-    if fmt is not None:
-        out += fmt % cmd[1]
-        return
-    prefix = _TUBE_PREFIX.get(op)
-    if prefix is not None:
-        name = cmd[1]
-        assert isinstance(name, str)
-        out += prefix
-        out += name.encode("ascii")
-        out += CRLF
-        return
-    if op == OP_RELEASE:
+    if len(cmd) == 2:  # a job id, a number or a tube name (or an OP_ERROR reply)
+        arg = cmd[1]
+        fmt = _ONE_INT_FMT.get(op)
+        if fmt is not None:
+            out += fmt % arg
+            return
+        prefix = _TUBE_PREFIX.get(op)
+        if prefix is not None and isinstance(arg, str):
+            out += prefix
+            out += arg.encode("ascii")
+            out += CRLF
+            return
+    elif cmd[0] is OP_RELEASE:
         out += b"release %d %d %d\r\n" % (cmd[1], cmd[2], cmd[3])
-    elif op == OP_BURY:
+        return
+    elif cmd[0] is OP_BURY:
         out += b"bury %d %d\r\n" % (cmd[1], cmd[2])
-    elif op == OP_PAUSE_TUBE:
-        name = cmd[1]
-        assert isinstance(name, str)
-        out += b"pause-tube %s %d\r\n" % (name.encode("ascii"), cmd[2])
-    else:
-        raise ValueError(f"cannot serialize {cmd!r}")
+        return
+    elif cmd[0] is OP_PAUSE_TUBE:
+        out += b"pause-tube %s %d\r\n" % (cmd[1].encode("ascii"), cmd[2])
+        return
+    raise ValueError(f"cannot serialize {cmd!r}")
 
 
 def serialize(cmd: Command) -> bytes:
@@ -672,7 +760,7 @@ class ReplyParser:
             self._pos = 0
         self._buf += data
 
-    def next_reply(self) -> tuple[bytes, bytes | None] | _NeedData:
+    def next_reply(self) -> tuple[bytes, bytes | None] | NeedData:
         """Return the next complete reply or ``NEED_DATA``; raise ``ProtocolError``."""
         buf = self._buf
         pos = self._pos

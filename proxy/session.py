@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable
+from enum import IntEnum
 from typing import Any, Final, Protocol
 
 from proxy.acl import DELETE_OTHER_VERB, TUBE_CHARS, Decision, Policy
@@ -62,26 +63,56 @@ from proxy.protocol import (
     OUT_OF_MEMORY,
     RATE_LIMITED,
     UNKNOWN_COMMAND,
+    BuryCmd,
     ClientParser,
     Command,
+    ErrorCmd,
+    JobCmd,
+    JobIdCmd,
+    KickCmd,
+    NoArgCmd,
+    Op,
+    PauseCmd,
+    PutCmd,
+    ReleaseCmd,
     ReplyParser,
-    _NeedData,
+    ReserveCmd,
+    TubeCmd,
     write_command,
 )
 
-#: Pending-reply kinds (first item of each pending entry).
-K_PLAIN: Final = 0  # pass the reply through
-K_LOCAL: Final = 1  # (K_LOCAL, reply_bytes): a reply the proxy makes, in its turn
-K_PUT: Final = 2  # (K_PUT, tube): learn INSERTED/BURIED id -> tube
-K_RESERVE: Final = 3  # (K_RESERVE, tubes): learn RESERVED id; tubes = candidate tubes or ()
-K_JOB_DONE: Final = 4  # (K_JOB_DONE, id): release/bury/delete: the job is no longer ours
-K_TOUCH: Final = 5  # (K_TOUCH, id): NOT_FOUND means the job is no longer ours
-K_LOOKUP: Final = 6  # (K_LOOKUP, cmd, verb): stats-job sent to learn a job's tube
-K_STATS_JOB: Final = 7  # (K_STATS_JOB, id): the client's own stats-job, filtered by tube
-K_LIST_TUBES: Final = 8  # filter the tube list to tubes the principal may see
-K_STATS: Final = 9  # redact host-identifying fields
-K_BURY: Final = 10  # (K_BURY, id): BURIED keeps the job this connection's for delete
-K_WAIT: Final = 11  # (K_WAIT, tubes): a blocking reserve; its reply ends ``waiting``
+
+class PendingKind(IntEnum):
+    """Pending-reply kinds (first item of each pending entry)."""
+
+    PLAIN = 0  # pass the reply through
+    LOCAL = 1  # (K_LOCAL, reply_bytes): a reply the proxy makes, in its turn
+    PUT = 2  # (K_PUT, tube): learn INSERTED/BURIED id -> tube
+    RESERVE = 3  # (K_RESERVE, tubes): learn RESERVED id; tubes = candidate tubes or ()
+    JOB_DONE = 4  # (K_JOB_DONE, id): release/bury/delete: the job is no longer ours
+    TOUCH = 5  # (K_TOUCH, id): NOT_FOUND means the job is no longer ours
+    LOOKUP = 6  # (K_LOOKUP, cmd, verb): stats-job sent to learn a job's tube
+    STATS_JOB = 7  # (K_STATS_JOB, id): the client's own stats-job, filtered by tube
+    LIST_TUBES = 8  # filter the tube list to tubes the principal may see
+    STATS = 9  # redact host-identifying fields
+    BURY = 10  # (K_BURY, id): BURIED keeps the job this connection's for delete
+    WAIT = 11  # (K_WAIT, tubes): a blocking reserve; its reply ends ``waiting``
+
+
+K_PLAIN: Final = PendingKind.PLAIN
+K_LOCAL: Final = PendingKind.LOCAL
+K_PUT: Final = PendingKind.PUT
+K_RESERVE: Final = PendingKind.RESERVE
+K_JOB_DONE: Final = PendingKind.JOB_DONE
+K_TOUCH: Final = PendingKind.TOUCH
+K_LOOKUP: Final = PendingKind.LOOKUP
+K_STATS_JOB: Final = PendingKind.STATS_JOB
+K_LIST_TUBES: Final = PendingKind.LIST_TUBES
+K_STATS: Final = PendingKind.STATS
+K_BURY: Final = PendingKind.BURY
+K_WAIT: Final = PendingKind.WAIT
+#: A pending entry: its ``PendingKind``, then what its reply needs (see ``PendingKind``).
+Pending = tuple[PendingKind, *tuple[Any, ...]]
 
 _PLAIN: Final = (K_PLAIN,)
 _LIST_TUBES: Final = (K_LIST_TUBES,)
@@ -240,7 +271,7 @@ class Session:
         self.replies = ReplyParser()
         self.to_upstream = bytearray()
         self.to_client = bytearray()
-        self.pending: deque[tuple[Any, ...]] = deque()
+        self.pending: deque[Pending] = deque()
         self.used = "default"
         self.watched: dict[str, None] = {"default": None}
         self.jobs: OrderedDict[int, str] = OrderedDict()
@@ -280,7 +311,7 @@ class Session:
         self._any_cache: dict[str, Decision] = {}
         self._uniform_cache: dict[tuple[str, str], bool] = {}
         self._tracking: bool | None = None  # does any job-id decision need a job's tube?
-        self._handlers: tuple[Callable[[Command], None], ...] = self._build_handlers()
+        self._handlers: tuple[Callable[[Any], None], ...] = self._build_handlers()
 
     # --- policy access, cached per policy object ----------------------------------------------
 
@@ -391,7 +422,7 @@ class Session:
                     return
                 budget -= 1
                 cmd = parser.next_command()
-                if isinstance(cmd, _NeedData):
+                if cmd is NEED_DATA:
                     if self.ended and not self.blocked and not self.stalled:
                         self.draining = True
                     return
@@ -417,7 +448,7 @@ class Session:
         else:
             self.to_client += reply
 
-    def _forward(self, cmd: Command, entry: tuple[Any, ...] = _PLAIN) -> None:
+    def _forward(self, cmd: Command, entry: Pending = _PLAIN) -> None:
         write_command(self.to_upstream, cmd)
         self.pending.append(entry)
 
@@ -456,8 +487,9 @@ class Session:
         self._deny(cmd, d, tube)
         return False
 
-    def _build_handlers(self) -> tuple[Callable[[Command], None], ...]:
-        table: dict[int, Callable[[Command], None]] = {
+    def _build_handlers(self) -> tuple[Callable[[Any], None], ...]:
+        # Each op's handler takes that op's command type (``handlers[cmd[0]](cmd)``).
+        table: dict[Op, Callable[[Any], None]] = {
             OP_PUT: self._h_put,
             OP_USE: self._h_use,
             OP_RESERVE: self._h_reserve,
@@ -485,12 +517,12 @@ class Session:
             OP_QUIT: self._h_quit,
             OP_ERROR: self._h_error,
         }
-        return tuple(table[op] for op in range(len(table)))
+        return tuple(table[op] for op in Op)
 
-    def _h_error(self, cmd: Command) -> None:
+    def _h_error(self, cmd: ErrorCmd) -> None:
         self._local(cmd[1])
 
-    def _h_quit(self, cmd: Command) -> None:
+    def _h_quit(self, cmd: NoArgCmd) -> None:
         # beanstalkd answers everything before the quit, then closes: forward it (it has no
         # reply, so nothing is pending for it) and drain.
         write_command(self.to_upstream, cmd)
@@ -553,7 +585,7 @@ class Session:
             self.receiving = size
         return True
 
-    def _h_put(self, cmd: Command) -> None:
+    def _h_put(self, cmd: PutCmd) -> None:
         body = cmd[4]
         denial: tuple[Decision, str, bytes | None] | None
         if body is None:  # refused from its command line; the body was discarded
@@ -572,7 +604,7 @@ class Session:
         write_command(self.to_upstream, cmd)
         self.pending.append((K_PUT, self.used) if self._tracks_jobs() else _PLAIN)
 
-    def _h_use(self, cmd: Command) -> None:
+    def _h_use(self, cmd: TubeCmd) -> None:
         tube = cmd[1]
         d = self._visible(tube)
         if not d.allowed:
@@ -584,32 +616,32 @@ class Session:
         self.use_denied = None
         self._forward(cmd)
 
-    def _h_watch(self, cmd: Command) -> None:
+    def _h_watch(self, cmd: TubeCmd) -> None:
         tube = cmd[1]
         if self._check(cmd, "consume", tube):
             self.watched[tube] = None
             self._forward(cmd)
 
-    def _h_ignore(self, cmd: Command) -> None:
+    def _h_ignore(self, cmd: TubeCmd) -> None:
         tube = cmd[1]
         if tube in self.watched and len(self.watched) > 1:
             del self.watched[tube]
         self._forward(cmd)
 
-    def _h_reserve(self, cmd: Command) -> None:
+    def _h_reserve(self, cmd: ReserveCmd) -> None:
         name = NAMES[cmd[0]]
         for tube in self.watched:
             d = self._decide(name, "consume", tube)
             if not d.allowed:
                 self._deny(cmd, d, tube)
                 return
-        if cmd[0] == OP_RESERVE or cmd[1] > 0:
+        if cmd[0] is OP_RESERVE or cmd[1] > 0:
             self._forward(cmd, (K_WAIT, tuple(self.watched)))
             self.waiting = True
         else:
             self._forward(cmd, (K_RESERVE, tuple(self.watched)))
 
-    def _h_used_tube(self, cmd: Command) -> None:
+    def _h_used_tube(self, cmd: NoArgCmd | KickCmd) -> None:
         if self.use_denied is not None:
             decision, tube, reply = self._denied_use(self.use_denied)
             self._deny(cmd, decision, tube, None, reply)
@@ -618,18 +650,18 @@ class Session:
         if self._check(cmd, verb, self.used):
             self._forward(cmd)
 
-    def _h_named_tube(self, cmd: Command) -> None:
+    def _h_named_tube(self, cmd: TubeCmd | PauseCmd) -> None:
         verb = "manage" if cmd[0] == OP_PAUSE_TUBE else "inspect"
         if self._check(cmd, verb, cmd[1]):
             self._forward(cmd)
 
-    def _h_stats(self, cmd: Command) -> None:
+    def _h_stats(self, cmd: NoArgCmd) -> None:
         if self._decide("stats", "server", None).allowed:
             self._forward(cmd)
         else:
             self._forward(cmd, _STATS)
 
-    def _h_list_tubes(self, cmd: Command) -> None:
+    def _h_list_tubes(self, cmd: NoArgCmd) -> None:
         if self._uniform("list-tubes", "inspect"):
             self._forward(cmd)
         else:
@@ -637,7 +669,7 @@ class Session:
 
     # --- job-id commands ------------------------------------------------------------------
 
-    def _job_verb(self, cmd: Command) -> str:
+    def _job_verb(self, cmd: JobIdCmd) -> str:
         op = cmd[0]
         if op == OP_DELETE:
             job = cmd[1]
@@ -684,7 +716,7 @@ class Session:
             tubes = self.buried.get(job, ())
         return tubes
 
-    def _h_stats_job(self, cmd: Command) -> None:
+    def _h_stats_job(self, cmd: JobCmd) -> None:
         if self._uniform("stats-job", "inspect"):
             self._forward(cmd)
             return
@@ -705,7 +737,7 @@ class Session:
             # The reply itself tells the tube: decide when it arrives, no extra command.
             self._forward(cmd, (K_STATS_JOB, cmd[1]))
 
-    def _h_own_job(self, cmd: Command) -> None:
+    def _h_own_job(self, cmd: JobIdCmd) -> None:
         """release, bury, touch: only jobs this connection reserved exist for these."""
         job = cmd[1]
         if (
@@ -719,7 +751,7 @@ class Session:
             return
         self._h_job(cmd)
 
-    def _h_job(self, cmd: Command) -> None:
+    def _h_job(self, cmd: JobIdCmd) -> None:
         verb = self._job_verb(cmd)
         name = NAMES[cmd[0]]
         tubes = self._known_tubes(cmd[1])
@@ -737,7 +769,7 @@ class Session:
         self.pending.append((K_LOOKUP, cmd, verb))
         self.blocked = True
 
-    def _decide_job(self, cmd: Command, verb: str, tube: str) -> None:
+    def _decide_job(self, cmd: JobIdCmd, verb: str, tube: str) -> None:
         d = self._decide_job_verb(NAMES[cmd[0]], verb, tube)
         if d.allowed:
             self._send_job_cmd(cmd, (tube,))
@@ -749,7 +781,7 @@ class Session:
         if cmd[0] == OP_DELETE and not d.allowed:
             self.buried.pop(cmd[1], None)
 
-    def _job_limits_unknown(self, cmd: Command, tubes: tuple[str, ...]) -> bool:
+    def _job_limits_unknown(self, cmd: JobIdCmd, tubes: tuple[str, ...]) -> bool:
         """A ``release``/``bury`` whose producer constraints depend on a tube not yet known."""
         return (
             cmd[0] in (OP_RELEASE, OP_BURY)
@@ -757,7 +789,7 @@ class Session:
             and self._fresh_policy().has_put_limits(self.principal)
         )
 
-    def _breaks_put_limits(self, cmd: Command, tube: str) -> bool:
+    def _breaks_put_limits(self, cmd: ReleaseCmd | BuryCmd, tube: str) -> bool:
         """Producer constraints bind ``release`` (priority, delay) and ``bury`` (priority):
         those of the rule that grants produce on the job's tube, none if no rule does.
         Denies (and answers) the command when it breaks them."""
@@ -765,16 +797,16 @@ class Session:
         limits = d.limits
         if limits is None:
             return False
-        broken = limits.requeue_violation(cmd[2], cmd[3] if cmd[0] == OP_RELEASE else None)
+        broken = limits.requeue_violation(cmd[2], cmd[3] if cmd[0] is OP_RELEASE else None)
         if broken is None:
             return False
         self._deny(cmd, Decision(False, f"{d.rule}: {broken}"), tube, cmd[1])
         return True
 
-    def _send_job_cmd(self, cmd: Command, tubes: tuple[str, ...]) -> None:
+    def _send_job_cmd(self, cmd: JobIdCmd, tubes: tuple[str, ...]) -> None:
         op = cmd[0]
         if (
-            op in (OP_RELEASE, OP_BURY)
+            cmd[0] in (OP_RELEASE, OP_BURY)
             and len(tubes) == 1
             and self._fresh_policy().has_put_limits(self.principal)
             and self._breaks_put_limits(cmd, tubes[0])
@@ -809,7 +841,7 @@ class Session:
                     break
                 if not pending:
                     raise ProtocolError("reply from upstream with no command pending")
-                line, body = reply  # type: ignore[misc]
+                line, body = reply
                 entry = pending.popleft()
                 kind = entry[0]
                 if kind == K_PLAIN:
@@ -844,7 +876,7 @@ class Session:
         if line.startswith(b"INSERTED ") or line.startswith(b"BURIED "):
             self._remember(_reply_id(line), tube)
 
-    def _on_reply(self, entry: tuple[Any, ...], line: bytes, body: bytes | None) -> None:
+    def _on_reply(self, entry: Pending, line: bytes, body: bytes | None) -> None:
         kind = entry[0]
         if kind in (K_RESERVE, K_WAIT):
             if kind == K_WAIT:
@@ -880,7 +912,7 @@ class Session:
             tube, state = job_stats_fields(body)
             if state != "invalid":  # see _on_lookup: never cache a job still uploading
                 self._remember(entry[1], tube)
-            cmd = (OP_STATS_JOB, entry[1])
+            cmd: JobCmd = (OP_STATS_JOB, entry[1])
             d = self._decide("stats-job", "inspect", tube)
             if not d.allowed:
                 # Answer in this reply's turn (not behind later pending entries).
@@ -901,7 +933,7 @@ class Session:
         if body is not None:
             out += body
 
-    def _on_lookup(self, cmd: Command, verb: str, line: bytes, body: bytes | None) -> None:
+    def _on_lookup(self, cmd: JobIdCmd, verb: str, line: bytes, body: bytes | None) -> None:
         self.blocked = False
         if body is None:
             if line != b"NOT_FOUND":
