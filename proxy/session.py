@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections import OrderedDict, deque
 from collections.abc import Callable
-from typing import Any, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from proxy.acl import DELETE_OTHER_VERB, TUBE_CHARS, Decision, Policy
 from proxy.config import DENIAL_REPLY_MODES
@@ -67,6 +67,9 @@ from proxy.protocol import (
     _NeedData,
     write_command,
 )
+
+if TYPE_CHECKING:
+    from proxy.shadow import ShadowView
 
 #: Pending-reply kinds (first item of each pending entry).
 K_PLAIN: Final = 0  # pass the reply through
@@ -263,6 +266,8 @@ class Session:
         self._any_cache: dict[str, Decision] = {}
         self._uniform_cache: dict[tuple[str, str], bool] = {}
         self._tracking: bool | None = None  # does any job-id decision need a job's tube?
+        # the shadow policy's view of this connection (proxy/shadow.py); None: no shadow
+        self.shadow: ShadowView | None = None
         self._handlers: tuple[Callable[[Command], None], ...] = self._build_handlers()
 
     # --- policy access, cached per policy object ----------------------------------------------
@@ -284,6 +289,12 @@ class Session:
         """Rename this connection's principal (after a reload re-mapped its certificate)."""
         self.principal = principal
         self._policy = None
+
+    def set_shadow(self, view: ShadowView | None) -> None:
+        """Decide every command under a shadow policy too (``None``: no more); while a shadow
+        is loaded, job ids are remembered so that it can decide job-id commands."""
+        self.shadow = view
+        self._tracking = None
 
     def _decide(self, command: str, verb: str, tube: str | None) -> Decision:
         policy = self._fresh_policy()
@@ -352,6 +363,7 @@ class Session:
         parser = self.parser
         handlers = self._handlers
         limiter = self.limiter
+        shadow = self.shadow
         budget = TURN_BUDGET
         self.backlog = False
         try:
@@ -376,7 +388,10 @@ class Session:
                     self._local(self._rate_limited_reply)
                     continue
                 self.op_counts[op] += 1
-                handlers[op](cmd)
+                if shadow is None:
+                    handlers[op](cmd)
+                else:
+                    shadow.run(self, handlers[op], cmd)
         except ProtocolError as exc:
             self._local(BAD_FORMAT)
             self.draining = True
@@ -475,7 +490,9 @@ class Session:
         policy (resetting ``_tracking`` if it changed): the hot path checks it only once."""
         tracking = self._tracking
         if tracking is None:
-            tracking = self._tracking = not all(self._uniform(c, v) for c, v in JOB_DECISIONS)
+            tracking = self._tracking = self.shadow is not None or not all(
+                self._uniform(c, v) for c, v in JOB_DECISIONS
+            )
         return tracking
 
     @staticmethod
@@ -783,7 +800,10 @@ class Session:
                 elif kind == K_PUT:
                     self._on_put_reply(entry[1], line)
                 elif kind == K_LOOKUP:
-                    self._on_lookup(entry[1], entry[2], line, body)
+                    if self.shadow is None:
+                        self._on_lookup(entry[1], entry[2], line, body)
+                    else:
+                        self.shadow.after_lookup(self, self._on_lookup, entry, line, body)
                 else:
                     self._on_reply(entry, line, body)
                 while pending and pending[0][0] == K_LOCAL:
