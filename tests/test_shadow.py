@@ -1,0 +1,221 @@
+"""The shadow policy's evaluation (proxy/shadow.py), driven through the pure session without
+sockets: what the enforced ACL does is unchanged byte for byte, and every difference of the
+shadow is reported once with both deciding rules; no shadow decision ever sends anything
+upstream, and a decision that needs a tube the session does not know is ``unknown``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from conftest import take
+
+from proxy.acl import parse_acl
+from proxy.relay import PolicyHolder
+from proxy.session import Session
+from proxy.shadow import ALLOW, DENY, FILTERED, REFUSED, Mismatch, ShadowView
+
+ENFORCED: dict[str, Any] = {
+    "principals": [{"name": "app", "match": {"cn": "app"}}],
+    "rules": [
+        {"principal": "app", "tubes": ["jobs", "mail"], "allow": ["produce", "consume"]},
+        {"principal": "app", "tubes": ["jobs"], "allow": ["inspect"]},
+    ],
+}
+#: The proposed change: mail loses produce, "reports" gains produce, stats allowed.
+SHADOW: dict[str, Any] = {
+    "principals": [{"name": "app", "match": {"cn": "app"}}],
+    "rules": [
+        {"principal": "app", "tubes": ["jobs", "reports"], "allow": ["produce"]},
+        {"principal": "app", "tubes": ["jobs", "mail"], "allow": ["consume"]},
+        {"principal": "app", "tubes": ["jobs"], "allow": ["inspect"]},
+        {"principal": "app", "allow": ["server"]},
+    ],
+}
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.mismatches: list[Mismatch] = []
+        self.unknowns: list[tuple[str, str]] = []
+
+    def mismatch(self, record: Mismatch) -> None:
+        self.mismatches.append(record)
+
+    def unknown(self, principal: str, command: str) -> None:
+        self.unknowns.append((principal, command))
+
+
+def pair(
+    enforced: dict[str, Any] = ENFORCED,
+    shadow: dict[str, Any] | None = SHADOW,
+    shadow_principal: str | None = "app",
+) -> tuple[Session, Session, Sink]:
+    """The same connection twice: with the shadow attached, and without (the reference)."""
+    holder = PolicyHolder(parse_acl(enforced, "acl.yaml"))
+    with_shadow = Session(holder, "app", denial_reply="explicit")
+    plain = Session(PolicyHolder(parse_acl(enforced, "acl.yaml")), "app", denial_reply="explicit")
+    sink = Sink()
+    if shadow is not None:
+        view = ShadowView(parse_acl(shadow, "shadow.yaml"), shadow_principal, holder, sink)
+        with_shadow.set_shadow(view)
+    return with_shadow, plain, sink
+
+
+def both(a: Session, b: Session, client: bytes = b"", upstream: bytes = b"") -> bytes:
+    """Feed both sessions; assert they sent the same bytes both ways; return the upstream
+    bytes."""
+    for s in (a, b):
+        if client:
+            s.feed_client(client)
+        if upstream:
+            s.feed_upstream(upstream)
+    sent = take(a.to_upstream)
+    assert sent == take(b.to_upstream)
+    assert take(a.to_client) == take(b.to_client)
+    assert a.blocked == b.blocked
+    return sent
+
+
+# --- success cases: agreement is silent, disagreement reported once with both rules ---------
+
+
+def test_same_decisions_report_nothing() -> None:
+    a, b, sink = pair()
+    both(a, b, b"use jobs\r\nput 0 0 60 1\r\nx\r\nwatch mail\r\n")
+    both(a, b, upstream=b"USING jobs\r\nINSERTED 1\r\nWATCHING 2\r\n")
+    assert sink.mismatches == [] and sink.unknowns == []
+
+
+def test_put_the_shadow_would_deny_is_forwarded_and_reported() -> None:
+    a, b, sink = pair()
+    sent = both(a, b, b"use mail\r\nput 0 0 60 1\r\nx\r\n")
+    assert sent == b"use mail\r\nput 0 0 60 1\r\nx\r\n"  # enforcement unchanged
+    (m,) = sink.mismatches
+    assert (m.principal, m.command, m.tube, m.enforced, m.shadow) == (
+        "app",
+        "put",
+        "mail",
+        ALLOW,
+        DENY,
+    )
+    assert m.enforced_rule == "rules[0] (allow produce,consume on jobs,mail)"
+    assert m.shadow_rule == "default deny (no rule allows produce on 'mail' for app)"
+
+
+def test_put_the_shadow_would_allow_is_denied_and_reported() -> None:
+    a, b, sink = pair()
+    both(a, b, b"use reports\r\nput 0 0 60 1\r\nx\r\n")
+    # enforced: use reports denied, then the put refused because of it
+    assert [d["command"] for d in a.denials] == ["use", "put"]
+    assert [(m.command, m.enforced, m.shadow) for m in sink.mismatches] == [
+        ("use", DENY, ALLOW),
+        ("put", DENY, ALLOW),
+    ]
+    assert sink.mismatches[1].shadow_rule == "rules[0] (allow produce on jobs,reports)"
+    assert "use reports was denied" in sink.mismatches[1].enforced_rule
+
+
+def test_stats_redacted_by_enforced_allowed_by_shadow() -> None:
+    a, b, sink = pair()
+    both(a, b, b"stats\r\n")
+    (m,) = sink.mismatches
+    assert (m.command, m.enforced, m.shadow) == ("stats", FILTERED, ALLOW)
+
+
+def test_job_tube_learned_from_put_reply_decides_the_shadow() -> None:
+    a, b, sink = pair()
+    both(a, b, b"use jobs\r\nput 0 0 60 1\r\nx\r\n", b"USING jobs\r\nINSERTED 7\r\n")
+    both(a, b, b"peek 7\r\n")  # inspect on jobs: both allow
+    assert sink.mismatches == []
+    both(a, b, upstream=b"FOUND 7 1\r\nx\r\n")
+    assert sink.mismatches == [] and sink.unknowns == []
+
+
+def test_enforced_lookup_answers_the_shadow_too() -> None:
+    """peek of a job this connection never saw: the enforced ACL asks beanstalkd (stats-job);
+    the shadow decides on the same answer and sends nothing of its own."""
+    shadow = {**SHADOW, "rules": [{"principal": "app", "tubes": ["mail"], "allow": ["all"]}]}
+    a, b, sink = pair(shadow=shadow)
+    sent = both(a, b, b"peek 42\r\n")
+    assert sent == b"stats-job 42\r\n" and a.blocked
+    sent = both(a, b, upstream=b"OK 26\r\n---\ntube: jobs\nstate: ready\n\r\n")
+    assert sent == b"peek 42\r\n"
+    (m,) = sink.mismatches
+    assert (m.command, m.job, m.tube, m.enforced, m.shadow) == ("peek", 42, "jobs", ALLOW, DENY)
+
+
+def test_successor_keeps_the_shadow_used_tube() -> None:
+    a, b, sink = pair()
+    both(a, b, b"use jobs\r\n")
+    assert a.shadow is not None
+    a.set_shadow(a.shadow.successor(parse_acl(SHADOW, "shadow2.yaml"), "app"))
+    both(a, b, b"put 0 0 60 1\r\nx\r\n")
+    assert sink.mismatches == []
+
+
+# --- rejection cases: what the shadow must not do or must not claim ---------------------------
+
+
+def test_without_shadow_nothing_is_evaluated() -> None:
+    a, b, sink = pair(shadow=None)
+    assert a.shadow is None
+    both(a, b, b"use mail\r\nput 0 0 60 1\r\nx\r\nstats\r\n")
+    assert sink.mismatches == [] and sink.unknowns == []
+
+
+def test_unknown_job_tube_is_unknown_not_a_lookup() -> None:
+    """The enforced ACL allows delete everywhere (no lookup); the shadow would need the
+    job's tube: counted unknown, and nothing extra goes upstream."""
+    enforced = {**ENFORCED, "rules": [{"principal": "app", "allow": ["all"]}]}
+    a, b, sink = pair(enforced=enforced)
+    sent = both(a, b, b"delete 99\r\n")
+    assert sent == b"delete 99\r\n"
+    assert sink.unknowns == [("app", "delete")] and sink.mismatches == []
+
+
+def test_shadow_refusing_the_certificate_reports_refused() -> None:
+    a, b, sink = pair(shadow_principal=None)
+    both(a, b, b"use jobs\r\n")
+    (m,) = sink.mismatches
+    assert (m.enforced, m.shadow, m.shadow_principal) == (ALLOW, REFUSED, None)
+
+
+def test_release_of_a_job_not_reserved_is_not_a_policy_decision() -> None:
+    a, b, sink = pair()
+    both(a, b, b"release 5 0 0\r\n")  # beanstalkd's NOT_FOUND, answered locally
+    assert sink.mismatches == [] and sink.unknowns == []
+
+
+def test_watch_denied_by_shadow_does_not_make_reserve_a_mismatch() -> None:
+    """The shadow would have refused ``watch mail`` (reported once); its reserve then waits
+    on the tubes the shadow would have let it watch, not on mail."""
+    shadow = {**SHADOW, "rules": [{"principal": "app", "tubes": ["default"], "allow": ["all"]}]}
+    enforced = {
+        **ENFORCED,
+        "rules": [{"principal": "app", "tubes": ["default", "mail"], "allow": ["all"]}],
+    }
+    a, b, sink = pair(enforced=enforced, shadow=shadow)
+    both(a, b, b"watch mail\r\n", b"WATCHING 2\r\n")
+    both(a, b, b"reserve-with-timeout 0\r\n", b"TIMED_OUT\r\n")
+    assert [(m.command, m.enforced, m.shadow) for m in sink.mismatches] == [
+        ("watch", ALLOW, DENY)
+    ]
+
+
+def test_put_refused_at_its_line_does_not_guess_the_body_size() -> None:
+    enforced = {**ENFORCED, "rules": []}
+    shadow = {
+        **SHADOW,
+        "rules": [{"principal": "app", "allow": ["produce"], "put": {"max_body": 10}}],
+    }
+    a, b, sink = pair(enforced=enforced, shadow=shadow)
+    both(a, b, b"put 0 0 60 5\r\nhello\r\n")  # body discarded unseen: size unknown
+    assert sink.mismatches == [] and sink.unknowns == [("app", "put")]
+
+
+@pytest.mark.parametrize("line", [b"list-tube-used\r\n", b"list-tubes-watched\r\n", b"quit\r\n"])
+def test_connection_local_commands_are_not_compared(line: bytes) -> None:
+    a, b, sink = pair(shadow_principal=None)
+    both(a, b, line)
+    assert sink.mismatches == [] and sink.unknowns == []
