@@ -219,3 +219,25 @@ def test_connection_local_commands_are_not_compared(line: bytes) -> None:
     a, b, sink = pair(shadow_principal=None)
     both(a, b, line)
     assert sink.mismatches == [] and sink.unknowns == []
+
+
+def test_shipped_shadow_example_differs_from_acl_example_as_documented() -> None:
+    """config/acl.shadow.example.yaml is a shadow of config/acl.example.yaml in which
+    reporting loses inspect on invoices (README, "Changing the ACL safely")."""
+    from pathlib import Path
+
+    import yaml
+
+    root = Path(__file__).resolve().parent.parent / "config"
+    enforced = yaml.safe_load((root / "acl.example.yaml").read_text())
+    shadow = yaml.safe_load((root / "acl.shadow.example.yaml").read_text())
+    holder = PolicyHolder(parse_acl(enforced, "acl.example.yaml"))
+    s = Session(holder, "reporting", denial_reply="explicit")
+    sink = Sink()
+    s.set_shadow(ShadowView(parse_acl(shadow, "shadow"), "reporting", holder, sink))
+    s.feed_client(b"stats-tube reports.daily\r\nstats-tube invoices\r\n")
+    assert take(s.to_upstream) == b"stats-tube reports.daily\r\nstats-tube invoices\r\n"
+    assert [(m.command, m.tube, m.enforced, m.shadow) for m in sink.mismatches] == [
+        ("stats-tube", "invoices", ALLOW, DENY)
+    ]
+    assert sink.mismatches[0].enforced_rule == "rules[4] (allow inspect on reports.*,invoices)"
