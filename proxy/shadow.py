@@ -207,9 +207,12 @@ class ShadowView:
             d = self._cache[key] = self.policy.decide(self.principal, command, verb, tube)
         return d
 
-    def decide(self, s: Session, cmd: Command) -> tuple[str, str, str | None]:
+    def decide(
+        self, s: Session, cmd: Command, verb: str | None = None
+    ) -> tuple[str, str, str | None]:
         """(outcome, rule, tube) of ``cmd`` under the shadow, from the session's state before
-        it runs the command. Updates the shadow's own used tube and watch list."""
+        it runs the command (``verb``: of a job-id command, if already known). Updates the
+        shadow's own used tube and watch list."""
         kind = _KINDS[cmd[0]]
         name = NAMES[cmd[0]]
         if kind == _PUT:
@@ -273,7 +276,9 @@ class ShadowView:
             if self.policy.uniform(self.principal, "list-tubes", "inspect"):
                 return ALLOW, "inspect on every tube", None
             return FILTERED, "only tubes the principal holds a right on", None
-        return self._decide_job(s, cmd, _job_verb(s, cmd), _known_tubes(s, cmd[1]))
+        if verb is None:
+            verb = _job_verb(s, cmd)
+        return self._decide_job(s, cmd, verb, _known_tubes(s, cmd[1]))
 
     def _decide_job(
         self, s: Session, cmd: Command, verb: str, tubes: tuple[str, ...]
@@ -342,7 +347,7 @@ class ShadowView:
             verb = ""
         else:
             verb = _job_verb(s, cmd) if kind == _JOB else ""
-            shadow = self.decide(s, cmd)
+            shadow = self.decide(s, cmd, verb or None)
         denials = len(s.denials)
         sent = len(s.to_upstream)
         pending = len(s.pending)
