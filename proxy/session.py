@@ -291,10 +291,8 @@ class Session:
         self._policy = None
 
     def set_shadow(self, view: ShadowView | None) -> None:
-        """Decide every command under a shadow policy too (``None``: no more); while a shadow
-        is loaded, job ids are remembered so that it can decide job-id commands."""
+        """Decide every command under a shadow policy too (``None``: no more)."""
         self.shadow = view
-        self._tracking = None
 
     def _decide(self, command: str, verb: str, tube: str | None) -> Decision:
         policy = self._fresh_policy()
@@ -490,9 +488,7 @@ class Session:
         policy (resetting ``_tracking`` if it changed): the hot path checks it only once."""
         tracking = self._tracking
         if tracking is None:
-            tracking = self._tracking = self.shadow is not None or not all(
-                self._uniform(c, v) for c, v in JOB_DECISIONS
-            )
+            tracking = self._tracking = not all(self._uniform(c, v) for c, v in JOB_DECISIONS)
         return tracking
 
     @staticmethod

@@ -105,6 +105,10 @@ _KIND: dict[int, int] = {
 }
 _KINDS: Final = tuple(_KIND.get(op, _SKIP) for op in range(len(NAMES)))
 _OWN_ONLY: Final = frozenset({OP_RELEASE, OP_BURY, OP_TOUCH})
+# ``ShadowView._agree`` values.
+DIFFER: Final = 0
+AGREE_ALLOW: Final = 1
+AGREE_DENY: Final = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,8 +162,11 @@ class ShadowView:
     file reloads, so ``policy`` and ``principal`` never change under a view."""
 
     __slots__ = (
+        "_agree",
         "_cache",
         "_deferred",
+        "_seen",
+        "_seen_principal",
         "enforced",
         "policy",
         "principal",
@@ -185,6 +192,12 @@ class ShadowView:
         self.use_denied: str | None = None  # the shadow denied this ``use``; see Session
         self.unwatched: set[str] = set()  # watched for real, but the shadow denied the watch
         self._cache: dict[tuple[str, str, str | None], Decision] = {}
+        # Fast path: per (op, tube) or (op, verb, tube), whether both policies are sure to
+        # decide alike (AGREE_ALLOW / AGREE_DENY) or not (DIFFER); valid for one enforced
+        # policy object and principal (``_seen``, ``_seen_principal``).
+        self._agree: dict[Any, int] = {}
+        self._seen: Policy | None = None
+        self._seen_principal: str | None = None
         # a job-id command waiting for the enforced lookup: (command, verb, shadow decision)
         self._deferred: tuple[Command, str, tuple[str, str, str | None]] | None = None
 
@@ -319,6 +332,107 @@ class ShadowView:
                     return DENY, f"{d.rule}: {broken}", tube
         return (ALLOW if d.allowed else DENY), d.rule, tube
 
+    def _agrees(self, s: Session, cmd: Command, op: int, kind: int) -> bool:
+        """True when ``cmd`` is certain to be decided alike by both policies in the session's
+        present state (the shadow's own state updated as the decision implies); False when it
+        must be decided and compared (the slow path)."""
+        if self.principal is None:
+            return False
+        agree = self._agree
+        if kind == _PUT:
+            if self.use_denied is not None or s.use_denied is not None or self.used != s.used:
+                return False
+            a = agree.get(s.used)  # put's keys are the bare tube names (see ``run``)
+            if a is None:
+                a = agree[s.used] = self._agreement(s, "put", "produce", s.used, limits=True)
+            return a != DIFFER
+        if kind == _RESERVE:
+            if self.unwatched:
+                return False
+            name = NAMES[op]
+            key: tuple[Any, ...]
+            for tube in s.watched:
+                key = (op, tube)
+                a = agree.get(key)
+                if a is None:
+                    a = agree[key] = self._agreement(s, name, "consume", tube)
+                if a == DIFFER:
+                    return False
+            return True
+        if kind == _JOB:
+            if op == OP_STATS_JOB:
+                return False
+            tubes = _known_tubes(s, cmd[1])
+            if len(tubes) != 1:
+                return False
+            verb = _job_verb(s, cmd)
+            if verb == "maybe-own":
+                return False
+            key = (op, verb, tubes[0])
+            a = agree.get(key)
+            if a is None:
+                limits = op in (OP_RELEASE, OP_BURY)
+                a = agree[key] = self._agreement(s, NAMES[op], verb, tubes[0], limits=limits)
+            return a != DIFFER
+        if kind == _USE:
+            tube = cmd[1]
+            key = (op, tube)
+            a = agree.get(key)
+            if a is None:
+                a = agree[key] = self._agreement(s, "use", "", tube)
+            if a == AGREE_ALLOW:
+                self.used, self.use_denied = tube, None
+            elif a == AGREE_DENY:
+                self.use_denied = tube
+            return a != DIFFER
+        if kind == _WATCH:
+            tube = cmd[1]
+            key = (op, tube)
+            a = agree.get(key)
+            if a is None:
+                a = agree[key] = self._agreement(s, "watch", "consume", tube)
+            if a == AGREE_ALLOW and self.unwatched:
+                self.unwatched.discard(tube)
+            return a != DIFFER
+        return False
+
+    def _agreement(
+        self, s: Session, command: str, verb: str, tube: str, limits: bool = False
+    ) -> int:
+        """Whether the two policies decide ``command`` on ``tube`` alike (see ``_agree``).
+        ``limits``: producer constraints take part (put, release, bury): they agree only
+        when equal on both sides."""
+        if len(self._agree) >= _CACHE_MAX:
+            self._agree.clear()
+        policy = self.enforced.current
+        principal = s.principal
+        if command == "use":
+            mine = policy.any_right(principal, tube)
+            assert self.principal is not None
+            theirs = self.policy.any_right(self.principal, tube)
+        elif verb == "own":
+            mine = _own(lambda c, v, t: policy.decide(principal, c, v, t), command, tube)
+            theirs = _own(self._decide, command, tube)
+        else:
+            mine = policy.decide(principal, command, verb, tube)
+            theirs = self._decide(command, verb, tube)
+        if mine.allowed != theirs.allowed:
+            return DIFFER
+        if not mine.allowed:
+            return AGREE_DENY
+        if limits:
+            put_mine = policy.decide(principal, "put", "produce", tube)
+            put_theirs = self._decide("put", "produce", tube)
+            if command == "put":
+                same = mine.limits == theirs.limits
+            else:  # release, bury: the limits of the rule granting produce, if any
+                same = put_mine.allowed == put_theirs.allowed and put_mine.limits == (
+                    put_theirs.limits
+                )
+            if not same:
+                return DIFFER
+        return AGREE_ALLOW
+
     def _job_decision(self, name: str, verb: str, tube: str) -> Decision:
         if verb == "own":
             return _own(self._decide, name, tube)
@@ -327,10 +441,25 @@ class ShadowView:
     # --- hooks called by the session ----------------------------------------------------
 
     def run(self, s: Session, handler: Callable[[Command], None], cmd: Command) -> None:
-        """Decide ``cmd`` under the shadow, run ``handler`` (the enforced path), compare."""
+        """Decide ``cmd`` under the shadow, run ``handler`` (the enforced path), compare.
+        When both policies are known to agree on it (the cached ``_agree``), only run it."""
+        if self._seen is not self.enforced.current or self._seen_principal is not s.principal:
+            self._agree.clear()
+            self._seen = self.enforced.current
+            self._seen_principal = s.principal
         op = cmd[0]
+        if op == OP_PUT:  # the most frequent command: its agreement check inline
+            used = self.used
+            if used == s.used and self.use_denied is None and s.use_denied is None:
+                a = self._agree.get(used)
+                if a is not None and a != DIFFER:
+                    handler(cmd)
+                    return
         kind = _KINDS[op]
         if kind == _SKIP or (kind == _IGNORE and not self.unwatched):
+            handler(cmd)
+            return
+        if self._agrees(s, cmd, op, kind):
             handler(cmd)
             return
         if kind == _IGNORE:

@@ -241,3 +241,62 @@ def test_shipped_shadow_example_differs_from_acl_example_as_documented() -> None
         ("stats-tube", "invoices", ALLOW, DENY)
     ]
     assert sink.mismatches[0].enforced_rule == "rules[4] (allow inspect on reports.*,invoices)"
+
+
+def record(principal: str = "app", command: str = "put") -> Mismatch:
+    return Mismatch(principal, principal, command, "mail", None, ALLOW, "r1", DENY, "r2")
+
+
+def test_reporter_counts_every_mismatch_and_logs_a_burst_per_window(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from proxy.metrics import Metrics
+    from proxy.shadowreport import LOG_BURST, LOG_WINDOW, ShadowReporter
+
+    now = [100.0]
+    metrics = Metrics()
+    reporter = ShadowReporter(metrics, clock=lambda: now[0])
+    caplog.set_level("INFO", logger="beanstalk_proxy.shadow")
+    for _ in range(LOG_BURST + 5):
+        reporter.mismatch(record())
+    reporter.mismatch(record("other"))  # another principal has its own window
+    events = [getattr(r, "fields", {}) for r in caplog.records]
+    assert [e["principal"] for e in events] == ["app"] * LOG_BURST + ["other"]
+    assert events[0]["enforced_rule"] == "r1" and events[0]["shadow_rule"] == "r2"
+    labels = {"principal": "app", "command": "put", "enforced": "allow", "shadow": "deny"}
+    sample = metrics.registry.get_sample_value("beanstalk_proxy_shadow_mismatch_total", labels)
+    assert sample == LOG_BURST + 5
+    caplog.clear()
+    now[0] += LOG_WINDOW + 1
+    reporter.mismatch(record())
+    fields = [getattr(r, "fields", {}) for r in caplog.records]
+    assert fields[0]["event"] == "shadow_mismatch_suppressed"
+    assert (fields[0]["principal"], fields[0]["suppressed"]) == ("app", 5)
+    assert fields[1]["event"] == "shadow_mismatch"
+
+
+def test_reporter_caps_principal_labels() -> None:
+    from proxy.metrics import MAX_SHADOW_PRINCIPAL_LABELS, Metrics
+    from proxy.shadowreport import ShadowReporter
+
+    metrics = Metrics()
+    reporter = ShadowReporter(metrics)
+    for i in range(MAX_SHADOW_PRINCIPAL_LABELS + 3):
+        reporter.unknown(f"p{i}", "delete")
+    other = metrics.registry.get_sample_value(
+        "beanstalk_proxy_shadow_unknown_total", {"principal": "_other", "command": "delete"}
+    )
+    assert other == 3
+
+
+def test_enforced_reload_invalidates_the_agreement_cache() -> None:
+    """Puts on jobs agree (cached); after the enforced ACL drops produce on jobs, the next
+    put there is a mismatch (enforced deny, shadow allow), not a cached agreement."""
+    a, b, sink = pair()
+    both(a, b, b"use jobs\r\nput 0 0 60 1\r\nx\r\n", b"USING jobs\r\nINSERTED 1\r\n")
+    assert sink.mismatches == []
+    narrower = {**ENFORCED, "rules": [{"principal": "app", "tubes": ["mail"], "allow": ["all"]}]}
+    for s in (a, b):
+        s._source.current = parse_acl(narrower, "acl.yaml")  # type: ignore[misc]
+    both(a, b, b"put 0 0 60 1\r\nx\r\n")
+    assert [(m.command, m.enforced, m.shadow) for m in sink.mismatches] == [("put", DENY, ALLOW)]
