@@ -208,7 +208,7 @@ async def test_serve_reloads_the_shadow_and_survives_a_broken_one(
     proc = spawn_serve(cfg)
     log = LogReader(proc)
     try:
-        await log.wait_for(r"shadow ACL .* loaded")
+        await log.wait_for(r"shadow ACL \S+ loaded \(")
         await log.wait_for(r"ready: listening")
         c = await tls_client(pki, port, "admin")
         assert await c.line(b"use alpha") == b"USING alpha"
@@ -228,7 +228,7 @@ async def test_serve_reloads_the_shadow_and_survives_a_broken_one(
         # a fixed shadow (admin may put on alpha): the live connection follows it
         shadow_file.write_text(yaml.safe_dump({**shadow_doc, "rules": shadow_doc["rules"][:1]}))
         proc.send_signal(signal.SIGHUP)
-        await log.wait_for(r"shadow ACL .* loaded", count=2)
+        await log.wait_for(r"shadow ACL \S+ loaded \(", count=2)
         assert (await c.put(b"three")).startswith(b"INSERTED ")
         samples = await scrape(metrics_port)
         labels = {"principal": "admin", "command": "put", "enforced": "allow", "shadow": "deny"}
