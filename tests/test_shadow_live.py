@@ -242,6 +242,45 @@ async def test_serve_reloads_the_shadow_and_survives_a_broken_one(
             proc.stderr.close()
 
 
+async def test_file_watcher_reloads_the_shadow_alone(
+    pki: PKI, beanstalkd: Beanstalkd, tmp_path: Path
+) -> None:
+    port = free_port()
+    shadow_file = tmp_path / "acl.shadow.yaml"
+    doc = {
+        "principals": [{"name": "admin", "match": {"cn": "admin"}}],
+        "rules": [{"principal": "admin", "allow": ["all"]}],
+    }
+    shadow_file.write_text(yaml.safe_dump(doc))
+    cfg = write_serve_config(
+        tmp_path,
+        pki,
+        beanstalkd.port,
+        port,
+        acl_shadow=str(shadow_file),
+        reload={"watch": True, "interval": "200ms"},
+    )
+    proc = spawn_serve(cfg)
+    log = LogReader(proc)
+    try:
+        await log.wait_for(r"ready: listening")
+        c = await tls_client(pki, port, "admin")
+        assert await c.line(b"use beta") == b"USING beta"
+        deny = {"principal": "admin", "tubes": ["beta"], "deny": ["put"]}
+        shadow_file.write_text(yaml.safe_dump({**doc, "rules": [*doc["rules"], deny]}))
+        await log.wait_for(r"files changed on disk, reloading shadow:")
+        await log.wait_for(r"shadow ACL \S+ loaded \(", count=2)
+        assert (await c.put(b"x")).startswith(b"INSERTED ")  # enforced: allowed
+        await log.wait_for(r"shadow_mismatch principal=admin command=put enforced=allow")
+        assert not [ln for ln in log.lines if "reload: ACL" in ln]  # the ACL was not reloaded
+        await c.close()
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        if proc.stderr is not None:
+            proc.stderr.close()
+
+
 async def test_serve_starts_with_a_broken_shadow_and_enforces(
     pki: PKI, beanstalkd: Beanstalkd, tmp_path: Path
 ) -> None:
