@@ -9,6 +9,8 @@ from typing import Any
 
 import pytest
 from conftest import take
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from proxy.acl import parse_acl
 from proxy.relay import PolicyHolder
@@ -300,3 +302,50 @@ def test_enforced_reload_invalidates_the_agreement_cache() -> None:
         s._source.current = parse_acl(narrower, "acl.yaml")  # type: ignore[misc]
     both(a, b, b"put 0 0 60 1\r\nx\r\n")
     assert [(m.command, m.enforced, m.shadow) for m in sink.mismatches] == [("put", DENY, ALLOW)]
+
+
+_TUBES = ("jobs", "mail", "reports", "default", "other")
+_LINES = st.one_of(
+    st.sampled_from(_TUBES).map(lambda t: b"use %s\r\n" % t.encode()),
+    st.sampled_from(_TUBES).map(lambda t: b"watch %s\r\n" % t.encode()),
+    st.sampled_from(_TUBES).map(lambda t: b"ignore %s\r\n" % t.encode()),
+    st.sampled_from(_TUBES).map(lambda t: b"stats-tube %s\r\n" % t.encode()),
+    st.integers(0, 3).map(lambda n: b"put 0 0 60 %d\r\n%s\r\n" % (n, b"x" * n)),
+    st.integers(1, 4).map(lambda j: b"delete %d\r\n" % j),
+    st.integers(1, 4).map(lambda j: b"release %d 0 0\r\n" % j),
+    st.sampled_from(
+        [b"reserve-with-timeout 0\r\n", b"peek-ready\r\n", b"kick 1\r\n", b"stats\r\n"]
+    ),
+    st.sampled_from([b"list-tubes\r\n", b"list-tube-used\r\n"]),
+)
+
+
+#: A shadow that differs in consume and manage too.
+SHADOW_CONSUME: dict[str, Any] = {
+    **SHADOW,
+    "rules": [
+        {"principal": "app", "tubes": ["jobs", "reports"], "allow": ["consume", "produce"]},
+        {"principal": "app", "tubes": ["default"], "allow": ["manage"]},
+    ],
+}
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(_LINES, max_size=25),
+    st.sampled_from([SHADOW, SHADOW_CONSUME]),
+    st.booleans(),
+)
+def test_enforcement_is_byte_for_byte_the_same_with_a_shadow(
+    lines: list[bytes], shadow: dict[str, Any], refused: bool
+) -> None:
+    """Whatever the client sends, the session with a shadow sends exactly what the one
+    without sends, both ways, and records the same denials (upstream answers NOT_FOUND to
+    everything, lookups included, after each command)."""
+    a, b, _ = pair(shadow=shadow, shadow_principal=None if refused else "app")
+    for line in lines:
+        both(a, b, line)
+        assert len(a.pending) == len(b.pending)
+        if a.pending:
+            both(a, b, upstream=b"NOT_FOUND\r\n" * len(a.pending))
+    assert a.denials == b.denials
