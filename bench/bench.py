@@ -33,6 +33,8 @@ hits all of them alike, and throughputs are the medians over the rounds:
 
 ``proxy-builtin``, ``proxy-stock``, ``proxy-asyncio-builtin`` and ``proxy-asyncio-stock`` force
 the proxy's TLS transport (``tls.transport``); they run only when named in ``--targets``.
+``proxy-shadow`` (also only when named) is ``proxy`` with a shadow ACL (``acl_shadow``) that
+decides every workload command as the enforced ACL does: the cost of the shadow evaluation.
 
 ``--fairness`` runs the ``fairness`` workload instead (direct and proxy targets): beanstalkd gets
 ``--tubes`` tubes (100,000 by default, held by direct connections that watch them), then a
@@ -93,7 +95,9 @@ TRANSPORT_TARGETS = (
     "proxy-asyncio-builtin",
     "proxy-asyncio-stock",
 )
-KNOWN_TARGETS = ALL_TARGETS + TRANSPORT_TARGETS
+#: Opt-in: ``proxy`` with a shadow ACL (``acl_shadow``, ``SHADOW_ACL``) decided next to it.
+SHADOW_TARGETS = ("proxy-shadow",)
+KNOWN_TARGETS = ALL_TARGETS + TRANSPORT_TARGETS + SHADOW_TARGETS
 WORKLOADS = ("puts", "cycles", "rtt", "conns")
 BEANSTALKD = os.environ.get("BEANSTALKD", "beanstalkd")
 STUNNEL = os.environ.get("STUNNEL", "stunnel")
@@ -116,6 +120,15 @@ rules:
   - principal: lister
     tubes: ["t1*"]
     allow: [inspect]
+"""
+#: The shadow of ``proxy-shadow``: the bench ACL plus a deny on tubes the workloads never use,
+#: so it decides every command like the enforced ACL (no mismatch, only the evaluation's
+#: cost), but is not uniform: job-id commands are decided on the job's tube, which the proxy
+#: then remembers.
+SHADOW_ACL = BENCH_ACL + """\
+  - principal: bench
+    tubes: ["never.*"]
+    deny: [all]
 """
 PROXY_TARGETS = ("proxy", "proxy-asyncio")
 PRINCIPAL_KINDS = ("exact", "glob")
@@ -346,6 +359,7 @@ class Env:
     workers: int = 1  # serve --workers N (only passed when > 1)
     principals: int = 1  # ACL size: the bench client's principal comes last of this many
     principal_kind: str = "exact"  # exact | glob: the other principals' match patterns
+    shadow: bool = False  # also an acl_shadow (SHADOW_ACL)
     notes: list[str] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
 
@@ -371,10 +385,16 @@ def start_proxy(env: Env, loop: str, transport: str | None = None) -> tuple[int,
         f"proxy-{loop}"
         + (f"-{transport}" if transport else "")
         + (f"-{env.principals}p" if env.principals > 1 else "")
+        + ("-shadow" if env.shadow else "")
     )
     transport_line = f"  transport: {transport}\n" if transport else ""
     acl = env.work / f"bench-acl-{env.principals}.yaml"
     acl.write_text(bench_acl(env.principals, env.principal_kind))
+    shadow_line = ""
+    if env.shadow:
+        shadow = env.work / "bench-acl-shadow.yaml"
+        shadow.write_text(SHADOW_ACL)
+        shadow_line = f"acl_shadow: {shadow}\n"
     cfg = env.work / f"{tag}.yaml"
     cfg.write_text(
         f"""\
@@ -386,7 +406,7 @@ tls:
   client_ca: {env.pki.ca}
   min_version: "1.2"
 {transport_line}acl: {acl}
-limits:
+{shadow_line}limits:
   max_connections: 10000
   handshake_timeout: 5s
   upstream_connect_timeout: 5s
@@ -1021,13 +1041,14 @@ def start_target(t: Target, work: Path, pki: PKI, args: argparse.Namespace) -> N
         workers=args.proxy_workers,
         principals=t.principals,
         principal_kind=args.principal_kind,
+        shadow=(t.kind or t.name) in SHADOW_TARGETS,
     )
     ctx: ssl.SSLContext | None = pki.client_context()
     info: dict[str, Any]
     kind = t.kind or t.name
     if kind == "direct":
         port, info, ctx = upstream, {}, None
-    elif kind == "proxy":
+    elif kind in ("proxy", "proxy-shadow"):
         loop = "uvloop" if target_available("proxy-asyncio") is None else "asyncio"
         port, info = start_proxy(env, loop)
     elif kind == "proxy-asyncio":

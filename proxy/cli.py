@@ -143,6 +143,21 @@ def load_acl(path: str, config_source: str | None = None) -> Policy:
     return parse_acl(load_yaml(path), source=path)
 
 
+def load_shadow(config: Config) -> Policy | None:
+    """The shadow ACL named by ``acl_shadow`` (``None`` when the key is absent); a file that
+    cannot be read is reported against that key."""
+    from proxy.acl import parse_acl
+
+    path = config.acl_shadow
+    if path is None:
+        return None
+    try:
+        _read_text(path)
+    except ConfigError as exc:
+        raise ConfigError(config.source, "acl_shadow", f"{path}: {exc.reason}") from None
+    return parse_acl(load_yaml(path), source=path)
+
+
 def describe_config_error(exc: ConfigError) -> str:
     """``str(exc)`` followed by the line and column of the error (a YAML syntax error) or of
     its key path when the file was loaded here: ``proxy.yaml: tls.cert: ... (line 5, column
@@ -300,7 +315,10 @@ def _revocation_check(config: Config) -> Callable[[bytes], bool] | None:
 def _kind_files(config: Config) -> dict[str, list[str]]:
     """The watched files of each reload kind."""
     tls = config.tls
-    return {"acl": [config.acl], "tls": [tls.cert, tls.key, tls.client_ca, *tls.crl]}
+    kinds = {"acl": [config.acl], "tls": [tls.cert, tls.key, tls.client_ca, *tls.crl]}
+    if config.acl_shadow is not None:
+        kinds["shadow"] = [config.acl_shadow]
+    return kinds
 
 
 def _watched_files(config: Config) -> list[str]:
@@ -330,7 +348,7 @@ def _reload(
     config: Config,
     server: ProxyServer,
     kinds: Kinds | None = None,
-    only: Collection[str] = ("acl", "tls"),
+    only: Collection[str] = ("acl", "tls", "shadow"),
 ) -> None:
     """SIGHUP (every kind) or the watcher (the kinds that changed): re-read the ACL and the TLS
     files; keep what is running on any error. ``kinds`` remembers what each kind was last
@@ -341,6 +359,8 @@ def _reload(
         _reload_acl(config, server, kinds.attempt("acl"))
     if "tls" in only:
         _reload_tls(config, server, kinds.attempt("tls"))
+    if "shadow" in only and config.acl_shadow is not None:
+        _reload_shadow(config, server, kinds.attempt("shadow"))
 
 
 def _error_fields(exc: BaseException) -> dict[str, object]:
@@ -376,6 +396,32 @@ def _reload_acl(config: Config, server: ProxyServer, counted: bool) -> None:
         )
         if diff is not None:
             _log_reload_diff(config.acl, diff, affected)
+
+
+def _reload_shadow(config: Config, server: ProxyServer, counted: bool) -> bool:
+    """(Re)load the shadow ACL; a file that does not load keeps the previous shadow (or
+    none) and never touches the enforced policy. True when it loaded."""
+    try:
+        shadow = load_shadow(config)
+    except Exception as exc:
+        server.metrics.reload_result("shadow", False, counted)
+        log.error(
+            "reload: shadow ACL not loaded, keeping the previous shadow",
+            extra=event("reload_failed", what="shadow", kept="previous", **_error_fields(exc)),
+        )
+        return False
+    server.metrics.reload_result("shadow", True, counted)
+    server.reload_shadow(shadow)
+    log.info(
+        "reload: shadow ACL loaded (decided next to the ACL, not enforced)",
+        extra=event(
+            "reload",
+            what="shadow",
+            file=config.acl_shadow,
+            principals=len(shadow.principals) if shadow is not None else 0,
+        ),
+    )
+    return True
 
 
 def _policy_diff(old: Policy, new: Policy) -> PolicyDiff | None:
@@ -478,6 +524,8 @@ async def _serve(
     kinds = Kinds(_kind_files(config), baseline)  # what the running policy and context came from
     for kind in kinds.groups:
         server.metrics.reload_result(kind, True, counted=False)
+    if config.acl_shadow is not None:
+        _reload_shadow(config, server, counted=False)
     status_listen = config.metrics_listen
     if status_listen is not None and status_endpoint is not None:
         # A worker of --workers N: its own endpoints on a private socket, which the
@@ -730,6 +778,7 @@ def check_config(config_path: str, names: tuple[str, ...]) -> None:
     _check_server_cert(config, names)
     for warning in lint_acl(policy):
         click.echo(f"warning: {config.acl}: {warning}", err=True)
+    _check_shadow(config)
     fd_problem = _fd_limit_problem(config, raise_soft=False)
     if fd_problem is not None:
         click.echo(f"warning: {config.source}: {fd_problem}", err=True)
@@ -743,6 +792,16 @@ def check_config(config_path: str, names: tuple[str, ...]) -> None:
             err=True,
         )
     click.echo("ok")
+
+
+def _check_shadow(config: Config) -> None:
+    """check-config: the shadow ACL must load too (the proxy itself only logs an error)."""
+    from proxy.acl import lint_acl
+
+    shadow = load_shadow(config)
+    if shadow is not None:
+        for warning in lint_acl(shadow):
+            click.echo(f"warning: {config.acl_shadow}: {warning}", err=True)
 
 
 def _check_server_cert(config: Config, names: Sequence[str]) -> None:
@@ -829,24 +888,76 @@ def _explain_rate(policy: Policy, principal: str) -> None:
     help="The used tube (put, peek-*, kick), the watched tube (reserve) or the job's tube "
     '(job-id commands). Default for used/watched: "default".',
 )
+@click.option(
+    "--shadow",
+    is_flag=True,
+    help="Also show the decision of the shadow ACL (acl_shadow) and whether they differ.",
+)
 @click.argument("commandline")
 def explain(
     config_path: str,
     cert_path: str | None,
     principal_name: str | None,
     tube: str | None,
+    shadow: bool,
     commandline: str,
 ) -> None:
     """Show the principal for a certificate and the ACL decision for COMMANDLINE.
 
     Example: explain --config config/proxy.yaml --cert certs/dev/dev-client.pem 'put 0 0 60 5'.
-    Exits 0 when allowed, 1 when denied or refused, 2 on configuration errors."""
+    Exits 0 when allowed, 1 when denied or refused, 2 on configuration errors (with --shadow:
+    the enforced ACL's answer)."""
+    config = load_config(config_path)
+    if shadow:
+        _explain_with_shadow(config, cert_path, principal_name, tube, commandline)
+    _explain_decision(
+        config, load_acl(config.acl, config.source), cert_path, principal_name, tube, commandline
+    )
+
+
+def _explain_with_shadow(
+    config: Config,
+    cert_path: str | None,
+    principal_name: str | None,
+    tube: str | None,
+    commandline: str,
+) -> None:
+    """``explain --shadow``: the enforced decision, the shadow's, and whether they differ."""
+    shadow = load_shadow(config)
+    if shadow is None:
+        raise click.UsageError(f"{config.source} has no acl_shadow key")
+    outcomes = []
+    for label, path, policy in (
+        ("enforced", config.acl, load_acl(config.acl, config.source)),
+        ("shadow", config.acl_shadow, shadow),
+    ):
+        click.echo(f"== {label}: {path}")
+        try:
+            _explain_decision(config, policy, cert_path, principal_name, tube, commandline)
+            outcomes.append(0)
+        except SystemExit as exc:
+            outcomes.append(exc.code if isinstance(exc.code, int) else 1)
+    words = ["ALLOW" if code == 0 else "DENY or refused" for code in outcomes]
+    if outcomes[0] == outcomes[1]:
+        click.echo(f"== same decision: {words[0]}")
+    else:
+        click.echo(f"== MISMATCH: enforced {words[0]}, shadow {words[1]}")
+    sys.exit(outcomes[0])
+
+
+def _explain_decision(
+    config: Config,
+    policy: Policy,
+    cert_path: str | None,
+    principal_name: str | None,
+    tube: str | None,
+    commandline: str,
+) -> None:
+    """The body of ``explain`` for one policy (exits 1 when denied or refused)."""
     from proxy.acl import ALWAYS, COMMAND_VERBS, DELETE_OTHER_VERB
     from proxy.protocol import OP_PUT, parse_command_line
     from proxy.session import denial_replies
 
-    config = load_config(config_path)
-    policy = load_acl(config.acl, config.source)
     principal = _explain_principal(policy, cert_path, principal_name, config)
 
     try:

@@ -154,6 +154,7 @@ class Config:
     watch_interval: float = 5.0  # seconds between checks of those files
     denial_reply: str = "compatible"  # acl_denial_reply: how a denied command is answered
     metrics_connections: bool = False  # serve /connections (live sessions) on metrics.listen
+    acl_shadow: str | None = None  # a second ACL decided next to ``acl``, never enforced
 
 
 # --------------------------------------------------------------------------------------------
@@ -350,6 +351,7 @@ _TOP_KEYS = (
     "log",
     "reload",
     "acl_denial_reply",
+    "acl_shadow",
 )
 #: ``acl_denial_reply`` values (see ``proxy.session.denial_replies``).
 DENIAL_REPLY_MODES = ("compatible", "explicit")
@@ -484,6 +486,14 @@ def _parse_log(source: str, data: object) -> LogConfig:
     )
 
 
+def _acl_shadow(top: _Reader) -> str | None:
+    """``acl_shadow``: optional path of the shadow ACL (a string when given)."""
+    value = top.get("acl_shadow")
+    if value is None:
+        return None
+    return top.required_str("acl_shadow", "path to the shadow ACL, e.g. config/acl.shadow.yaml")
+
+
 def parse_config(data: object, source: str) -> Config:
     """Validate the parsed YAML document ``data`` of the file ``source`` into a ``Config``.
 
@@ -550,4 +560,5 @@ def parse_config(data: object, source: str) -> Config:
         watch_interval=reload.duration("interval", 5.0),
         denial_reply=top.choice("acl_denial_reply", "compatible", DENIAL_REPLY_MODES),
         metrics_connections=metrics_connections,
+        acl_shadow=_acl_shadow(top),
     )

@@ -47,6 +47,9 @@ if TYPE_CHECKING:
 
 #: Distinct tube label values kept for denials before new ones are folded into "_other".
 MAX_TUBE_LABELS = 500
+#: Distinct principal label values kept for the shadow policy's counters (principals of two
+#: ACLs) before new ones are folded into "_other".
+MAX_SHADOW_PRINCIPAL_LABELS = 200
 
 # ``<counter>_created`` doubles the series count and no dashboard of ours reads it. The switch
 # is process-wide in prometheus_client; it must be set before the first Counter is made.
@@ -118,6 +121,28 @@ class Metrics:
             registry=r,
         )
         self.started = time.time()  # this process's (a worker's own, not its supervisor's)
+        self.shadow_mismatches = Counter(
+            "beanstalk_proxy_shadow_mismatch",
+            "Commands the shadow ACL (acl_shadow) decided otherwise than the enforced ACL, by "
+            "principal, command and both outcomes (allow, deny, filtered, refused)",
+            ["principal", "command", "enforced", "shadow"],
+            registry=r,
+        )
+        self.shadow_unknown = Counter(
+            "beanstalk_proxy_shadow_unknown",
+            "Commands the shadow ACL could not decide without a lookup the enforced ACL did "
+            "not make (the job's tube), by principal and command",
+            ["principal", "command"],
+            registry=r,
+        )
+        self.shadow_principal_mismatches = Counter(
+            "beanstalk_proxy_shadow_principal_mismatch",
+            "Connections whose certificate the shadow ACL maps to another principal "
+            '(shadow_principal="-": to none, the shadow would refuse it)',
+            ["principal", "shadow_principal"],
+            registry=r,
+        )
+        self._shadow_principals: set[str] = set()
         self._live: Iterable[Connection] = ()
         self._client_sockets: Callable[[], int] = lambda: 0
         self._handshakes: Callable[[], int] = lambda: 0
@@ -180,6 +205,17 @@ class Metrics:
             else:
                 self._tubes.add(label)
         self.denials.labels(principal, label, command).inc()
+
+    def shadow_label(self, principal: str | None) -> str:
+        """A bounded label value for a principal of the enforced or the shadow ACL."""
+        if principal is None:
+            return "-"
+        labels = self._shadow_principals
+        if principal not in labels:
+            if len(labels) >= MAX_SHADOW_PRINCIPAL_LABELS:
+                return "_other"
+            labels.add(principal)
+        return principal
 
     def reload_result(self, kind: str, ok: bool, counted: bool) -> None:
         """A load of ``kind`` ended; ``counted``: its files' content had changed since the

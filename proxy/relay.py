@@ -52,6 +52,8 @@ from proxy.logsummary import AUDIT_BURST, AUDIT_WINDOW, Suppressed, WindowCounte
 from proxy.metrics import Metrics
 from proxy.ratelimit import TokenBucket, worker_share
 from proxy.session import MAX_HELD_BYTES, MAX_PENDING, Session
+from proxy.shadow import ShadowView, shadow_principal
+from proxy.shadowreport import ShadowReporter
 from proxy.sharedlimits import SharedCounts
 from proxy.tlsbio import TLSTransport, accept_tls, use_builtin
 from proxy.tlsctx import peer_identity
@@ -579,6 +581,8 @@ class ProxyServer:
         # Put bodies in flight, proxy-wide (limits.max_buffered_bytes); keys are Connections.
         self.budget = Budget(config.limits.max_buffered_bytes)
         self.metrics.track_budget(self.budget)
+        self.shadow: Policy | None = None  # acl_shadow, decided next to the policy
+        self._shadow_report: ShadowReporter | None = None
 
     @property
     def handshaking(self) -> int:
@@ -1014,6 +1018,8 @@ class ProxyServer:
                 self.budget,
                 conn,
             )
+            if self.shadow is not None:
+                self._shadow_view(conn)
             if conn.early:
                 conn.session.feed_client(bytes(conn.early))
                 conn.early.clear()
@@ -1189,6 +1195,33 @@ class ProxyServer:
                 # a release or ignore on the client's behalf would be a command it never sent.
                 conn.close("consume revoked while waiting in reserve")  # logged by close
         return affected
+
+    def reload_shadow(self, shadow: Policy | None) -> None:
+        """Load (or with ``None`` drop) the shadow policy; live connections follow it from
+        their next command, their certificate mapped again by its principals."""
+        self.shadow = shadow
+        for conn in list(self.connections):
+            if conn.session is not None and conn.identity is not None:
+                if shadow is None:
+                    conn.session.set_shadow(None)
+                else:
+                    self._shadow_view(conn)
+
+    def _shadow_view(self, conn: Connection) -> None:
+        """Give ``conn``'s session a view of the current shadow (keeping its shadow state)."""
+        shadow, session = self.shadow, conn.session
+        assert shadow is not None and session is not None and conn.identity is not None
+        if self._shadow_report is None:
+            self._shadow_report = ShadowReporter(self.metrics)
+        name = shadow_principal(shadow, conn.identity)
+        old = session.shadow
+        if old is None:
+            view = ShadowView(shadow, name, self.policy, self._shadow_report, session.used)
+        else:
+            view = old.successor(shadow, name)
+        if name != conn.principal and (old is None or old.principal != name):
+            self._shadow_report.principal_differs(conn.principal, name)
+        session.set_shadow(view)
 
     def reload_tls(
         self, ctx: ssl.SSLContext, revoked: Callable[[bytes], bool] | None = None

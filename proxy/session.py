@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable
 from enum import IntEnum
-from typing import Any, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from proxy.acl import DELETE_OTHER_VERB, TUBE_CHARS, Decision, Policy
 from proxy.budget import Budget
@@ -80,6 +80,9 @@ from proxy.protocol import (
     TubeCmd,
     write_command,
 )
+
+if TYPE_CHECKING:
+    from proxy.shadow import ShadowView
 
 
 class PendingKind(IntEnum):
@@ -311,6 +314,8 @@ class Session:
         self._any_cache: dict[str, Decision] = {}
         self._uniform_cache: dict[tuple[str, str], bool] = {}
         self._tracking: bool | None = None  # does any job-id decision need a job's tube?
+        # the shadow policy's view of this connection (proxy/shadow.py); None: no shadow
+        self.shadow: ShadowView | None = None
         self._handlers: tuple[Callable[[Any], None], ...] = self._build_handlers()
 
     # --- policy access, cached per policy object ----------------------------------------------
@@ -333,6 +338,10 @@ class Session:
         """Rename this connection's principal (after a reload re-mapped its certificate)."""
         self.principal = principal
         self._policy = None
+
+    def set_shadow(self, view: ShadowView | None) -> None:
+        """Decide every command under a shadow policy too (``None``: no more)."""
+        self.shadow = view
 
     def _decide(self, command: str, verb: str, tube: str | None) -> Decision:
         policy = self._fresh_policy()
@@ -409,6 +418,7 @@ class Session:
         parser = self.parser
         handlers = self._handlers
         limiter = self.limiter
+        shadow = self.shadow
         budget = TURN_BUDGET
         self.backlog = False
         try:
@@ -436,7 +446,10 @@ class Session:
                     self._local(self._rate_limited_reply)
                     continue
                 self.op_counts[op] += 1
-                handlers[op](cmd)
+                if shadow is None:
+                    handlers[op](cmd)
+                else:
+                    shadow.run(self, handlers[op], cmd)
         except ProtocolError as exc:
             self._local(BAD_FORMAT)
             self.draining = True
@@ -852,7 +865,10 @@ class Session:
                 elif kind == K_PUT:
                     self._on_put_reply(entry[1], line)
                 elif kind == K_LOOKUP:
-                    self._on_lookup(entry[1], entry[2], line, body)
+                    if self.shadow is None:
+                        self._on_lookup(entry[1], entry[2], line, body)
+                    else:
+                        self.shadow.after_lookup(self, self._on_lookup, entry, line, body)
                 else:
                     self._on_reply(entry, line, body)
                 while pending and pending[0][0] == K_LOCAL:
