@@ -34,7 +34,8 @@ import yaml
 
 from proxy import __version__
 from proxy.config import LOG_LEVELS, Config, Endpoint, parse_config
-from proxy.errors import ConfigError, ProtocolError
+from proxy.errors import ConfigError
+from proxy.explain import Explanation, explain_command, explain_shadow
 from proxy.logs import LOGGER, event, setup_logging
 from proxy.watch import Kinds, Snapshot, changed_paths, watch
 from proxy.watch import snapshot as _file_state
@@ -824,60 +825,6 @@ def _check_server_cert(config: Config, names: Sequence[str]) -> None:
 # explain
 
 
-def _explain_principal(
-    policy: Policy, cert_path: str | None, name: str | None, config: Config | None = None
-) -> str:
-    if (cert_path is None) == (name is None):
-        raise click.UsageError("give exactly one of --cert PEM or --principal NAME")
-    if name is not None:
-        if name not in policy.principals:
-            click.echo(
-                f"note: {name!r} is not a principal defined in {policy.source}; no certificate "
-                f"can be mapped to it"
-            )
-        click.echo(f"principal: {name}")
-        _explain_rate(policy, name)
-        return name
-    assert cert_path is not None
-    identity, _ = _file_identity(cert_path, config)
-    click.echo(f"certificate: {identity.describe()}")
-    click.echo(f"  subject: {identity.subject}")
-    if identity.issuer is not None:
-        click.echo(f"  issuer: {identity.issuer} ({identity.issuer_fingerprint})")
-    else:
-        click.echo(
-            "  issuer: unknown (no chain from this file to a CA of tls.client_ca; "
-            "`issuer` match keys do not hold)"
-        )
-    for label, values in (("dns", identity.dns), ("uri", identity.uris), ("ip", identity.ips)):
-        if values:
-            click.echo(f"  {label}: {', '.join(values)}")
-    click.echo(f"  fingerprint: {identity.fingerprint}")
-    if identity.refusal is not None:
-        click.echo(f"refused: {identity.refusal}")
-        sys.exit(1)
-    principal = policy.principal_for(identity)
-    if principal is None:
-        from proxy.acl import principal_mismatches
-
-        click.echo("no principal matches: connection refused")
-        for line in principal_mismatches(policy, identity):
-            click.echo(f"  {line}")
-        sys.exit(1)
-    click.echo(f"principal: {principal} ({policy.match_rule_for(identity)})")
-    _explain_rate(policy, principal)
-    return principal
-
-
-def _explain_rate(policy: Policy, principal: str) -> None:
-    rate = policy.rate_for(principal)
-    if rate is not None:
-        click.echo(
-            f"  rate limit: {rate[0]:g} commands/s, burst {rate[1]} (over it: OUT_OF_MEMORY, "
-            "or RATE_LIMITED with acl_denial_reply: explicit)"
-        )
-
-
 @main.command()
 @_config_option
 @click.option("--cert", "cert_path", metavar="PEM", help="Client certificate to map.")
@@ -908,136 +855,56 @@ def explain(
     Exits 0 when allowed, 1 when denied or refused, 2 on configuration errors (with --shadow:
     the enforced ACL's answer)."""
     config = load_config(config_path)
-    if shadow:
-        _explain_with_shadow(config, cert_path, principal_name, tube, commandline)
-    _explain_decision(
-        config, load_acl(config.acl, config.source), cert_path, principal_name, tube, commandline
-    )
-
-
-def _explain_with_shadow(
-    config: Config,
-    cert_path: str | None,
-    principal_name: str | None,
-    tube: str | None,
-    commandline: str,
-) -> None:
-    """``explain --shadow``: the enforced decision, the shadow's, and whether they differ."""
-    shadow = load_shadow(config)
-    if shadow is None:
+    shadow_policy = load_shadow(config) if shadow else None
+    if shadow and shadow_policy is None:
         raise click.UsageError(f"{config.source} has no acl_shadow key")
-    outcomes = []
-    for label, path, policy in (
-        ("enforced", config.acl, load_acl(config.acl, config.source)),
-        ("shadow", config.acl_shadow, shadow),
-    ):
-        click.echo(f"== {label}: {path}")
-        try:
-            _explain_decision(config, policy, cert_path, principal_name, tube, commandline)
-            outcomes.append(0)
-        except SystemExit as exc:
-            outcomes.append(exc.code if isinstance(exc.code, int) else 1)
-    words = ["ALLOW" if code == 0 else "DENY or refused" for code in outcomes]
-    if outcomes[0] == outcomes[1]:
-        click.echo(f"== same decision: {words[0]}")
-    else:
-        click.echo(f"== MISMATCH: enforced {words[0]}, shadow {words[1]}")
-    sys.exit(outcomes[0])
-
-
-def _explain_decision(
-    config: Config,
-    policy: Policy,
-    cert_path: str | None,
-    principal_name: str | None,
-    tube: str | None,
-    commandline: str,
-) -> None:
-    """The body of ``explain`` for one policy (exits 1 when denied or refused)."""
-    from proxy.acl import ALWAYS, COMMAND_VERBS, DELETE_OTHER_VERB
-    from proxy.protocol import OP_PUT, parse_command_line
-    from proxy.session import denial_replies
-
-    principal = _explain_principal(policy, cert_path, principal_name, config)
-
-    try:
-        parsed = parse_command_line(commandline.encode("utf-8"))
-    except ProtocolError as exc:
-        click.echo(f"rejected: {exc}: the proxy answers BAD_FORMAT and closes the connection")
-        sys.exit(1)
-    except ValueError as exc:
-        click.echo(f"rejected: {exc}; nothing is forwarded")
-        sys.exit(1)
-    name: str = parsed.name
-    verb: str = getattr(parsed, "verb", None) or COMMAND_VERBS[name]
-    job_id: int | None = parsed.job_id
-
-    if name == "put":
-        size = parsed.command[-1]
-        if isinstance(size, int) and size > config.limits.max_job_size:
-            click.echo(
-                f"rejected: body of {size} bytes exceeds limits.max_job_size "
-                f"{config.limits.max_job_size}: the client gets JOB_TOO_BIG"
+    policy = load_acl(config.acl, config.source)
+    if (cert_path is None) == (principal_name is None):
+        raise click.UsageError("give exactly one of --cert PEM or --principal NAME")
+    identity = _file_identity(cert_path, config)[0] if cert_path is not None else None
+    if shadow_policy is None:
+        _print_explanation(
+            explain_command(
+                policy,
+                commandline,
+                identity=identity,
+                principal=principal_name,
+                tube=tube,
+                max_job_size=config.limits.max_job_size,
+                denial_reply=config.denial_reply,
             )
-            sys.exit(1)
-
-    if verb == ALWAYS:
-        click.echo(f"command: {name} (connection-local)")
-        click.echo("decision: ALLOW (always allowed: it only reads or narrows the connection)")
-        return
-
-    check_tube: str | None
-    if verb == "server":
-        check_tube, where = None, "server-wide"
-    elif parsed.tube is not None:
-        check_tube, where = parsed.tube, f"tube {parsed.tube!r} (named in the command)"
-    elif job_id is not None:
-        if tube is None:
-            if policy.uniform(principal, name, verb):
-                click.echo(f"command: {name} ({verb}) on job {job_id}")
-                click.echo(
-                    f"decision: ALLOW on every tube ({name} is allowed for {principal} on any tube)"
-                )
-                return
-            raise click.UsageError(
-                f"the decision for {name} depends on the job's tube; give it with --tube"
-            )
-        check_tube, where = tube, f"tube {tube!r} (the job's tube)"
-    else:
-        check_tube = tube or "default"
-        role = "watched" if name.startswith("reserve") else "used"
-        where = f"tube {check_tube!r} (the {role} tube)"
-        if role == "watched":
-            where += "; reserve is checked against every watched tube"
-
-    click.echo(f"command: {name} ({verb}) on {where}")
-    decision = policy.decide(principal, name, verb, check_tube)
-    replies, _ = denial_replies(config.denial_reply)
-    denied_reply = replies[parsed.command[0]].decode().strip()
-    if job_id is not None and check_tube and not policy.any_right(principal, check_tube).allowed:
-        denied_reply = "NOT_FOUND"  # a job in a tube the principal may not see
-    if decision.allowed:
-        click.echo(f"decision: ALLOW by {decision.rule}")
-        limits = decision.limits
-        command = parsed.command
-        if command[0] is OP_PUT and limits is not None:
-            _, pri, delay, ttr, size = command
-            problem = limits.violation(pri, delay, ttr, size)
-            if problem is not None:
-                click.echo(f"but refused by the rule's put limits: {problem}: {denied_reply}")
-                sys.exit(1)
-    else:
-        click.echo(f"decision: DENY by {decision.rule}: the client gets {denied_reply}")
-    if name == "delete":
-        other = policy.decide(principal, name, DELETE_OTHER_VERB, check_tube)
-        verdict = "ALLOW" if other.allowed else "DENY"
-        click.echo(
-            f"(the above is for a job this connection reserved; deleting any other job needs "
-            f"{DELETE_OTHER_VERB}: {verdict} by {other.rule})"
         )
-    if name == "list-tubes":
-        click.echo("(the reply lists only the tubes the principal holds some right on)")
-    if not decision.allowed:
+        return
+    both = explain_shadow(
+        policy,
+        shadow_policy,
+        commandline,
+        identity=identity,
+        principal=principal_name,
+        tube=tube,
+        max_job_size=config.limits.max_job_size,
+        denial_reply=config.denial_reply,
+    )
+    _print_explanation(both.enforced, f"== enforced: {config.acl}")
+    _print_explanation(both.shadow, f"== shadow: {config.acl_shadow}")
+    words = ["ALLOW" if e.allowed else "DENY or refused" for e in (both.enforced, both.shadow)]
+    if both.mismatch:
+        click.echo(f"== MISMATCH: enforced {words[0]}, shadow {words[1]}")
+    else:
+        click.echo(f"== same decision: {words[0]}")
+    sys.exit(0 if both.enforced.allowed else 1)
+
+
+def _print_explanation(explanation: Explanation, heading: str | None = None) -> None:
+    """Print one policy's explanation; exit 1 after it when denied or refused, unless
+    ``heading`` is given (``--shadow`` prints both and exits at the end)."""
+    if heading is not None:
+        click.echo(heading)
+    for line in explanation.lines:
+        click.echo(line)
+    if explanation.usage_error is not None:
+        raise click.UsageError(explanation.usage_error)
+    if not explanation.allowed and heading is None:
         sys.exit(1)
 
 
