@@ -24,28 +24,41 @@ import logging
 import os
 import signal
 import sys
-import time
-from collections.abc import Awaitable, Callable, Collection, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
-import yaml
 
 from proxy import __version__
-from proxy.config import LOG_LEVELS, Config, Endpoint, parse_config
+from proxy.config import LOG_LEVELS, Config, Endpoint
 from proxy.errors import ConfigError
 from proxy.explain import Explanation, explain_command, explain_shadow
+from proxy.loading import (
+    describe_config_error,
+    load_acl,
+    load_config,
+    load_server_context,
+    load_shadow,
+    load_yaml,
+)
 from proxy.logs import LOGGER, event, setup_logging
-from proxy.watch import Kinds, Snapshot, changed_paths, watch
+from proxy.reloading import (
+    error_fields,
+    files_changed,
+    kind_files,
+    record_expiry,
+    reload,
+    reload_shadow,
+    watched_files,
+)
+from proxy.watch import Kinds, Snapshot, watch
 from proxy.watch import snapshot as _file_state
-from proxy.yamlpos import compose_with_positions, position, remember
 
 if TYPE_CHECKING:
     import ssl
 
     from proxy.acl import Policy
-    from proxy.acldiff import PolicyDiff
     from proxy.identity import Identity
     from proxy.relay import ProxyServer
     from proxy.sharedlimits import SharedCounts
@@ -57,126 +70,6 @@ log = logging.getLogger(LOGGER)
 
 EXIT_CONFIG = 2
 EXIT_PKI = 1
-
-
-# --------------------------------------------------------------------------------------------
-# YAML and file loading
-
-
-class _StrictLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that refuses duplicate mapping keys (a silent last-one-wins would
-    hide a second ``tls:`` section or a repeated rule key)."""
-
-
-def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict[Any, Any]:
-    seen: dict[object, int] = {}
-    for key_node, _ in node.value:
-        if key_node.tag == "tag:yaml.org,2002:merge":
-            continue
-        key = loader.construct_object(key_node, deep=True)
-        try:
-            first = seen.get(key)
-        except TypeError:  # unhashable key; construct_mapping reports it
-            continue
-        if first is not None:
-            raise yaml.constructor.ConstructorError(
-                None,
-                None,
-                f"duplicate key {key!r} (first defined on line {first})",
-                key_node.start_mark,
-            )
-        seen[key] = key_node.start_mark.line + 1
-    return loader.construct_mapping(node, deep=True)
-
-
-_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
-
-
-def load_yaml(path: str) -> object:
-    """Read and parse the YAML file at ``path``; every failure is a ``ConfigError(path, ...)``.
-    The position of every key path is remembered (``proxy.yamlpos``) for error messages."""
-    text = _read_text(path)
-    try:
-        data, positions = compose_with_positions(text, _StrictLoader)  # SafeLoader subclass
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        problem = exc.problem or exc.context or "syntax error"
-        line, column = (mark.line + 1, mark.column + 1) if mark else (None, None)
-        raise ConfigError(path, "", f"invalid YAML: {problem}", line, column) from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(path, "", f"invalid YAML: {exc}") from None
-    remember(path, positions)
-    return data
-
-
-def _read_text(path: str) -> str:
-    """The UTF-8 text of ``path``; a failure is a ``ConfigError(path, "", reason)``."""
-    try:
-        return Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(path, "", f"file not found (working directory {Path.cwd()})") from None
-    except IsADirectoryError:
-        raise ConfigError(path, "", "is a directory, not a YAML file") from None
-    except UnicodeDecodeError as exc:
-        raise ConfigError(
-            path, "", f"not valid UTF-8 text ({exc.reason} at byte {exc.start})"
-        ) from None
-    except OSError as exc:
-        raise ConfigError(path, "", f"cannot read: {exc.strerror or exc}") from None
-
-
-def load_config(path: str) -> Config:
-    """Load and validate the proxy configuration file."""
-    return parse_config(load_yaml(path), source=path)
-
-
-def load_acl(path: str, config_source: str | None = None) -> Policy:
-    """Load and compile the ACL file named by the config's ``acl`` key. With
-    ``config_source`` (the config file), a file that cannot be read is reported against the
-    config's ``acl`` key: ``proxy.yaml: acl: nope.yaml: file not found``."""
-    from proxy.acl import parse_acl
-
-    if config_source is not None:
-        try:
-            _read_text(path)
-        except ConfigError as exc:
-            raise ConfigError(config_source, "acl", f"{path}: {exc.reason}") from None
-    return parse_acl(load_yaml(path), source=path)
-
-
-def load_shadow(config: Config) -> Policy | None:
-    """The shadow ACL named by ``acl_shadow`` (``None`` when the key is absent); a file that
-    cannot be read is reported against that key."""
-    from proxy.acl import parse_acl
-
-    path = config.acl_shadow
-    if path is None:
-        return None
-    try:
-        _read_text(path)
-    except ConfigError as exc:
-        raise ConfigError(config.source, "acl_shadow", f"{path}: {exc.reason}") from None
-    return parse_acl(load_yaml(path), source=path)
-
-
-def describe_config_error(exc: ConfigError) -> str:
-    """``str(exc)`` followed by the line and column of the error (a YAML syntax error) or of
-    its key path when the file was loaded here: ``proxy.yaml: tls.cert: ... (line 5, column
-    3)``."""
-    if exc.line is not None:
-        return f"{exc} (line {exc.line}, column {exc.column})"
-    if not exc.key:
-        return str(exc)
-    found = position(exc.source, exc.key)
-    if found is None:
-        return str(exc)
-    return f"{exc} (line {found[0]}, column {found[1]})"
-
-
-def _server_context(config: Config) -> ssl.SSLContext:
-    from proxy.tlsctx import server_context
-
-    return server_context(config.tls, source=config.source)
 
 
 # --------------------------------------------------------------------------------------------
@@ -274,237 +167,6 @@ def _fd_limit_problem(config: Config, raise_soft: bool) -> str | None:
     )
 
 
-def _cert_expiry(path: str) -> float | None:
-    """notAfter (unix time) of the first certificate in ``path``, or None if unreadable."""
-    from cryptography import x509
-
-    try:
-        with open(path, "rb") as f:
-            return x509.load_pem_x509_certificate(f.read()).not_valid_after_utc.timestamp()
-    except (OSError, ValueError):
-        return None
-
-
-def _record_expiry(config: Config, server: ProxyServer) -> None:
-    """Export certificate expiry and warn when the server certificate is about to expire."""
-    for label, path in (("server", config.tls.cert), ("client_ca", config.tls.client_ca)):
-        expiry = _cert_expiry(path)
-        if expiry is None:
-            continue
-        server.metrics.set_expiry(label, expiry)
-        days_left = (expiry - time.time()) / 86400
-        if label == "server" and days_left < config.tls.expiry_warning_days:
-            log.warning(
-                "server certificate expires soon",
-                extra=event(
-                    "cert_expiry",
-                    file=path,
-                    days_left=round(days_left, 2),
-                    expiry_warning_days=config.tls.expiry_warning_days,
-                ),
-            )
-
-
-def _revocation_check(config: Config) -> Callable[[bytes], bool] | None:
-    """A predicate over DER client certificates: listed, or (``tls.crl_check: chain``) one of
-    the CAs of its chain listed, in one of the configured CRLs?"""
-    from proxy.tlsctx import revocation_check
-
-    return revocation_check(config.tls)
-
-
-def _kind_files(config: Config) -> dict[str, list[str]]:
-    """The watched files of each reload kind."""
-    tls = config.tls
-    kinds = {"acl": [config.acl], "tls": [tls.cert, tls.key, tls.client_ca, *tls.crl]}
-    if config.acl_shadow is not None:
-        kinds["shadow"] = [config.acl_shadow]
-    return kinds
-
-
-def _watched_files(config: Config) -> list[str]:
-    return Kinds(_kind_files(config)).paths
-
-
-def _files_changed(
-    config: Config, server: ProxyServer, kinds: Kinds, old: Snapshot, new: Snapshot
-) -> None:
-    """The watcher saw a settled change: reload the kinds whose content changed."""
-    todo = kinds.changed(new)
-    if not todo:  # touched, changed back, or already reloaded by SIGHUP
-        return
-    paths = [p for p in changed_paths(old, new) if any(p in kinds.groups[k] for k in todo)]
-    log.info(
-        "files changed on disk, reloading",
-        extra=event(
-            "files_changed",
-            what=sorted(todo),
-            paths=paths or [p for k in todo for p in kinds.groups[k]],
-        ),
-    )
-    _reload(config, server, kinds, todo)
-
-
-def _reload(
-    config: Config,
-    server: ProxyServer,
-    kinds: Kinds | None = None,
-    only: Collection[str] = ("acl", "tls", "shadow"),
-) -> None:
-    """SIGHUP (every kind) or the watcher (the kinds that changed): re-read the ACL and the TLS
-    files; keep what is running on any error. ``kinds`` remembers what each kind was last
-    loaded from: a reload is counted in ``reloads_total`` only when that content changed."""
-    if kinds is None:
-        kinds = Kinds(_kind_files(config))
-    if "acl" in only:
-        _reload_acl(config, server, kinds.attempt("acl"))
-    if "tls" in only:
-        _reload_tls(config, server, kinds.attempt("tls"))
-    if "shadow" in only and config.acl_shadow is not None:
-        _reload_shadow(config, server, kinds.attempt("shadow"))
-
-
-def _error_fields(exc: BaseException) -> dict[str, object]:
-    """Where a load failed, as event fields: the file, the key path, the line and column (of
-    the key, or of a YAML syntax error) when known, and the reason."""
-    if not isinstance(exc, ConfigError):
-        return {"error": str(exc) or type(exc).__name__}
-    line, column = exc.line, exc.column
-    if line is None and exc.key:
-        found = position(exc.source, exc.key)
-        if found is not None:
-            line, column = found
-    fields = {"file": exc.source, "key": exc.key, "line": line, "column": column}
-    return {**{k: v for k, v in fields.items() if v}, "error": exc.reason}
-
-
-def _reload_acl(config: Config, server: ProxyServer, counted: bool) -> None:
-    try:
-        policy = load_acl(config.acl, config.source)
-    except Exception as exc:
-        server.metrics.reload_result("acl", False, counted)
-        log.error(
-            "reload: ACL not reloaded, keeping the previous policy",
-            extra=event("reload_failed", what="acl", kept="previous", **_error_fields(exc)),
-        )
-    else:
-        server.metrics.reload_result("acl", True, counted)
-        diff = _policy_diff(server.policy.current, policy)
-        affected = server.reload_policy(policy, diff.changed if diff is not None else ())
-        log.info(
-            "reload: ACL loaded",
-            extra=event("reload", what="acl", file=config.acl, principals=len(policy.principals)),
-        )
-        if diff is not None:
-            _log_reload_diff(config.acl, diff, affected)
-
-
-def _reload_shadow(config: Config, server: ProxyServer, counted: bool) -> bool:
-    """(Re)load the shadow ACL; a file that does not load keeps the previous shadow (or
-    none) and never touches the enforced policy. True when it loaded."""
-    try:
-        shadow = load_shadow(config)
-    except Exception as exc:
-        server.metrics.reload_result("shadow", False, counted)
-        log.error(
-            "reload: shadow ACL not loaded, keeping the previous shadow",
-            extra=event("reload_failed", what="shadow", kept="previous", **_error_fields(exc)),
-        )
-        return False
-    server.metrics.reload_result("shadow", True, counted)
-    server.reload_shadow(shadow)
-    log.info(
-        "reload: shadow ACL loaded (decided next to the ACL, not enforced)",
-        extra=event(
-            "reload",
-            what="shadow",
-            file=config.acl_shadow,
-            principals=len(shadow.principals) if shadow is not None else 0,
-        ),
-    )
-    return True
-
-
-def _policy_diff(old: Policy, new: Policy) -> PolicyDiff | None:
-    from proxy.acldiff import diff_policies
-
-    try:
-        return diff_policies(old, new)
-    except Exception:  # the summary must never stop a valid policy from loading
-        log.exception(
-            "reload: cannot compute the ACL diff; the new ACL is loaded anyway",
-            extra=event("acl_diff_failed"),
-        )
-        return None
-
-
-def _log_reload_diff(path: str, diff: PolicyDiff, affected: int) -> None:
-    """One structured ``acl_reload_diff`` event: what ``acl diff`` would print, and how many
-    live connections changed principal or rights."""
-    from proxy.acldiff import render
-
-    lines = render(diff)
-    log.info(
-        "reload: ACL diff",
-        extra=event(
-            "acl_reload_diff",
-            file=path,
-            principals_changed=sorted(diff.changed),
-            rights_gained=diff.gained,
-            rights_lost=diff.lost,
-            connections_affected=affected,
-            summary=lines,
-        ),
-    )
-
-
-def _reload_tls(config: Config, server: ProxyServer, counted: bool) -> None:
-    try:
-        ctx = _server_context(config)
-    except Exception as exc:
-        server.metrics.reload_result("tls", False, counted)
-        crl_broken = isinstance(exc, ConfigError) and exc.key.startswith("tls.crl")
-        if crl_broken and config.tls.crl_failure == "refuse":
-            from proxy.tlsctx import refuse_all_context
-
-            try:
-                server.reload_tls(refuse_all_context(config.tls, config.source))
-            except ConfigError as exc2:
-                log.error(
-                    "reload: TLS files not reloaded, keeping the previous context",
-                    extra=event(
-                        "reload_failed", what="tls", kept="previous", **_error_fields(exc2)
-                    ),
-                )
-                return
-            log.error(
-                "reload: the CRL is unusable, refusing every new client until a good CRL is "
-                "loaded (tls.crl_failure: refuse)",
-                extra=event("reload_failed", what="tls", kept="refuse_all", **_error_fields(exc)),
-            )
-            return
-        log.error(
-            "reload: TLS files not reloaded, keeping the previous context",
-            extra=event("reload_failed", what="tls", kept="previous", **_error_fields(exc)),
-        )
-    else:
-        server.metrics.reload_result("tls", True, counted)
-        _record_expiry(config, server)
-        try:
-            revoked = _revocation_check(config)
-        except (OSError, ValueError) as exc:  # the context loaded it; a race with a rewrite
-            log.error(
-                "reload: CRL re-read failed, live connections not re-checked",
-                extra=event("crl_recheck_failed", error=str(exc)),
-            )
-            revoked = None
-        server.reload_tls(ctx, revoked)
-        log.info(
-            "reload: TLS certificate, key, CA and CRL reloaded",
-            extra=event("reload", what="tls"),
-        )
-
-
 async def _serve(
     config: Config,
     ctx: ssl.SSLContext,
@@ -519,14 +181,14 @@ async def _serve(
 
     holder = PolicyHolder(policy)
     server = ProxyServer(config, ctx, holder, reuse_port=worker is not None, shared=shared)
-    _record_expiry(config, server)
+    record_expiry(config, server)
     if baseline is None:
-        baseline = _file_state(_watched_files(config))
-    kinds = Kinds(_kind_files(config), baseline)  # what the running policy and context came from
+        baseline = _file_state(watched_files(config))
+    kinds = Kinds(kind_files(config), baseline)  # what the running policy and context came from
     for kind in kinds.groups:
         server.metrics.reload_result(kind, True, counted=False)
     if config.acl_shadow is not None:
-        _reload_shadow(config, server, counted=False)
+        reload_shadow(config, server, counted=False)
     status_listen = config.metrics_listen
     if status_listen is not None and status_endpoint is not None:
         # A worker of --workers N: its own endpoints on a private socket, which the
@@ -547,7 +209,7 @@ async def _serve(
     # Handlers go in before anything can announce readiness: a SIGHUP sent by a supervisor
     # right after "ready" must reload, not kill the process (SIGHUP's default action).
     signals = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT)
-    loop.add_signal_handler(signal.SIGHUP, _reload, config, server, kinds)
+    loop.add_signal_handler(signal.SIGHUP, reload, config, server, kinds)
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
     try:
@@ -575,7 +237,7 @@ async def _serve(
                     kinds.paths,
                     config.watch_interval,
                     baseline,
-                    lambda old, new: _files_changed(config, server, kinds, old, new),
+                    lambda old, new: files_changed(config, server, kinds, old, new),
                 )
             )
             if config.watch_files
@@ -664,9 +326,9 @@ def _fresh_files(
 ) -> tuple[Policy, ssl.SSLContext, Snapshot]:
     """The ACL and TLS context as the files say now (for a replacement worker), or the
     startup ones with the startup baseline (the watcher then retries) if they do not load."""
-    now = _file_state(_watched_files(config))
+    now = _file_state(watched_files(config))
     try:
-        return load_acl(config.acl, config.source), _server_context(config), now
+        return load_acl(config.acl, config.source), load_server_context(config), now
     except (ConfigError, OSError, ValueError) as exc:
         message = describe_config_error(exc) if isinstance(exc, ConfigError) else str(exc)
         log.error(
@@ -734,11 +396,11 @@ def serve(config_path: str, workers: int, log_level: str | None, loop: str) -> N
     _loop_factory(loop)  # an unusable --loop fails before anything starts
     config = load_config(config_path)
     setup_logging(config.log.format, log_level or config.log.level)
-    baseline = _file_state(_watched_files(config))  # before reading them: see watch()
+    baseline = _file_state(watched_files(config))  # before reading them: see watch()
     policy = load_acl(config.acl, config.source)
     for warning in lint_acl(policy):
         log.warning("ACL lint warning", extra=event("acl_lint", file=config.acl, warning=warning))
-    ctx = _server_context(config)
+    ctx = load_server_context(config)
     fd_problem = _fd_limit_problem(config, raise_soft=True)
     if fd_problem is not None:
         log.warning("open-file limit too low", extra=event("fd_limit", detail=fd_problem))
@@ -775,7 +437,7 @@ def check_config(config_path: str, names: tuple[str, ...]) -> None:
 
     config = load_config(config_path)
     policy = load_acl(config.acl, config.source)
-    _server_context(config)
+    load_server_context(config)
     _check_server_cert(config, names)
     for warning in lint_acl(policy):
         click.echo(f"warning: {config.acl}: {warning}", err=True)
@@ -1343,7 +1005,7 @@ async def _client(
             log.error(
                 "reload: client certificate not reloaded, keeping the previous",
                 extra=event(
-                    "reload_failed", what="client_tls", kept="previous", **_error_fields(exc)
+                    "reload_failed", what="client_tls", kept="previous", **error_fields(exc)
                 ),
             )
         else:

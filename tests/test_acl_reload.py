@@ -266,7 +266,7 @@ async def test_cli_reload_reads_the_file_and_keeps_the_old_policy_on_error(
     pki: PKI, beanstalkd: Beanstalkd, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The CLI's own SIGHUP handler: reads the ACL file named in the config."""
-    from proxy.cli import _reload
+    from proxy.reloading import reload
 
     caplog.set_level(logging.INFO)
     acl_file = tmp_path / "acl.yaml"
@@ -282,7 +282,7 @@ async def test_cli_reload_reads_the_file_and_keeps_the_old_policy_on_error(
         ):
             acl_file.write_text(text)
             caplog.clear()
-            _reload(config, proxy.server)
+            reload(config, proxy.server)
             assert proxy.server.policy.current is old
             errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
             assert any(
@@ -294,7 +294,7 @@ async def test_cli_reload_reads_the_file_and_keeps_the_old_policy_on_error(
             assert await c.line(b"use beta") == b"NOT_PERMITTED"
             assert await c.line(b"use alpha") == b"USING alpha"
         acl_file.write_text(yaml.safe_dump(doc(ALPHA_ALL, BETA_ALL)))
-        _reload(config, proxy.server)
+        reload(config, proxy.server)
         assert proxy.server.policy.current is not old
         assert isinstance(proxy.server.policy.current, Policy)
         assert await c.line(b"use beta") == b"USING beta"

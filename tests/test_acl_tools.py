@@ -500,7 +500,7 @@ def test_acl_diff_cli_and_its_exit_codes(tmp_path: Path) -> None:
 async def test_reload_logs_the_diff_and_counts_affected_connections(
     pki: PKI, beanstalkd: Beanstalkd, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from proxy.cli import _reload
+    from proxy.reloading import reload
 
     caplog.set_level(logging.INFO)
     acl_file = tmp_path / "acl.yaml"
@@ -526,7 +526,7 @@ async def test_reload_logs_the_diff_and_counts_affected_connections(
             {"principal": "worker", "tubes": ["invoices.*"], "allow": ["consume"]}
         )
         write(acl_file, grant)
-        _reload(config, proxy.server, only=("acl",))
+        reload(config, proxy.server, only=("acl",))
         (event,) = events()
         assert event["principals_changed"] == ["worker"]
         assert (event["rights_gained"], event["rights_lost"]) == (1, 0)
@@ -536,7 +536,7 @@ async def test_reload_logs_the_diff_and_counts_affected_connections(
 
         # the same file again: an event with nothing changed
         caplog.clear()
-        _reload(config, proxy.server, only=("acl",))
+        reload(config, proxy.server, only=("acl",))
         (event,) = events()
         assert event["principals_changed"] == [] and event["connections_affected"] == 0
         assert event["summary"] == ["no change in effective rights"]
@@ -546,7 +546,7 @@ async def test_reload_logs_the_diff_and_counts_affected_connections(
         revoke = yaml.safe_load(yaml.safe_dump(grant))
         revoke["rules"].append({"principal": "admin", "deny": ["server"]})
         write(acl_file, revoke)
-        _reload(config, proxy.server, only=("acl",))
+        reload(config, proxy.server, only=("acl",))
         (event,) = events()
         assert event["principals_changed"] == ["admin"]
         assert event["rights_lost"] == 1 and event["connections_affected"] == 1
@@ -554,7 +554,7 @@ async def test_reload_logs_the_diff_and_counts_affected_connections(
         # a broken file: no diff event
         caplog.clear()
         acl_file.write_text("principals: [\n")
-        _reload(config, proxy.server, only=("acl",))
+        reload(config, proxy.server, only=("acl",))
         assert events() == []
         for c in (worker, worker2, admin):
             await c.close()

@@ -27,9 +27,10 @@ import yaml
 from conftest import PKI, Beanstalkd, RunningProxy, start_proxy, tls_attempt
 
 from proxy.certs import issue_client
-from proxy.cli import _reload, load_config
+from proxy.loading import load_config
 from proxy.logs import TextFormatter, setup_logging
 from proxy.relay import PolicyHolder, ProxyServer
+from proxy.reloading import reload
 from proxy.tlsctx import server_context
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -418,7 +419,7 @@ def _serving_config(tmp_path: Path, pki: PKI, upstream: int) -> Path:
 async def test_reload_failures_carry_file_key_line_and_column(
     pki: PKI, beanstalkd: Beanstalkd, json_log: JsonLog, tmp_path: Path
 ) -> None:
-    from proxy.cli import load_acl
+    from proxy.loading import load_acl
 
     config = load_config(str(_serving_config(tmp_path, pki, beanstalkd.port)))
     server = ProxyServer(config, server_context(config.tls), PolicyHolder(load_acl(config.acl)))
@@ -427,16 +428,16 @@ async def test_reload_failures_carry_file_key_line_and_column(
         acl = Path(config.acl)
         # a semantic error: the key path and where it is
         acl.write_text(BROKEN_ACL)
-        _reload(config, server, only=("acl",))
+        reload(config, server, only=("acl",))
         # a YAML syntax error: no key path, but the line and column of the error
         acl.write_text("principals:\n  - name: admin\n    match: {cn: admin\nrules: []\n")
-        _reload(config, server, only=("acl",))
+        reload(config, server, only=("acl",))
         # a missing ACL file: reported against the config's acl key
         acl.unlink()
-        _reload(config, server, only=("acl",))
+        reload(config, server, only=("acl",))
         # a broken server certificate: the config's tls.cert key
         (tmp_path / "server.pem").write_text("not a certificate\n")
-        _reload(config, server, only=("tls",))
+        reload(config, server, only=("tls",))
         failures = json_log.events("reload_failed")
         reloads = json_log.events("reload")
     finally:

@@ -40,7 +40,7 @@ from pki_helpers import make_ca, make_client_cert, make_crl, utcnow
 
 from proxy.acl import parse_acl
 from proxy.certs import ensure_dev_pki
-from proxy.cli import _revocation_check, main
+from proxy.cli import main
 from proxy.config import Config, TLSConfig, parse_config
 from proxy.errors import ConfigError
 from proxy.identity import Identity, dns_match_form, identity_from_der, uri_match_form
@@ -594,8 +594,8 @@ async def test_crl_reload_closes_live_connection_under_revoked_intermediate(
         direct, w_direct = await session(proxy, pki, chain_pki.direct)
         try:
             chain_pki.revoke_intermediate()
-            # what cli._reload does on SIGHUP or a CRL change on disk
-            proxy.server.reload_tls(server_context(config.tls), _revocation_check(config))
+            # what proxy.reloading.reload does on SIGHUP or a CRL change on disk
+            proxy.server.reload_tls(server_context(config.tls), revocation_check(config.tls))
             async with asyncio.timeout(10):
                 assert await under.read() == b""  # closed by the proxy
             await conn_log.wait_for(

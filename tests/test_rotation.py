@@ -652,11 +652,14 @@ async def test_server_certificate_expiry_warning(setup: Setup, running: list[Pro
 
 
 async def test_a_rotation_during_startup_is_not_missed(setup: Setup) -> None:
-    from proxy.cli import _file_state, _serve, _watched_files, load_acl, load_config
+    from proxy.cli import _serve
+    from proxy.loading import load_acl, load_config
+    from proxy.reloading import watched_files
     from proxy.tlsctx import server_context
+    from proxy.watch import snapshot
 
     config = load_config(str(setup.config()))
-    baseline = _file_state(_watched_files(config))  # what serve() records before loading
+    baseline = snapshot(watched_files(config))  # what serve() records before loading
     policy = load_acl(config.acl)
     ctx = server_context(config.tls, source=config.source)  # what serve() loads first
     cert2, key2 = setup.new_server_cert()

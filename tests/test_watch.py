@@ -29,9 +29,9 @@ from conftest import PKI, TEST_ACL, Beanstalkd, Client, RunningProxy, make_confi
 
 from proxy.acl import Policy
 from proxy.certs import issue_server
-from proxy.cli import _files_changed, _kind_files, _reload, _watched_files
 from proxy.config import Config
 from proxy.logs import render_text
+from proxy.reloading import files_changed, kind_files, reload, watched_files
 from proxy.watch import FileState, Kinds, Settle, file_state, snapshot, watch
 
 
@@ -174,7 +174,7 @@ class Watched:
 
     def sighup(self) -> None:
         """What the SIGHUP handler calls."""
-        _reload(self.config, self.proxy.server, self.kinds)
+        reload(self.config, self.proxy.server, self.kinds)
 
     def sample(self, name: str, **labels: str) -> float | None:
         return self.proxy.server.metrics.registry.get_sample_value(name, labels)
@@ -219,15 +219,15 @@ async def watched(pki: PKI, beanstalkd: Beanstalkd, tmp_path: Path) -> AsyncIter
         client_ca=str(ca / "ca.pem"),
     )
     config = dataclasses.replace(config, acl=str(acl), tls=tls)
-    baseline = snapshot(_watched_files(config))
+    baseline = snapshot(watched_files(config))
     proxy = await start_proxy(pki, beanstalkd.port, acl=yaml.safe_load(acl.read_text()))
-    kinds = Kinds(_kind_files(config), baseline)
+    kinds = Kinds(kind_files(config), baseline)
     for kind in kinds.groups:  # what _serve does at start-up
         proxy.server.metrics.reload_result(kind, True, counted=False)
     ticker = Ticker()
 
     def changed(old: Any, new: Any) -> None:
-        _files_changed(config, proxy.server, kinds, old, new)
+        files_changed(config, proxy.server, kinds, old, new)
 
     task = asyncio.get_running_loop().create_task(
         watch(kinds.paths, 5.0, baseline, changed, sleep=ticker.sleep)
