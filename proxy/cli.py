@@ -17,20 +17,15 @@ C)`` on stderr; PKI errors exit 1.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import importlib
 import logging
-import os
-import signal
 import sys
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
 
-from proxy import __version__
+from proxy import __version__, app
 from proxy.config import LOG_LEVELS, Config, Endpoint
 from proxy.errors import ConfigError
 from proxy.explain import Explanation, explain_command, explain_shadow
@@ -44,25 +39,14 @@ from proxy.loading import (
 )
 from proxy.logs import LOGGER, event, setup_logging
 from proxy.reloading import (
-    error_fields,
-    files_changed,
-    kind_files,
-    record_expiry,
-    reload,
-    reload_shadow,
     watched_files,
 )
-from proxy.watch import Kinds, Snapshot, watch
 from proxy.watch import snapshot as _file_state
 
 if TYPE_CHECKING:
     import ssl
 
-    from proxy.acl import Policy
     from proxy.identity import Identity
-    from proxy.relay import ProxyServer
-    from proxy.sharedlimits import SharedCounts
-    from proxy.workers import WorkerPlan
 
 __all__ = ["describe_config_error", "load_acl", "load_config", "load_yaml", "main"]
 
@@ -111,263 +95,6 @@ _config_option = click.option(
 # serve
 
 
-#: ``serve --loop``: uvloop when installed (``auto``), uvloop or fail, or the stdlib loop.
-LOOPS = ("auto", "uvloop", "asyncio")
-
-
-def _loop_factory(loop: str = "auto") -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """The event loop factory for ``--loop`` (``None``: the default asyncio loop)."""
-    if loop == "asyncio":
-        return None
-    try:
-        uvloop = importlib.import_module("uvloop")
-    except ImportError:
-        if loop == "uvloop":
-            raise click.UsageError(
-                "--loop uvloop: uvloop is not installed (pip install 'beanstalk-proxy[fast]')"
-            ) from None
-        return None
-    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
-    return factory
-
-
-def _run(coro: Coroutine[Any, Any, int], loop: str = "auto") -> int:
-    """Run ``coro`` on the event loop ``loop`` names (see ``LOOPS``)."""
-    with asyncio.Runner(loop_factory=_loop_factory(loop)) as runner:
-        return runner.run(coro)
-
-
-def _fd_limit_problem(config: Config, raise_soft: bool) -> str | None:
-    """Compare the open-file limit (RLIMIT_NOFILE) with the descriptors the limits allow the
-    proxy to hold (``Limits.fd_budget``). With ``raise_soft`` the soft limit is first raised
-    towards the budget, up to the hard limit (what ``serve`` does). Returns a warning, or None
-    when the limit is enough (or unknown)."""
-    try:
-        import resource
-    except ImportError:  # not a Unix
-        return None
-    limits = config.limits
-    need = limits.fd_budget()
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    reachable = need if hard == resource.RLIM_INFINITY else min(need, hard)
-    if raise_soft and soft != resource.RLIM_INFINITY and soft < reachable:
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (reachable, hard))
-            soft = reachable
-    have = soft if raise_soft else hard
-    if have == resource.RLIM_INFINITY or have >= need:
-        return None
-    return (
-        f"the open-file limit (RLIMIT_NOFILE {'soft' if raise_soft else 'hard'} limit {have}) "
-        f"is below the {need} descriptors the limits allow (2 x limits.max_connections "
-        f"{limits.max_connections} + limits.max_handshakes {limits.handshake_limit()} + 32): "
-        "at full load accept() fails with 'Too many open files'; raise the limit (ulimit -n, "
-        "LimitNOFILE=) or lower limits.max_connections (with --workers a limit for the whole "
-        "proxy, of which any one worker may hold all)"
-    )
-
-
-async def _serve(
-    config: Config,
-    ctx: ssl.SSLContext,
-    policy: Policy,
-    worker: int | None = None,
-    baseline: Snapshot | None = None,
-    shared: SharedCounts | None = None,
-    status_endpoint: Endpoint | None = None,
-) -> int:
-    from proxy.httpd import StatusServer
-    from proxy.relay import PolicyHolder, ProxyServer
-
-    holder = PolicyHolder(policy)
-    server = ProxyServer(config, ctx, holder, reuse_port=worker is not None, shared=shared)
-    record_expiry(config, server)
-    if baseline is None:
-        baseline = _file_state(watched_files(config))
-    kinds = Kinds(kind_files(config), baseline)  # what the running policy and context came from
-    for kind in kinds.groups:
-        server.metrics.reload_result(kind, True, counted=False)
-    if config.acl_shadow is not None:
-        reload_shadow(config, server, counted=False)
-    status_listen = config.metrics_listen
-    if status_listen is not None and status_endpoint is not None:
-        # A worker of --workers N: its own endpoints on a private socket, which the
-        # aggregator asks and merges on metrics.listen (proxy.aggregate).
-        status_listen = status_endpoint
-    status = (
-        StatusServer(
-            status_listen,
-            server.metrics,
-            config.upstream,
-            connections=_sessions_of(server) if config.metrics_connections else None,
-        )
-        if status_listen is not None
-        else None
-    )
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    # Handlers go in before anything can announce readiness: a SIGHUP sent by a supervisor
-    # right after "ready" must reload, not kill the process (SIGHUP's default action).
-    signals = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT)
-    loop.add_signal_handler(signal.SIGHUP, reload, config, server, kinds)
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(signal.SIGINT, stop.set)
-    try:
-        try:
-            await server.start()
-            if status is not None:
-                await status.start()
-        except OSError as exc:
-            log.error(
-                "cannot listen",
-                extra=event("listen_failed", listen=str(config.listen), error=str(exc)),
-            )
-            await server.close()
-            return 1
-        where = str(config.listen)
-        if not config.listen.is_unix and server.port is not None:
-            where = str(Endpoint(config.listen.host, server.port, None))
-        log.info(
-            "ready: listening",
-            extra=event("ready", listen=where, upstream=str(config.upstream), pid=os.getpid()),
-        )
-        watcher = (
-            asyncio.get_running_loop().create_task(
-                watch(
-                    kinds.paths,
-                    config.watch_interval,
-                    baseline,
-                    lambda old, new: files_changed(config, server, kinds, old, new),
-                )
-            )
-            if config.watch_files
-            else None
-        )
-        try:
-            await stop.wait()
-            log.info(
-                "shutting down",
-                extra=event(
-                    "shutdown",
-                    connections=len(server.connections),
-                    timeout=config.limits.shutdown_timeout,
-                ),
-            )
-        finally:
-            if watcher is not None:
-                watcher.cancel()
-            await server.close(grace=config.limits.shutdown_timeout)
-            if status is not None:
-                await status.close()
-    finally:
-        for sig in signals:
-            loop.remove_signal_handler(sig)
-    return 0
-
-
-def _sessions_of(server: ProxyServer) -> Callable[[], Awaitable[bytes]]:
-    from proxy.sessions_view import render
-
-    return lambda: render(server)
-
-
-def _serve_workers(
-    config: Config,
-    ctx: ssl.SSLContext,
-    policy: Policy,
-    workers: int,
-    baseline: Snapshot,
-    loop: str = "auto",
-) -> int:
-    """``serve --workers N``: the supervisor (proxy.workers) forks N workers sharing the
-    listen port and the limit counts, and, with metrics.listen, the aggregator that serves the
-    whole proxy's status endpoints there. A replacement worker re-reads the ACL and TLS files
-    (a SIGHUP may have changed them since the start), keeping the startup ones if they do not
-    load now."""
-    from proxy.workers import WorkerPlan, supervise
-
-    try:
-        plan = WorkerPlan(workers)
-    except OSError as exc:
-        log.error(
-            "--workers needs a writable directory for the workers' shared counts and status "
-            "sockets (TMPDIR, else /tmp; on a read-only root filesystem mount a tmpfs there)",
-            extra=event("workers_failed", error=str(exc)),
-        )
-        return 1
-
-    def run_worker(k: int, replacement: bool) -> int:
-        worker_policy, worker_ctx, worker_baseline = policy, ctx, baseline
-        if replacement:
-            worker_policy, worker_ctx, worker_baseline = _fresh_files(config, policy, ctx, baseline)
-        return _run(
-            _serve(
-                config,
-                worker_ctx,
-                worker_policy,
-                worker=k,
-                baseline=worker_baseline,
-                shared=plan.shared,
-                status_endpoint=plan.status_endpoint(k),
-            ),
-            loop,
-        )
-
-    def run_aggregator() -> int:
-        return _run(_aggregate(config, plan), loop)
-
-    return supervise(
-        plan, run_worker, run_aggregator if config.metrics_listen is not None else None
-    )
-
-
-def _fresh_files(
-    config: Config, policy: Policy, ctx: ssl.SSLContext, baseline: Snapshot
-) -> tuple[Policy, ssl.SSLContext, Snapshot]:
-    """The ACL and TLS context as the files say now (for a replacement worker), or the
-    startup ones with the startup baseline (the watcher then retries) if they do not load."""
-    now = _file_state(watched_files(config))
-    try:
-        return load_acl(config.acl, config.source), load_server_context(config), now
-    except (ConfigError, OSError, ValueError) as exc:
-        message = describe_config_error(exc) if isinstance(exc, ConfigError) else str(exc)
-        log.error(
-            "replacement worker: files do not load, starting with the old ones",
-            extra=event("reload_failed", what="replacement worker", kept="previous", error=message),
-        )
-        return policy, ctx, baseline
-
-
-async def _aggregate(config: Config, plan: WorkerPlan) -> int:
-    """The aggregator child: metrics.listen for the whole proxy until SIGTERM/SIGINT."""
-    from proxy.aggregate import AggregateStatus
-
-    assert config.metrics_listen is not None
-    status = AggregateStatus(
-        config.metrics_listen,
-        config.upstream,
-        plan.status_endpoints(),
-        connections=config.metrics_connections,
-    )
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(signal.SIGINT, stop.set)
-    try:
-        await status.start()
-    except OSError as exc:
-        log.error(
-            "cannot listen",
-            extra=event("listen_failed", listen=str(config.metrics_listen), error=str(exc)),
-        )
-        return 1
-    try:
-        await stop.wait()
-    finally:
-        await status.close()
-    return 0
-
-
 @main.command()
 @_config_option
 @click.option(
@@ -384,7 +111,7 @@ async def _aggregate(config: Config, plan: WorkerPlan) -> int:
 )
 @click.option(
     "--loop",
-    type=click.Choice(LOOPS),
+    type=click.Choice(app.LOOPS),
     default="auto",
     show_default=True,
     help="Event loop: uvloop when installed (auto), uvloop (fail without it), or asyncio.",
@@ -393,7 +120,10 @@ def serve(config_path: str, workers: int, log_level: str | None, loop: str) -> N
     """Run the proxy until SIGTERM/SIGINT; SIGHUP reloads the ACL and TLS files."""
     from proxy.acl import lint_acl
 
-    _loop_factory(loop)  # an unusable --loop fails before anything starts
+    try:  # an unusable --loop fails before anything starts
+        app.loop_factory(loop)
+    except app.LoopUnavailable as exc:
+        raise click.UsageError(str(exc)) from None
     config = load_config(config_path)
     setup_logging(config.log.format, log_level or config.log.level)
     baseline = _file_state(watched_files(config))  # before reading them: see watch()
@@ -401,16 +131,16 @@ def serve(config_path: str, workers: int, log_level: str | None, loop: str) -> N
     for warning in lint_acl(policy):
         log.warning("ACL lint warning", extra=event("acl_lint", file=config.acl, warning=warning))
     ctx = load_server_context(config)
-    fd_problem = _fd_limit_problem(config, raise_soft=True)
+    fd_problem = app.fd_limit_problem(config, raise_soft=True)
     if fd_problem is not None:
         log.warning("open-file limit too low", extra=event("fd_limit", detail=fd_problem))
     if workers == 1:
-        sys.exit(_run(_serve(config, ctx, policy, baseline=baseline), loop))
+        sys.exit(app.run(app.serve(config, ctx, policy, baseline=baseline), loop))
     if config.listen.is_unix or config.listen.port == 0:
         raise ConfigError(
             config.source, "listen", "--workers needs a TCP listen address with a fixed port"
         )
-    sys.exit(_serve_workers(config, ctx, policy, workers, baseline, loop))
+    sys.exit(app.serve_workers(config, ctx, policy, workers, baseline, loop))
 
 
 # --------------------------------------------------------------------------------------------
@@ -442,7 +172,7 @@ def check_config(config_path: str, names: tuple[str, ...]) -> None:
     for warning in lint_acl(policy):
         click.echo(f"warning: {config.acl}: {warning}", err=True)
     _check_shadow(config)
-    fd_problem = _fd_limit_problem(config, raise_soft=False)
+    fd_problem = app.fd_limit_problem(config, raise_soft=False)
     if fd_problem is not None:
         click.echo(f"warning: {config.source}: {fd_problem}", err=True)
     cas = load_client_cas(config.tls, config.source)
@@ -982,73 +712,6 @@ def status(urls: tuple[str, ...], as_json: bool, timeout: float) -> None:
 # client (producer-side tunnel)
 
 
-async def _client(
-    listen: Endpoint,
-    connect: Endpoint,
-    make_ctx: Callable[[], ssl.SSLContext],
-    name: str,
-    files: Sequence[str],
-) -> int:
-    from proxy.tunnel import TunnelServer
-
-    baseline = _file_state(files)
-    tunnel = TunnelServer(listen, connect, make_ctx(), server_hostname=name)
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    kinds = Kinds({"tls": files}, baseline)
-
-    def reload() -> None:
-        kinds.attempt("tls")
-        try:
-            tunnel.reload_tls(make_ctx())
-        except ConfigError as exc:
-            log.error(
-                "reload: client certificate not reloaded, keeping the previous",
-                extra=event(
-                    "reload_failed", what="client_tls", kept="previous", **error_fields(exc)
-                ),
-            )
-        else:
-            log.info(
-                "reload: client certificate, key and CA reloaded",
-                extra=event("reload", what="client_tls"),
-            )
-
-    loop.add_signal_handler(signal.SIGHUP, reload)
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(signal.SIGINT, stop.set)
-    try:
-        await tunnel.start()
-        log.info(
-            "ready: tunnel listening",
-            extra=event(
-                "tunnel_ready",
-                listen=str(
-                    listen if tunnel.port is None else Endpoint(listen.host, tunnel.port, None)
-                ),
-                proxy=str(connect),
-                server_name=name,
-            ),
-        )
-
-        # The certificate, key and CA are reloaded when they change on disk, as on the server.
-        def changed(_old: Snapshot, new: Snapshot) -> None:
-            if kinds.changed(new):  # not on a mere touch, nor after a SIGHUP already did it
-                reload()
-
-        watcher = loop.create_task(watch(files, 5.0, baseline, changed))
-        await stop.wait()
-        watcher.cancel()
-    except OSError as exc:
-        log.error("cannot listen", extra=event("listen_failed", listen=str(listen), error=str(exc)))
-        return 1
-    finally:
-        await tunnel.close()
-        for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
-    return 0
-
-
 def _cli_endpoint(value: str, option: str, allow_port_zero: bool) -> Endpoint:
     from proxy.config import parse_endpoint
 
@@ -1124,4 +787,4 @@ def client(
         return client_context(ca, cert, key)
 
     make_ctx()  # fail fast with a precise message
-    sys.exit(_run(_client(local, remote, make_ctx, name, [cert, key, ca])))
+    sys.exit(app.run(app.run_client(local, remote, make_ctx, name, [cert, key, ca])))

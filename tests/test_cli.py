@@ -18,13 +18,13 @@ from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
-import click
 import pytest
 from click.testing import CliRunner, Result
 from cryptography import x509
 
+from proxy.app import LoopUnavailable, fd_limit_problem, loop_factory
 from proxy.certs import ensure_dev_pki, load_cert
-from proxy.cli import _loop_factory, load_yaml, main
+from proxy.cli import load_yaml, main
 from proxy.errors import ConfigError
 from proxy.logs import AUDIT_LOGGER, CONN_LOGGER, LOGGER, setup_logging
 
@@ -116,7 +116,7 @@ def test_check_config_warns_when_the_fd_limit_is_below_the_fd_budget(setup: Path
 def test_serve_raises_the_soft_fd_limit_towards_the_budget(setup: Path) -> None:
     import resource
 
-    from proxy.cli import _fd_limit_problem, load_config
+    from proxy.cli import load_config
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY or hard < 300:
@@ -125,13 +125,13 @@ def test_serve_raises_the_soft_fd_limit_towards_the_budget(setup: Path) -> None:
     try:
         resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
         small = replace(config, limits=replace(config.limits, max_connections=8))
-        assert _fd_limit_problem(small, raise_soft=True) is None  # 8*2 + 8 + 32 fits in 256
+        assert fd_limit_problem(small, raise_soft=True) is None  # 8*2 + 8 + 32 fits in 256
         assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == 256
         fits = replace(config, limits=replace(config.limits, max_connections=100))
-        assert _fd_limit_problem(fits, raise_soft=True) is None  # 332 > 256: raised to it
+        assert fd_limit_problem(fits, raise_soft=True) is None  # 332 > 256: raised to it
         assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == 2 * 100 + 100 + 32
         huge = replace(config, limits=replace(config.limits, max_connections=hard))
-        problem = _fd_limit_problem(huge, raise_soft=True)  # raised to the hard limit only
+        problem = fd_limit_problem(huge, raise_soft=True)  # raised to the hard limit only
         assert problem is not None and f"soft limit {hard})" in problem
         assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == hard
     finally:
@@ -822,11 +822,11 @@ def test_setup_logging_is_idempotent_and_validates(restore_logging: None) -> Non
 
 
 def test_serve_loop_choices(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert _loop_factory("asyncio") is None
+    assert loop_factory("asyncio") is None
     monkeypatch.setitem(sys.modules, "uvloop", None)  # as if uvloop were not installed
-    assert _loop_factory("auto") is None
-    with pytest.raises(click.UsageError, match="uvloop is not installed"):
-        _loop_factory("uvloop")
+    assert loop_factory("auto") is None
+    with pytest.raises(LoopUnavailable, match="uvloop is not installed"):
+        loop_factory("uvloop")
 
 
 def test_serve_loop_uvloop_without_uvloop_fails_before_reading_the_config(

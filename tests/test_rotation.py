@@ -652,7 +652,7 @@ async def test_server_certificate_expiry_warning(setup: Setup, running: list[Pro
 
 
 async def test_a_rotation_during_startup_is_not_missed(setup: Setup) -> None:
-    from proxy.cli import _serve
+    from proxy.app import serve
     from proxy.loading import load_acl, load_config
     from proxy.reloading import watched_files
     from proxy.tlsctx import server_context
@@ -687,7 +687,7 @@ async def test_a_rotation_during_startup_is_not_missed(setup: Setup) -> None:
     logger.addHandler(handler)
     old_level = logger.level
     logger.setLevel(logging.INFO)
-    task = asyncio.get_running_loop().create_task(_serve(config, ctx, policy, baseline=baseline))
+    task = asyncio.get_running_loop().create_task(serve(config, ctx, policy, baseline=baseline))
     try:
         ready = await record(lambda r: getattr(r, "fields", {}).get("event") == "ready", 10)
         port = int(ready.fields["listen"].rsplit(":", 1)[1])  # type: ignore[attr-defined]
