@@ -21,15 +21,32 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from proxy import __version__, app
-from proxy.config import LOG_LEVELS, Config, Endpoint
+from proxy.acl import lint_acl
+from proxy.acldiff import diff_policies
+from proxy.acldiff import render as render_diff
+from proxy.acltest import Case, parse_cases, run_cases
+from proxy.certs import (
+    CRL,
+    PKIError,
+    ensure_dev_pki,
+    init_ca_and_server,
+    issue_client,
+    load_cert,
+    revoke,
+)
+from proxy.config import LOG_LEVELS, Config, Endpoint, parse_endpoint
 from proxy.errors import ConfigError
 from proxy.explain import Explanation, explain_command, explain_shadow
+from proxy.identity import Identity, identity_from_der
 from proxy.loading import (
     describe_config_error,
     load_acl,
@@ -42,13 +59,13 @@ from proxy.logs import LOGGER, event, setup_logging
 from proxy.reloading import (
     watched_files,
 )
+from proxy.servercert import server_cert_problem
 from proxy.statusview import StatusError, fetch_sessions, render_table
+from proxy.tlsctx import client_context, load_client_cas, rebuild_chain
 from proxy.watch import snapshot as _file_state
 
 if TYPE_CHECKING:
     import ssl
-
-    from proxy.identity import Identity
 
 __all__ = ["describe_config_error", "load_acl", "load_config", "load_yaml", "main"]
 
@@ -66,7 +83,6 @@ class _Group(click.Group):
     """Maps the project's errors to exit codes and one-line messages on stderr."""
 
     def invoke(self, ctx: click.Context) -> Any:
-        from proxy.certs import PKIError
 
         try:
             return super().invoke(ctx)
@@ -120,7 +136,6 @@ _config_option = click.option(
 )
 def serve(config_path: str, workers: int, log_level: str | None, loop: str) -> None:
     """Run the proxy until SIGTERM/SIGINT; SIGHUP reloads the ACL and TLS files."""
-    from proxy.acl import lint_acl
 
     try:  # an unusable --loop fails before anything starts
         app.loop_factory(loop)
@@ -164,8 +179,6 @@ def check_config(config_path: str, names: tuple[str, ...]) -> None:
 
     The server certificate must allow serverAuth and, with --name, carry that name.
     Prints ACL lint warnings, then "ok". Exits 2 with file, key path and reason on a problem."""
-    from proxy.acl import lint_acl
-    from proxy.tlsctx import load_client_cas
 
     config = load_config(config_path)
     policy = load_acl(config.acl, config.source)
@@ -191,7 +204,6 @@ def check_config(config_path: str, names: tuple[str, ...]) -> None:
 
 def _check_shadow(config: Config) -> None:
     """check-config: the shadow ACL must load too (the proxy itself only logs an error)."""
-    from proxy.acl import lint_acl
 
     shadow = load_shadow(config)
     if shadow is not None:
@@ -202,9 +214,6 @@ def _check_shadow(config: Config) -> None:
 def _check_server_cert(config: Config, names: Sequence[str]) -> None:
     """serverAuth EKU and, for each of ``names``, a SAN covering it (``ConfigError`` on
     ``tls.cert`` otherwise). The file was already read and checked by the server context."""
-    from cryptography import x509
-
-    from proxy.servercert import server_cert_problem
 
     path = config.tls.cert
     cert = x509.load_pem_x509_certificates(Path(path).read_bytes())[0]
@@ -314,12 +323,6 @@ def acl() -> None:
 def _file_identity(path: str, config: Config | None) -> tuple[Identity, bool]:
     """The identity of the certificate at ``path`` (with ``config``: its issuer from
     tls.client_ca), and whether ``config`` is given and it does not chain to one of those CAs."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives.serialization import Encoding
-
-    from proxy.certs import load_cert
-    from proxy.identity import identity_from_der
-    from proxy.tlsctx import load_client_cas, rebuild_chain
 
     cert = load_cert(path)
     issuer_der: bytes | None = None
@@ -344,7 +347,6 @@ def _file_identity(path: str, config: Config | None) -> tuple[Identity, bool]:
 def _cert_case_identity(path: str, config: Config | None) -> Identity:
     """The identity the proxy would see for the certificate at ``path`` (with ``config``: its
     issuer from tls.client_ca, and a refusal when it does not chain to one of those CAs)."""
-    from dataclasses import replace
 
     identity, unchained = _file_identity(path, config)
     if unchained and identity.refusal is None:
@@ -374,8 +376,6 @@ def acl_test(config_path: str | None, acl_path: str | None, cases_path: str) -> 
     Prints one line per failing case and a summary "N passed, M failed". Exits 0 when every
     case passes, 1 when one fails, 2 on a config, ACL or case-file error (with its key path).
     The case format is in config/ACL.md; config/acl.example.test.yaml is an example."""
-    from proxy.acltest import Case, parse_cases, run_cases
-    from proxy.certs import PKIError
 
     if config_path is None and acl_path is None:
         raise click.UsageError("give --config PATH, --acl PATH or both")
@@ -427,10 +427,9 @@ def acl_diff(old_path: str, new_path: str, exit_code: bool) -> None:
     Both are ACL files. Reports rights gained and lost (verb classes or commands x tube
     patterns), principals added, removed or matched differently, rate limit and put limit
     changes. Exits 0 (with --exit-code: 1 when there are differences), 2 on an invalid file."""
-    from proxy.acldiff import diff_policies, render
 
     diff = diff_policies(load_acl(old_path), load_acl(new_path))
-    for line in render(diff):
+    for line in render_diff(diff):
         click.echo(line)
     if exit_code and diff.principals:
         sys.exit(1)
@@ -451,10 +450,6 @@ def _echo_written(paths: Sequence[Path]) -> None:
 
 
 def _echo_pins(cert_path: Path) -> None:
-    from cryptography.hazmat.primitives.serialization import Encoding
-
-    from proxy.certs import load_cert
-    from proxy.identity import identity_from_der
 
     identity = identity_from_der(load_cert(cert_path).public_bytes(Encoding.DER))
     click.echo(f"subject: {identity.subject}")
@@ -477,7 +472,6 @@ def _echo_pins(cert_path: Path) -> None:
 def certs_init(directory: str, names: tuple[str, ...], days: int, rsa: bool, force: bool) -> None:
     """Create a CA, a server certificate (localhost, 127.0.0.1, ::1 + --name) and an empty
     CRL in DIRECTORY."""
-    from proxy.certs import init_ca_and_server
 
     written = init_ca_and_server(
         directory, list(names), days=days, force=force, key_type="rsa" if rsa else "ec"
@@ -517,7 +511,6 @@ def certs_issue(
     force: bool,
 ) -> None:
     """Issue a client certificate CN=NAME (or --cn) as NAME.pem / NAME.key."""
-    from proxy.certs import issue_client
 
     written = issue_client(
         ca_dir,
@@ -541,7 +534,6 @@ def certs_issue(
 @click.argument("cert", metavar="CERT")
 def certs_revoke(ca_dir: str, cert: str) -> None:
     """Add CERT's serial to DIR/crl.pem (send the proxy SIGHUP afterwards)."""
-    from proxy.certs import CRL, load_cert, revoke
 
     serial = load_cert(cert).serial_number
     added = revoke(ca_dir, cert)
@@ -555,7 +547,6 @@ def certs_revoke(ca_dir: str, cert: str) -> None:
 def certs_dev(directory: str) -> None:
     """Create whatever is missing of a development PKI in DIRECTORY (default certs/dev): CA,
     server certificate, CRL and the client certificate dev-client (OU dev)."""
-    from proxy.certs import ensure_dev_pki
 
     written = ensure_dev_pki(directory)
     _echo_written(written)
@@ -606,7 +597,6 @@ def status(urls: tuple[str, ...], as_json: bool, timeout: float) -> None:
 
 
 def _cli_endpoint(value: str, option: str, allow_port_zero: bool) -> Endpoint:
-    from proxy.config import parse_endpoint
 
     try:
         return parse_endpoint(value, allow_port_zero=allow_port_zero)
@@ -660,7 +650,6 @@ def client(
 
     The local side has no authentication of its own, so it listens on loopback unless
     --allow-remote-listen is given. SIGHUP reloads the certificate, key and CA."""
-    from proxy.tlsctx import client_context
 
     setup_logging(log_format, log_level)
     local = _cli_endpoint(listen, "--listen", allow_port_zero=True)
