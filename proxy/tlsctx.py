@@ -176,15 +176,21 @@ def _check_pair(
         _check_validity(leaf, cert_path, source, cert_key)
 
 
+def _parse_crl(data: bytes) -> tuple[x509.CertificateRevocationList, bool]:
+    """The CRL in ``data`` (PEM or DER) and whether it is PEM; ``ValueError`` when it is
+    neither. The one CRL parser: the context and the revocation check read files alike."""
+    is_pem = b"-----BEGIN X509 CRL-----" in data
+    crl = x509.load_pem_x509_crl(data) if is_pem else x509.load_der_x509_crl(data)
+    return crl, is_pem
+
+
 def _load_crl(path: str, source: str, key: str) -> tuple[x509.CertificateRevocationList, bool]:
     """Returns the CRL and whether the file is PEM."""
     data = _read(path, source, key, "CRL")
-    is_pem = b"-----BEGIN X509 CRL-----" in data
     try:
-        crl = x509.load_pem_x509_crl(data) if is_pem else x509.load_der_x509_crl(data)
+        return _parse_crl(data)
     except ValueError as exc:
         raise ConfigError(source, key, f"{path} is not a valid PEM or DER CRL: {exc}") from None
-    return crl, is_pem
 
 
 def _check_crl(
@@ -551,12 +557,7 @@ def revocation_check(tls: TLSConfig) -> Callable[[bytes], bool] | None:
         return None
     revoked: set[tuple[bytes, int]] = set()
     for path in tls.crl:
-        data = Path(path).read_bytes()
-        crl = (
-            x509.load_pem_x509_crl(data)
-            if data.lstrip().startswith(b"-----")
-            else x509.load_der_x509_crl(data)
-        )
+        crl, _ = _parse_crl(Path(path).read_bytes())
         issuer = crl.issuer.public_bytes()
         revoked.update((issuer, entry.serial_number) for entry in crl)
     chain_mode = tls.crl_check == "chain"
