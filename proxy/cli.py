@@ -1,18 +1,13 @@
-"""The ``beanstalk-proxy`` command line: the composition root and the only module that reads
-files or YAML.
+"""The ``beanstalk-proxy`` command line: the click commands, the composition root.
 
-``serve`` loads the config and the ACL, builds the TLS context and runs the asyncio relay
-(uvloop when installed) until SIGTERM/SIGINT; SIGHUP re-reads the ACL file and the certificate,
-key, CA and CRL files named in the config and swaps them in, keeping the previous policy or
-context (and logging the precise error) when the new one does not load. ``check-config``
-validates everything ``serve`` would load (and that the server certificate may serve, for the
-``--name`` given), ``explain`` shows which principal a certificate maps to (or why each one
-failed) and how the ACL decides one command line, ``acl test`` runs a decision table and
-``acl diff`` compares the rights of two ACLs (also logged on every ACL reload), and ``certs``
-makes a development PKI. YAML is read with a ``yaml.SafeLoader`` subclass that also rejects
-duplicate keys, through ``proxy.yamlpos``, which remembers where each key path is. Every
-``ConfigError`` exits with status 2 and ``error: <file>: <key path>: <reason> (line L, column
-C)`` on stderr; PKI errors exit 1.
+Each command loads what it needs through ``proxy.loading`` and hands it to the module that does
+the work, printing what that returns: ``serve`` and ``client`` run ``proxy.app`` (SIGHUP and
+watched-file reloads are ``proxy.reloading``); ``check-config`` validates everything ``serve``
+would load (and that the server certificate may serve, for the ``--name`` given); ``explain``
+prints ``proxy.explain``'s answer for one command line; ``acl test`` runs a decision table and
+``acl diff`` compares the rights of two ACLs; ``status`` prints ``proxy.statusview``'s table;
+``certs`` makes a development PKI. Every ``ConfigError`` exits with status 2 and ``error:
+<file>: <key path>: <reason> (line L, column C)`` on stderr; PKI errors exit 1.
 """
 
 from __future__ import annotations

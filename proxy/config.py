@@ -1,7 +1,7 @@
 """Proxy configuration: already-parsed YAML data in, a frozen, validated ``Config`` out.
 
 This module is pure: it never opens files, sockets or TLS contexts, and it does not import
-``yaml`` (``proxy.cli`` reads and parses the file and hands the resulting data over). Every
+``yaml`` (``proxy.loading`` reads and parses the file and hands the resulting data over). Every
 problem is reported as ``ConfigError(source, key_path, reason)`` where ``key_path`` is the dotted
 location inside the document (``tls.cert``, ``tls.crl[1]``, ``limits.handshake_timeout``), so an
 operator can go straight to the offending line. Unknown keys are errors (typo protection), a key
