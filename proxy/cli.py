@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import json
 import logging
+import ssl
 import sys
 from collections.abc import Sequence
-from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import click
 from cryptography import x509
@@ -43,6 +43,8 @@ from proxy.errors import ConfigError
 from proxy.explain import Explanation, explain_command, explain_shadow
 from proxy.identity import Identity, identity_from_der
 from proxy.loading import (
+    case_identity,
+    certificate_identity,
     describe_config_error,
     load_acl,
     load_config,
@@ -56,11 +58,8 @@ from proxy.reloading import (
 )
 from proxy.servercert import server_cert_problem
 from proxy.statusview import StatusError, fetch_sessions, render_table
-from proxy.tlsctx import client_context, load_client_cas, rebuild_chain
+from proxy.tlsctx import client_context, load_client_cas
 from proxy.watch import snapshot as _file_state
-
-if TYPE_CHECKING:
-    import ssl
 
 __all__ = ["describe_config_error", "load_acl", "load_config", "load_yaml", "main"]
 
@@ -259,7 +258,7 @@ def explain(
     policy = load_acl(config.acl, config.source)
     if (cert_path is None) == (principal_name is None):
         raise click.UsageError("give exactly one of --cert PEM or --principal NAME")
-    identity = _file_identity(cert_path, config)[0] if cert_path is not None else None
+    identity = certificate_identity(cert_path, config)[0] if cert_path is not None else None
     if shadow_policy is None:
         _print_explanation(
             explain_command(
@@ -315,42 +314,6 @@ def acl() -> None:
     """Tools for changing the ACL safely: decision tables (test) and rights diffs (diff)."""
 
 
-def _file_identity(path: str, config: Config | None) -> tuple[Identity, bool]:
-    """The identity of the certificate at ``path`` (with ``config``: its issuer from
-    tls.client_ca), and whether ``config`` is given and it does not chain to one of those CAs."""
-
-    cert = load_cert(path)
-    issuer_der: bytes | None = None
-    unchained = False
-    if config is not None:
-        try:  # intermediates may follow the leaf in the file, as a client would send them
-            sent = x509.load_pem_x509_certificates(Path(path).read_bytes())[1:]
-        except (OSError, ValueError):
-            sent = []
-        chain = rebuild_chain(cert, load_client_cas(config.tls, config.source), sent)
-        unchained = chain is None
-        if chain is not None and len(chain) > 1:
-            issuer_der = chain[1].public_bytes(Encoding.DER)
-    identity = identity_from_der(
-        cert.public_bytes(Encoding.DER),
-        issuer_der=issuer_der,
-        require_client_auth_eku=config is None or config.tls.require_client_auth_eku,
-    )
-    return identity, unchained
-
-
-def _cert_case_identity(path: str, config: Config | None) -> Identity:
-    """The identity the proxy would see for the certificate at ``path`` (with ``config``: its
-    issuer from tls.client_ca, and a refusal when it does not chain to one of those CAs)."""
-
-    identity, unchained = _file_identity(path, config)
-    if unchained and identity.refusal is None:
-        assert config is not None
-        reason = f"no chain to a CA of tls.client_ca ({config.tls.client_ca}): TLS handshake fails"
-        identity = replace(identity, refusal=reason)
-    return identity
-
-
 @acl.command("test")
 @click.option(
     "--config",
@@ -384,7 +347,7 @@ def acl_test(config_path: str | None, acl_path: str | None, cases_path: str) -> 
         assert case.cert is not None
         path = base / case.cert
         try:
-            return _cert_case_identity(str(path), config)
+            return case_identity(str(path), config)
         except (PKIError, ValueError) as exc:
             raise ConfigError(cases_path, f"cases[{case.index}].cert", str(exc)) from None
 

@@ -1,5 +1,6 @@
 """Loading what ``serve`` and the other commands read: the config, the ACLs (enforced and
-shadow) and the server's TLS context, every failure a ``ConfigError`` with a key path.
+shadow), the server's TLS context and (for ``explain`` and ``acl test``) the identity a client
+certificate file stands for, every config failure a ``ConfigError`` with a key path.
 
 YAML is read with a ``yaml.SafeLoader`` subclass that also rejects duplicate keys, through
 ``proxy.yamlpos``, which remembers where each key path is, so that ``describe_config_error``
@@ -10,18 +11,25 @@ this is the only place that reads the config and ACL files.
 from __future__ import annotations
 
 import ssl
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from proxy.acl import Policy, parse_acl
+from proxy.certs import load_cert
 from proxy.config import Config, parse_config
 from proxy.errors import ConfigError
-from proxy.tlsctx import server_context
+from proxy.identity import Identity, identity_from_der
+from proxy.tlsctx import load_client_cas, rebuild_chain, server_context
 from proxy.yamlpos import compose_with_positions, position, remember
 
 __all__ = [
+    "case_identity",
+    "certificate_identity",
     "describe_config_error",
     "load_acl",
     "load_config",
@@ -140,3 +148,37 @@ def describe_config_error(exc: ConfigError) -> str:
 def load_server_context(config: Config) -> ssl.SSLContext:
     """The server's TLS context from the files ``config.tls`` names."""
     return server_context(config.tls, source=config.source)
+
+
+def certificate_identity(path: str, config: Config | None) -> tuple[Identity, bool]:
+    """The identity of the certificate at ``path`` (with ``config``: its issuer from
+    tls.client_ca), and whether ``config`` is given and it does not chain to one of those CAs."""
+    cert = load_cert(path)
+    issuer_der: bytes | None = None
+    unchained = False
+    if config is not None:
+        try:  # intermediates may follow the leaf in the file, as a client would send them
+            sent = x509.load_pem_x509_certificates(Path(path).read_bytes())[1:]
+        except (OSError, ValueError):
+            sent = []
+        chain = rebuild_chain(cert, load_client_cas(config.tls, config.source), sent)
+        unchained = chain is None
+        if chain is not None and len(chain) > 1:
+            issuer_der = chain[1].public_bytes(Encoding.DER)
+    identity = identity_from_der(
+        cert.public_bytes(Encoding.DER),
+        issuer_der=issuer_der,
+        require_client_auth_eku=config is None or config.tls.require_client_auth_eku,
+    )
+    return identity, unchained
+
+
+def case_identity(path: str, config: Config | None) -> Identity:
+    """The identity the proxy would see for the certificate at ``path`` (with ``config``: its
+    issuer from tls.client_ca, and a refusal when it does not chain to one of those CAs)."""
+    identity, unchained = certificate_identity(path, config)
+    if unchained and identity.refusal is None:
+        assert config is not None
+        reason = f"no chain to a CA of tls.client_ca ({config.tls.client_ca}): TLS handshake fails"
+        identity = replace(identity, refusal=reason)
+    return identity

@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Collection
-from typing import TYPE_CHECKING
 
 from cryptography import x509
 
@@ -24,12 +23,10 @@ from proxy.config import Config
 from proxy.errors import ConfigError
 from proxy.loading import load_acl, load_server_context, load_shadow
 from proxy.logs import LOGGER, event
+from proxy.relay import ProxyServer
 from proxy.tlsctx import refuse_all_context, revocation_check
 from proxy.watch import Kinds, Snapshot, changed_paths
 from proxy.yamlpos import position
-
-if TYPE_CHECKING:
-    from proxy.relay import ProxyServer
 
 __all__ = [
     "error_fields",
