@@ -40,7 +40,7 @@ from proxy.certs import (
 )
 from proxy.config import LOG_LEVELS, Config, Endpoint, parse_endpoint
 from proxy.errors import ConfigError
-from proxy.explain import Explanation, explain_command, explain_shadow
+from proxy.explain import Explanation, Query, explain_command, explain_shadow
 from proxy.identity import Identity, identity_from_der
 from proxy.loading import (
     case_identity,
@@ -259,22 +259,7 @@ def explain(
     if (cert_path is None) == (principal_name is None):
         raise click.UsageError("give exactly one of --cert PEM or --principal NAME")
     identity = certificate_identity(cert_path, config)[0] if cert_path is not None else None
-    if shadow_policy is None:
-        _print_explanation(
-            explain_command(
-                policy,
-                commandline,
-                identity=identity,
-                principal=principal_name,
-                tube=tube,
-                max_job_size=config.limits.max_job_size,
-                denial_reply=config.denial_reply,
-            )
-        )
-        return
-    both = explain_shadow(
-        policy,
-        shadow_policy,
+    query = Query(
         commandline,
         identity=identity,
         principal=principal_name,
@@ -282,6 +267,10 @@ def explain(
         max_job_size=config.limits.max_job_size,
         denial_reply=config.denial_reply,
     )
+    if shadow_policy is None:
+        _print_explanation(explain_command(policy, query))
+        return
+    both = explain_shadow(policy, shadow_policy, query)
     _print_explanation(both.enforced, f"== enforced: {config.acl}")
     _print_explanation(both.shadow, f"== shadow: {config.acl_shadow}")
     words = ["ALLOW" if e.allowed else "DENY or refused" for e in (both.enforced, both.shadow)]

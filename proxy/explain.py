@@ -1,12 +1,13 @@
 """``explain``: which principal a certificate (or a name) stands for, and how an ACL decides one
 command line, as a value the command line prints.
 
-``explain_command`` walks what the proxy does for one command: the principal (or, for a
-certificate no principal takes, why each one failed), the command's parse, the job-size limit,
-the tube the ACL is asked about, the decision and the reply a denied client gets, and a put's
-rule limits. It returns an ``Explanation``: the lines to print, whether the command is
-allowed, and, when the answer needs more input (a job-id command whose decision depends on the
-job's tube), a usage error. ``explain_shadow`` does it for the enforced and the shadow ACL.
+``explain_command`` walks what the proxy does for one ``Query`` (a command line, who sends
+it, the tube it acts on): the principal (or, for a certificate no principal takes, why each
+one failed), the command's parse, the job-size limit, the tube the ACL is asked about, the
+decision and the reply a denied client gets, and a put's rule limits. It returns an
+``Explanation``: the lines to print, whether the command is allowed, and, when the answer
+needs more input (a job-id command whose decision depends on the job's tube), a usage error.
+``explain_shadow`` does it for the enforced and the shadow ACL.
 Pure: no I/O; the caller reads the config, the ACLs and the certificate.
 """
 
@@ -20,7 +21,7 @@ from proxy.identity import Identity
 from proxy.protocol import OP_PUT, parse_command_line
 from proxy.session import denial_replies
 
-__all__ = ["Explanation", "ShadowExplanation", "explain_command", "explain_shadow"]
+__all__ = ["Explanation", "Query", "ShadowExplanation", "explain_command", "explain_shadow"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,56 +57,39 @@ class _Done(Exception):
         self.usage_error = usage_error
 
 
-def explain_command(
-    policy: Policy,
-    commandline: str,
-    *,
-    identity: Identity | None = None,
-    principal: str | None = None,
-    tube: str | None = None,
-    max_job_size: int = 65535,
-    denial_reply: str = "compatible",
-) -> Explanation:
-    """Explain ``commandline`` for the holder of ``identity`` or for the principal named
-    ``principal`` (exactly one of them) under ``policy``. ``tube`` is the used, watched or
+@dataclass(frozen=True, slots=True)
+class Query:
+    """What ``explain`` is asked: ``commandline`` sent by the holder of ``identity`` or by the
+    principal named ``principal`` (exactly one of them). ``tube`` is the used, watched or
     job's tube (default for used/watched: ``default``); ``max_job_size`` and
     ``denial_reply`` are the config's ``limits.max_job_size`` and ``acl_denial_reply``."""
-    if (identity is None) == (principal is None):
-        raise ValueError("give exactly one of identity or principal")
+
+    commandline: str
+    identity: Identity | None = None
+    principal: str | None = None
+    tube: str | None = None
+    max_job_size: int = 65535
+    denial_reply: str = "compatible"
+
+    def __post_init__(self) -> None:
+        if (self.identity is None) == (self.principal is None):
+            raise ValueError("give exactly one of identity or principal")
+
+
+def explain_command(policy: Policy, query: Query) -> Explanation:
+    """How ``policy`` decides ``query``."""
     lines: list[str] = []
     try:
-        name = _principal(policy, identity, principal, lines)
-        allowed = _decide(policy, name, commandline, tube, max_job_size, denial_reply, lines)
+        name = _principal(policy, query.identity, query.principal, lines)
+        allowed = _decide(policy, name, query, lines)
     except _Done as done:
         return Explanation(tuple(lines), done.allowed, done.usage_error)
     return Explanation(tuple(lines), allowed)
 
 
-def explain_shadow(
-    enforced: Policy,
-    shadow: Policy,
-    commandline: str,
-    *,
-    identity: Identity | None = None,
-    principal: str | None = None,
-    tube: str | None = None,
-    max_job_size: int = 65535,
-    denial_reply: str = "compatible",
-) -> ShadowExplanation:
+def explain_shadow(enforced: Policy, shadow: Policy, query: Query) -> ShadowExplanation:
     """``explain_command`` under the enforced ACL and under the shadow ACL."""
-
-    def one(policy: Policy) -> Explanation:
-        return explain_command(
-            policy,
-            commandline,
-            identity=identity,
-            principal=principal,
-            tube=tube,
-            max_job_size=max_job_size,
-            denial_reply=denial_reply,
-        )
-
-    return ShadowExplanation(one(enforced), one(shadow))
+    return ShadowExplanation(explain_command(enforced, query), explain_command(shadow, query))
 
 
 def _principal(policy: Policy, identity: Identity | None, name: str | None, out: list[str]) -> str:
@@ -154,17 +138,10 @@ def _rate(policy: Policy, principal: str, out: list[str]) -> None:
         )
 
 
-def _decide(
-    policy: Policy,
-    principal: str,
-    commandline: str,
-    tube: str | None,
-    max_job_size: int,
-    denial_reply: str,
-    out: list[str],
-) -> bool:
+def _decide(policy: Policy, principal: str, query: Query, out: list[str]) -> bool:
+    tube, max_job_size = query.tube, query.max_job_size
     try:
-        parsed = parse_command_line(commandline.encode("utf-8"))
+        parsed = parse_command_line(query.commandline.encode("utf-8"))
     except ProtocolError as exc:
         out.append(f"rejected: {exc}: the proxy answers BAD_FORMAT and closes the connection")
         return False
@@ -216,7 +193,7 @@ def _decide(
 
     out.append(f"command: {name} ({verb}) on {where}")
     decision = policy.decide(principal, name, verb, check_tube)
-    replies, _ = denial_replies(denial_reply)
+    replies, _ = denial_replies(query.denial_reply)
     denied_reply = replies[parsed.command[0]].decode().strip()
     if job_id is not None and check_tube and not policy.any_right(principal, check_tube).allowed:
         denied_reply = "NOT_FOUND"  # a job in a tube the principal may not see

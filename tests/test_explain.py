@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from proxy.acl import Policy, parse_acl
-from proxy.explain import Explanation, explain_command, explain_shadow
+from proxy.explain import Explanation, Query, explain_command, explain_shadow
 from proxy.identity import Identity
 
 ACL: dict[str, Any] = {
@@ -52,6 +52,10 @@ def ident(
         not_after=dt.datetime(2030, 1, 1, tzinfo=dt.UTC),
         refusal=refusal,
     )
+
+
+def ask(policy: Policy, line: str, **kwargs: Any) -> Explanation:
+    return explain_command(policy, Query(line, **kwargs))
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +144,7 @@ def test_explain_table(
     allowed: bool,
     expect: list[str],
 ) -> None:
-    result = explain_command(
+    result = ask(
         policy,
         line,
         identity=who if isinstance(who, Identity) else None,
@@ -155,7 +159,7 @@ def test_explain_table(
 
 
 def test_no_principal_gives_a_reason_per_principal(policy: Policy) -> None:
-    result = explain_command(policy, "stats", identity=ident(cn="worker", ous=("web",)))
+    result = ask(policy, "stats", identity=ident(cn="worker", ous=("web",)))
     assert not result.allowed
     reasons = result.lines[result.lines.index("no principal matches: connection refused") + 1 :]
     assert len(reasons) == 2  # one per principal, in file order
@@ -165,9 +169,9 @@ def test_no_principal_gives_a_reason_per_principal(policy: Policy) -> None:
 
 
 def test_malformed_and_too_big_say_why(policy: Policy) -> None:
-    bad = explain_command(policy, "put 0 0 60", principal="worker")
+    bad = ask(policy, "put 0 0 60", principal="worker")
     assert bad.lines[-1].startswith("rejected: ")
-    big = explain_command(policy, "put 0 0 60 70000", principal="billing", max_job_size=1000)
+    big = ask(policy, "put 0 0 60 70000", principal="billing", max_job_size=1000)
     assert big.lines[-1] == (
         "rejected: body of 70000 bytes exceeds limits.max_job_size 1000: the client gets "
         "JOB_TOO_BIG"
@@ -175,7 +179,7 @@ def test_malformed_and_too_big_say_why(policy: Policy) -> None:
 
 
 def test_denied_reply_follows_acl_denial_reply(policy: Policy) -> None:
-    explicit = explain_command(
+    explicit = ask(
         policy, "put 0 0 60 5", principal="worker", tube="invoices", denial_reply="explicit"
     )
     assert explicit.lines[-1].endswith("the client gets NOT_PERMITTED")
@@ -183,27 +187,27 @@ def test_denied_reply_follows_acl_denial_reply(policy: Policy) -> None:
 
 
 def test_unknown_principal_name_is_noted(policy: Policy) -> None:
-    result = explain_command(policy, "stats", principal="nobody")
+    result = ask(policy, "stats", principal="nobody")
     assert result.lines[0].startswith("note: 'nobody' is not a principal defined in acl.yaml")
     assert not result.allowed
 
 
 def test_job_command_needs_the_tube_unless_uniform(policy: Policy) -> None:
-    needs = explain_command(policy, "delete 5", principal="billing")
+    needs = ask(policy, "delete 5", principal="billing")
     assert (
         needs.usage_error
         == "the decision for delete depends on the job's tube; give it with --tube"
     )
-    given = explain_command(policy, "delete 5", principal="billing", tube="secrets.x")
+    given = ask(policy, "delete 5", principal="billing", tube="secrets.x")
     assert given.usage_error is None
     assert not given.allowed
 
 
-def test_exactly_one_of_identity_or_principal(policy: Policy) -> None:
+def test_exactly_one_of_identity_or_principal() -> None:
     with pytest.raises(ValueError, match="exactly one"):
-        explain_command(policy, "stats")
+        Query("stats")
     with pytest.raises(ValueError, match="exactly one"):
-        explain_command(policy, "stats", identity=BILLING, principal="billing")
+        Query("stats", identity=BILLING, principal="billing")
 
 
 @pytest.mark.parametrize(
@@ -212,7 +216,7 @@ def test_exactly_one_of_identity_or_principal(policy: Policy) -> None:
 )
 def test_shadow_mismatch(policy: Policy, line: str, mismatch: bool) -> None:
     shadow = parse_acl(SHADOW, "shadow.yaml")
-    both = explain_shadow(policy, shadow, line, principal="billing", tube="invoices")
+    both = explain_shadow(policy, shadow, Query(line, principal="billing", tube="invoices"))
     assert both.mismatch is mismatch
     assert isinstance(both.enforced, Explanation)
     if mismatch:
