@@ -149,6 +149,10 @@ async def serve(
     shared: SharedCounts | None = None,
     status_endpoint: Endpoint | None = None,
 ) -> int:
+    """One proxy process with ``policy`` and ``ctx`` until SIGTERM/SIGINT (exit status 0; 1
+    when it cannot listen). SIGHUP and watched-file changes reload. ``baseline`` is the state
+    of the watched files from before they were read; ``worker``, ``shared`` and
+    ``status_endpoint`` are set for a worker of ``--workers N``."""
     holder = PolicyHolder(policy)
     server = ProxyServer(config, ctx, holder, reuse_port=worker is not None, shared=shared)
     record_expiry(config, server)

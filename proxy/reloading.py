@@ -80,6 +80,7 @@ def kind_files(config: Config) -> dict[str, list[str]]:
 
 
 def watched_files(config: Config) -> list[str]:
+    """Every file a reload reads."""
     return Kinds(kind_files(config)).paths
 
 
