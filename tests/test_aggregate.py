@@ -37,7 +37,7 @@ class FakeWorker:
         assert self.server is not None
         self.server.close()
         await self.server.wait_closed()
-        self.path.unlink()
+        self.path.unlink(missing_ok=True)  # Python 3.13 removes it on close
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         head = await reader.readuntil(b"\r\n\r\n")
