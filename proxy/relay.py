@@ -51,7 +51,7 @@ from proxy.logs import event
 from proxy.logsummary import AUDIT_BURST, AUDIT_WINDOW, Suppressed, WindowCounter
 from proxy.metrics import Metrics
 from proxy.ratelimit import TokenBucket, worker_share
-from proxy.session import MAX_HELD_BYTES, MAX_PENDING, Session
+from proxy.session import MAX_HELD_BYTES, MAX_PENDING, DrainCause, Session
 from proxy.shadow import ShadowView, shadow_principal
 from proxy.shadowreport import ShadowReporter
 from proxy.sharedlimits import SharedCounts
@@ -74,6 +74,10 @@ DRAIN_TIMEOUT = 30.0
 #: write the log at the rate it can open sockets).
 PEER_LOG_LINES = 10
 PEER_LOG_WINDOW = 10.0
+
+
+#: Drain causes of a connection the client ended (``closed_by=client`` in the close event).
+_CLIENT_CAUSES = frozenset({DrainCause.QUIT, DrainCause.CLIENT_EOF})
 
 
 class PolicyHolder:
@@ -297,7 +301,7 @@ class Connection(asyncio.Protocol):
         by = "upstream"
         if session is not None and session.draining:
             reason = session.close_reason or reason
-            by = "client" if reason in ("quit", "client closed") else "proxy"
+            by = "client" if session.drain_cause in _CLIENT_CAUSES else "proxy"
         else:
             self.server.metrics.upstream_lost.inc()
             log.warning(
@@ -349,7 +353,7 @@ class Connection(asyncio.Protocol):
             session.draining
             and not session.blocked
             and not self.eof_sent
-            and (self.client_ended or session.close_reason != "quit")
+            and (self.client_ended or session.drain_cause is not DrainCause.QUIT)
         ):
             # After ``quit`` beanstalkd closes by itself once it has answered everything before
             # it; a half-close now would turn a blocking ``reserve`` into ``TIMED_OUT``. Only a
@@ -410,7 +414,10 @@ class Connection(asyncio.Protocol):
             or (session.waiting and session.parser.buffered > MAX_HELD_BYTES)
             # after ``quit`` the client is still read, only to notice its EOF; its bytes are
             # ignored by the session
-            or (session.draining and (session.close_reason != "quit" or self.client_ended))
+            or (
+                session.draining
+                and (session.drain_cause is not DrainCause.QUIT or self.client_ended)
+            )
             or len(session.pending) > MAX_PENDING
         )
 
@@ -446,9 +453,7 @@ class Connection(asyncio.Protocol):
         if session is None or self.upstream is None:
             self.close(reason)
             return
-        if not session.draining:
-            session.draining = True
-            session.close_reason = reason
+        session.stop(reason)
         self.flush()
 
     def _audit(self, denials: list[dict[str, Any]]) -> None:

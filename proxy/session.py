@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable
-from enum import IntEnum
+from enum import Enum, IntEnum
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from proxy.acl import DELETE_OTHER_VERB, TUBE_CHARS, Decision, Policy
@@ -231,13 +231,28 @@ def ok_reply(yaml: bytes) -> bytes:
     return b"OK %d\r\n%s\r\n" % (len(yaml), yaml)
 
 
+class DrainCause(Enum):
+    """Why a session drains (``Session.drain_cause``; the logged text is ``close_reason``).
+
+    ``QUIT``: the client sent ``quit`` (beanstalkd closes by itself, upstream is not
+    half-closed before the client's EOF); ``CLIENT_EOF``: the client half-closed;
+    ``PROTOCOL_ERROR``: the client sent something unparseable; ``PROXY``: the relay's own
+    reason (idle timeout, connection lifetime, shutdown), given to ``Session.stop``."""
+
+    QUIT = "quit"
+    CLIENT_EOF = "client closed"
+    PROTOCOL_ERROR = "protocol error"
+    PROXY = "proxy"
+
+
 class Session:
     """See the module docstring. Attributes the relay reads after each call:
 
     ``to_upstream`` / ``to_client``: bytes to send (the relay swaps them out);
     ``blocked``: waiting for a lookup reply, stop reading the client;
     ``draining``: the client will send nothing more; once ``blocked`` is false, the relay
-    half-closes upstream and closes the client when upstream closes;
+    half-closes upstream and closes the client when upstream closes; ``drain_cause`` says why
+    (a ``DrainCause``), ``close_reason`` is the text logged for it;
     ``failed``: a reason string when the upstream misbehaved and both sides must close now;
     ``denials``: audit records of denied commands, for the relay to log and clear;
     ``backlog``: a turn stopped after ``TURN_BUDGET`` commands with input still buffered: the
@@ -303,7 +318,8 @@ class Session:
         self.yields = 0
         self.draining = False
         self.failed: str | None = None
-        self.close_reason = ""
+        self.close_reason = ""  # the text logged as the close event's reason
+        self.drain_cause: DrainCause | None = None  # set with close_reason
         self.denials: list[dict[str, Any]] = []
         self.op_counts = [0] * len(NAMES)  # commands parsed, by op (read by metrics)
         self.denied_counts = [0] * len(NAMES)  # of which denied
@@ -401,8 +417,19 @@ class Session:
         if self.draining or self.ended:
             return
         self.ended = True
-        self.close_reason = self.close_reason or "client closed"
+        if not self.close_reason:
+            self.close_reason = "client closed"
+            self.drain_cause = DrainCause.CLIENT_EOF
         self._run()
+
+    def stop(self, reason: str) -> None:
+        """The relay drains this session for its own ``reason`` (idle timeout, connection
+        lifetime, shutdown): no more commands are read; a drain already under way keeps its
+        cause."""
+        if not self.draining:
+            self.draining = True
+            self.close_reason = reason
+            self.drain_cause = DrainCause.PROXY
 
     def may_keep_waiting(self) -> bool:
         """Whether the outstanding blocking ``reserve`` is still allowed on every tube it
@@ -454,6 +481,7 @@ class Session:
             self._local(BAD_FORMAT)
             self.draining = True
             self.close_reason = f"protocol error: {exc}"
+            self.drain_cause = DrainCause.PROTOCOL_ERROR
 
     def _local(self, reply: bytes) -> None:
         if self.pending:
@@ -541,6 +569,7 @@ class Session:
         write_command(self.to_upstream, cmd)
         self.draining = True
         self.close_reason = "quit"
+        self.drain_cause = DrainCause.QUIT
 
     def _tracks_jobs(self) -> bool:
         """Whether job ids must be remembered: only when some job-id decision of this

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from conftest import make_session, take
 
-from proxy.session import Session
+from proxy.session import DrainCause, Session
 
 ACL = {
     "principals": [
@@ -95,6 +95,7 @@ def test_protocol_error_replies_then_drains() -> None:
     assert take(s.to_upstream) == b""
     assert take(s.to_client) == b"BAD_FORMAT\r\n"
     assert s.draining and "malformed put" in s.close_reason
+    assert s.drain_cause is DrainCause.PROTOCOL_ERROR
 
 
 def test_unsolicited_upstream_reply_fails_the_session() -> None:
@@ -124,3 +125,22 @@ def test_own_job_operations_still_need_consume_or_manage() -> None:
     body = b"---\nid: 5\ntube: jobs\nstate: ready\n"
     s.feed_upstream(b"OK %d\r\n%s\r\n" % (len(body), body))
     assert take(s.to_client) == b"NOT_PERMITTED\r\n"
+
+
+def test_drain_cause_follows_the_logged_reason() -> None:
+    s = session()
+    s.feed_client(b"quit\r\n")
+    assert (s.drain_cause, s.close_reason) == (DrainCause.QUIT, "quit")
+    s.stop("idle timeout")  # a drain under way keeps its cause
+    assert (s.drain_cause, s.close_reason) == (DrainCause.QUIT, "quit")
+    eof = session()
+    assert eof.drain_cause is None and not eof.draining
+    eof.client_eof()
+    assert (eof.drain_cause, eof.close_reason) == (DrainCause.CLIENT_EOF, "client closed")
+    assert eof.draining
+    relay = session()
+    relay.stop("proxy shutting down")
+    assert relay.draining
+    assert (relay.drain_cause, relay.close_reason) == (DrainCause.PROXY, "proxy shutting down")
+    relay.client_eof()  # the client's EOF does not change why it drains
+    assert relay.drain_cause is DrainCause.PROXY
