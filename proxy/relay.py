@@ -51,7 +51,7 @@ from proxy.logs import event
 from proxy.logsummary import AUDIT_BURST, AUDIT_WINDOW, Suppressed, WindowCounter
 from proxy.metrics import Metrics
 from proxy.ratelimit import TokenBucket, worker_share
-from proxy.session import MAX_HELD_BYTES, MAX_PENDING, DrainCause, Session
+from proxy.session import Session
 from proxy.shadow import ShadowView, shadow_principal
 from proxy.shadowreport import ShadowReporter
 from proxy.sharedlimits import SharedCounts
@@ -74,10 +74,6 @@ DRAIN_TIMEOUT = 30.0
 #: write the log at the rate it can open sockets).
 PEER_LOG_LINES = 10
 PEER_LOG_WINDOW = 10.0
-
-
-#: Drain causes of a connection the client ended (``closed_by=client`` in the close event).
-_CLIENT_CAUSES = frozenset({DrainCause.QUIT, DrainCause.CLIENT_EOF})
 
 
 class PolicyHolder:
@@ -299,9 +295,9 @@ class Connection(asyncio.Protocol):
             return
         session = self.session
         by = "upstream"
-        if session is not None and session.draining:
-            reason = session.close_reason or reason
-            by = "client" if session.drain_cause in _CLIENT_CAUSES else "proxy"
+        ending = session.upstream_closed(reason) if session is not None else None
+        if ending is not None:
+            reason, by = ending
         else:
             self.server.metrics.upstream_lost.inc()
             log.warning(
@@ -349,15 +345,7 @@ class Connection(asyncio.Protocol):
             queued = session.queued
             session.queued = 0
             self.server.grant(self.server.budget.release(queued))
-        if (
-            session.draining
-            and not session.blocked
-            and not self.eof_sent
-            and (self.client_ended or session.drain_cause is not DrainCause.QUIT)
-        ):
-            # After ``quit`` beanstalkd closes by itself once it has answered everything before
-            # it; a half-close now would turn a blocking ``reserve`` into ``TIMED_OUT``. Only a
-            # client EOF (or a protocol error) half-closes upstream.
+        if not self.eof_sent and session.half_close_due():
             self.eof_sent = True
             if upstream.can_write_eof():
                 upstream.write_eof()
@@ -400,25 +388,13 @@ class Connection(asyncio.Protocol):
             self.update_reading()  # backpressure: wait for resume_writing and friends
 
     def _may_run(self, session: Session) -> bool:
-        return not (
-            self.upstream_full
-            # a client that does not read its replies is not read either: replies the proxy
-            # makes itself (denials, errors) would otherwise pile up without bound
-            or self.client_full
-            or self.upstream is None
-            or session.blocked
-            # a put waits for the proxy-wide budget of bodies in flight (budget_granted)
-            or session.stalled
-            # behind a blocking reserve the client is read (to notice its EOF) only up to a
-            # bound: those commands are decided when the reserve returns
-            or (session.waiting and session.parser.buffered > MAX_HELD_BYTES)
-            # after ``quit`` the client is still read, only to notice its EOF; its bytes are
-            # ignored by the session
-            or (
-                session.draining
-                and (session.drain_cause is not DrainCause.QUIT or self.client_ended)
-            )
-            or len(session.pending) > MAX_PENDING
+        # a client that does not read its replies is not read either: replies the proxy makes
+        # itself (denials, errors) would otherwise pile up without bound
+        return (
+            not self.upstream_full
+            and not self.client_full
+            and self.upstream is not None
+            and session.reads_client()
         )
 
     def budget_granted(self) -> None:

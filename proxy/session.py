@@ -245,6 +245,10 @@ class DrainCause(Enum):
     PROXY = "proxy"
 
 
+#: Drain causes of a connection the client ended (``closed_by=client`` in the close event).
+_CLIENT_CAUSES: Final = frozenset({DrainCause.QUIT, DrainCause.CLIENT_EOF})
+
+
 class Session:
     """See the module docstring. Attributes the relay reads after each call:
 
@@ -258,6 +262,11 @@ class Session:
     ``backlog``: a turn stopped after ``TURN_BUDGET`` commands with input still buffered: the
     relay calls ``resume`` in a later event-loop turn (and reads nothing more until then);
     ``yields`` counts those stops.
+
+    The relay decides nothing about the session's state itself: ``reads_client`` (read the
+    client now?), ``half_close_due`` (half-close upstream now?) and ``upstream_closed`` (how a
+    close by upstream is logged) answer from this state; it calls ``stop`` to drain for its
+    own reasons.
 
     ``budget`` (optional, shared by all sessions of the proxy): every allowed ``put`` reserves
     its declared size there at its command line, as ``budget_key``. While the reservation
@@ -414,9 +423,11 @@ class Session:
         a blocking ``reserve`` (beanstalkd answers a waiting ``reserve`` of a half-closed
         client ``TIMED_OUT`` and then runs what follows; the relay's half-close upstream does
         the same here); then the session drains. An incomplete command is dropped."""
-        if self.draining or self.ended:
+        if self.ended:
             return
-        self.ended = True
+        self.ended = True  # noted even while draining: it decides the half-close after quit
+        if self.draining:
+            return
         if not self.close_reason:
             self.close_reason = "client closed"
             self.drain_cause = DrainCause.CLIENT_EOF
@@ -430,6 +441,43 @@ class Session:
             self.draining = True
             self.close_reason = reason
             self.drain_cause = DrainCause.PROXY
+
+    # --- what the relay does next (pure decisions on the state above) -----------------------
+
+    def reads_client(self) -> bool:
+        """Whether the client may be read now, as far as the session is concerned (the relay
+        adds its transports' backpressure). Not while a lookup or a put waiting for the budget
+        holds it, behind a blocking ``reserve`` only up to ``MAX_HELD_BYTES`` (those commands
+        are decided when it returns), nor with more than ``MAX_PENDING`` replies outstanding.
+        While draining only after ``quit`` and before the client's EOF: its bytes are
+        ignored, it is read to notice the EOF."""
+        return not (
+            self.blocked
+            or self.stalled
+            or (self.waiting and self.parser.buffered > MAX_HELD_BYTES)
+            or (self.draining and (self.drain_cause is not DrainCause.QUIT or self.ended))
+            or len(self.pending) > MAX_PENDING
+        )
+
+    def half_close_due(self) -> bool:
+        """Whether upstream should be half-closed now (the relay does it once): when draining
+        and no lookup is outstanding. After ``quit`` only once the client sent EOF too:
+        beanstalkd closes by itself after answering what came before the quit, and a
+        half-close would turn a blocking ``reserve`` into ``TIMED_OUT``."""
+        return (
+            self.draining
+            and not self.blocked
+            and (self.ended or self.drain_cause is not DrainCause.QUIT)
+        )
+
+    def upstream_closed(self, reason: str) -> tuple[str, str] | None:
+        """Upstream closed its side: the close event's ``(reason, closed_by)`` when that ends
+        the drain (the client's ``quit`` or EOF: ``client``; otherwise ``proxy``), or ``None``
+        when the session was not draining and upstream was lost (``reason`` is its error)."""
+        if not self.draining:
+            return None
+        by = "client" if self.drain_cause in _CLIENT_CAUSES else "proxy"
+        return self.close_reason or reason, by
 
     def may_keep_waiting(self) -> bool:
         """Whether the outstanding blocking ``reserve`` is still allowed on every tube it
