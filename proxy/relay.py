@@ -40,6 +40,7 @@ import socket
 import ssl
 import time
 from collections.abc import Callable, Collection
+from enum import Enum
 from typing import Any, cast
 
 from proxy.acl import Policy
@@ -167,6 +168,24 @@ class _Upstream(asyncio.Protocol):
         self.conn.update_reading()
 
 
+class Phase(Enum):
+    """A connection's lifecycle, in order (``Connection.phase``; it only moves forward).
+
+    ``HANDSHAKING``: TLS handshake and the certificate's principal, no session yet;
+    ``CONNECTING``: the session exists, its upstream connection is being opened;
+    ``RELAYING``: both sides open; ``DRAINING``: upstream half-closed (``Session.half_close_due``),
+    its close ends the connection (or ``DRAIN_TIMEOUT``); ``CLOSED``: closed and logged (or
+    refused). A handshake that made no session and did not close (it failed, or raised)
+    leaves ``HANDSHAKING`` for ``RELAYING``: the client transport's end then closes it.
+    Backpressure (``upstream_full``, ``client_full``, ``reading``) is independent of it."""
+
+    HANDSHAKING = 1
+    CONNECTING = 2
+    RELAYING = 3
+    DRAINING = 4
+    CLOSED = 5
+
+
 class Connection(asyncio.Protocol):
     """One client connection after its TLS handshake: the pump around a ``Session``."""
 
@@ -186,11 +205,8 @@ class Connection(asyncio.Protocol):
         self.upstream_full = False
         self.client_full = False
         self.reading = True
-        self.eof_sent = False
+        self.phase = Phase.HANDSHAKING
         self.client_ended = False  # the client sent EOF (TLS close_notify or FIN)
-        self.starting = True  # until the upstream connection is open (or the client refused)
-        self.lost_early = False  # the client closed cleanly while ``starting``
-        self.closed = False
         self.reason = ""
         self._drain_timer: asyncio.TimerHandle | None = None
         self._sample_t0 = -1.0  # start of the timed burst of commands, or -1 when none
@@ -206,6 +222,10 @@ class Connection(asyncio.Protocol):
         self._abort_timer: asyncio.TimerHandle | None = None
         self._turn: asyncio.Handle | None = None  # the session's next turn, when scheduled
         self.finishing = False  # the client is gone; the session runs what it sent, then closes
+
+    @property
+    def closed(self) -> bool:
+        return self.phase is Phase.CLOSED
 
     # --- client transport callbacks ---------------------------------------------------------
 
@@ -258,11 +278,10 @@ class Connection(asyncio.Protocol):
         self.server.transport_gone(self)
         if self.closed:
             return
-        if exc is None and self.client_ended and self.starting:
+        if exc is None and self.client_ended and self.phase.value < Phase.RELAYING.value:
             # The client sent its commands and closed before its upstream connection was open
             # (a fire-and-forget producer). beanstalkd would still run what it received, so
             # the commands are kept: the handshake task drains them upstream, then closes.
-            self.lost_early = True
             return
         self.close(f"client lost: {exc}" if exc else "client closed", by="client")
 
@@ -345,8 +364,8 @@ class Connection(asyncio.Protocol):
             queued = session.queued
             session.queued = 0
             self.server.grant(self.server.budget.release(queued))
-        if not self.eof_sent and session.half_close_due():
-            self.eof_sent = True
+        if self.phase is Phase.RELAYING and session.half_close_due():
+            self.phase = Phase.DRAINING
             if upstream.can_write_eof():
                 upstream.write_eof()
             loop = asyncio.get_running_loop()
@@ -454,7 +473,7 @@ class Connection(asyncio.Protocol):
         (``reason``) and who ended it (``by``: ``client``, ``upstream`` or ``proxy``)."""
         if self.closed:
             return
-        self.closed = True
+        self.phase = Phase.CLOSED
         self.reason = reason
         if self._drain_timer is not None:
             self._drain_timer.cancel()
@@ -823,7 +842,7 @@ class ProxyServer:
         every other connection (counted until its socket is)."""
         self.metrics.handshake_failures.labels(kind).inc()
         self._peer_event(conn.source, kind, level, message, extra)
-        conn.closed = True
+        conn.phase = Phase.CLOSED
         conn.reason = kind
         conn.close_transport()
 
@@ -855,7 +874,7 @@ class ProxyServer:
             except asyncio.CancelledError:
                 # Dropped for a newer handshake, or the proxy is closing. Had the handshake
                 # just completed, the transport is open: close it like any other.
-                conn.closed = True
+                conn.phase = Phase.CLOSED
                 conn.close_transport()
                 raise
             except (OSError, TimeoutError, ConnectionError, ValueError) as exc:
@@ -896,7 +915,7 @@ class ProxyServer:
                         max=limits.max_connections,
                     ),
                 )
-                conn.closed = True
+                conn.phase = Phase.CLOSED
                 tls.abort()
                 return
             ssl_object = tls.get_extra_info("ssl_object")
@@ -999,6 +1018,7 @@ class ProxyServer:
                 self.budget,
                 conn,
             )
+            conn.phase = Phase.CONNECTING
             if self.shadow is not None:
                 self._shadow_view(conn)
             if conn.early:
@@ -1007,10 +1027,11 @@ class ProxyServer:
             if conn.client_ended:
                 conn.session.client_eof()
         finally:
-            if conn.session is None:
-                conn.starting = False
-                if conn.lost_early:
+            if conn.session is None and not conn.closed:
+                if conn.lost:  # the client closed cleanly while handshaking (connection_lost)
                     conn.close("client closed", by="client")
+                else:
+                    conn.phase = Phase.RELAYING
         self.connections.add(conn)
         # A connection lives no longer than its client certificate.
         left = conn.identity.not_after.timestamp() - time.time() if conn.identity else 0.0
@@ -1048,7 +1069,7 @@ class ProxyServer:
             transport.close()
             return
         conn.upstream = transport
-        conn.starting = False
+        conn.phase = Phase.RELAYING
         identity = conn.identity
         conn_log.info(
             "open",
