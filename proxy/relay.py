@@ -335,14 +335,12 @@ class Connection(asyncio.Protocol):
         if session is None or self.closed:
             return
         if session.to_client:
-            data = session.to_client
-            session.to_client = bytearray()
+            data = session.take_client()
             self.bytes_out += len(data)
             assert self.client is not None
             self.client.write(data)
         if session.denials:
-            self._audit(session.denials)
-            session.denials = []
+            self._audit(session.take_denials())
         if session.failed:
             self.close(session.failed)
             return
@@ -350,8 +348,7 @@ class Connection(asyncio.Protocol):
         if upstream is None:
             return
         if session.to_upstream:
-            data = session.to_upstream
-            session.to_upstream = bytearray()
+            data = session.take_upstream()
             upstream.write(data)
             if self._sample_t0 < 0 and session.pending:
                 if self._sample_skip:
@@ -361,9 +358,7 @@ class Connection(asyncio.Protocol):
                     self._sample_t0 = time.monotonic()
         if session.queued:
             # Put bodies handed to the upstream transport (or dropped): their budget is free.
-            queued = session.queued
-            session.queued = 0
-            self.server.grant(self.server.budget.release(queued))
+            self.server.grant(self.server.budget.release(session.take_queued()))
         if self.phase is Phase.RELAYING and session.half_close_due():
             self.phase = Phase.DRAINING
             if upstream.can_write_eof():
@@ -430,13 +425,9 @@ class Connection(asyncio.Protocol):
     def _release_budget(self, session: Session) -> None:
         """Give back everything this connection holds of the budget (closing)."""
         budget = self.server.budget
-        granted: list[Any] = []
-        if session.stalled:
-            session.stalled = 0
-            granted = budget.cancel(self)
-        held = session.receiving + session.queued
+        stalled, held = session.take_budget()
+        granted: list[Any] = budget.cancel(self) if stalled else []
         if held:
-            session.receiving = session.queued = 0
             granted += budget.release(held)
         self.server.grant(granted)
 
@@ -481,9 +472,9 @@ class Connection(asyncio.Protocol):
             self._expiry_timer.cancel()
         self.server.audit_summary(self.server.denial_audit.pop(self, time.monotonic()))
         if self.session is not None and self.session.to_client and self.client is not None:
-            self.client.write(self.session.to_client)
-            self.bytes_out += len(self.session.to_client)
-            self.session.to_client = bytearray()
+            data = self.session.take_client()
+            self.client.write(data)
+            self.bytes_out += len(data)
         if self.upstream is not None:
             self.upstream.close()
         if self.session is not None:

@@ -442,6 +442,45 @@ class Session:
             self.close_reason = reason
             self.drain_cause = DrainCause.PROXY
 
+    # --- outputs the relay takes (each returns what accumulated and resets it) ---------------
+
+    def take_client(self) -> bytearray:
+        """The bytes for the client (``to_client``)."""
+        data = self.to_client
+        self.to_client = bytearray()
+        return data
+
+    def take_upstream(self) -> bytearray:
+        """The bytes for beanstalkd (``to_upstream``)."""
+        data = self.to_upstream
+        self.to_upstream = bytearray()
+        return data
+
+    def take_denials(self) -> list[dict[str, Any]]:
+        """The audit records of denied commands, for the relay to count and log."""
+        denials = self.denials
+        self.denials = []
+        return denials
+
+    def take_queued(self) -> int:
+        """The budget held by complete put bodies, released once ``to_upstream`` was taken."""
+        queued = self.queued
+        self.queued = 0
+        return queued
+
+    def take_budget(self) -> tuple[int, int]:
+        """Closing: ``(stalled, held)``, the size of the put waiting for the budget (to
+        cancel) and everything else this session holds of it (to release)."""
+        stalled, held = self.stalled, self.receiving + self.queued
+        self.stalled = self.receiving = self.queued = 0
+        return stalled, held
+
+    def take_rate_limited(self) -> int:
+        """``rate_limited`` so far (the metrics fold it under the principal before a rename)."""
+        n = self.rate_limited
+        self.rate_limited = 0
+        return n
+
     # --- what the relay does next (pure decisions on the state above) -----------------------
 
     def reads_client(self) -> bool:

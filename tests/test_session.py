@@ -247,3 +247,13 @@ def test_too_many_pending_replies_stop_reading() -> None:
     assert not s.reads_client()
     s.feed_upstream(b"OK 4\r\n---\n\r\n")
     assert s.reads_client()
+
+
+def test_the_relay_takes_each_output_once() -> None:
+    s = session("producer")
+    s.feed_client(b"use jobs\r\nwatch other\r\n")
+    assert s.take_upstream() == b"use jobs\r\n" and s.take_upstream() == b""
+    s.feed_upstream(b"USING jobs\r\n")
+    assert s.take_client() == b"USING jobs\r\nNOT_PERMITTED\r\n" and s.take_client() == b""
+    assert [d["command"] for d in s.take_denials()] == ["watch"] and s.take_denials() == []
+    assert s.take_budget() == (0, 0)  # no budget: nothing reserved
