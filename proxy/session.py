@@ -252,7 +252,8 @@ _CLIENT_CAUSES: Final = frozenset({DrainCause.QUIT, DrainCause.CLIENT_EOF})
 class Session:
     """See the module docstring. Attributes the relay reads after each call:
 
-    ``to_upstream`` / ``to_client``: bytes to send (the relay swaps them out);
+    ``to_upstream`` / ``to_client``: bytes to send (the relay takes them: ``take_upstream``,
+    ``take_client``; likewise ``take_denials``, ``take_queued``, ``take_budget``);
     ``blocked``: waiting for a lookup reply, stop reading the client;
     ``draining``: the client will send nothing more; once ``blocked`` is false, the relay
     half-closes upstream and closes the client when upstream closes; ``drain_cause`` says why
