@@ -266,7 +266,7 @@ class Connection(asyncio.Protocol):
             and self.client_ended
             and not self.closed
             and session is not None
-            and (session.stalled or session.backlog)
+            and session.has_unrun_commands()
         ):
             # The client closed cleanly behind commands not run yet (a put waiting for the
             # budget, a backlog of turns): beanstalkd would run them, so the session finishes

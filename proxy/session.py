@@ -510,6 +510,12 @@ class Session:
             and (self.ended or self.drain_cause is not DrainCause.QUIT)
         )
 
+    def has_unrun_commands(self) -> bool:
+        """Whether commands the client sent still wait to run (a put waiting for the budget,
+        a backlog of turns): a client that closes cleanly now is not closed by the relay,
+        the session finishes them and drains first, as beanstalkd would."""
+        return bool(self.stalled or self.backlog)
+
     def upstream_closed(self, reason: str) -> tuple[str, str] | None:
         """Upstream closed its side: the close event's ``(reason, closed_by)`` when that ends
         the drain (the client's ``quit`` or EOF: ``client``; otherwise ``proxy``), or ``None``

@@ -257,3 +257,17 @@ def test_the_relay_takes_each_output_once() -> None:
     assert s.take_client() == b"USING jobs\r\nNOT_PERMITTED\r\n" and s.take_client() == b""
     assert [d["command"] for d in s.take_denials()] == ["watch"] and s.take_denials() == []
     assert s.take_budget() == (0, 0)  # no budget: nothing reserved
+
+
+def test_a_backlog_is_unrun_commands_the_session_finishes_after_eof() -> None:
+    s = session()
+    assert not s.has_unrun_commands()
+    s.feed_client(b"list-tubes\r\n" * 100)  # more than one turn
+    assert s.backlog and s.has_unrun_commands()
+    s.client_eof()
+    while s.backlog:  # the relay's later turns
+        assert s.has_unrun_commands() and not s.half_close_due()
+        s.resume()
+    assert not s.has_unrun_commands()
+    assert take(s.to_upstream) == b"list-tubes\r\n" * 100
+    assert s.drain_cause is DrainCause.CLIENT_EOF and s.half_close_due()
