@@ -184,18 +184,17 @@ class Metrics:
                 self._closed_commands[i] += n
             for i, n in enumerate(session.denied_counts):
                 self._closed_denied[i] += n
-            self._fold_rate_limited(session.principal, session)
+            self._fold_rate_limited(session.principal, session.rate_limited)
 
     def principal_changed(self, old: str, session: Session) -> None:
         """A reload re-mapped a live session away from principal ``old``: keep what it counted
         so far under ``old`` (counters never move between label values)."""
-        self._fold_rate_limited(old, session)
-        session.rate_limited = 0
+        self._fold_rate_limited(old, session.take_rate_limited())
 
-    def _fold_rate_limited(self, principal: str, session: Session) -> None:
-        if session.rate_limited:
+    def _fold_rate_limited(self, principal: str, n: int) -> None:
+        if n:
             closed = self._closed_rate_limited
-            closed[principal] = closed.get(principal, 0) + session.rate_limited
+            closed[principal] = closed.get(principal, 0) + n
 
     def denied(self, principal: str, tube: str | None, command: str) -> None:
         label = tube or "-"

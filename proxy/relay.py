@@ -40,6 +40,7 @@ import socket
 import ssl
 import time
 from collections.abc import Callable, Collection
+from enum import Enum
 from typing import Any, cast
 
 from proxy.acl import Policy
@@ -51,7 +52,7 @@ from proxy.logs import event
 from proxy.logsummary import AUDIT_BURST, AUDIT_WINDOW, Suppressed, WindowCounter
 from proxy.metrics import Metrics
 from proxy.ratelimit import TokenBucket, worker_share
-from proxy.session import MAX_HELD_BYTES, MAX_PENDING, Session
+from proxy.session import Session
 from proxy.shadow import ShadowView, shadow_principal
 from proxy.shadowreport import ShadowReporter
 from proxy.sharedlimits import SharedCounts
@@ -167,6 +168,24 @@ class _Upstream(asyncio.Protocol):
         self.conn.update_reading()
 
 
+class Phase(Enum):
+    """A connection's lifecycle, in order (``Connection.phase``; it only moves forward).
+
+    ``HANDSHAKING``: TLS handshake and the certificate's principal, no session yet;
+    ``CONNECTING``: the session exists, its upstream connection is being opened;
+    ``RELAYING``: both sides open; ``DRAINING``: upstream half-closed (``Session.half_close_due``),
+    its close ends the connection (or ``DRAIN_TIMEOUT``); ``CLOSED``: closed and logged (or
+    refused). A handshake that made no session and did not close (it failed, or raised)
+    leaves ``HANDSHAKING`` for ``RELAYING``: the client transport's end then closes it.
+    Backpressure (``upstream_full``, ``client_full``, ``reading``) is independent of it."""
+
+    HANDSHAKING = 1
+    CONNECTING = 2
+    RELAYING = 3
+    DRAINING = 4
+    CLOSED = 5
+
+
 class Connection(asyncio.Protocol):
     """One client connection after its TLS handshake: the pump around a ``Session``."""
 
@@ -186,11 +205,8 @@ class Connection(asyncio.Protocol):
         self.upstream_full = False
         self.client_full = False
         self.reading = True
-        self.eof_sent = False
+        self.phase = Phase.HANDSHAKING
         self.client_ended = False  # the client sent EOF (TLS close_notify or FIN)
-        self.starting = True  # until the upstream connection is open (or the client refused)
-        self.lost_early = False  # the client closed cleanly while ``starting``
-        self.closed = False
         self.reason = ""
         self._drain_timer: asyncio.TimerHandle | None = None
         self._sample_t0 = -1.0  # start of the timed burst of commands, or -1 when none
@@ -206,6 +222,10 @@ class Connection(asyncio.Protocol):
         self._abort_timer: asyncio.TimerHandle | None = None
         self._turn: asyncio.Handle | None = None  # the session's next turn, when scheduled
         self.finishing = False  # the client is gone; the session runs what it sent, then closes
+
+    @property
+    def closed(self) -> bool:
+        return self.phase is Phase.CLOSED
 
     # --- client transport callbacks ---------------------------------------------------------
 
@@ -246,7 +266,7 @@ class Connection(asyncio.Protocol):
             and self.client_ended
             and not self.closed
             and session is not None
-            and (session.stalled or session.backlog)
+            and session.has_unrun_commands()
         ):
             # The client closed cleanly behind commands not run yet (a put waiting for the
             # budget, a backlog of turns): beanstalkd would run them, so the session finishes
@@ -258,11 +278,10 @@ class Connection(asyncio.Protocol):
         self.server.transport_gone(self)
         if self.closed:
             return
-        if exc is None and self.client_ended and self.starting:
+        if exc is None and self.client_ended and self.phase.value < Phase.RELAYING.value:
             # The client sent its commands and closed before its upstream connection was open
             # (a fire-and-forget producer). beanstalkd would still run what it received, so
             # the commands are kept: the handshake task drains them upstream, then closes.
-            self.lost_early = True
             return
         self.close(f"client lost: {exc}" if exc else "client closed", by="client")
 
@@ -295,9 +314,9 @@ class Connection(asyncio.Protocol):
             return
         session = self.session
         by = "upstream"
-        if session is not None and session.draining:
-            reason = session.close_reason or reason
-            by = "client" if reason in ("quit", "client closed") else "proxy"
+        ending = session.upstream_closed(reason) if session is not None else None
+        if ending is not None:
+            reason, by = ending
         else:
             self.server.metrics.upstream_lost.inc()
             log.warning(
@@ -316,14 +335,12 @@ class Connection(asyncio.Protocol):
         if session is None or self.closed:
             return
         if session.to_client:
-            data = session.to_client
-            session.to_client = bytearray()
+            data = session.take_client()
             self.bytes_out += len(data)
             assert self.client is not None
             self.client.write(data)
         if session.denials:
-            self._audit(session.denials)
-            session.denials = []
+            self._audit(session.take_denials())
         if session.failed:
             self.close(session.failed)
             return
@@ -331,8 +348,7 @@ class Connection(asyncio.Protocol):
         if upstream is None:
             return
         if session.to_upstream:
-            data = session.to_upstream
-            session.to_upstream = bytearray()
+            data = session.take_upstream()
             upstream.write(data)
             if self._sample_t0 < 0 and session.pending:
                 if self._sample_skip:
@@ -342,19 +358,9 @@ class Connection(asyncio.Protocol):
                     self._sample_t0 = time.monotonic()
         if session.queued:
             # Put bodies handed to the upstream transport (or dropped): their budget is free.
-            queued = session.queued
-            session.queued = 0
-            self.server.grant(self.server.budget.release(queued))
-        if (
-            session.draining
-            and not session.blocked
-            and not self.eof_sent
-            and (self.client_ended or session.close_reason != "quit")
-        ):
-            # After ``quit`` beanstalkd closes by itself once it has answered everything before
-            # it; a half-close now would turn a blocking ``reserve`` into ``TIMED_OUT``. Only a
-            # client EOF (or a protocol error) half-closes upstream.
-            self.eof_sent = True
+            self.server.grant(self.server.budget.release(session.take_queued()))
+        if self.phase is Phase.RELAYING and session.half_close_due():
+            self.phase = Phase.DRAINING
             if upstream.can_write_eof():
                 upstream.write_eof()
             loop = asyncio.get_running_loop()
@@ -396,22 +402,13 @@ class Connection(asyncio.Protocol):
             self.update_reading()  # backpressure: wait for resume_writing and friends
 
     def _may_run(self, session: Session) -> bool:
-        return not (
-            self.upstream_full
-            # a client that does not read its replies is not read either: replies the proxy
-            # makes itself (denials, errors) would otherwise pile up without bound
-            or self.client_full
-            or self.upstream is None
-            or session.blocked
-            # a put waits for the proxy-wide budget of bodies in flight (budget_granted)
-            or session.stalled
-            # behind a blocking reserve the client is read (to notice its EOF) only up to a
-            # bound: those commands are decided when the reserve returns
-            or (session.waiting and session.parser.buffered > MAX_HELD_BYTES)
-            # after ``quit`` the client is still read, only to notice its EOF; its bytes are
-            # ignored by the session
-            or (session.draining and (session.close_reason != "quit" or self.client_ended))
-            or len(session.pending) > MAX_PENDING
+        # a client that does not read its replies is not read either: replies the proxy makes
+        # itself (denials, errors) would otherwise pile up without bound
+        return (
+            not self.upstream_full
+            and not self.client_full
+            and self.upstream is not None
+            and session.reads_client()
         )
 
     def budget_granted(self) -> None:
@@ -428,13 +425,9 @@ class Connection(asyncio.Protocol):
     def _release_budget(self, session: Session) -> None:
         """Give back everything this connection holds of the budget (closing)."""
         budget = self.server.budget
-        granted: list[Any] = []
-        if session.stalled:
-            session.stalled = 0
-            granted = budget.cancel(self)
-        held = session.receiving + session.queued
+        stalled, held = session.take_budget()
+        granted: list[Any] = budget.cancel(self) if stalled else []
         if held:
-            session.receiving = session.queued = 0
             granted += budget.release(held)
         self.server.grant(granted)
 
@@ -446,9 +439,7 @@ class Connection(asyncio.Protocol):
         if session is None or self.upstream is None:
             self.close(reason)
             return
-        if not session.draining:
-            session.draining = True
-            session.close_reason = reason
+        session.stop(reason)
         self.flush()
 
     def _audit(self, denials: list[dict[str, Any]]) -> None:
@@ -473,7 +464,7 @@ class Connection(asyncio.Protocol):
         (``reason``) and who ended it (``by``: ``client``, ``upstream`` or ``proxy``)."""
         if self.closed:
             return
-        self.closed = True
+        self.phase = Phase.CLOSED
         self.reason = reason
         if self._drain_timer is not None:
             self._drain_timer.cancel()
@@ -481,9 +472,9 @@ class Connection(asyncio.Protocol):
             self._expiry_timer.cancel()
         self.server.audit_summary(self.server.denial_audit.pop(self, time.monotonic()))
         if self.session is not None and self.session.to_client and self.client is not None:
-            self.client.write(self.session.to_client)
-            self.bytes_out += len(self.session.to_client)
-            self.session.to_client = bytearray()
+            data = self.session.take_client()
+            self.client.write(data)
+            self.bytes_out += len(data)
         if self.upstream is not None:
             self.upstream.close()
         if self.session is not None:
@@ -842,7 +833,7 @@ class ProxyServer:
         every other connection (counted until its socket is)."""
         self.metrics.handshake_failures.labels(kind).inc()
         self._peer_event(conn.source, kind, level, message, extra)
-        conn.closed = True
+        conn.phase = Phase.CLOSED
         conn.reason = kind
         conn.close_transport()
 
@@ -874,7 +865,7 @@ class ProxyServer:
             except asyncio.CancelledError:
                 # Dropped for a newer handshake, or the proxy is closing. Had the handshake
                 # just completed, the transport is open: close it like any other.
-                conn.closed = True
+                conn.phase = Phase.CLOSED
                 conn.close_transport()
                 raise
             except (OSError, TimeoutError, ConnectionError, ValueError) as exc:
@@ -915,7 +906,7 @@ class ProxyServer:
                         max=limits.max_connections,
                     ),
                 )
-                conn.closed = True
+                conn.phase = Phase.CLOSED
                 tls.abort()
                 return
             ssl_object = tls.get_extra_info("ssl_object")
@@ -1018,6 +1009,7 @@ class ProxyServer:
                 self.budget,
                 conn,
             )
+            conn.phase = Phase.CONNECTING
             if self.shadow is not None:
                 self._shadow_view(conn)
             if conn.early:
@@ -1026,10 +1018,11 @@ class ProxyServer:
             if conn.client_ended:
                 conn.session.client_eof()
         finally:
-            if conn.session is None:
-                conn.starting = False
-                if conn.lost_early:
+            if conn.session is None and not conn.closed:
+                if conn.lost:  # the client closed cleanly while handshaking (connection_lost)
                     conn.close("client closed", by="client")
+                else:
+                    conn.phase = Phase.RELAYING
         self.connections.add(conn)
         # A connection lives no longer than its client certificate.
         left = conn.identity.not_after.timestamp() - time.time() if conn.identity else 0.0
@@ -1067,7 +1060,7 @@ class ProxyServer:
             transport.close()
             return
         conn.upstream = transport
-        conn.starting = False
+        conn.phase = Phase.RELAYING
         identity = conn.identity
         conn_log.info(
             "open",

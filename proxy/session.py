@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable
-from enum import IntEnum
+from enum import Enum, IntEnum
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from proxy.acl import DELETE_OTHER_VERB, TUBE_CHARS, Decision, Policy
@@ -231,18 +231,43 @@ def ok_reply(yaml: bytes) -> bytes:
     return b"OK %d\r\n%s\r\n" % (len(yaml), yaml)
 
 
+class DrainCause(Enum):
+    """Why a session drains (``Session.drain_cause``; the logged text is ``close_reason``).
+
+    ``QUIT``: the client sent ``quit`` (beanstalkd closes by itself, upstream is not
+    half-closed before the client's EOF); ``CLIENT_EOF``: the client half-closed;
+    ``PROTOCOL_ERROR``: the client sent something unparseable; ``PROXY``: the relay's own
+    reason (idle timeout, connection lifetime, shutdown), given to ``Session.stop``."""
+
+    QUIT = "quit"
+    CLIENT_EOF = "client closed"
+    PROTOCOL_ERROR = "protocol error"
+    PROXY = "proxy"
+
+
+#: Drain causes of a connection the client ended (``closed_by=client`` in the close event).
+_CLIENT_CAUSES: Final = frozenset({DrainCause.QUIT, DrainCause.CLIENT_EOF})
+
+
 class Session:
     """See the module docstring. Attributes the relay reads after each call:
 
-    ``to_upstream`` / ``to_client``: bytes to send (the relay swaps them out);
+    ``to_upstream`` / ``to_client``: bytes to send (the relay takes them: ``take_upstream``,
+    ``take_client``; likewise ``take_denials``, ``take_queued``, ``take_budget``);
     ``blocked``: waiting for a lookup reply, stop reading the client;
     ``draining``: the client will send nothing more; once ``blocked`` is false, the relay
-    half-closes upstream and closes the client when upstream closes;
+    half-closes upstream and closes the client when upstream closes; ``drain_cause`` says why
+    (a ``DrainCause``), ``close_reason`` is the text logged for it;
     ``failed``: a reason string when the upstream misbehaved and both sides must close now;
     ``denials``: audit records of denied commands, for the relay to log and clear;
     ``backlog``: a turn stopped after ``TURN_BUDGET`` commands with input still buffered: the
     relay calls ``resume`` in a later event-loop turn (and reads nothing more until then);
     ``yields`` counts those stops.
+
+    The relay decides nothing about the session's state itself: ``reads_client`` (read the
+    client now?), ``half_close_due`` (half-close upstream now?) and ``upstream_closed`` (how a
+    close by upstream is logged) answer from this state; it calls ``stop`` to drain for its
+    own reasons.
 
     ``budget`` (optional, shared by all sessions of the proxy): every allowed ``put`` reserves
     its declared size there at its command line, as ``budget_key``. While the reservation
@@ -303,7 +328,8 @@ class Session:
         self.yields = 0
         self.draining = False
         self.failed: str | None = None
-        self.close_reason = ""
+        self.close_reason = ""  # the text logged as the close event's reason
+        self.drain_cause: DrainCause | None = None  # set with close_reason
         self.denials: list[dict[str, Any]] = []
         self.op_counts = [0] * len(NAMES)  # commands parsed, by op (read by metrics)
         self.denied_counts = [0] * len(NAMES)  # of which denied
@@ -398,11 +424,106 @@ class Session:
         a blocking ``reserve`` (beanstalkd answers a waiting ``reserve`` of a half-closed
         client ``TIMED_OUT`` and then runs what follows; the relay's half-close upstream does
         the same here); then the session drains. An incomplete command is dropped."""
-        if self.draining or self.ended:
+        if self.ended:
             return
-        self.ended = True
-        self.close_reason = self.close_reason or "client closed"
+        self.ended = True  # noted even while draining: it decides the half-close after quit
+        if self.draining:
+            return
+        if not self.close_reason:
+            self.close_reason = "client closed"
+            self.drain_cause = DrainCause.CLIENT_EOF
         self._run()
+
+    def stop(self, reason: str) -> None:
+        """The relay drains this session for its own ``reason`` (idle timeout, connection
+        lifetime, shutdown): no more commands are read; a drain already under way keeps its
+        cause."""
+        if not self.draining:
+            self.draining = True
+            self.close_reason = reason
+            self.drain_cause = DrainCause.PROXY
+
+    # --- outputs the relay takes (each returns what accumulated and resets it) ---------------
+
+    def take_client(self) -> bytearray:
+        """The bytes for the client (``to_client``)."""
+        data = self.to_client
+        self.to_client = bytearray()
+        return data
+
+    def take_upstream(self) -> bytearray:
+        """The bytes for beanstalkd (``to_upstream``)."""
+        data = self.to_upstream
+        self.to_upstream = bytearray()
+        return data
+
+    def take_denials(self) -> list[dict[str, Any]]:
+        """The audit records of denied commands, for the relay to count and log."""
+        denials = self.denials
+        self.denials = []
+        return denials
+
+    def take_queued(self) -> int:
+        """The budget held by complete put bodies, released once ``to_upstream`` was taken."""
+        queued = self.queued
+        self.queued = 0
+        return queued
+
+    def take_budget(self) -> tuple[int, int]:
+        """Closing: ``(stalled, held)``, the size of the put waiting for the budget (to
+        cancel) and everything else this session holds of it (to release)."""
+        stalled, held = self.stalled, self.receiving + self.queued
+        self.stalled = self.receiving = self.queued = 0
+        return stalled, held
+
+    def take_rate_limited(self) -> int:
+        """``rate_limited`` so far (the metrics fold it under the principal before a rename)."""
+        n = self.rate_limited
+        self.rate_limited = 0
+        return n
+
+    # --- what the relay does next (pure decisions on the state above) -----------------------
+
+    def reads_client(self) -> bool:
+        """Whether the client may be read now, as far as the session is concerned (the relay
+        adds its transports' backpressure). Not while a lookup or a put waiting for the budget
+        holds it, behind a blocking ``reserve`` only up to ``MAX_HELD_BYTES`` (those commands
+        are decided when it returns), nor with more than ``MAX_PENDING`` replies outstanding.
+        While draining only after ``quit`` and before the client's EOF: its bytes are
+        ignored, it is read to notice the EOF."""
+        return not (
+            self.blocked
+            or self.stalled
+            or (self.waiting and self.parser.buffered > MAX_HELD_BYTES)
+            or (self.draining and (self.drain_cause is not DrainCause.QUIT or self.ended))
+            or len(self.pending) > MAX_PENDING
+        )
+
+    def half_close_due(self) -> bool:
+        """Whether upstream should be half-closed now (the relay does it once): when draining
+        and no lookup is outstanding. After ``quit`` only once the client sent EOF too:
+        beanstalkd closes by itself after answering what came before the quit, and a
+        half-close would turn a blocking ``reserve`` into ``TIMED_OUT``."""
+        return (
+            self.draining
+            and not self.blocked
+            and (self.ended or self.drain_cause is not DrainCause.QUIT)
+        )
+
+    def has_unrun_commands(self) -> bool:
+        """Whether commands the client sent still wait to run (a put waiting for the budget,
+        a backlog of turns): a client that closes cleanly now is not closed by the relay,
+        the session finishes them and drains first, as beanstalkd would."""
+        return bool(self.stalled or self.backlog)
+
+    def upstream_closed(self, reason: str) -> tuple[str, str] | None:
+        """Upstream closed its side: the close event's ``(reason, closed_by)`` when that ends
+        the drain (the client's ``quit`` or EOF: ``client``; otherwise ``proxy``), or ``None``
+        when the session was not draining and upstream was lost (``reason`` is its error)."""
+        if not self.draining:
+            return None
+        by = "client" if self.drain_cause in _CLIENT_CAUSES else "proxy"
+        return self.close_reason or reason, by
 
     def may_keep_waiting(self) -> bool:
         """Whether the outstanding blocking ``reserve`` is still allowed on every tube it
@@ -454,6 +575,7 @@ class Session:
             self._local(BAD_FORMAT)
             self.draining = True
             self.close_reason = f"protocol error: {exc}"
+            self.drain_cause = DrainCause.PROTOCOL_ERROR
 
     def _local(self, reply: bytes) -> None:
         if self.pending:
@@ -541,6 +663,7 @@ class Session:
         write_command(self.to_upstream, cmd)
         self.draining = True
         self.close_reason = "quit"
+        self.drain_cause = DrainCause.QUIT
 
     def _tracks_jobs(self) -> bool:
         """Whether job ids must be remembered: only when some job-id decision of this

@@ -46,7 +46,7 @@ def state_of(conn: Connection) -> str:
     beanstalkd which tube a job is in before deciding a command; ``waiting``: in a blocking
     ``reserve``; ``relaying``: commands in flight; ``idle``: nothing in flight."""
     session = conn.session
-    if session is None or conn.starting or conn.upstream is None:
+    if session is None or conn.upstream is None:
         return "connecting"
     if session.draining or session.ended or conn.closed:
         return "draining"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from conftest import make_session, take
 
-from proxy.session import Session
+from proxy.session import MAX_PENDING, DrainCause, Session
 
 ACL = {
     "principals": [
@@ -95,6 +95,7 @@ def test_protocol_error_replies_then_drains() -> None:
     assert take(s.to_upstream) == b""
     assert take(s.to_client) == b"BAD_FORMAT\r\n"
     assert s.draining and "malformed put" in s.close_reason
+    assert s.drain_cause is DrainCause.PROTOCOL_ERROR
 
 
 def test_unsolicited_upstream_reply_fails_the_session() -> None:
@@ -124,3 +125,149 @@ def test_own_job_operations_still_need_consume_or_manage() -> None:
     body = b"---\nid: 5\ntube: jobs\nstate: ready\n"
     s.feed_upstream(b"OK %d\r\n%s\r\n" % (len(body), body))
     assert take(s.to_client) == b"NOT_PERMITTED\r\n"
+
+
+def test_drain_cause_follows_the_logged_reason() -> None:
+    s = session()
+    s.feed_client(b"quit\r\n")
+    assert (s.drain_cause, s.close_reason) == (DrainCause.QUIT, "quit")
+    s.stop("idle timeout")  # a drain under way keeps its cause
+    assert (s.drain_cause, s.close_reason) == (DrainCause.QUIT, "quit")
+    eof = session()
+    assert eof.drain_cause is None and not eof.draining
+    eof.client_eof()
+    assert (eof.drain_cause, eof.close_reason) == (DrainCause.CLIENT_EOF, "client closed")
+    assert eof.draining
+    relay = session()
+    relay.stop("proxy shutting down")
+    assert relay.draining
+    assert (relay.drain_cause, relay.close_reason) == (DrainCause.PROXY, "proxy shutting down")
+    relay.client_eof()  # the client's EOF does not change why it drains
+    assert relay.drain_cause is DrainCause.PROXY
+
+
+# --- the relay's decisions: read the client, half-close upstream, how the close is logged ----
+
+
+def decisions(s: Session) -> tuple[bool, bool]:
+    """(read the client?, half-close upstream now?) as the relay carries them out."""
+    return s.reads_client(), s.half_close_due()
+
+
+def test_quit_waits_for_the_client_eof_before_half_closing() -> None:
+    s = session()
+    s.feed_client(b"list-tubes\r\nquit\r\n")
+    assert take(s.to_upstream) == b"list-tubes\r\nquit\r\n"
+    # beanstalkd closes by itself after answering what came before the quit: no half-close;
+    # the client is still read, only to notice its EOF
+    assert decisions(s) == (True, False)
+    s.feed_client(b"put 0 0 1 1\r\nx\r\n")  # after quit: ignored
+    assert take(s.to_upstream) == b""
+    s.client_eof()
+    assert decisions(s) == (False, True)
+    s.feed_upstream(b"OK 4\r\n---\n\r\n")
+    assert take(s.to_client) == b"OK 4\r\n---\n\r\n"
+    assert s.upstream_closed("upstream closed") == ("quit", "client")
+
+
+def test_client_eof_runs_what_it_sent_then_half_closes() -> None:
+    s = session()
+    s.feed_client(b"use jobs\r\nput 0 0 1 1\r\nx\r\nput 0 0 1 9\r\npart")
+    assert decisions(s) == (True, False)
+    s.client_eof()
+    assert take(s.to_upstream) == b"use jobs\r\nput 0 0 1 1\r\nx\r\n"  # the partial put dropped
+    assert decisions(s) == (False, True)
+    assert s.upstream_closed("upstream closed") == ("client closed", "client")
+
+
+def test_client_eof_during_a_lookup_half_closes_after_its_reply() -> None:
+    s = session("producer")
+    s.feed_client(b"peek 42\r\n")
+    assert take(s.to_upstream) == b"stats-job 42\r\n"
+    assert decisions(s) == (False, False)  # held: the lookup decides what follows
+    s.client_eof()
+    assert decisions(s) == (False, False)  # not yet: the lookup's reply must still come
+    assert s.upstream_closed("connection reset") is None  # lost, not the end of a drain
+    body = b"---\nid: 42\ntube: jobs\nstate: ready\n"
+    s.feed_upstream(b"OK %d\r\n%s\r\n" % (len(body), body))
+    assert take(s.to_upstream) == b"peek 42\r\n"
+    assert decisions(s) == (False, True)
+
+
+def test_quit_during_a_lookup_is_run_after_it() -> None:
+    s = session("producer")
+    s.feed_client(b"peek 42\r\nquit\r\n")
+    assert take(s.to_upstream) == b"stats-job 42\r\n"
+    s.client_eof()
+    body = b"---\nid: 42\ntube: jobs\nstate: ready\n"
+    s.feed_upstream(b"OK %d\r\n%s\r\n" % (len(body), body))
+    assert take(s.to_upstream) == b"peek 42\r\nquit\r\n"
+    # the EOF came before the quit ran: upstream is half-closed at once
+    assert (s.drain_cause, decisions(s)) == (DrainCause.QUIT, (False, True))
+    assert s.upstream_closed("upstream closed") == ("quit", "client")
+
+
+def test_protocol_error_half_closes_without_waiting_for_the_client() -> None:
+    s = session()
+    s.feed_client(b"put 0 0 1 +1\r\n")
+    assert decisions(s) == (False, True)
+    reason, by = s.upstream_closed("upstream closed") or ("", "")
+    assert "malformed put" in reason and by == "proxy"
+
+
+def test_relay_drain_half_closes_at_once_and_is_logged_as_the_proxy() -> None:
+    s = session()
+    s.feed_client(b"list-tubes\r\n")
+    assert decisions(s) == (True, False)
+    assert s.upstream_closed("upstream closed") is None
+    s.stop("idle timeout")
+    assert decisions(s) == (False, True)
+    s.feed_client(b"use jobs\r\n")  # nothing more is read or run
+    assert take(s.to_upstream) == b"list-tubes\r\n"
+    assert s.upstream_closed("upstream closed") == ("idle timeout", "proxy")
+
+
+def test_relay_drain_during_a_lookup_half_closes_after_its_reply() -> None:
+    s = session("producer")
+    s.feed_client(b"peek 42\r\n")
+    s.stop("proxy shutting down")
+    assert decisions(s) == (False, False)
+    body = b"---\nid: 42\ntube: jobs\nstate: ready\n"
+    s.feed_upstream(b"OK %d\r\n%s\r\n" % (len(body), body))
+    assert decisions(s) == (False, True)
+
+
+def test_too_many_pending_replies_stop_reading() -> None:
+    s = session()
+    s.feed_client(b"list-tubes\r\n" * MAX_PENDING)
+    while s.backlog:  # the relay's later turns
+        s.resume()
+    assert len(s.pending) == MAX_PENDING and s.reads_client()  # exactly the bound
+    s.feed_client(b"list-tubes\r\n")
+    assert not s.reads_client()
+    s.feed_upstream(b"OK 4\r\n---\n\r\n")
+    assert s.reads_client()
+
+
+def test_the_relay_takes_each_output_once() -> None:
+    s = session("producer")
+    s.feed_client(b"use jobs\r\nwatch other\r\n")
+    assert s.take_upstream() == b"use jobs\r\n" and s.take_upstream() == b""
+    s.feed_upstream(b"USING jobs\r\n")
+    assert s.take_client() == b"USING jobs\r\nNOT_PERMITTED\r\n" and s.take_client() == b""
+    assert [d["command"] for d in s.take_denials()] == ["watch"] and s.take_denials() == []
+    assert s.take_budget() == (0, 0)  # no budget: nothing reserved
+
+
+def test_a_backlog_is_unrun_commands_the_session_finishes_after_eof() -> None:
+    s = session()
+    assert not s.has_unrun_commands()
+    s.feed_client(b"list-tubes\r\n" * 100)  # more than one turn
+    assert s.backlog and s.has_unrun_commands()
+    s.client_eof()
+    while s.backlog:  # the relay's later turns
+        assert s.has_unrun_commands() and not s.half_close_due()
+        s.resume()
+    assert not s.has_unrun_commands()
+    assert take(s.to_upstream) == b"list-tubes\r\n" * 100
+    assert s.drain_cause is DrainCause.CLIENT_EOF and s.half_close_due()

@@ -88,6 +88,7 @@ def test_eof_behind_a_blocking_reserve_runs_the_held_commands_then_drains() -> N
     s, _ = waiting_session()
     take(s.to_upstream)
     s.feed_client(b"put 0 0 60 5\r\nunfin")  # an incomplete command is dropped at EOF
+    assert s.reads_client()  # below the bound: read on, to notice the EOF
     s.client_eof()
     assert take(s.to_upstream) == b"use a.loot\r\nput 0 0 60 1\r\nx\r\nput 0 0 60 1\r\ny\r\n"
     assert s.draining  # the relay now half-closes upstream: the reserve answers TIMED_OUT
@@ -120,5 +121,6 @@ def test_may_keep_waiting_follows_the_policy() -> None:
 def test_held_input_is_bounded_by_the_relay_bound() -> None:
     s, _ = waiting_session()
     s.feed_client(b"list-tube-used\r\n" * (MAX_HELD_BYTES // 16 + 1))
-    assert s.parser.buffered > MAX_HELD_BYTES  # the relay stops reading at this point
+    assert s.parser.buffered > MAX_HELD_BYTES
+    assert not s.reads_client()  # the relay stops reading at this point
     assert s.waiting and take(s.to_upstream) == b"reserve\r\n"
