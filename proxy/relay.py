@@ -962,24 +962,16 @@ class ProxyServer:
                 )
                 return
             cap = limits.max_connections_per_principal
-            if cap is not None and self._per_principal.get(principal, 0) >= cap:
-                self._refuse(
-                    conn,
-                    "max_connections_per_principal",
-                    logging.WARNING,
-                    "refused",
-                    event(
-                        "refused",
-                        peer=peer,
-                        principal=principal,
-                        reason="max_connections_per_principal",
-                        limit="limits.max_connections_per_principal",
-                        max=cap,
-                    ),
-                )
-                return
-            if cap is not None and self.shared is not None:
-                if not self.shared.try_add_principal(principal, cap):
+            if cap is not None:
+                scope = None
+                if self._per_principal.get(principal, 0) >= cap:
+                    scope = "process"
+                elif self.shared is not None:
+                    if self.shared.try_add_principal(principal, cap):
+                        conn.counted_shared = True
+                    else:
+                        scope = "whole proxy"
+                if scope is not None:
                     self._refuse(
                         conn,
                         "max_connections_per_principal",
@@ -992,11 +984,10 @@ class ProxyServer:
                             reason="max_connections_per_principal",
                             limit="limits.max_connections_per_principal",
                             max=cap,
-                            scope="whole proxy",
+                            scope=scope,
                         ),
                     )
                     return
-                conn.counted_shared = True
             self._per_principal[principal] = self._per_principal.get(principal, 0) + 1
             conn.counted_as = principal
             conn.principal = principal
