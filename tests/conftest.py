@@ -175,6 +175,14 @@ def spawn_serve(cfg: Path, *args: str) -> subprocess.Popen[str]:
     )
 
 
+def stop_serve(proc: subprocess.Popen[str]) -> None:
+    """Terminate a ``spawn_serve`` process, wait for it and close its log pipe."""
+    proc.terminate()
+    proc.wait(10)
+    if proc.stderr is not None:
+        proc.stderr.close()
+
+
 def run_bench(*args: str) -> subprocess.CompletedProcess[str]:
     """``bench/bench.py ARGS`` run to its end from the repository root, output captured."""
     root = Path(__file__).resolve().parent.parent
@@ -591,6 +599,7 @@ _IO_NAMES = frozenset(
         "start_proxy",
         "start_tunnel",
         "spawn_serve",
+        "stop_serve",
         "run_bench",
         "direct",
         "server_stats",

@@ -10,14 +10,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from typing import Any, TypeVar
 
 import pytest
 import uvloop
-from conftest import PKI, TEST_ACL, Beanstalkd, Client, RunningProxy, direct, make_config
+from conftest import PKI, TEST_ACL, Beanstalkd, Client, RunningProxy, direct, make_config, until
 
 from proxy.acl import parse_acl
 from proxy.relay import PolicyHolder, ProxyServer
@@ -64,14 +63,6 @@ async def serving(
         yield RunningProxy(server, pki)
     finally:
         await server.close()
-
-
-async def until(predicate: Callable[[], bool], timeout: float = 20.0) -> None:
-    """Poll server-side state that has no event to await, with a bounded deadline."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.005)
 
 
 def sample(proxy: RunningProxy, name: str) -> float:
@@ -179,9 +170,7 @@ async def test_a_client_closing_mid_body_releases_its_bytes(pki: PKI, big: Beans
         assert await drain_jobs(big.port, b"default") == [b"0123456789"]
 
 
-async def test_a_waiting_client_that_leaves_gives_its_turn_back(
-    pki: PKI, big: Beanstalkd
-) -> None:
+async def test_a_waiting_client_that_leaves_gives_its_turn_back(pki: PKI, big: Beanstalkd) -> None:
     """A paused client is not read, so its leaving is noticed when its turn comes: it is
     granted, reads its EOF, closes and releases at once; whoever waited behind it proceeds."""
     async with serving(pki, big.port, max_buffered_bytes=BODY) as proxy:

@@ -12,12 +12,11 @@ import contextlib
 import os
 import socket
 import ssl
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
 
-from conftest import PKI, TEST_ACL, Beanstalkd, RunningProxy, make_config
+from conftest import PKI, TEST_ACL, Beanstalkd, RunningProxy, make_config, until
 
 from proxy.acl import parse_acl
 from proxy.relay import PolicyHolder, ProxyServer
@@ -68,14 +67,6 @@ def failed(proxy: RunningProxy) -> float:
     )
 
 
-async def until(predicate: Callable[[], bool], what: str, timeout: float = 15.0) -> None:
-    """Bounded polling for server-side state that has no event to await."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"not reached in time: {what}"
-        await asyncio.sleep(0.005)
-
-
 async def refused_and_kept_open(proxy: RunningProxy, local: str = "127.0.0.1") -> ssl.SSLSocket:
     """A TLS 1.3 client without a certificate: its side of the handshake completes, the proxy
     refuses it (alert certificate_required) and lingers; the client never reads nor closes.
@@ -97,7 +88,10 @@ async def served(proxy: RunningProxy, local: str = "127.0.0.1") -> bool:
     try:
         async with asyncio.timeout(10):
             reader, writer = await asyncio.open_connection(
-                "127.0.0.1", proxy.port, ssl=ctx, server_hostname="localhost",
+                "127.0.0.1",
+                proxy.port,
+                ssl=ctx,
+                server_hostname="localhost",
                 local_addr=(local, 0),
             )
             writer.write(b"list-tube-used\r\n")
@@ -172,10 +166,14 @@ async def test_refused_sockets_count_for_their_source_until_closed(
         try:
             assert proxy.server.handshaking == per_source
             assert not await served(proxy)  # that address is at its cap until they close
-            assert gauge(
-                proxy, "beanstalk_proxy_handshake_failures_total",
-                {"reason": "max_handshakes_per_source"},
-            ) == 1
+            assert (
+                gauge(
+                    proxy,
+                    "beanstalk_proxy_handshake_failures_total",
+                    {"reason": "max_handshakes_per_source"},
+                )
+                == 1
+            )
             assert await served(proxy, local="127.0.0.2")  # another address is not
             for tls in held:
                 tls.close()

@@ -26,6 +26,7 @@ from conftest import (
     free_port,
     spawn_serve,
     start_proxy,
+    stop_serve,
     write_serve_config,
 )
 from test_metrics import scrape, value
@@ -236,10 +237,7 @@ async def test_serve_reloads_the_shadow_and_survives_a_broken_one(
         assert value(samples, "beanstalk_proxy_config_last_reload_successful", kind="shadow") == 1
         await c.close()
     finally:
-        proc.terminate()
-        proc.wait(10)
-        if proc.stderr is not None:
-            proc.stderr.close()
+        stop_serve(proc)
 
 
 async def test_file_watcher_reloads_the_shadow_alone(
@@ -275,10 +273,7 @@ async def test_file_watcher_reloads_the_shadow_alone(
         assert not [ln for ln in log.lines if "reload: ACL" in ln]  # the ACL was not reloaded
         await c.close()
     finally:
-        proc.terminate()
-        proc.wait(10)
-        if proc.stderr is not None:
-            proc.stderr.close()
+        stop_serve(proc)
 
 
 async def test_serve_starts_with_a_broken_shadow_and_enforces(
@@ -297,10 +292,7 @@ async def test_serve_starts_with_a_broken_shadow_and_enforces(
         assert await c.line(b"use alpha") == b"USING alpha"
         await c.close()
     finally:
-        proc.terminate()
-        proc.wait(10)
-        if proc.stderr is not None:
-            proc.stderr.close()
+        stop_serve(proc)
 
 
 # --- check-config and explain --shadow ------------------------------------------------------
