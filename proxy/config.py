@@ -104,7 +104,9 @@ class TLSConfig:
     crl_failure: str = "refuse"  # on a reload with an unusable CRL: "refuse" | "keep_last"
     crl_check: str = "chain"  # with CRLs: "chain" (every CA in the chain) | "leaf"
     require_client_auth_eku: bool = True  # refuse client certificates without clientAuth EKU
-    transport: str = "auto"  # "builtin" (proxy/tlsbio.py) | "stock" (the loop's own) | "auto"
+    transport: str = (
+        "builtin"  # "builtin" (proxy/tlsbio.py) | "stock" (the loop's own) | "auto" (= builtin)
+    )
 
 
 @dataclass(frozen=True)
@@ -440,7 +442,7 @@ def _parse_tls(source: str, data: object) -> TLSConfig:
     crl_failure = r.choice("crl_failure", "refuse", CRL_FAILURE_MODES)
     crl_check = r.choice("crl_check", "chain", CRL_CHECK_MODES)
     require_eku = r.get_bool("require_client_auth_eku", True)
-    transport = r.choice("transport", "auto", TLS_TRANSPORTS)
+    transport = r.choice("transport", "builtin", TLS_TRANSPORTS)
     return TLSConfig(
         cert=cert,
         key=key,

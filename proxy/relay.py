@@ -845,7 +845,7 @@ class ProxyServer:
             try:
                 conn.tls_started = True
                 transport: asyncio.Transport
-                if use_builtin(self.config.tls.transport, loop):
+                if use_builtin(self.config.tls.transport):
                     transport, _ = await accept_tls(
                         loop,
                         lambda: conn,

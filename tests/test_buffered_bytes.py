@@ -51,7 +51,7 @@ def big(beanstalkd: Beanstalkd) -> Beanstalkd:
 
 @contextlib.asynccontextmanager
 async def serving(
-    pki: PKI, upstream: int, transport: str = "auto", **limits: Any
+    pki: PKI, upstream: int, transport: str = "builtin", **limits: Any
 ) -> AsyncIterator[RunningProxy]:
     config = make_config(pki, upstream, max_job_size=LIMIT, **limits)
     config = replace(config, tls=replace(config.tls, transport=transport))
@@ -94,7 +94,8 @@ async def drain_jobs(port: int, tube: bytes) -> list[bytes]:
 
 
 @pytest.mark.parametrize(
-    ("loop", "transport"), [("asyncio", "builtin"), ("asyncio", "stock"), ("uvloop", "stock")]
+    ("loop", "transport"),
+    [("asyncio", "builtin"), ("uvloop", "builtin"), ("asyncio", "stock"), ("uvloop", "stock")],
 )
 def test_many_large_uploads_through_a_small_bound(
     pki: PKI, big: Beanstalkd, loop: str, transport: str
@@ -230,7 +231,8 @@ async def test_a_put_larger_than_the_bound_goes_through_alone(pki: PKI, big: Bea
 
 
 @pytest.mark.parametrize(
-    ("loop", "transport"), [("asyncio", "builtin"), ("asyncio", "stock"), ("uvloop", "stock")]
+    ("loop", "transport"),
+    [("asyncio", "builtin"), ("uvloop", "builtin"), ("asyncio", "stock"), ("uvloop", "stock")],
 )
 def test_a_fire_and_forget_producer_waiting_for_the_budget_keeps_its_job(
     pki: PKI, big: Beanstalkd, loop: str, transport: str
