@@ -35,6 +35,8 @@ hits all of them alike, and throughputs are the medians over the rounds:
 the proxy's TLS transport (``tls.transport``); they run only when named in ``--targets``.
 ``proxy-shadow`` (also only when named) is ``proxy`` with a shadow ACL (``acl_shadow``) that
 decides every workload command as the enforced ACL does: the cost of the shadow evaluation.
+``proxy-baseline`` (with ``--baseline DIR``) is ``proxy`` run from another checkout, so a change
+and the commit before it are measured in the same interleaved rounds.
 
 ``--fairness`` runs the ``fairness`` workload instead (direct and proxy targets): beanstalkd gets
 ``--tubes`` tubes (100,000 by default, held by direct connections that watch them), then a
@@ -97,7 +99,10 @@ TRANSPORT_TARGETS = (
 )
 #: Opt-in: ``proxy`` with a shadow ACL (``acl_shadow``, ``SHADOW_ACL``) decided next to it.
 SHADOW_TARGETS = ("proxy-shadow",)
-KNOWN_TARGETS = ALL_TARGETS + TRANSPORT_TARGETS + SHADOW_TARGETS
+#: Opt-in: ``proxy`` run from another checkout (``--baseline DIR``, e.g. a ``git worktree`` of
+#: the commit before a change), so a change and its baseline share one interleaved run.
+BASELINE_TARGETS = ("proxy-baseline",)
+KNOWN_TARGETS = ALL_TARGETS + TRANSPORT_TARGETS + SHADOW_TARGETS + BASELINE_TARGETS
 WORKLOADS = ("puts", "cycles", "rtt", "conns")
 BEANSTALKD = os.environ.get("BEANSTALKD", "beanstalkd")
 STUNNEL = os.environ.get("STUNNEL", "stunnel")
@@ -360,6 +365,7 @@ class Env:
     principals: int = 1  # ACL size: the bench client's principal comes last of this many
     principal_kind: str = "exact"  # exact | glob: the other principals' match patterns
     shadow: bool = False  # also an acl_shadow (SHADOW_ACL)
+    source: Path = REPO  # the checkout whose ``proxy`` package runs (--baseline: another one)
     notes: list[str] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
 
@@ -386,6 +392,7 @@ def start_proxy(env: Env, loop: str, transport: str | None = None) -> tuple[int,
         + (f"-{transport}" if transport else "")
         + (f"-{env.principals}p" if env.principals > 1 else "")
         + ("-shadow" if env.shadow else "")
+        + ("-baseline" if env.source != REPO else "")
     )
     transport_line = f"  transport: {transport}\n" if transport else ""
     acl = env.work / f"bench-acl-{env.principals}.yaml"
@@ -426,7 +433,9 @@ log:
     if env.workers > 1:
         argv += ["--workers", str(env.workers)]
     log = env.work / f"{tag}.log"
-    proc = env.procs.spawn(tag, argv, log, cwd=REPO)
+    # ``python -m proxy`` imports the package from its working directory first (sys.path[0]),
+    # so ``cwd`` picks the checkout that runs.
+    proc = env.procs.spawn(tag, argv, log, cwd=env.source)
     try:
         wait_for_port(port, proc, log, 20)
     except BenchError as exc:
@@ -443,6 +452,7 @@ log:
         "uvloop_loaded": actual,
         "profile": str(prof) if prof else None,
         "principals": env.principals,
+        "source": str(env.source),
     }
     return port, info
 
@@ -1042,13 +1052,14 @@ def start_target(t: Target, work: Path, pki: PKI, args: argparse.Namespace) -> N
         principals=t.principals,
         principal_kind=args.principal_kind,
         shadow=(t.kind or t.name) in SHADOW_TARGETS,
+        source=args.baseline if (t.kind or t.name) in BASELINE_TARGETS else REPO,
     )
     ctx: ssl.SSLContext | None = pki.client_context()
     info: dict[str, Any]
     kind = t.kind or t.name
     if kind == "direct":
         port, info, ctx = upstream, {}, None
-    elif kind in ("proxy", "proxy-shadow"):
+    elif kind in ("proxy", "proxy-shadow", "proxy-baseline"):
         loop = "uvloop" if target_available("proxy-asyncio") is None else "asyncio"
         port, info = start_proxy(env, loop)
     elif kind == "proxy-asyncio":
@@ -1419,6 +1430,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument(
         "--tubes", type=int, default=100_000, help="tubes for --fairness (default 100000)"
     )
+    ap.add_argument(
+        "--baseline",
+        type=Path,
+        metavar="DIR",
+        help="another checkout of the repository (e.g. `git worktree add /tmp/base HEAD~1`): "
+        "target proxy-baseline runs its `proxy` package, interleaved with this one's",
+    )
     args = ap.parse_args(argv)
     if args.fairness and args.targets == ",".join(ALL_TARGETS):
         args.targets = "proxy"
@@ -1427,6 +1445,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if unknown or not names:
         ap.error(f"unknown target(s) {', '.join(unknown)}; choose from {', '.join(KNOWN_TARGETS)}")
     args.target_list = list(dict.fromkeys(names))
+    if ("proxy-baseline" in names) != (args.baseline is not None):
+        ap.error("--baseline DIR and the target proxy-baseline go together")
+    if args.baseline is not None:
+        args.baseline = args.baseline.resolve()
+        if not (args.baseline / "proxy" / "__main__.py").is_file():
+            ap.error(f"--baseline {args.baseline}: no proxy/__main__.py there")
     if args.seconds is None:
         args.seconds = 0.5 if args.quick else 4.0
     if args.rounds is None:
