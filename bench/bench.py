@@ -10,7 +10,10 @@ fresh beanstalkd on a free port for every target, and one front per target:
                     ``*``;
 * ``proxy-asyncio`` the same CLI forced onto the stdlib asyncio event loop;
 * ``stunnel``       stunnel in server mode, ``verify = 2`` (client certificate required);
-* ``haproxy``       HAProxy ``mode tcp``, ``ssl crt ... ca-file ... verify required``.
+* ``haproxy``       HAProxy ``mode tcp``, ``ssl crt ... ca-file ... verify required``, with
+                    ``nbthread`` equal to the proxy's processes (``--proxy-workers``, default 1):
+                    equal parallelism. ``haproxy-auto`` (opt-in) keeps HAProxy's own default
+                    thread count (one per CPU).
 
 stunnel and HAProxy are skipped with a note when not installed. Every front runs as its own
 process; the client is this process (plain blocking sockets + ``ssl``, identical for every
@@ -102,7 +105,12 @@ SHADOW_TARGETS = ("proxy-shadow",)
 #: Opt-in: ``proxy`` run from another checkout (``--baseline DIR``, e.g. a ``git worktree`` of
 #: the commit before a change), so a change and its baseline share one interleaved run.
 BASELINE_TARGETS = ("proxy-baseline",)
-KNOWN_TARGETS = ALL_TARGETS + TRANSPORT_TARGETS + SHADOW_TARGETS + BASELINE_TARGETS
+#: Opt-in: HAProxy with its own default thread count (one per CPU); ``haproxy`` runs as many
+#: threads as the proxy has processes (``--proxy-workers``), the fair comparison.
+HAPROXY_TARGETS = ("haproxy-auto",)
+KNOWN_TARGETS = (
+    ALL_TARGETS + TRANSPORT_TARGETS + SHADOW_TARGETS + BASELINE_TARGETS + HAPROXY_TARGETS
+)
 WORKLOADS = ("puts", "cycles", "rtt", "conns")
 BEANSTALKD = os.environ.get("BEANSTALKD", "beanstalkd")
 STUNNEL = os.environ.get("STUNNEL", "stunnel")
@@ -481,15 +489,18 @@ sslVersionMin = TLSv1.2
     return port, {"config": str(conf), "log": str(log)}
 
 
-def start_haproxy(env: Env) -> tuple[int, dict[str, Any]]:
+def start_haproxy(env: Env, threads: int | None) -> tuple[int, dict[str, Any]]:
+    """HAProxy in TCP mode with ``nbthread threads`` (None: HAProxy's default, one per CPU)."""
     port = free_port()
-    log = env.work / "haproxy.log"
-    conf = env.work / "haproxy.cfg"
+    tag = "haproxy" if threads is not None else "haproxy-auto"
+    log = env.work / f"{tag}.log"
+    conf = env.work / f"{tag}.cfg"
+    nbthread = f"    nbthread {threads}\n" if threads is not None else ""
     conf.write_text(
         f"""\
 global
     maxconn 4000
-    ssl-default-bind-options ssl-min-ver TLSv1.2
+{nbthread}    ssl-default-bind-options ssl-min-ver TLSv1.2
 defaults
     mode tcp
     timeout connect 5s
@@ -502,16 +513,16 @@ backend beanstalkd
     server b1 127.0.0.1:{env.upstream_port}
 """
     )
-    proc = env.procs.spawn("haproxy", [HAPROXY, "-db", "-f", str(conf)], log)
+    proc = env.procs.spawn(tag, [HAPROXY, "-db", "-f", str(conf)], log)
     wait_for_port(port, proc, log, 15)
-    return port, {"config": str(conf), "log": str(log)}
+    return port, {"config": str(conf), "log": str(log), "nbthread": threads or "default"}
 
 
 def target_available(name: str) -> str | None:
     """None when ``name`` can run here, else the reason it is skipped."""
     if name == "stunnel" and shutil.which(STUNNEL) is None:
         return f"{STUNNEL} not installed"
-    if name == "haproxy" and shutil.which(HAPROXY) is None:
+    if name.startswith("haproxy") and shutil.which(HAPROXY) is None:
         return f"{HAPROXY} not installed"
     if name.startswith("proxy-asyncio"):
         try:
@@ -1072,7 +1083,9 @@ def start_target(t: Target, work: Path, pki: PKI, args: argparse.Namespace) -> N
     elif kind == "stunnel":
         port, info = start_stunnel(env)
     elif kind == "haproxy":
-        port, info = start_haproxy(env)
+        port, info = start_haproxy(env, args.proxy_workers)
+    elif kind == "haproxy-auto":
+        port, info = start_haproxy(env, None)
     else:  # pragma: no cover - validated by the argument parser
         raise BenchError(f"unknown target {kind}")
     t.info.update(info)
