@@ -2,7 +2,8 @@
 for the whole proxy. Sockets from one address that never send a ClientHello are accepted by
 whichever worker the kernel picks; beyond the cap they are refused at accept, wherever they
 land, while another address is still served, and the address gets in again once its sockets
-are gone."""
+are gone. A refused handshake's socket that lingers after its alert counts for its address
+across the workers too."""
 
 from __future__ import annotations
 
@@ -123,6 +124,63 @@ async def test_one_sources_pending_handshakes_stop_at_the_cap_across_workers(
         assert await _sample(proxy, "beanstalk_proxy_handshakes_pending") == CAP
     finally:
         for sock in socks:
+            sock.close()
+        proxy.stop()
+
+
+async def _refused_without_certificate(proxy: _Proxy, pki: PKI) -> ssl.SSLSocket:
+    """A TLS 1.3 client without a certificate that never reads nor closes: the proxy refuses
+    it with an alert and keeps its socket open (up to close_timeout). Returns once counted."""
+    failures = "beanstalk_proxy_handshake_failures_total"
+    before = await _sample(proxy, failures, reason="no_certificate")
+    ctx = pki.client_context(None)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+
+    def connect() -> ssl.SSLSocket:
+        raw = socket.create_connection(("127.0.0.1", proxy.port), 10)
+        return ctx.wrap_socket(raw, server_hostname="localhost")
+
+    tls = await asyncio.to_thread(connect)
+    await until(
+        lambda: _is(_sample(proxy, failures, reason="no_certificate"), before + 1),
+        "handshake refused",
+    )
+    return tls
+
+
+async def test_refused_sockets_still_open_count_for_their_source_across_workers(
+    tmp_path: Path, pki: PKI, beanstalkd: Beanstalkd
+) -> None:
+    proxy = await _start(
+        tmp_path,
+        pki,
+        beanstalkd,
+        max_handshakes_per_source=CAP,
+        max_handshakes=64,
+        handshake_timeout=60,
+        close_timeout=60,
+    )
+    held: list[socket.socket] = []
+    try:
+        for _ in range(CAP):
+            held.append(await _refused_without_certificate(proxy, pki))
+        assert await _sample(proxy, "beanstalk_proxy_handshakes_pending") == CAP
+        # Whichever worker accepts a new socket from that address refuses it at once.
+        before = await _per_source_refusals(proxy)
+        for _ in range(8):
+            held.append(socket.create_connection(("127.0.0.1", proxy.port), timeout=5))
+        await until(lambda: _is(_per_source_refusals(proxy), before + 8), "refused at accept")
+        assert await _served(pki, proxy.port, "127.0.0.2")
+        # The refused sockets close: the address is served again.
+        for sock in held:
+            sock.close()
+        await until(
+            lambda: _is(_sample(proxy, "beanstalk_proxy_handshakes_pending"), 0),
+            "refused sockets closed",
+        )
+        assert await _served(pki, proxy.port, "127.0.0.1")
+    finally:
+        for sock in held:
             sock.close()
         proxy.stop()
 
