@@ -33,10 +33,12 @@ alone applies the cap to it (the per-worker rule, so it may have up to N times t
 the proxy) until its own count returns to 0. That fallback is the safer one: counting it in
 another address's slot instead would let whoever can fill a cluster get other addresses
 refused for its own handshakes, while the looser rule only returns to the per-worker cap
-addresses that arrive while the table is crowded (``max_handshakes`` still bounds them all);
-the table is sized so that it is not (``source_slots_for``). Each process remembers the slot
-of every address it counts (an address with a count of its own keeps its slot, since a slot
-with a non-zero total is never taken over), so a release decrements its own cell, no lock.
+addresses that arrive while the table is crowded (``max_handshakes`` still bounds their
+pending handshakes); the table is sized so that it rarely is (``source_slots_for``). A probe
+stops at a never-used slot: keys are never cleared, so none is stored past one. Each process
+remembers the slot of every address it counts (an address with a count of its own keeps its
+slot, since a slot with a non-zero total is never taken over), so a release decrements its own
+cell, no lock.
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ SOURCE_SLOTS_PER_HANDSHAKE: Final = 4
 #: The fewest source slots a table has.
 MIN_SOURCE_SLOTS: Final = 1024
 #: Source slots an address may use: the one its key points at and the next ones.
-SOURCE_PROBE: Final = 8
+SOURCE_PROBE: Final = 16
 _CELL: Final = 8  # bytes per signed 64-bit counter
 
 
@@ -308,7 +310,11 @@ class SharedCounts:
             have = cells[base]
             if have == key:
                 return base
-            if take and free < 0 and (have == 0 or not any(cells[base + 1 : base + stride])):
+            if have == 0:  # never used: a key is never stored past one (keys stay non-zero)
+                if take and free < 0:
+                    free = base
+                break
+            if take and free < 0 and not any(cells[base + 1 : base + stride]):
                 free = base
         if free >= 0:
             cells[free] = key
