@@ -3,7 +3,8 @@
 
 1. ``admission``: the shared counts (``proxy.sharedlimits``) in one process and with two
    processes contending: microseconds per admission plus release of a connection, a pending
-   handshake and a principal's connection (each admission takes the ``fcntl`` lock once).
+   handshake, a principal's connection and a source address's pending handshake (each
+   admission takes the ``fcntl`` lock once).
 2. ``scrape``: a real ``python -m proxy serve`` with ``--workers N`` (the aggregator asks N
    workers and merges) and, for comparison, with one process (``/metrics`` served directly),
    each holding ``--conns`` idle mTLS connections: latency of sequential ``GET /metrics`` and
@@ -77,6 +78,10 @@ def admission(rounds: int) -> None:
             (
                 "principal",
                 lambda: (c.try_add_principal("bench", 10**9), c.remove_principal("bench")),
+            ),
+            (
+                "source",
+                lambda: (c.try_add_source("192.0.2.1", 10**9), c.remove_source("192.0.2.1")),
             ),
         ):
             t0 = time.perf_counter()

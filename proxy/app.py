@@ -39,7 +39,7 @@ from proxy.reloading import (
     watched_files,
 )
 from proxy.sessions_view import render as render_sessions
-from proxy.sharedlimits import SharedCounts
+from proxy.sharedlimits import SharedCounts, source_slots_for
 from proxy.tunnel import TunnelServer
 from proxy.watch import Kinds, Snapshot, snapshot, watch
 from proxy.workers import WorkerPlan, supervise
@@ -248,7 +248,7 @@ def serve_workers(
     (a SIGHUP may have changed them since the start), keeping the startup ones if they do not
     load now."""
     try:
-        plan = WorkerPlan(workers)
+        plan = WorkerPlan(workers, source_slots_for(config.limits.handshake_limit()))
     except OSError as exc:
         log.error(
             "--workers needs a writable directory for the workers' shared counts and status "

@@ -26,9 +26,11 @@ rest summarised. Put bodies in flight are bounded per process
 line, a client whose put must wait is not read until its reservation is granted (in arrival
 order), and the relay gives the bytes back once the body was handed to the upstream transport,
 or when the connection closes. With ``serve --workers N`` (a ``SharedCounts``)
-``max_connections``, ``max_handshakes`` and ``max_connections_per_principal`` are checked
-against the whole proxy's counts (a lingering refused socket counts only in its own worker),
-and each principal's rate bucket holds 1/N of its rate.
+``max_connections``, ``max_handshakes``, ``max_connections_per_principal`` and
+``max_handshakes_per_source`` are checked against the whole proxy's counts (a lingering refused
+socket counts only in its own worker for ``max_handshakes``, and in the shared per-source count;
+an address for which the shared source table has no free slot meets the cap per worker), and
+each principal's rate bucket holds 1/N of its rate.
 """
 
 from __future__ import annotations
@@ -542,7 +544,7 @@ class ProxyServer:
         self.policy = policy
         self.connections: set[Connection] = set()
         # Handshakes in progress, oldest first (the one dropped when max_handshakes is full),
-        # and how many of them each source address has.
+        # and how many of them each source address has (with --workers: in ``shared``).
         self._pending: dict[Connection, asyncio.Task[None]] = {}
         self._pending_per_source: dict[str, int] = {}
         # Sockets of failed handshakes still open after their alert (builtin transport, up to
@@ -683,13 +685,16 @@ class ProxyServer:
             self._refused_at_accept(sock, peer, source, "max_connections", limits.max_connections)
             return False
         per_source = limits.max_handshakes_per_source
-        if (
-            per_source is not None
-            and source is not None
-            and self._pending_per_source.get(source, 0) >= per_source
-        ):
-            self._refused_at_accept(sock, peer, source, "max_handshakes_per_source", per_source)
-            return False
+        if source is not None and per_source is not None:
+            if (
+                self._pending_per_source.get(source, 0) >= per_source
+                if shared is None
+                else not shared.try_add_source(source, per_source)  # counted from here on
+            ):
+                self._refused_at_accept(sock, peer, source, "max_handshakes_per_source", per_source)
+                return False
+        elif source is not None and shared is not None:
+            shared.add_source(source)  # no cap: counted all the same
         if shared is None:
             dropped = self.handshaking >= limits.handshake_limit()
             if dropped:
@@ -701,6 +706,8 @@ class ProxyServer:
                 # handshake; a worker with none of its own refuses the newcomer instead.
                 # (a lingering refused socket goes first; it is not in the shared count)
                 if not self._pending:
+                    if source is not None:
+                        shared.remove_source(source)
                     self._refused_at_accept(
                         sock, peer, source, "max_handshakes", limits.handshake_limit()
                     )
@@ -712,7 +719,7 @@ class ProxyServer:
         conn = Connection(self, peer, source)
         task = asyncio.get_running_loop().create_task(self._handshake(conn, sock))
         self._pending[conn] = task
-        if source is not None:
+        if source is not None and shared is None:
             self._pending_per_source[source] = self._pending_per_source.get(source, 0) + 1
         self._tasks.add(task)
         task.add_done_callback(lambda t: self._handshake_task_done(t, conn, sock))
@@ -766,7 +773,9 @@ class ProxyServer:
         self._leave_source(conn.source)
 
     def _leave_source(self, source: str | None) -> None:
-        if source is not None:
+        if source is not None and self.shared is not None:
+            self.shared.remove_source(source)
+        elif source is not None:
             left = self._pending_per_source.get(source, 1) - 1
             if left > 0:
                 self._pending_per_source[source] = left
@@ -777,7 +786,9 @@ class ProxyServer:
         """``accept_tls``'s ``on_linger``: a failed handshake's socket stays open after the
         alert; it keeps counting (as a handshake, and for its source) until it is closed."""
         self._lingering[tls] = source
-        if source is not None:
+        if source is not None and self.shared is not None:
+            self.shared.add_source(source)
+        elif source is not None:
             self._pending_per_source[source] = self._pending_per_source.get(source, 0) + 1
         tls.on_closed = lambda: self._linger_done(tls)
 

@@ -20,6 +20,25 @@ probing; a slot keeps its key for the life of the table). Two names share a coun
 their 64-bit digests are equal, or once more than ``slots`` distinct principal names have been
 admitted since the proxy started; then the extra names share the slot their hash points at.
 Sharing a counter can only make a per-principal limit stricter, never looser.
+
+Source addresses (``max_handshakes_per_source``) are unbounded, so they get a table of their
+own after the principal slots, ``source_slots`` slots of ``key`` and ``count[W]``, in which a
+slot does not keep its key: a slot whose total over all workers is 0 may be taken over by
+another address (under the lock). An address is looked for in the ``SOURCE_PROBE`` slots from
+the one its key points at (the key is a BLAKE2b digest keyed with a secret drawn when the table
+is made, so nobody outside can aim addresses at a slot); it takes the first slot of those that
+holds its key, else the first one whose total is 0. When none of them is free (a cluster of
+addresses that all have handshakes pending), the address is counted in no slot: that worker
+alone applies the cap to it (the per-worker rule, so it may have up to N times the cap across
+the proxy) until its own count returns to 0. That fallback is the safer one: counting it in
+another address's slot instead would let whoever can fill a cluster get other addresses
+refused for its own handshakes, while the looser rule only returns to the per-worker cap
+addresses that arrive while the table is crowded (``max_handshakes`` still bounds their
+pending handshakes); the table is sized so that it rarely is (``source_slots_for``). A probe
+stops at a never-used slot: keys are never cleared, so none is stored past one. Each process
+remembers the slot of every address it counts (an address with a count of its own keeps its
+slot, since a slot with a non-zero total is never taken over), so a release decrements its own
+cell, no lock.
 """
 
 from __future__ import annotations
@@ -30,30 +49,64 @@ import mmap
 import os
 from typing import Final
 
-__all__ = ["DEFAULT_SLOTS", "SharedCounts"]
+__all__ = [
+    "DEFAULT_SLOTS",
+    "MIN_SOURCE_SLOTS",
+    "SOURCE_PROBE",
+    "SharedCounts",
+    "source_slots_for",
+]
 
 #: Principal slots in the shared table (distinct principal names it keeps apart).
 DEFAULT_SLOTS: Final = 4096
+#: Source slots for each handshake the whole proxy may have pending (``source_slots_for``).
+SOURCE_SLOTS_PER_HANDSHAKE: Final = 4
+#: The fewest source slots a table has.
+MIN_SOURCE_SLOTS: Final = 1024
+#: Source slots an address may use: the one its key points at and the next ones.
+SOURCE_PROBE: Final = 16
 _CELL: Final = 8  # bytes per signed 64-bit counter
+
+
+def source_slots_for(handshake_limit: int) -> int:
+    """Source slots for a proxy allowing ``handshake_limit`` pending handshakes: a table at
+    most a quarter full of pending handshakes (each from a different address at worst)."""
+    return max(MIN_SOURCE_SLOTS, SOURCE_SLOTS_PER_HANDSHAKE * handshake_limit)
 
 
 class SharedCounts:
     """The shared table; ``worker`` (set in each worker with ``attach``) names the column this
     process writes. Layout, in signed 64-bit cells: ``connections[W]``, ``handshakes[W]``, then
-    per slot ``key`` followed by ``count[W]``."""
+    per principal slot ``key`` followed by ``count[W]``, then the same per source slot."""
 
-    def __init__(self, path: str, workers: int, slots: int = DEFAULT_SLOTS) -> None:
-        if workers < 1 or slots < 1:
+    def __init__(
+        self,
+        path: str,
+        workers: int,
+        slots: int = DEFAULT_SLOTS,
+        source_slots: int = MIN_SOURCE_SLOTS,
+    ) -> None:
+        if workers < 1 or slots < 1 or source_slots < 1:
             raise ValueError("workers and slots must be >= 1")
         self.workers = workers
         self.slots = slots
+        self.source_slots = source_slots
         self.worker = -1
-        size = (2 * workers + slots * (1 + workers)) * _CELL
+        self._sources_at = 2 * workers + slots * (1 + workers)  # first cell of the source table
+        size = (self._sources_at + source_slots * (1 + workers)) * _CELL
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         os.ftruncate(self._fd, size)
         self._map = mmap.mmap(self._fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self._cells = memoryview(self._map).cast("q")
         self._slot_of: dict[str, int] = {}  # this process's cache: principal -> slot
+        # Digest key of source addresses, the same in every worker (drawn before the fork).
+        self._secret = os.urandom(16)
+        # The sources this worker counts: address -> [first cell of its slot (-1: counted in no
+        # slot, by this worker alone), this worker's count of it]. One dict per column, so that
+        # tests can play several workers in one process; a forked worker inherits empty ones
+        # (the supervisor counts nothing).
+        self._mines: dict[int, dict[str, list[int]]] = {}
+        self._mine: dict[str, list[int]] = {}
 
     def attach(self, worker: int) -> None:
         """Called in a worker right after the fork: the column it writes."""
@@ -61,6 +114,7 @@ class SharedCounts:
             raise ValueError(f"worker {worker} out of range")
         self.worker = worker
         self._slot_of = {}
+        self._mine = self._mines.setdefault(worker, {})
 
     # --- totals (no lock: a snapshot that may be an instant old) ----------------------------
 
@@ -77,6 +131,12 @@ class SharedCounts:
             return 0
         base = self._base(slot) + 1
         return sum(self._cells[base : base + self.workers])
+
+    def source_total(self, source: str) -> int:
+        """Pending handshakes of ``source`` in its slot, over all workers (0 when it has none;
+        a source counted in no slot is not in it)."""
+        base = self._source_slot(self._source_key(source), take=False)
+        return 0 if base < 0 else sum(self._cells[base + 1 : base + 1 + self.workers])
 
     # --- admission (under the lock) and release (own column, no lock) -----------------------
 
@@ -131,6 +191,60 @@ class SharedCounts:
         if slot >= 0:
             self._cells[self._base(slot) + 1 + self.worker] -= 1
 
+    def try_add_source(self, source: str, cap: int | None) -> bool:
+        """Count one more pending handshake of ``source`` (an IP address) if the whole proxy
+        has fewer than ``cap`` (``None``: no cap, counted all the same, so that a later cap
+        sees them); when no slot is free for it, if this worker alone has fewer."""
+        mine = self._mine.get(source)
+        if mine is not None and mine[0] < 0:  # counted in no slot: this worker's own rule
+            if cap is not None and mine[1] >= cap:
+                return False
+            mine[1] += 1
+            return True
+        cells, w = self._cells, self.workers
+        self._lock()
+        try:
+            if mine is not None:
+                base = mine[0]
+            else:
+                base = self._source_slot(self._source_key(source), take=True)
+                if base < 0:  # no free slot near its key: this worker alone counts it
+                    self._mine[source] = [-1, 1]
+                    return True
+            if cap is not None and sum(cells[base + 1 : base + 1 + w]) >= cap:
+                return False
+            cells[base + 1 + self.worker] += 1
+        finally:
+            self._unlock()
+        if mine is None:
+            self._mine[source] = [base, 1]
+        else:
+            mine[1] += 1
+        return True
+
+    def add_source(self, source: str) -> None:
+        """Count one more socket of ``source`` without a cap: one this worker already counts
+        passes from pending handshake to lingering refused socket (the caller releases the
+        pending one after this). No lock when it does: its slot is its own while it counts."""
+        mine = self._mine.get(source)
+        if mine is None:
+            self.try_add_source(source, None)
+            return
+        if mine[0] >= 0:
+            self._cells[mine[0] + 1 + self.worker] += 1
+        mine[1] += 1
+
+    def remove_source(self, source: str) -> None:
+        """Release one socket of ``source`` counted by this worker."""
+        mine = self._mine.get(source)
+        if mine is None:
+            return
+        if mine[0] >= 0:
+            self._cells[mine[0] + 1 + self.worker] -= 1
+        mine[1] -= 1
+        if mine[1] <= 0:
+            del self._mine[source]
+
     def reclaim(self, worker: int) -> None:
         """Zero ``worker``'s column: it died, and the kernel closed its sockets. Call only
         once it is reaped and before a replacement runs in its column."""
@@ -141,8 +255,14 @@ class SharedCounts:
             cells[w + worker] = 0
             for slot in range(self.slots):
                 cells[self._base(slot) + 1 + worker] = 0
+            stride, first = 1 + w, self._sources_at
+            for base in range(first, first + self.source_slots * stride, stride):
+                cells[base + 1 + worker] = 0
         finally:
             self._unlock()
+        self._mines.pop(worker, None)
+        if worker == self.worker:
+            self._mine = self._mines.setdefault(worker, {})
 
     def close(self) -> None:
         self._cells.release()
@@ -171,6 +291,34 @@ class SharedCounts:
                 cells[self._base(slot)] = key
                 return slot
         return start if insert else -1
+
+    def _source_key(self, source: str) -> int:
+        digest = hashlib.blake2b(
+            source.encode("utf-8", "surrogatepass"), digest_size=8, key=self._secret
+        ).digest()
+        return int.from_bytes(digest, "little", signed=True) or 1
+
+    def _source_slot(self, key: int, take: bool) -> int:
+        """The first cell of the source slot holding ``key`` among the ``SOURCE_PROBE`` slots
+        from the one it points at; with ``take`` (under the lock), else the first of them whose
+        total is 0, given ``key``. -1 when there is none."""
+        cells, n, w = self._cells, self.source_slots, self.workers
+        start, stride = key % n, 1 + w
+        free = -1
+        for i in range(min(SOURCE_PROBE, n)):
+            base = self._sources_at + (start + i) % n * stride
+            have = cells[base]
+            if have == key:
+                return base
+            if have == 0:  # never used: a key is never stored past one (keys stay non-zero)
+                if take and free < 0:
+                    free = base
+                break
+            if take and free < 0 and not any(cells[base + 1 : base + stride]):
+                free = base
+        if free >= 0:
+            cells[free] = key
+        return free
 
     def _lock(self) -> None:
         fcntl.lockf(self._fd, fcntl.LOCK_EX)

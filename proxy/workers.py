@@ -32,7 +32,7 @@ from typing import Final
 
 from proxy.config import Endpoint
 from proxy.logs import event
-from proxy.sharedlimits import SharedCounts
+from proxy.sharedlimits import MIN_SOURCE_SLOTS, SharedCounts
 
 __all__ = ["MAX_RESPAWNS", "RESPAWN_WINDOW", "WorkerPlan", "supervise"]
 
@@ -49,10 +49,12 @@ class WorkerPlan:
     """What the workers share: the private directory, the shared counts, and each worker's
     status socket (``status_endpoint``; only used when the aggregator runs)."""
 
-    def __init__(self, workers: int) -> None:
+    def __init__(self, workers: int, source_slots: int = MIN_SOURCE_SLOTS) -> None:
         self.workers = workers
         self.directory = tempfile.mkdtemp(prefix="beanstalk-proxy-")
-        self.shared = SharedCounts(os.path.join(self.directory, "counts"), workers)
+        self.shared = SharedCounts(
+            os.path.join(self.directory, "counts"), workers, source_slots=source_slots
+        )
 
     def status_endpoint(self, worker: int) -> Endpoint:
         return Endpoint(None, None, os.path.join(self.directory, f"worker-{worker}.sock"))
