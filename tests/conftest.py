@@ -19,12 +19,13 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
+import uvloop
 import yaml
 
 from proxy.acl import parse_acl
@@ -96,6 +97,22 @@ async def until(
             return
         assert time.monotonic() < deadline, f"not reached in time: {what}"
         await asyncio.sleep(0.01)
+
+
+T = TypeVar("T")
+
+#: Event loops a test can run on by name (``run_on``).
+LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
+    "asyncio": asyncio.new_event_loop,
+    "uvloop": uvloop.new_event_loop,
+}
+
+
+def run_on(loop: str, main: Coroutine[Any, Any, T]) -> T:
+    """Run ``main`` (proxy, clients and all) to its end on a fresh event loop of kind ``loop``
+    (a test parametrized over ``LOOPS`` instead of running on pytest-asyncio's loop)."""
+    with asyncio.Runner(loop_factory=LOOPS[loop]) as runner:
+        return runner.run(main)
 
 
 def take(buf: bytearray) -> bytes:
@@ -307,8 +324,14 @@ def beanstalkd() -> Iterator[Beanstalkd]:
 
 
 def make_config(
-    pki: PKI, upstream_port: int, denial_reply: str = "explicit", **limits: Any
+    pki: PKI,
+    upstream_port: int,
+    denial_reply: str = "explicit",
+    *,
+    tls: dict[str, Any] | None = None,
+    **limits: Any,
 ) -> Config:
+    """The test proxy's config: ``limits`` and ``tls`` (TLSConfig fields) over the defaults."""
     base = Limits(
         max_connections=100,
         handshake_timeout=2.0,
@@ -319,12 +342,15 @@ def make_config(
         listen=Endpoint("127.0.0.1", 0, None),
         upstream=Endpoint("127.0.0.1", upstream_port, None),
         allow_remote_upstream=False,
-        tls=TLSConfig(
-            cert=str(pki.dir / "server.pem"),
-            key=str(pki.dir / "server.key"),
-            client_ca=pki.ca,
-            crl=(),
-            min_version="1.2",
+        tls=replace(
+            TLSConfig(
+                cert=str(pki.dir / "server.pem"),
+                key=str(pki.dir / "server.key"),
+                client_ca=pki.ca,
+                crl=(),
+                min_version="1.2",
+            ),
+            **(tls or {}),
         ),
         acl="<test>",
         limits=replace(base, **limits),
@@ -375,13 +401,32 @@ async def start_proxy(
     upstream_port: int,
     acl: dict[str, Any] | None = None,
     denial_reply: str = "explicit",
+    *,
+    tls: dict[str, Any] | None = None,
     **limits: Any,
 ) -> RunningProxy:
-    config = make_config(pki, upstream_port, denial_reply, **limits)
+    config = make_config(pki, upstream_port, denial_reply, tls=tls, **limits)
     policy = parse_acl(acl if acl is not None else TEST_ACL, "<test acl>")
     server = ProxyServer(config, server_context(config.tls), PolicyHolder(policy))
     await server.start()
     return RunningProxy(server, pki)
+
+
+@contextlib.asynccontextmanager
+async def serving(
+    pki: PKI,
+    upstream_port: int,
+    acl: dict[str, Any] | None = None,
+    *,
+    tls: dict[str, Any] | None = None,
+    **limits: Any,
+) -> AsyncIterator[RunningProxy]:
+    """``start_proxy`` for the length of an ``async with`` block (closed when it ends)."""
+    running = await start_proxy(pki, upstream_port, acl, tls=tls, **limits)
+    try:
+        yield running
+    finally:
+        await running.server.close()
 
 
 async def start_tunnel(
@@ -401,11 +446,8 @@ async def start_tunnel(
 
 @pytest.fixture
 async def proxy(pki: PKI, beanstalkd: Beanstalkd) -> AsyncIterator[RunningProxy]:
-    running = await start_proxy(pki, beanstalkd.port)
-    try:
+    async with serving(pki, beanstalkd.port) as running:
         yield running
-    finally:
-        await running.server.close()
 
 
 Reply = tuple[bytes, bytes | None]
@@ -563,6 +605,62 @@ async def tls_attempt(port: int, ctx: ssl.SSLContext, command: bytes = b"stats\r
                 await writer.wait_closed()
         assert data == b"", f"the refused client got an answer: {data[:60]!r}"
         return "closed without a reply"
+
+
+async def served(proxy: RunningProxy, name: str = "admin", local: str | None = None) -> bool:
+    """Does a legitimate client (``name``'s certificate, from address ``local`` if given) get
+    an answer to one command? False where it is refused or cut."""
+    ctx = proxy.pki.client_context(name)
+    try:
+        async with asyncio.timeout(10):
+            reader, writer = await asyncio.open_connection(
+                "127.0.0.1",
+                proxy.port,
+                ssl=ctx,
+                server_hostname="localhost",
+                local_addr=(local, 0) if local else None,
+            )
+            c = Client(reader, writer)
+            try:
+                return await c.line(b"list-tube-used") == b"USING default"
+            finally:
+                await c.close()
+    except (OSError, ssl.SSLError, asyncio.IncompleteReadError):
+        return False
+
+
+def metric(proxy: RunningProxy, name: str, labels: dict[str, str] | None = None) -> float:
+    """The proxy's sample ``name`` with ``labels`` (0 where it has none yet)."""
+    return proxy.server.metrics.registry.get_sample_value(name, labels or {}) or 0.0
+
+
+def handshake_failures(proxy: RunningProxy, reason: str) -> float:
+    return metric(proxy, "beanstalk_proxy_handshake_failures_total", {"reason": reason})
+
+
+class NothingUpstream:
+    """Asserts that beanstalkd saw no connection from the proxy inside the ``async with`` block
+    (our own stats probes aside) and no put: the block's clients were refused before any
+    upstream connection existed. ``allowed``: upstream connections the block legitimately
+    opens."""
+
+    def __init__(self, port: int, allowed: int = 0) -> None:
+        self.port = port
+        self.allowed = allowed
+        self.before = 0
+
+    async def __aenter__(self) -> NothingUpstream:
+        self.before = int((await server_stats(self.port))["total-connections"])
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if exc[0] is None:
+            after = await server_stats(self.port)
+            # +1: the probe reading these stats
+            assert int(after["total-connections"]) == self.before + self.allowed + 1, after
+            assert int(after["cmd-put"]) == 0, after
+            if not self.allowed:
+                assert after["current-connections"] == "1", after  # the probe alone
 
 
 class LogReader:

@@ -11,7 +11,15 @@ import ssl
 import time
 
 import pytest
-from conftest import PKI, Beanstalkd, Client, RunningProxy, start_proxy, until
+from conftest import (
+    PKI,
+    Beanstalkd,
+    Client,
+    RunningProxy,
+    handshake_failures,
+    start_proxy,
+    until,
+)
 
 from proxy.logs import render_text
 
@@ -46,13 +54,6 @@ async def ready(proxy: RunningProxy, name: str) -> Client:
     return c
 
 
-def failures(proxy: RunningProxy, reason: str) -> float:
-    value = proxy.server.metrics.registry.get_sample_value(
-        "beanstalk_proxy_handshake_failures_total", {"reason": reason}
-    )
-    return value or 0.0
-
-
 # --------------------------------------------------------------------------------------------
 # connection caps
 
@@ -69,7 +70,7 @@ async def test_per_principal_limit_refuses_the_next_one_and_logs_it(
         lines = conn_lines(caplog, "refused", "principal=admin", "max_connections_per_principal")
         assert len(lines) == 1, lines
         assert "max=2" in lines[0]
-        assert failures(proxy, "max_connections_per_principal") == 1
+        assert handshake_failures(proxy, "max_connections_per_principal") == 1
 
         # Another principal is not affected by admin's cap.
         billing = await proxy.connect("billing")
@@ -101,7 +102,7 @@ async def test_global_max_connections(
         assert await refused(proxy, "inspector") == b""
         lines = conn_lines(caplog, "refused", "max_connections")
         assert len(lines) == 1 and "max=2" in lines[0], lines
-        assert failures(proxy, "max_connections") == 1
+        assert handshake_failures(proxy, "max_connections") == 1
 
         await second.close()
         await until(lambda: len(proxy.server.connections) == 1)

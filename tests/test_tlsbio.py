@@ -22,61 +22,40 @@ import ssl
 import subprocess
 import time
 import tracemalloc
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
-import uvloop
 from conftest import (
     PKI,
-    TEST_ACL,
     Beanstalkd,
     LogWatch,
     RunningProxy,
-    make_config,
+    run_on,
     server_stats,
     until,
 )
+from conftest import serving as proxy_serving
 from pki_helpers import make_client_cert, utcnow
 
-from proxy.acl import parse_acl
 from proxy.certs import revoke
 from proxy.config import parse_config
 from proxy.errors import ConfigError
-from proxy.relay import Connection, PolicyHolder, ProxyServer
+from proxy.relay import Connection
 from proxy.tlsbio import CHUNK, TLSTransport
-from proxy.tlsctx import server_context
-
-T = TypeVar("T")
 
 LOOPS = pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
 TRANSPORTS = pytest.mark.parametrize("transport", ["builtin", "stock"])
 
 
-def run(loop: str, main: Callable[[], Awaitable[T]]) -> T:
-    factory = uvloop.new_event_loop if loop == "uvloop" else asyncio.new_event_loop
-    with asyncio.Runner(loop_factory=factory) as runner:
-        return runner.run(main())  # type: ignore[arg-type]
-
-
-@contextlib.asynccontextmanager
-async def serving(
+def serving(
     pki: PKI, beanstalkd: Beanstalkd, transport: str | None, crl: str | None = None
-) -> AsyncIterator[RunningProxy]:
+) -> contextlib.AbstractAsyncContextManager[RunningProxy]:
     """The proxy with ``tls.transport`` set to ``transport`` (None: the configured default)."""
-    config = make_config(pki, beanstalkd.port)
-    tls = replace(
-        config.tls, transport=transport or config.tls.transport, crl=(crl,) if crl else ()
-    )
-    config = replace(config, tls=tls)
-    server = ProxyServer(config, server_context(tls), PolicyHolder(parse_acl(TEST_ACL, "<t>")))
-    await server.start()
-    try:
-        yield RunningProxy(server, pki)
-    finally:
-        await server.close()
+    tls: dict[str, Any] = {"crl": (crl,) if crl else ()}
+    if transport:
+        tls["transport"] = transport
+    return proxy_serving(pki, beanstalkd.port, tls=tls)
 
 
 class BioClient:
@@ -197,7 +176,7 @@ def test_half_closing_tls13_client_gets_its_replies(
         assert stats["cmd-put"] == "1" and stats["cmd-list-tube-used"] == "1"
         assert stats["current-jobs-ready"] == "1"
 
-    run(loop, main)
+    run_on(loop, main())
 
 
 @LOOPS
@@ -235,7 +214,7 @@ def test_tls12_close_notify_is_answered_at_once(
             assert time.monotonic() < deadline, "beanstalkd did not run the commands"
             await asyncio.sleep(0.01)
 
-    run(loop, main)
+    run_on(loop, main())
 
 
 @LOOPS
@@ -261,7 +240,7 @@ def test_tls12_client_that_shuts_down_its_socket_gets_its_replies(
             assert data.startswith(b"USING t\r\nINSERTED ") and data.endswith(b"USING t\r\n")
             assert end == "close_notify"
 
-    run(loop, main)
+    run_on(loop, main())
 
 
 @LOOPS
@@ -287,7 +266,7 @@ def test_tls13_client_that_closes_fully_still_has_its_commands_run(
                 await asyncio.sleep(0.01)
             await until(lambda: not proxy.server.connections and not proxy.server.handshaking)
 
-    run(loop, main)
+    run_on(loop, main())
 
 
 # --- refusals a client can read -----------------------------------------------------------------
@@ -377,7 +356,7 @@ def test_refused_handshake_ends_with_the_alert_naming_the_reason(
             assert proxy.server.connections == set()
             return how
 
-    how = run(loop, main)
+    how = run_on(loop, main())
     alert = ALERTS[case, version]
     if transport == "builtin":
         assert how == alert
@@ -410,7 +389,7 @@ def test_openssl_s_client_sees_certificate_required(
             )
             return out.stdout.decode(errors="replace") + out.stderr.decode(errors="replace")
 
-    output = run(loop, main)
+    output = run_on(loop, main())
     assert "USING" not in output
     if transport == "builtin":
         assert "tlsv13 alert certificate required" in output, output
@@ -472,7 +451,7 @@ def test_client_that_does_not_read_keeps_the_proxy_bounded(
             finally:
                 c.close()
 
-    run(loop, main)
+    run_on(loop, main())
 
 
 @LOOPS
@@ -498,7 +477,7 @@ def test_large_pipelined_puts_through_the_builtin_transport(
             await c.close()
         assert (await server_stats(beanstalkd.port))["current-jobs-ready"] == str(n)
 
-    run(loop, main)
+    run_on(loop, main())
 
 
 # --- memory per idle connection -------------------------------------------------------------------
@@ -539,7 +518,7 @@ def _traced_per_connection(loop: str, transport: str, pki: PKI, beanstalkd: Bean
                 s.close()
             return (after - before) / n
 
-    return run(loop, main)
+    return run_on(loop, main())
 
 
 @LOOPS
@@ -570,10 +549,10 @@ def test_config_key(loop: str, pki: PKI, beanstalkd: Beanstalkd) -> None:
             await c.close()
             return kind
 
-    assert run(loop, lambda: main("builtin")) is TLSTransport
-    assert run(loop, lambda: main("stock")) is not TLSTransport
-    assert run(loop, lambda: main("auto")) is TLSTransport
-    assert run(loop, lambda: main(None)) is TLSTransport
+    assert run_on(loop, main("builtin")) is TLSTransport
+    assert run_on(loop, main("stock")) is not TLSTransport
+    assert run_on(loop, main("auto")) is TLSTransport
+    assert run_on(loop, main(None)) is TLSTransport
 
 
 def _config_with(section: str, key: str, value: object) -> dict[str, Any]:
