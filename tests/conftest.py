@@ -417,12 +417,13 @@ async def serving(
     pki: PKI,
     upstream_port: int,
     acl: dict[str, Any] | None = None,
+    denial_reply: str = "explicit",
     *,
     tls: dict[str, Any] | None = None,
     **limits: Any,
 ) -> AsyncIterator[RunningProxy]:
     """``start_proxy`` for the length of an ``async with`` block (closed when it ends)."""
-    running = await start_proxy(pki, upstream_port, acl, tls=tls, **limits)
+    running = await start_proxy(pki, upstream_port, acl, denial_reply, tls=tls, **limits)
     try:
         yield running
     finally:

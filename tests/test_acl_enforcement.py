@@ -14,7 +14,6 @@ constraints, and consumers sending their commands in any order.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import random
@@ -24,7 +23,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from conftest import PKI, Beanstalkd, Client, RunningProxy, direct, parse_yaml_map, start_proxy
+from conftest import (
+    PKI,
+    Beanstalkd,
+    Client,
+    direct,
+    parse_yaml_map,
+    serving,
+)
 
 from proxy.identity import identity_from_der
 
@@ -229,15 +235,6 @@ async def world(beanstalkd: Beanstalkd) -> AsyncIterator[World]:
         yield w
     finally:
         await w.close()
-
-
-@contextlib.asynccontextmanager
-async def running(pki: PKI, port: int, doc: dict[str, Any]) -> AsyncIterator[RunningProxy]:
-    proxy = await start_proxy(pki, port, acl=doc)
-    try:
-        yield proxy
-    finally:
-        await proxy.server.close()
 
 
 def fingerprint(pki: PKI, cert: str) -> str:
@@ -604,7 +601,7 @@ async def test_command_table(
     case: Case, pki: PKI, world: World, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO)
-    async with running(pki, world.port, acl(*case.rules)) as proxy:
+    async with serving(pki, world.port, acl(*case.rules)) as proxy:
         c = await proxy.connect(CERT["tenant"])
         for line, reply in case.prelude:
             assert await c.line(line) == reply, line
@@ -669,7 +666,7 @@ async def test_quit_always_allowed(
     rules: tuple[dict[str, Any], ...], pki: PKI, world: World, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO)
-    async with running(pki, world.port, acl(*rules)) as proxy:
+    async with serving(pki, world.port, acl(*rules)) as proxy:
         c = await proxy.connect(CERT["tenant"])
         await c.send(b"list-tube-used\r\nquit\r\nlist-tube-used\r\n")
         assert await c.closed() == b"USING default\r\n"
@@ -711,7 +708,7 @@ async def test_cross_tenant_job_ids_not_found(
     template: bytes, job: str, pki: PKI, world: World, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO)
-    async with running(pki, world.port, acl(ALL_ALPHA)) as proxy:
+    async with serving(pki, world.port, acl(ALL_ALPHA)) as proxy:
         c = await proxy.connect(CERT["tenant"])
         # the tenant is a full consumer of its own tube, with a reservation of its own
         for line, reply in RESERVE_A_READY:
@@ -744,7 +741,7 @@ async def test_cross_tenant_job_ids_not_found(
 
 async def test_rival_cannot_touch_a_job_the_tenant_just_put(pki: PKI, world: World) -> None:
     doc = acl(ALL_ALPHA)
-    async with running(pki, world.port, doc) as proxy:
+    async with serving(pki, world.port, doc) as proxy:
         tenant = await proxy.connect(CERT["tenant"])
         rival = await proxy.connect(CERT["rival"])
         assert await tenant.line(b"use alpha") == b"USING alpha"
@@ -799,7 +796,7 @@ async def test_peek_of_a_job_still_uploading_is_never_shown(
     principal allowed to inspect its tube, and not even once an earlier command on the same
     connection (which looked the job up) taught the proxy the job's tube."""
     doc = acl(allow(["inspect", "manage"], ALPHA))
-    async with running(pki, world.port, doc) as proxy:
+    async with serving(pki, world.port, doc) as proxy:
         uploader = await start_partial_put(world)
         c = await proxy.connect(CERT["tenant"])
         if first is not None:
@@ -822,7 +819,7 @@ async def test_peek_of_a_job_still_uploading_is_never_shown(
 
 async def test_list_tubes_filtered_per_principal(pki: PKI, world: World) -> None:
     doc = acl(allow(["consume"], ALPHA), allow(["put"], "gam*"))
-    async with running(pki, world.port, doc) as proxy:
+    async with serving(pki, world.port, doc) as proxy:
         o = world.observer
         assert await o.line(b"watch gamma") == b"WATCHING 2"  # now gamma exists
         expected = {
@@ -841,7 +838,7 @@ async def test_list_tubes_filtered_per_principal(pki: PKI, world: World) -> None
 
 
 async def test_stats_redaction(pki: PKI, world: World) -> None:
-    async with running(pki, world.port, acl(ALL_ALPHA)) as proxy:
+    async with serving(pki, world.port, acl(ALL_ALPHA)) as proxy:
         real = world.real
         for principal, redacted in (("tenant", True), ("rival", True), ("ops", False)):
             c = await proxy.connect(CERT[principal])
@@ -871,7 +868,7 @@ async def test_stats_redaction(pki: PKI, world: World) -> None:
 
 
 async def test_default_tube_gets_no_free_pass(pki: PKI, world: World) -> None:
-    async with running(pki, world.port, acl(ALL_ALPHA)) as proxy:
+    async with serving(pki, world.port, acl(ALL_ALPHA)) as proxy:
         c = await proxy.connect(CERT["tenant"])
         before = await world.snapshot()
         assert await c.put(b"SECRET into default") == b"NOT_PERMITTED"
@@ -904,7 +901,7 @@ async def test_producer_constraints(
     caplog.set_level(logging.INFO)
     limits = {"max_body": 16, "priority": [100, 200], "delay": [0, 10], "ttr": [10, 120]}
     doc = acl(allow(["produce"], ALPHA, put=limits), allow(["inspect"], ALPHA))
-    async with running(pki, world.port, doc) as proxy:
+    async with serving(pki, world.port, doc) as proxy:
         c = await proxy.connect(CERT["tenant"])
         assert await c.line(b"use alpha") == b"USING alpha"
         assert await c.put(b"SECRET fits", pri=100, delay=0, ttr=10) == b"INSERTED 10"
@@ -934,7 +931,7 @@ async def test_producer_constraints(
 
 async def test_consumer_never_gets_a_foreign_job_whatever_the_order(pki: PKI, world: World) -> None:
     """Random pipelined orders of watch/ignore/reserve: every RESERVED is from ``alpha``."""
-    async with running(pki, world.port, acl(allow(["consume"], ALPHA))) as proxy:
+    async with serving(pki, world.port, acl(allow(["consume"], ALPHA))) as proxy:
         # plenty of ready jobs everywhere
         d = world.holder
         for tube in ("alpha", "beta", "default"):
@@ -996,7 +993,7 @@ async def test_consumer_never_gets_a_foreign_job_whatever_the_order(pki: PKI, wo
 
 async def test_denied_put_body_is_consumed_not_executed(pki: PKI, world: World) -> None:
     """The body of a denied put is skipped by count, even when it looks like commands."""
-    async with running(pki, world.port, acl(allow(["inspect"], ALPHA))) as proxy:
+    async with serving(pki, world.port, acl(allow(["inspect"], ALPHA))) as proxy:
         c = await proxy.connect(CERT["tenant"])
         assert await c.line(b"use alpha") == b"USING alpha"
         before = await world.snapshot()
@@ -1030,7 +1027,7 @@ async def test_pipelined_denials_keep_reply_order(pki: PKI, world: World) -> Non
         # commands on it; "delete <guessed id>" sent before RESERVED came would need manage)
         b"list-tube-used",
     ]
-    async with running(pki, world.port, doc) as proxy:
+    async with serving(pki, world.port, doc) as proxy:
         one_by_one = await proxy.connect(CERT["tenant"])
         expected = []
         for line in script:
@@ -1050,7 +1047,7 @@ async def test_pipelined_denials_keep_reply_order(pki: PKI, world: World) -> Non
 
 
 async def test_denial_after_a_blocking_reserve_waits_for_it(pki: PKI, world: World) -> None:
-    async with running(pki, world.port, acl(allow(["consume"], ALPHA))) as proxy:
+    async with serving(pki, world.port, acl(allow(["consume"], ALPHA))) as proxy:
         c = await proxy.connect(CERT["tenant"])
         assert await c.line(b"watch alpha") == b"WATCHING 2"
         assert await c.line(b"ignore default") == b"WATCHING 1"
@@ -1066,7 +1063,7 @@ async def test_denial_after_a_blocking_reserve_waits_for_it(pki: PKI, world: Wor
 
 
 async def test_quit_after_a_lookup_answers_first(pki: PKI, world: World) -> None:
-    async with running(pki, world.port, acl(allow(["inspect"], ALPHA))) as proxy:
+    async with serving(pki, world.port, acl(allow(["inspect"], ALPHA))) as proxy:
         c = await proxy.connect(CERT["tenant"])
         await c.send(b"peek 4\r\npeek 7\r\nuse beta\r\nquit\r\nlist-tube-used\r\n")
         data = await c.closed()
