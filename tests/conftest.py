@@ -683,6 +683,17 @@ class LogReader:
         return [ln for ln in self.lines if regex.search(ln)]
 
 
+@contextlib.contextmanager
+def serve_process(cfg: Path, *args: str) -> Iterator[LogReader]:
+    """``spawn_serve`` for the length of a ``with`` block: yields a ``LogReader`` of its log
+    (the process is its ``proc``); ``stop_serve`` when the block ends."""
+    proc = spawn_serve(cfg, *args)
+    try:
+        yield LogReader(proc)
+    finally:
+        stop_serve(proc)
+
+
 # --------------------------------------------------------------------------------------------
 # Automatic ``integration`` marking: ``pytest -m "not integration"`` is the fast, pure suite.
 
@@ -696,8 +707,11 @@ _IO_NAMES = frozenset(
         "socket",
         "subprocess",
         "start_proxy",
+        "serving",
+        "served",
         "start_tunnel",
         "spawn_serve",
+        "serve_process",
         "stop_serve",
         "run_bench",
         "direct",

@@ -21,12 +21,10 @@ from conftest import (
     TEST_ACL,
     Beanstalkd,
     Client,
-    LogReader,
     RunningProxy,
     free_port,
-    spawn_serve,
+    serve_process,
     start_proxy,
-    stop_serve,
     write_serve_config,
 )
 from test_metrics import scrape, value
@@ -206,9 +204,8 @@ async def test_serve_reloads_the_shadow_and_survives_a_broken_one(
         acl_shadow=str(shadow_file),
         metrics={"listen": f"127.0.0.1:{metrics_port}"},
     )
-    proc = spawn_serve(cfg)
-    log = LogReader(proc)
-    try:
+    with serve_process(cfg) as log:
+        proc = log.proc
         await log.wait_for(r"shadow ACL loaded")
         await log.wait_for(r"ready: listening")
         c = await tls_client(pki, port, "admin")
@@ -236,8 +233,6 @@ async def test_serve_reloads_the_shadow_and_survives_a_broken_one(
         assert value(samples, MISMATCH, **labels) == 2  # not 3
         assert value(samples, "beanstalk_proxy_config_last_reload_successful", kind="shadow") == 1
         await c.close()
-    finally:
-        stop_serve(proc)
 
 
 async def test_file_watcher_reloads_the_shadow_alone(
@@ -258,9 +253,7 @@ async def test_file_watcher_reloads_the_shadow_alone(
         acl_shadow=str(shadow_file),
         reload={"watch": True, "interval": "200ms"},
     )
-    proc = spawn_serve(cfg)
-    log = LogReader(proc)
-    try:
+    with serve_process(cfg) as log:
         await log.wait_for(r"ready: listening")
         c = await tls_client(pki, port, "admin")
         assert await c.line(b"use beta") == b"USING beta"
@@ -272,8 +265,6 @@ async def test_file_watcher_reloads_the_shadow_alone(
         await log.wait_for(r"event=shadow_mismatch principal=admin .*command=put .*enforced=allow")
         assert not [ln for ln in log.lines if "reload: ACL" in ln]  # the ACL was not reloaded
         await c.close()
-    finally:
-        stop_serve(proc)
 
 
 async def test_serve_starts_with_a_broken_shadow_and_enforces(
@@ -283,16 +274,12 @@ async def test_serve_starts_with_a_broken_shadow_and_enforces(
     shadow_file = tmp_path / "acl.shadow.yaml"
     shadow_file.write_text("principals: nope\n")
     cfg = write_serve_config(tmp_path, pki, beanstalkd.port, port, acl_shadow=str(shadow_file))
-    proc = spawn_serve(cfg)
-    log = LogReader(proc)
-    try:
+    with serve_process(cfg) as log:
         await log.wait_for(r"shadow ACL not loaded")
         await log.wait_for(r"ready: listening")
         c = await tls_client(pki, port, "admin")
         assert await c.line(b"use alpha") == b"USING alpha"
         await c.close()
-    finally:
-        stop_serve(proc)
 
 
 # --- check-config and explain --shadow ------------------------------------------------------

@@ -23,10 +23,9 @@ from conftest import (
     PKI,
     Beanstalkd,
     Client,
-    LogReader,
     StatusListener,
     free_port,
-    spawn_serve,
+    serve_process,
     start_proxy,
     write_serve_config,
 )
@@ -380,9 +379,8 @@ async def test_serve_wires_connections_and_build_info(
 ) -> None:
     port, status = free_port(), free_port()
     cfg = _write_config(tmp_path, pki, beanstalkd.port, port, status, on)
-    proc = spawn_serve(cfg)
-    log = LogReader(proc)
-    try:
+    with serve_process(cfg) as log:
+        proc = log.proc
         await log.wait_for(r"ready: listening")
         reader, writer = await asyncio.open_connection(
             "127.0.0.1", port, ssl=pki.client_context("admin"), server_hostname="localhost"
@@ -402,11 +400,6 @@ async def test_serve_wires_connections_and_build_info(
         else:
             assert code == 404
         await c.close()
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        assert proc.stderr is not None
-        proc.stderr.close()
 
 
 async def test_status_cli_reads_several_listeners(live: StatusListener) -> None:
