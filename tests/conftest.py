@@ -683,6 +683,62 @@ class LogReader:
         return [ln for ln in self.lines if regex.search(ln)]
 
 
+async def start_serve(config: Path, *args: str) -> asyncio.subprocess.Process:
+    """``python -m proxy serve --config CONFIG ARGS`` as an asyncio child process, run in the
+    config's folder (the repository on ``PYTHONPATH``), its stderr (the log) piped."""
+    root = Path(__file__).resolve().parent.parent
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "proxy",
+        "serve",
+        "--config",
+        str(config),
+        *args,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+        cwd=config.parent,
+        env={**os.environ, "PYTHONPATH": str(root), "PYTHONUNBUFFERED": "1"},
+    )
+
+
+class ProcessLog:
+    """The stderr of an asyncio child process, collected line by line by a task (``pump``);
+    a test awaits a line instead of sleeping."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+        self.lines: list[str] = []
+        self._changed = asyncio.Event()
+        self._eof = False
+        self.pump = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        assert self.proc.stderr is not None
+        while line := await self.proc.stderr.readline():
+            self.lines.append(line.decode(errors="replace").rstrip("\n"))
+            self._changed.set()
+        self._eof = True
+        self._changed.set()
+
+    async def wait_for(self, pattern: str, start: int = 0, timeout: float = 15) -> int:
+        """Index of the first line at or after ``start`` matching ``pattern`` (a regex); fails
+        the test, showing the log, if the process ends before logging one."""
+        rx = re.compile(pattern)
+        async with asyncio.timeout(timeout):
+            while True:
+                for i in range(start, len(self.lines)):
+                    if rx.search(self.lines[i]):
+                        return i
+                if self._eof:
+                    raise AssertionError(
+                        f"exited without logging {pattern!r}:\n" + "\n".join(self.lines)
+                    )
+                self._changed.clear()
+                await self._changed.wait()
+
+
 @contextlib.contextmanager
 def serve_process(cfg: Path, *args: str) -> Iterator[LogReader]:
     """``spawn_serve`` for the length of a ``with`` block: yields a ``LogReader`` of its log
@@ -712,6 +768,7 @@ _IO_NAMES = frozenset(
         "start_tunnel",
         "spawn_serve",
         "serve_process",
+        "start_serve",
         "stop_serve",
         "run_bench",
         "direct",

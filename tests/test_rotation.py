@@ -25,7 +25,6 @@ import os
 import shutil
 import signal
 import ssl
-import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
@@ -42,6 +41,7 @@ from conftest import (
     free_port,
     server_stats,
     start_proxy,
+    start_serve,
 )
 from cryptography import x509
 from pki_helpers import make_client_cert, make_crl, utcnow
@@ -49,7 +49,6 @@ from pki_helpers import make_client_cert, make_crl, utcnow
 from proxy.certs import issue_server, revoke
 from proxy.logs import render_text
 
-ROOT = Path(__file__).resolve().parent.parent
 RELOADED = "reload: TLS certificate, key, CA and CRL reloaded"
 NOT_RELOADED = "reload: TLS files not reloaded"
 
@@ -85,20 +84,7 @@ class ProxyProcess:
 
     @classmethod
     async def start(cls, config: Path) -> ProxyProcess:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "proxy",
-            "serve",
-            "--config",
-            str(config),
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE,
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
-            cwd=config.parent,
-        )
-        self = cls(proc)
+        self = cls(await start_serve(config))
         ready = await self.wait_for(lambda m: m.get("event") == "ready", timeout=20)
         self.port = int(ready["listen"].rsplit(":", 1)[1])
         return self
