@@ -27,6 +27,10 @@ PUTS = 3
 #: the stock ones (asyncio's and uvloop's) all their incoming buffer (256 KiB high-water mark)
 #: plus the read that crossed it (256 KiB).
 READ_MAX = {"builtin": 64 * 1024, "stock": 512 * 1024}
+EVERY_LOOP_AND_TRANSPORT = pytest.mark.parametrize(
+    ("loop", "transport"),
+    [("asyncio", "builtin"), ("uvloop", "builtin"), ("asyncio", "stock"), ("uvloop", "stock")],
+)
 
 
 @pytest.fixture
@@ -72,10 +76,7 @@ async def drain_jobs(port: int, tube: bytes) -> list[bytes]:
         await c.close()
 
 
-@pytest.mark.parametrize(
-    ("loop", "transport"),
-    [("asyncio", "builtin"), ("uvloop", "builtin"), ("asyncio", "stock"), ("uvloop", "stock")],
-)
+@EVERY_LOOP_AND_TRANSPORT
 def test_many_large_uploads_through_a_small_bound(
     pki: PKI, big: Beanstalkd, loop: str, transport: str
 ) -> None:
@@ -209,10 +210,7 @@ async def test_a_put_larger_than_the_bound_goes_through_alone(pki: PKI, big: Bea
         assert await drain_jobs(big.port, b"default") == [data]
 
 
-@pytest.mark.parametrize(
-    ("loop", "transport"),
-    [("asyncio", "builtin"), ("uvloop", "builtin"), ("asyncio", "stock"), ("uvloop", "stock")],
-)
+@EVERY_LOOP_AND_TRANSPORT
 def test_a_fire_and_forget_producer_waiting_for_the_budget_keeps_its_job(
     pki: PKI, big: Beanstalkd, loop: str, transport: str
 ) -> None:
