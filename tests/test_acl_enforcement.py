@@ -23,14 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from conftest import (
-    PKI,
-    Beanstalkd,
-    Client,
-    direct,
-    parse_yaml_map,
-    serving,
-)
+from conftest import PKI, Beanstalkd, Client, direct, parse_yaml_map, serving
 
 from proxy.identity import identity_from_der
 

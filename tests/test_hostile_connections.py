@@ -32,6 +32,7 @@ from conftest import (
     metric,
     served,
     server_stats,
+    serving,
     start_proxy,
     tls_attempt,
     until,
@@ -349,8 +350,7 @@ async def test_an_unreadable_certificate_is_refused_counted_and_closed(
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.load_verify_locations(pki.ca)
     ctx.load_cert_chain(cert, key)
-    proxy = await start_proxy(pki, beanstalkd.port)
-    try:
+    async with serving(pki, beanstalkd.port) as proxy:
         baseline = await warm_baseline(proxy)
         upstream_before = int((await server_stats(beanstalkd.port))["total-connections"])
         for _ in range(3):
@@ -371,8 +371,6 @@ async def test_an_unreadable_certificate_is_refused_counted_and_closed(
         assert int(stats["total-connections"]) == upstream_before + 1
         await all_released(proxy, baseline)
         assert await served(proxy, "admin")
-    finally:
-        await proxy.server.close()
     gc.collect()  # an unretrieved task exception is reported when the task is collected
     assert "never retrieved" not in caplog.text
     assert "Traceback" not in caplog.text

@@ -40,7 +40,7 @@ from conftest import (
     Client,
     free_port,
     server_stats,
-    start_proxy,
+    serving,
     start_serve,
 )
 from cryptography import x509
@@ -588,8 +588,7 @@ async def test_connection_is_closed_when_the_client_certificate_expires(
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.load_verify_locations(pki.ca)
     ctx.load_cert_chain(cert, key)
-    proxy = await start_proxy(pki, beanstalkd.port)
-    try:
+    async with serving(pki, beanstalkd.port) as proxy:
         reader, writer = await asyncio.open_connection(
             "127.0.0.1", proxy.port, ssl=ctx, server_hostname="localhost"
         )
@@ -604,8 +603,6 @@ async def test_connection_is_closed_when_the_client_certificate_expires(
         assert closed_at < not_after.timestamp() + 5
         assert any('reason="client certificate expired"' in m for m in conn_records), conn_records
         assert proxy.server.connections == set()
-    finally:
-        await proxy.server.close()
 
 
 # --- (f) server certificate expiry warning --------------------------------------------------

@@ -25,7 +25,6 @@ from conftest import (
     handshake_failures,
     server_stats,
     serving,
-    start_proxy,
     tls_attempt,
     until,
 )
@@ -178,8 +177,7 @@ async def test_slow_partial_client_hello_is_cut_too(
 async def test_max_connections_refuses_the_extra_connection(
     pki: PKI, beanstalkd: Beanstalkd, conn_log: LogWatch
 ) -> None:
-    running = await start_proxy(pki, beanstalkd.port, max_connections=1)
-    try:
+    async with serving(pki, beanstalkd.port, max_connections=1) as running:
         first = await running.connect("admin")
         assert await first.line(b"list-tube-used") == b"USING default"
         base = int((await server_stats(beanstalkd.port))["total-connections"])
@@ -201,8 +199,6 @@ async def test_max_connections_refuses_the_extra_connection(
         again = await running.connect("admin")
         assert await again.line(b"list-tube-used") == b"USING default"
         await again.close()
-    finally:
-        await running.server.close()
 
 
 async def test_a_silent_handshake_is_dropped_for_a_newer_one(
@@ -211,8 +207,7 @@ async def test_a_silent_handshake_is_dropped_for_a_newer_one(
     """Handshakes in progress have their own budget (max_handshakes, here 1 because
     max_connections is 1), and when it is full the oldest is dropped: a silent socket cannot
     keep a real client out."""
-    running = await start_proxy(pki, beanstalkd.port, max_connections=1, handshake_timeout=30)
-    try:
+    async with serving(pki, beanstalkd.port, max_connections=1, handshake_timeout=30) as running:
         reader, writer = await asyncio.open_connection("127.0.0.1", running.port)  # silent
         try:
             # bounded polling: no event for an accept
@@ -229,5 +224,3 @@ async def test_a_silent_handshake_is_dropped_for_a_newer_one(
             writer.close()
             with contextlib.suppress(OSError):
                 await writer.wait_closed()
-    finally:
-        await running.server.close()
