@@ -396,6 +396,41 @@ class StatusListener:
         return port
 
 
+@contextlib.asynccontextmanager
+async def status_listener(running: RunningProxy, **options: Any) -> AsyncIterator[StatusListener]:
+    """A status listener on a free port in front of ``running``, with ``StatusServer``
+    ``options`` (``timeout``, ``connections``); closed when the ``async with`` block ends."""
+    server = StatusServer(
+        Endpoint("127.0.0.1", 0, None),
+        running.server.metrics,
+        running.server.config.upstream,
+        **options,
+    )
+    await server.start()
+    try:
+        yield StatusListener(server, running)
+    finally:
+        await server.close()
+
+
+async def http(port: int, path: str, method: str = "GET") -> tuple[int, dict[str, str], bytes]:
+    """One HTTP/1.0 request to 127.0.0.1:``port``: (status code, headers (lower-case names),
+    body)."""
+    async with asyncio.timeout(10):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(f"{method} {path} HTTP/1.0\r\nHost: x\r\n\r\n".encode())
+        data = await reader.read()
+        writer.close()
+        await writer.wait_closed()
+    head, _, body = data.partition(b"\r\n\r\n")
+    status_line, *header_lines = head.decode().split("\r\n")
+    headers = {}
+    for line in header_lines:
+        key, _, value = line.partition(":")
+        headers[key.strip().lower()] = value.strip()
+    return int(status_line.split()[1]), headers, body
+
+
 async def start_proxy(
     pki: PKI,
     upstream_port: int,
@@ -764,6 +799,8 @@ _IO_NAMES = frozenset(
         "subprocess",
         "start_proxy",
         "serving",
+        "status_listener",
+        "http",
         "served",
         "start_tunnel",
         "spawn_serve",

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import BEANSTALKD, PKI, Client, ProcessLog, free_port
+from conftest import BEANSTALKD, PKI, Client, ProcessLog, free_port, http
 
 from proxy.certs import issue_client
 
@@ -635,17 +635,6 @@ def _run_healthcheck(image: Image, status_port: int) -> subprocess.CompletedProc
     )
 
 
-async def _http(port: int, path: str) -> tuple[int, bytes]:
-    async with asyncio.timeout(10):
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(f"GET {path} HTTP/1.0\r\n\r\n".encode())
-        data = await reader.read()
-        writer.close()
-        await writer.wait_closed()
-    head, _, body = data.partition(b"\r\n\r\n")
-    return int(head.split()[1]), body
-
-
 async def test_image_runtime_serves_as_uid_10001(deployment: Deployment) -> None:
     d = deployment
     # The process really runs as the image's user.
@@ -660,7 +649,7 @@ async def test_image_runtime_serves_as_uid_10001(deployment: Deployment) -> None
     # ... and it asks the port METRICS_PORT names: another one fails
     check = await asyncio.to_thread(_run_healthcheck, d.image, free_port())
     assert check.returncode != 0
-    code, body = await _http(d.status_port, "/readyz")
+    code, _, body = await http(d.status_port, "/readyz")
     assert (code, body) == (200, b"ok\n")
 
     # One TLS put/reserve/delete through the proxy to beanstalkd's unix socket.

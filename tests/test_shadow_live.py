@@ -24,14 +24,14 @@ from conftest import (
     RunningProxy,
     free_port,
     serve_process,
-    start_proxy,
+    serving,
+    status_listener,
     write_serve_config,
 )
 from test_metrics import scrape, value
 
 from proxy.acl import parse_acl
 from proxy.cli import main
-from proxy.config import Endpoint
 from proxy.httpd import StatusServer
 
 pytestmark = pytest.mark.integration
@@ -67,17 +67,10 @@ class Shadowed:
 
 @pytest.fixture
 async def shadowed(pki: PKI, beanstalkd: Beanstalkd) -> AsyncIterator[Shadowed]:
-    running = await start_proxy(pki, beanstalkd.port)
-    running.server.reload_shadow(parse_acl(SHADOW, "shadow.yaml"))
-    srv = StatusServer(
-        Endpoint("127.0.0.1", 0, None), running.server.metrics, running.server.config.upstream
-    )
-    await srv.start()
-    try:
-        yield Shadowed(running, srv)
-    finally:
-        await srv.close()
-        await running.server.close()
+    async with serving(pki, beanstalkd.port) as running:
+        running.server.reload_shadow(parse_acl(SHADOW, "shadow.yaml"))
+        async with status_listener(running) as listener:
+            yield Shadowed(running, listener.server)
 
 
 @pytest.fixture

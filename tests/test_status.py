@@ -26,7 +26,9 @@ from conftest import (
     StatusListener,
     free_port,
     serve_process,
+    serving,
     start_proxy,
+    status_listener,
     write_serve_config,
 )
 from cryptography import x509
@@ -43,19 +45,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @contextlib.asynccontextmanager
 async def _live(pki: PKI, beanstalkd: Beanstalkd, enabled: bool) -> AsyncIterator[StatusListener]:
-    running = await start_proxy(pki, beanstalkd.port)
-    srv = StatusServer(
-        Endpoint("127.0.0.1", 0, None),
-        running.server.metrics,
-        running.server.config.upstream,
-        connections=(lambda: render(running.server)) if enabled else None,
-    )
-    await srv.start()
-    try:
-        yield StatusListener(srv, running)
-    finally:
-        await srv.close()
-        await running.server.close()
+    async with serving(pki, beanstalkd.port) as running:
+        connections = (lambda: render(running.server)) if enabled else None
+        async with status_listener(running, connections=connections) as listener:
+            yield listener
 
 
 @pytest.fixture
