@@ -33,6 +33,7 @@ from proxy.certs import init_ca_and_server, issue_client
 from proxy.config import Config, Endpoint, Limits, LogConfig, TLSConfig
 from proxy.httpd import StatusServer
 from proxy.logs import render_text
+from proxy.protocol import NEED_DATA, ClientParser
 from proxy.relay import PolicyHolder, ProxyServer
 from proxy.session import Session
 from proxy.tlsctx import server_context
@@ -113,6 +114,16 @@ def run_on(loop: str, main: Coroutine[Any, Any, T]) -> T:
     (a test parametrized over ``LOOPS`` instead of running on pytest-asyncio's loop)."""
     with asyncio.Runner(loop_factory=LOOPS[loop]) as runner:
         return runner.run(main)
+
+
+def parse_in_chunks(parser: ClientParser, wire: bytes, chunk: int) -> list[Any]:
+    """The commands ``parser`` yields as ``wire`` arrives ``chunk`` bytes at a time."""
+    got = []
+    for i in range(0, len(wire), chunk):
+        parser.feed(wire[i : i + chunk])
+        while (cmd := parser.next_command()) is not NEED_DATA:
+            got.append(cmd)
+    return got
 
 
 def take(buf: bytearray) -> bytes:

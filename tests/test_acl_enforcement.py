@@ -191,28 +191,29 @@ def delta(before: Snapshot, after: Snapshot) -> dict[str, Any]:
     return out
 
 
+async def seed_tube(d: Client, tube: bytes, previous: bytes) -> None:
+    """``tube``'s jobs of ``IDS`` (key prefix: its first letter), put over ``d``, which
+    watches only ``tube`` afterwards (``previous`` was the one it watched) and keeps the
+    ``taken`` one reserved."""
+    k = tube[:1].decode()
+    await expect(d, b"use " + tube, b"USING " + tube)
+    await expect(d, b"watch " + tube, b"WATCHING 2")
+    await expect(d, b"ignore " + previous, b"WATCHING 1")
+    buried = IDS[f"{k}_buried"]
+    assert await put_direct(d, b"SECRET %s buried" % tube) == buried
+    assert (await d.line(b"reserve-with-timeout 0")).startswith(b"RESERVED %d " % buried)
+    await expect(d, b"bury %d 0" % buried, b"BURIED")
+    taken = IDS[f"{k}_taken"]
+    assert await put_direct(d, b"SECRET %s taken" % tube, ttr=3600) == taken
+    assert (await d.line(b"reserve-with-timeout 0")).startswith(b"RESERVED %d " % taken)
+    assert await put_direct(d, b"SECRET %s ready" % tube, pri=100) == IDS[f"{k}_ready"]
+    assert await put_direct(d, b"SECRET %s delayed" % tube, delay=3600) == IDS[f"{k}_delayed"]
+
+
 async def build_world(port: int) -> World:
     d = await direct(port)
-    await expect(d, b"use alpha", b"USING alpha")
-    assert await put_direct(d, b"SECRET alpha buried") == IDS["a_buried"]
-    await expect(d, b"watch alpha", b"WATCHING 2")
-    await expect(d, b"ignore default", b"WATCHING 1")
-    assert (await d.line(b"reserve-with-timeout 0")).startswith(b"RESERVED 1 ")
-    await expect(d, b"bury 1 0", b"BURIED")
-    assert await put_direct(d, b"SECRET alpha taken", ttr=3600) == IDS["a_taken"]
-    assert (await d.line(b"reserve-with-timeout 0")).startswith(b"RESERVED 2 ")
-    assert await put_direct(d, b"SECRET alpha ready", pri=100) == IDS["a_ready"]
-    assert await put_direct(d, b"SECRET alpha delayed", delay=3600) == IDS["a_delayed"]
-    await expect(d, b"use beta", b"USING beta")
-    await expect(d, b"watch beta", b"WATCHING 2")
-    await expect(d, b"ignore alpha", b"WATCHING 1")
-    assert await put_direct(d, b"SECRET beta buried") == IDS["b_buried"]
-    assert (await d.line(b"reserve-with-timeout 0")).startswith(b"RESERVED 5 ")
-    await expect(d, b"bury 5 0", b"BURIED")
-    assert await put_direct(d, b"SECRET beta taken", ttr=3600) == IDS["b_taken"]
-    assert (await d.line(b"reserve-with-timeout 0")).startswith(b"RESERVED 6 ")
-    assert await put_direct(d, b"SECRET beta ready", pri=100) == IDS["b_ready"]
-    assert await put_direct(d, b"SECRET beta delayed", delay=3600) == IDS["b_delayed"]
+    await seed_tube(d, b"alpha", b"default")
+    await seed_tube(d, b"beta", b"alpha")
     await expect(d, b"use default", b"USING default")
     assert await put_direct(d, b"SECRET default ready", pri=100) == IDS["d_ready"]
     observer = await direct(port)
