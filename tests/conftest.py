@@ -491,6 +491,17 @@ async def start_tunnel(
     return t
 
 
+@contextlib.asynccontextmanager
+async def closing_sockets() -> AsyncIterator[list[socket.socket]]:
+    """A list for a test's raw client sockets, every one closed when the block ends."""
+    socks: list[socket.socket] = []
+    try:
+        yield socks
+    finally:
+        for sock in socks:
+            sock.close()
+
+
 @pytest.fixture
 async def proxy(pki: PKI, beanstalkd: Beanstalkd) -> AsyncIterator[RunningProxy]:
     async with serving(pki, beanstalkd.port) as running:

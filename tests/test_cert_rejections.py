@@ -31,9 +31,9 @@ from conftest import (
     LogWatch,
     NothingUpstream,
     RunningProxy,
+    closing_sockets,
     handshake_failures,
     serving,
-    start_proxy,
     tls_attempt,
     until,
 )
@@ -183,17 +183,18 @@ async def test_a_thousand_idle_sockets_do_not_lock_out_a_real_client(
 ) -> None:
     # All from 127.0.0.1: no per-source cap, and a handshake budget they all fit in (the
     # budget when they do not, and the per-source cap, are in test_hostile_connections.py).
-    running = await start_proxy(
-        pki,
-        beanstalkd.port,
-        max_connections=IDLE + 10,
-        max_handshakes=IDLE + 10,
-        max_handshakes_per_source=None,
-        handshake_timeout=1.0,
-    )
-    server = running.server
-    idle: list[socket.socket] = []
-    try:
+    async with (
+        serving(
+            pki,
+            beanstalkd.port,
+            max_connections=IDLE + 10,
+            max_handshakes=IDLE + 10,
+            max_handshakes_per_source=None,
+            handshake_timeout=1.0,
+        ) as running,
+        closing_sockets() as idle,
+    ):
+        server = running.server
         async with NothingUpstream(beanstalkd.port, allowed=2):  # the two real clients only
             # Plain blocking connects: the kernel completes each one into the listen backlog
             # without the event loop, so the proxy meets them in bursts. Batches stay within
@@ -241,10 +242,6 @@ async def test_a_thousand_idle_sockets_do_not_lock_out_a_real_client(
             await c2.close()
             await c.close()
             await conn_log.wait_count(lambda m: m.startswith("close"), 2)
-    finally:
-        for sock in idle:
-            sock.close()
-        await server.close()
     lines = [m for m in conn_log.messages if timed_out(m)]
     assert 0 < len(lines) <= 10, len(lines)
     summary = [m for m in conn_log.messages if m.startswith("suppressed")]

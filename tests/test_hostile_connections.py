@@ -28,6 +28,7 @@ from conftest import (
     Beanstalkd,
     LogWatch,
     RunningProxy,
+    closing_sockets,
     handshake_failures,
     metric,
     served,
@@ -230,17 +231,18 @@ async def test_silent_sockets_beyond_max_handshakes_drop_the_oldest(
     pki: PKI, beanstalkd: Beanstalkd, conn_log: LogWatch
 ) -> None:
     max_handshakes, silent = 5, 15
-    proxy = await start_proxy(
-        pki,
-        beanstalkd.port,
-        max_connections=10,
-        max_handshakes=max_handshakes,
-        max_handshakes_per_source=None,
-        handshake_timeout=60,
-    )
-    server = proxy.server
-    socks: list[socket.socket] = []
-    try:
+    async with (
+        serving(
+            pki,
+            beanstalkd.port,
+            max_connections=10,
+            max_handshakes=max_handshakes,
+            max_handshakes_per_source=None,
+            handshake_timeout=60,
+        ) as proxy,
+        closing_sockets() as socks,
+    ):
+        server = proxy.server
         baseline = await warm_baseline(proxy)
         await connect_silently(proxy, socks, silent)
         assert server.handshaking == max_handshakes
@@ -260,10 +262,6 @@ async def test_silent_sockets_beyond_max_handshakes_drop_the_oldest(
         for sock in socks:
             sock.close()
         await all_released(proxy, baseline)
-    finally:
-        for sock in socks:
-            sock.close()
-        await server.close()
     summary = [m for m in conn_log.messages if m.startswith("suppressed")]
     assert len(summary) == 1 and '"dropped":1' in summary[0], summary
 
@@ -276,17 +274,18 @@ async def test_pending_handshakes_are_capped_per_source_address(
     pki: PKI, beanstalkd: Beanstalkd, conn_log: LogWatch
 ) -> None:
     cap, silent = 3, 5
-    proxy = await start_proxy(
-        pki,
-        beanstalkd.port,
-        max_connections=10,
-        max_handshakes=10,
-        max_handshakes_per_source=cap,
-        handshake_timeout=60,
-    )
-    server = proxy.server
-    socks: list[socket.socket] = []
-    try:
+    async with (
+        serving(
+            pki,
+            beanstalkd.port,
+            max_connections=10,
+            max_handshakes=10,
+            max_handshakes_per_source=cap,
+            handshake_timeout=60,
+        ) as proxy,
+        closing_sockets() as socks,
+    ):
+        server = proxy.server
         baseline = await warm_baseline(proxy)
         await connect_silently(proxy, socks, silent)
         assert server.handshaking == cap
@@ -310,10 +309,6 @@ async def test_pending_handshakes_are_capped_per_source_address(
         await until(lambda: server.handshaking == 0, "silent handshakes failed")
         assert await served(proxy, "admin", local="127.0.0.1")
         await all_released(proxy, baseline)
-    finally:
-        for sock in socks:
-            sock.close()
-        await server.close()
 
 
 # --------------------------------------------------------------------------------------------
