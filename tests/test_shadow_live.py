@@ -302,20 +302,22 @@ def test_explain_shadow_shows_both_decisions_and_the_mismatch(pki: PKI, tmp_path
     assert "MISMATCH: enforced ALLOW, shadow DENY" in out
 
 
-def test_explain_shadow_same_decision(pki: PKI, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("tube", "code", "expected"),
+    [
+        ("invoices.eu", 0, "same decision: ALLOW"),
+        ("secrets.x", 1, "MISMATCH: enforced DENY or refused, shadow ALLOW"),
+    ],
+    ids=["same-decision", "enforced-deny-exits-1"],
+)
+def test_explain_shadow_decision(
+    pki: PKI, tmp_path: Path, tube: str, code: int, expected: str
+) -> None:
     cfg = explain_config(pki, tmp_path, SHADOW)
     args = ["explain", "--config", str(cfg), "--principal", "billing", "--shadow"]
-    result = CliRunner().invoke(main, [*args, "--tube", "invoices.eu", "put 0 0 60 5"])
-    assert result.exit_code == 0, result.output
-    assert "same decision: ALLOW" in result.output
-
-
-def test_explain_shadow_enforced_deny_exits_1(pki: PKI, tmp_path: Path) -> None:
-    cfg = explain_config(pki, tmp_path, SHADOW)
-    args = ["explain", "--config", str(cfg), "--principal", "billing", "--shadow"]
-    result = CliRunner().invoke(main, [*args, "--tube", "secrets.x", "put 0 0 60 5"])
-    assert result.exit_code == 1, result.output
-    assert "MISMATCH: enforced DENY or refused, shadow ALLOW" in result.output
+    result = CliRunner().invoke(main, [*args, "--tube", tube, "put 0 0 60 5"])
+    assert result.exit_code == code, result.output
+    assert expected in result.output
 
 
 def test_explain_shadow_without_the_key_is_a_usage_error(pki: PKI, tmp_path: Path) -> None:
