@@ -291,49 +291,47 @@ class _LiveCollector(Collector):
         fam.add_metric(["client_to_proxy"], nbytes["in"])
         fam.add_metric(["proxy_to_client"], nbytes["out"])
         yield fam
-        g = GaugeMetricFamily("beanstalk_proxy_connections_open", "Relayed connections open now")
-        g.add_metric([], live)
-        yield g
-        g = GaugeMetricFamily(
+        yield GaugeMetricFamily(
+            "beanstalk_proxy_connections_open", "Relayed connections open now", value=live
+        )
+        yield GaugeMetricFamily(
             "beanstalk_proxy_client_sockets",
             "Client sockets past the TLS handshake and not yet closed (relayed, refused or "
             "closing): what counts against limits.max_connections",
+            value=self.metrics._client_sockets(),
         )
-        g.add_metric([], self.metrics._client_sockets())
-        yield g
-        g = GaugeMetricFamily(
+        yield GaugeMetricFamily(
             "beanstalk_proxy_handshakes_pending",
             "Client connections in the TLS handshake, and refused ones whose socket is still "
             "open after the alert (limited by limits.max_handshakes)",
+            value=self.metrics._handshakes(),
         )
-        g.add_metric([], self.metrics._handshakes())
-        yield g
         budget = self.metrics._budget
         if budget is not None:
-            g = GaugeMetricFamily(
+            yield GaugeMetricFamily(
                 "beanstalk_proxy_buffered_bytes",
                 "Bytes of put bodies in flight reserved now (received or being received, not yet "
                 "handed to beanstalkd's connection), bounded by limits.max_buffered_bytes",
+                value=budget.used,
             )
-            g.add_metric([], budget.used)
-            yield g
-            fam = CounterMetricFamily(
+            yield CounterMetricFamily(
                 "beanstalk_proxy_buffered_pauses",
                 "Puts that waited (their client not read) because limits.max_buffered_bytes "
                 "was reached",
+                value=budget.pauses,
             )
-            fam.add_metric([], budget.pauses)
-            yield fam
         fds = _open_fds()
         if fds >= 0:
-            g = GaugeMetricFamily(
-                "beanstalk_proxy_open_fds", "File descriptors the process holds now"
+            yield GaugeMetricFamily(
+                "beanstalk_proxy_open_fds",
+                "File descriptors the process holds now",
+                value=fds,
             )
-            g.add_metric([], fds)
-            yield g
-        g = GaugeMetricFamily("beanstalk_proxy_start_time_seconds", "Process start (unix time)")
-        g.add_metric([], self.metrics.started)
-        yield g
+        yield GaugeMetricFamily(
+            "beanstalk_proxy_start_time_seconds",
+            "Process start (unix time)",
+            value=self.metrics.started,
+        )
 
 
 class _BuildInfoCollector(Collector):

@@ -344,25 +344,17 @@ class ShadowView:
         must be decided and compared (the slow path)."""
         if self.principal is None:
             return False
-        agree = self._agree
         if kind == _PUT:
             if self.use_denied is not None or s.use_denied is not None or self.used != s.used:
                 return False
-            a = agree.get(s.used)  # put's keys are the bare tube names (see ``run``)
-            if a is None:
-                a = agree[s.used] = self._agreement(s, "put", "produce", s.used, limits=True)
-            return a != DIFFER
+            # put's keys are the bare tube names (see ``run``)
+            return self._agreed(s.used, s, "put", "produce", s.used, limits=True) != DIFFER
         if kind == _RESERVE:
             if self.unwatched:
                 return False
             name = NAMES[op]
-            key: tuple[Any, ...]
             for tube in s.watched:
-                key = (op, tube)
-                a = agree.get(key)
-                if a is None:
-                    a = agree[key] = self._agreement(s, name, "consume", tube)
-                if a == DIFFER:
+                if self._agreed((op, tube), s, name, "consume", tube) == DIFFER:
                     return False
             return True
         if kind == _JOB:
@@ -374,18 +366,12 @@ class ShadowView:
             verb = _job_verb(s, cmd)
             if verb == "maybe-own":
                 return False
+            limits = op in (OP_RELEASE, OP_BURY)
             key = (op, verb, tubes[0])
-            a = agree.get(key)
-            if a is None:
-                limits = op in (OP_RELEASE, OP_BURY)
-                a = agree[key] = self._agreement(s, NAMES[op], verb, tubes[0], limits=limits)
-            return a != DIFFER
+            return self._agreed(key, s, NAMES[op], verb, tubes[0], limits) != DIFFER
         if kind == _USE:
             tube = cmd[1]
-            key = (op, tube)
-            a = agree.get(key)
-            if a is None:
-                a = agree[key] = self._agreement(s, "use", "", tube)
+            a = self._agreed((op, tube), s, "use", "", tube)
             if a == AGREE_ALLOW:
                 self.used, self.use_denied = tube, None
             elif a == AGREE_DENY:
@@ -393,14 +379,20 @@ class ShadowView:
             return a != DIFFER
         if kind == _WATCH:
             tube = cmd[1]
-            key = (op, tube)
-            a = agree.get(key)
-            if a is None:
-                a = agree[key] = self._agreement(s, "watch", "consume", tube)
+            a = self._agreed((op, tube), s, "watch", "consume", tube)
             if a == AGREE_ALLOW and self.unwatched:
                 self.unwatched.discard(tube)
             return a != DIFFER
         return False
+
+    def _agreed(
+        self, key: Any, s: Session, command: str, verb: str, tube: str, limits: bool = False
+    ) -> int:
+        """``_agreement`` of ``command`` on ``tube``, cached in ``_agree`` under ``key``."""
+        a = self._agree.get(key)
+        if a is None:
+            a = self._agree[key] = self._agreement(s, command, verb, tube, limits)
+        return a
 
     def _agreement(
         self, s: Session, command: str, verb: str, tube: str, limits: bool = False

@@ -19,12 +19,13 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
+import uvloop
 import yaml
 
 from proxy.acl import parse_acl
@@ -32,6 +33,7 @@ from proxy.certs import init_ca_and_server, issue_client
 from proxy.config import Config, Endpoint, Limits, LogConfig, TLSConfig
 from proxy.httpd import StatusServer
 from proxy.logs import render_text
+from proxy.protocol import NEED_DATA, ClientParser
 from proxy.relay import PolicyHolder, ProxyServer
 from proxy.session import Session
 from proxy.tlsctx import server_context
@@ -96,6 +98,32 @@ async def until(
             return
         assert time.monotonic() < deadline, f"not reached in time: {what}"
         await asyncio.sleep(0.01)
+
+
+T = TypeVar("T")
+
+#: Event loops a test can run on by name (``run_on``).
+LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
+    "asyncio": asyncio.new_event_loop,
+    "uvloop": uvloop.new_event_loop,
+}
+
+
+def run_on(loop: str, main: Coroutine[Any, Any, T]) -> T:
+    """Run ``main`` (proxy, clients and all) to its end on a fresh event loop of kind ``loop``
+    (a test parametrized over ``LOOPS`` instead of running on pytest-asyncio's loop)."""
+    with asyncio.Runner(loop_factory=LOOPS[loop]) as runner:
+        return runner.run(main)
+
+
+def parse_in_chunks(parser: ClientParser, wire: bytes, chunk: int) -> list[Any]:
+    """The commands ``parser`` yields as ``wire`` arrives ``chunk`` bytes at a time."""
+    got = []
+    for i in range(0, len(wire), chunk):
+        parser.feed(wire[i : i + chunk])
+        while (cmd := parser.next_command()) is not NEED_DATA:
+            got.append(cmd)
+    return got
 
 
 def take(buf: bytearray) -> bytes:
@@ -307,8 +335,14 @@ def beanstalkd() -> Iterator[Beanstalkd]:
 
 
 def make_config(
-    pki: PKI, upstream_port: int, denial_reply: str = "explicit", **limits: Any
+    pki: PKI,
+    upstream_port: int,
+    denial_reply: str = "explicit",
+    *,
+    tls: dict[str, Any] | None = None,
+    **limits: Any,
 ) -> Config:
+    """The test proxy's config: ``limits`` and ``tls`` (TLSConfig fields) over the defaults."""
     base = Limits(
         max_connections=100,
         handshake_timeout=2.0,
@@ -319,12 +353,15 @@ def make_config(
         listen=Endpoint("127.0.0.1", 0, None),
         upstream=Endpoint("127.0.0.1", upstream_port, None),
         allow_remote_upstream=False,
-        tls=TLSConfig(
-            cert=str(pki.dir / "server.pem"),
-            key=str(pki.dir / "server.key"),
-            client_ca=pki.ca,
-            crl=(),
-            min_version="1.2",
+        tls=replace(
+            TLSConfig(
+                cert=str(pki.dir / "server.pem"),
+                key=str(pki.dir / "server.key"),
+                client_ca=pki.ca,
+                crl=(),
+                min_version="1.2",
+            ),
+            **(tls or {}),
         ),
         acl="<test>",
         limits=replace(base, **limits),
@@ -370,18 +407,73 @@ class StatusListener:
         return port
 
 
+@contextlib.asynccontextmanager
+async def status_listener(running: RunningProxy, **options: Any) -> AsyncIterator[StatusListener]:
+    """A status listener on a free port in front of ``running``, with ``StatusServer``
+    ``options`` (``timeout``, ``connections``); closed when the ``async with`` block ends."""
+    server = StatusServer(
+        Endpoint("127.0.0.1", 0, None),
+        running.server.metrics,
+        running.server.config.upstream,
+        **options,
+    )
+    await server.start()
+    try:
+        yield StatusListener(server, running)
+    finally:
+        await server.close()
+
+
+async def http(port: int, path: str, method: str = "GET") -> tuple[int, dict[str, str], bytes]:
+    """One HTTP/1.0 request to 127.0.0.1:``port``: (status code, headers (lower-case names),
+    body)."""
+    async with asyncio.timeout(10):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(f"{method} {path} HTTP/1.0\r\nHost: x\r\n\r\n".encode())
+        data = await reader.read()
+        writer.close()
+        await writer.wait_closed()
+    head, _, body = data.partition(b"\r\n\r\n")
+    status_line, *header_lines = head.decode().split("\r\n")
+    headers = {}
+    for line in header_lines:
+        key, _, value = line.partition(":")
+        headers[key.strip().lower()] = value.strip()
+    return int(status_line.split()[1]), headers, body
+
+
 async def start_proxy(
     pki: PKI,
     upstream_port: int,
     acl: dict[str, Any] | None = None,
     denial_reply: str = "explicit",
+    *,
+    tls: dict[str, Any] | None = None,
     **limits: Any,
 ) -> RunningProxy:
-    config = make_config(pki, upstream_port, denial_reply, **limits)
+    config = make_config(pki, upstream_port, denial_reply, tls=tls, **limits)
     policy = parse_acl(acl if acl is not None else TEST_ACL, "<test acl>")
     server = ProxyServer(config, server_context(config.tls), PolicyHolder(policy))
     await server.start()
     return RunningProxy(server, pki)
+
+
+@contextlib.asynccontextmanager
+async def serving(
+    pki: PKI,
+    upstream_port: int,
+    acl: dict[str, Any] | None = None,
+    denial_reply: str = "explicit",
+    *,
+    tls: dict[str, Any] | None = None,
+    **limits: Any,
+) -> AsyncIterator[RunningProxy]:
+    """``start_proxy`` for the length of an ``async with`` block (closed when it ends)."""
+    running = await start_proxy(pki, upstream_port, acl, denial_reply, tls=tls, **limits)
+    try:
+        yield running
+    finally:
+        await running.server.close()
 
 
 async def start_tunnel(
@@ -399,13 +491,21 @@ async def start_tunnel(
     return t
 
 
+@contextlib.asynccontextmanager
+async def closing_sockets() -> AsyncIterator[list[socket.socket]]:
+    """A list for a test's raw client sockets, every one closed when the block ends."""
+    socks: list[socket.socket] = []
+    try:
+        yield socks
+    finally:
+        for sock in socks:
+            sock.close()
+
+
 @pytest.fixture
 async def proxy(pki: PKI, beanstalkd: Beanstalkd) -> AsyncIterator[RunningProxy]:
-    running = await start_proxy(pki, beanstalkd.port)
-    try:
+    async with serving(pki, beanstalkd.port) as running:
         yield running
-    finally:
-        await running.server.close()
 
 
 Reply = tuple[bytes, bytes | None]
@@ -565,6 +665,62 @@ async def tls_attempt(port: int, ctx: ssl.SSLContext, command: bytes = b"stats\r
         return "closed without a reply"
 
 
+async def served(proxy: RunningProxy, name: str = "admin", local: str | None = None) -> bool:
+    """Does a legitimate client (``name``'s certificate, from address ``local`` if given) get
+    an answer to one command? False where it is refused or cut."""
+    ctx = proxy.pki.client_context(name)
+    try:
+        async with asyncio.timeout(10):
+            reader, writer = await asyncio.open_connection(
+                "127.0.0.1",
+                proxy.port,
+                ssl=ctx,
+                server_hostname="localhost",
+                local_addr=(local, 0) if local else None,
+            )
+            c = Client(reader, writer)
+            try:
+                return await c.line(b"list-tube-used") == b"USING default"
+            finally:
+                await c.close()
+    except (OSError, ssl.SSLError, asyncio.IncompleteReadError):
+        return False
+
+
+def metric(proxy: RunningProxy, name: str, labels: dict[str, str] | None = None) -> float:
+    """The proxy's sample ``name`` with ``labels`` (0 where it has none yet)."""
+    return proxy.server.metrics.registry.get_sample_value(name, labels or {}) or 0.0
+
+
+def handshake_failures(proxy: RunningProxy, reason: str) -> float:
+    return metric(proxy, "beanstalk_proxy_handshake_failures_total", {"reason": reason})
+
+
+class NothingUpstream:
+    """Asserts that beanstalkd saw no connection from the proxy inside the ``async with`` block
+    (our own stats probes aside) and no put: the block's clients were refused before any
+    upstream connection existed. ``allowed``: upstream connections the block legitimately
+    opens."""
+
+    def __init__(self, port: int, allowed: int = 0) -> None:
+        self.port = port
+        self.allowed = allowed
+        self.before = 0
+
+    async def __aenter__(self) -> NothingUpstream:
+        self.before = int((await server_stats(self.port))["total-connections"])
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if exc[0] is None:
+            after = await server_stats(self.port)
+            # +1: the probe reading these stats
+            assert int(after["total-connections"]) == self.before + self.allowed + 1, after
+            assert int(after["cmd-put"]) == 0, after
+            if not self.allowed:
+                assert after["current-connections"] == "1", after  # the probe alone
+
+
 class LogReader:
     """Reads the child's stderr line by line in a thread, so tests await log lines."""
 
@@ -584,6 +740,73 @@ class LogReader:
         return [ln for ln in self.lines if regex.search(ln)]
 
 
+async def start_serve(config: Path, *args: str) -> asyncio.subprocess.Process:
+    """``python -m proxy serve --config CONFIG ARGS`` as an asyncio child process, run in the
+    config's folder (the repository on ``PYTHONPATH``), its stderr (the log) piped."""
+    root = Path(__file__).resolve().parent.parent
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "proxy",
+        "serve",
+        "--config",
+        str(config),
+        *args,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+        cwd=config.parent,
+        env={**os.environ, "PYTHONPATH": str(root), "PYTHONUNBUFFERED": "1"},
+    )
+
+
+class ProcessLog:
+    """The stderr of an asyncio child process, collected line by line by a task (``pump``);
+    a test awaits a line instead of sleeping."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+        self.lines: list[str] = []
+        self._changed = asyncio.Event()
+        self._eof = False
+        self.pump = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        assert self.proc.stderr is not None
+        while line := await self.proc.stderr.readline():
+            self.lines.append(line.decode(errors="replace").rstrip("\n"))
+            self._changed.set()
+        self._eof = True
+        self._changed.set()
+
+    async def wait_for(self, pattern: str, start: int = 0, timeout: float = 15) -> int:
+        """Index of the first line at or after ``start`` matching ``pattern`` (a regex); fails
+        the test, showing the log, if the process ends before logging one."""
+        rx = re.compile(pattern)
+        async with asyncio.timeout(timeout):
+            while True:
+                for i in range(start, len(self.lines)):
+                    if rx.search(self.lines[i]):
+                        return i
+                if self._eof:
+                    raise AssertionError(
+                        f"exited without logging {pattern!r}:\n" + "\n".join(self.lines)
+                    )
+                self._changed.clear()
+                await self._changed.wait()
+
+
+@contextlib.contextmanager
+def serve_process(cfg: Path, *args: str) -> Iterator[LogReader]:
+    """``spawn_serve`` for the length of a ``with`` block: yields a ``LogReader`` of its log
+    (the process is its ``proc``); ``stop_serve`` when the block ends."""
+    proc = spawn_serve(cfg, *args)
+    try:
+        yield LogReader(proc)
+    finally:
+        stop_serve(proc)
+
+
 # --------------------------------------------------------------------------------------------
 # Automatic ``integration`` marking: ``pytest -m "not integration"`` is the fast, pure suite.
 
@@ -597,8 +820,14 @@ _IO_NAMES = frozenset(
         "socket",
         "subprocess",
         "start_proxy",
+        "serving",
+        "status_listener",
+        "http",
+        "served",
         "start_tunnel",
         "spawn_serve",
+        "serve_process",
+        "start_serve",
         "stop_serve",
         "run_bench",
         "direct",

@@ -1,7 +1,8 @@
 """Certificates the ``certs`` command never makes (expired, not yet valid, wrong or no EKU,
 expiring in a few seconds, several CNs, raw non-ASCII or dot-segment SANs, intermediate CAs),
 built with ``cryptography`` directly and signed by a test CA directory (``ca.pem`` / ``ca.key``
-as written by ``proxy.certs.init_ca_and_server`` or ``make_ca``)."""
+as written by ``proxy.certs.init_ca_and_server`` or ``make_ca``); and ``identity``, the
+``Identity`` the proxy would read from a certificate, for tests without one."""
 
 from __future__ import annotations
 
@@ -14,9 +15,44 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID
 
+from proxy.identity import Identity
+
 
 def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
+
+
+def identity(
+    *,
+    cn: str | None = None,
+    ous: tuple[str, ...] = (),
+    dns: tuple[str, ...] = (),
+    uris: tuple[str, ...] = (),
+    ips: tuple[str, ...] = (),
+    subject: str = "",
+    fingerprint: str = "sha256:" + "cd" * 32,
+    spki: str = "sha256:" + "34" * 32,
+    issuer: str | None = None,
+    issuer_fingerprint: str | None = None,
+    refusal: str | None = None,
+) -> Identity:
+    """A certificate's ``Identity`` made directly (serial 1, valid until 2030), for the pure
+    ACL, lookup and explain tests."""
+    return Identity(
+        subject=subject,
+        cn=cn,
+        ous=ous,
+        dns=dns,
+        uris=uris,
+        ips=ips,
+        fingerprint=fingerprint,
+        spki=spki,
+        serial=1,
+        not_after=dt.datetime(2030, 1, 1, tzinfo=dt.UTC),
+        issuer=issuer,
+        issuer_fingerprint=issuer_fingerprint,
+        refusal=refusal,
+    )
 
 
 def _load_ca(ca_dir: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import datetime as dt
 import re
 import sys
 from collections.abc import Callable
@@ -15,6 +14,7 @@ import pytest
 import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pki_helpers import identity as ident
 
 from proxy.acl import (
     ALWAYS,
@@ -38,29 +38,6 @@ FP_A = "sha256:" + "ab" * 32
 FP_B = "sha256:" + "cd" * 32
 SPKI_A = "sha256:" + "12" * 32
 SPKI_B = "sha256:" + "34" * 32
-
-
-def ident(
-    cn: str | None = None,
-    ous: tuple[str, ...] = (),
-    dns: tuple[str, ...] = (),
-    uris: tuple[str, ...] = (),
-    ips: tuple[str, ...] = (),
-    fingerprint: str = FP_B,
-    spki: str = SPKI_B,
-) -> Identity:
-    return Identity(
-        subject="",
-        cn=cn,
-        ous=ous,
-        dns=dns,
-        uris=uris,
-        ips=ips,
-        fingerprint=fingerprint,
-        spki=spki,
-        serial=1,
-        not_after=dt.datetime(2030, 1, 1, tzinfo=dt.UTC),
-    )
 
 
 # --------------------------------------------------------------------------------------------

@@ -14,7 +14,6 @@ constraints, and consumers sending their commands in any order.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import random
@@ -24,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from conftest import PKI, Beanstalkd, Client, RunningProxy, direct, parse_yaml_map, start_proxy
+from conftest import PKI, Beanstalkd, Client, direct, parse_yaml_map, serving
 
 from proxy.identity import identity_from_der
 
@@ -192,28 +191,29 @@ def delta(before: Snapshot, after: Snapshot) -> dict[str, Any]:
     return out
 
 
+async def seed_tube(d: Client, tube: bytes, previous: bytes) -> None:
+    """``tube``'s jobs of ``IDS`` (key prefix: its first letter), put over ``d``, which
+    watches only ``tube`` afterwards (``previous`` was the one it watched) and keeps the
+    ``taken`` one reserved."""
+    k = tube[:1].decode()
+    await expect(d, b"use " + tube, b"USING " + tube)
+    await expect(d, b"watch " + tube, b"WATCHING 2")
+    await expect(d, b"ignore " + previous, b"WATCHING 1")
+    buried = IDS[f"{k}_buried"]
+    assert await put_direct(d, b"SECRET %s buried" % tube) == buried
+    assert (await d.line(b"reserve-with-timeout 0")).startswith(b"RESERVED %d " % buried)
+    await expect(d, b"bury %d 0" % buried, b"BURIED")
+    taken = IDS[f"{k}_taken"]
+    assert await put_direct(d, b"SECRET %s taken" % tube, ttr=3600) == taken
+    assert (await d.line(b"reserve-with-timeout 0")).startswith(b"RESERVED %d " % taken)
+    assert await put_direct(d, b"SECRET %s ready" % tube, pri=100) == IDS[f"{k}_ready"]
+    assert await put_direct(d, b"SECRET %s delayed" % tube, delay=3600) == IDS[f"{k}_delayed"]
+
+
 async def build_world(port: int) -> World:
     d = await direct(port)
-    await expect(d, b"use alpha", b"USING alpha")
-    assert await put_direct(d, b"SECRET alpha buried") == IDS["a_buried"]
-    await expect(d, b"watch alpha", b"WATCHING 2")
-    await expect(d, b"ignore default", b"WATCHING 1")
-    assert (await d.line(b"reserve-with-timeout 0")).startswith(b"RESERVED 1 ")
-    await expect(d, b"bury 1 0", b"BURIED")
-    assert await put_direct(d, b"SECRET alpha taken", ttr=3600) == IDS["a_taken"]
-    assert (await d.line(b"reserve-with-timeout 0")).startswith(b"RESERVED 2 ")
-    assert await put_direct(d, b"SECRET alpha ready", pri=100) == IDS["a_ready"]
-    assert await put_direct(d, b"SECRET alpha delayed", delay=3600) == IDS["a_delayed"]
-    await expect(d, b"use beta", b"USING beta")
-    await expect(d, b"watch beta", b"WATCHING 2")
-    await expect(d, b"ignore alpha", b"WATCHING 1")
-    assert await put_direct(d, b"SECRET beta buried") == IDS["b_buried"]
-    assert (await d.line(b"reserve-with-timeout 0")).startswith(b"RESERVED 5 ")
-    await expect(d, b"bury 5 0", b"BURIED")
-    assert await put_direct(d, b"SECRET beta taken", ttr=3600) == IDS["b_taken"]
-    assert (await d.line(b"reserve-with-timeout 0")).startswith(b"RESERVED 6 ")
-    assert await put_direct(d, b"SECRET beta ready", pri=100) == IDS["b_ready"]
-    assert await put_direct(d, b"SECRET beta delayed", delay=3600) == IDS["b_delayed"]
+    await seed_tube(d, b"alpha", b"default")
+    await seed_tube(d, b"beta", b"alpha")
     await expect(d, b"use default", b"USING default")
     assert await put_direct(d, b"SECRET default ready", pri=100) == IDS["d_ready"]
     observer = await direct(port)
@@ -229,15 +229,6 @@ async def world(beanstalkd: Beanstalkd) -> AsyncIterator[World]:
         yield w
     finally:
         await w.close()
-
-
-@contextlib.asynccontextmanager
-async def running(pki: PKI, port: int, doc: dict[str, Any]) -> AsyncIterator[RunningProxy]:
-    proxy = await start_proxy(pki, port, acl=doc)
-    try:
-        yield proxy
-    finally:
-        await proxy.server.close()
 
 
 def fingerprint(pki: PKI, cert: str) -> str:
@@ -604,7 +595,7 @@ async def test_command_table(
     case: Case, pki: PKI, world: World, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO)
-    async with running(pki, world.port, acl(*case.rules)) as proxy:
+    async with serving(pki, world.port, acl(*case.rules)) as proxy:
         c = await proxy.connect(CERT["tenant"])
         for line, reply in case.prelude:
             assert await c.line(line) == reply, line
@@ -669,7 +660,7 @@ async def test_quit_always_allowed(
     rules: tuple[dict[str, Any], ...], pki: PKI, world: World, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO)
-    async with running(pki, world.port, acl(*rules)) as proxy:
+    async with serving(pki, world.port, acl(*rules)) as proxy:
         c = await proxy.connect(CERT["tenant"])
         await c.send(b"list-tube-used\r\nquit\r\nlist-tube-used\r\n")
         assert await c.closed() == b"USING default\r\n"
@@ -711,7 +702,7 @@ async def test_cross_tenant_job_ids_not_found(
     template: bytes, job: str, pki: PKI, world: World, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO)
-    async with running(pki, world.port, acl(ALL_ALPHA)) as proxy:
+    async with serving(pki, world.port, acl(ALL_ALPHA)) as proxy:
         c = await proxy.connect(CERT["tenant"])
         # the tenant is a full consumer of its own tube, with a reservation of its own
         for line, reply in RESERVE_A_READY:
@@ -744,7 +735,7 @@ async def test_cross_tenant_job_ids_not_found(
 
 async def test_rival_cannot_touch_a_job_the_tenant_just_put(pki: PKI, world: World) -> None:
     doc = acl(ALL_ALPHA)
-    async with running(pki, world.port, doc) as proxy:
+    async with serving(pki, world.port, doc) as proxy:
         tenant = await proxy.connect(CERT["tenant"])
         rival = await proxy.connect(CERT["rival"])
         assert await tenant.line(b"use alpha") == b"USING alpha"
@@ -799,7 +790,7 @@ async def test_peek_of_a_job_still_uploading_is_never_shown(
     principal allowed to inspect its tube, and not even once an earlier command on the same
     connection (which looked the job up) taught the proxy the job's tube."""
     doc = acl(allow(["inspect", "manage"], ALPHA))
-    async with running(pki, world.port, doc) as proxy:
+    async with serving(pki, world.port, doc) as proxy:
         uploader = await start_partial_put(world)
         c = await proxy.connect(CERT["tenant"])
         if first is not None:
@@ -822,7 +813,7 @@ async def test_peek_of_a_job_still_uploading_is_never_shown(
 
 async def test_list_tubes_filtered_per_principal(pki: PKI, world: World) -> None:
     doc = acl(allow(["consume"], ALPHA), allow(["put"], "gam*"))
-    async with running(pki, world.port, doc) as proxy:
+    async with serving(pki, world.port, doc) as proxy:
         o = world.observer
         assert await o.line(b"watch gamma") == b"WATCHING 2"  # now gamma exists
         expected = {
@@ -841,7 +832,7 @@ async def test_list_tubes_filtered_per_principal(pki: PKI, world: World) -> None
 
 
 async def test_stats_redaction(pki: PKI, world: World) -> None:
-    async with running(pki, world.port, acl(ALL_ALPHA)) as proxy:
+    async with serving(pki, world.port, acl(ALL_ALPHA)) as proxy:
         real = world.real
         for principal, redacted in (("tenant", True), ("rival", True), ("ops", False)):
             c = await proxy.connect(CERT[principal])
@@ -871,7 +862,7 @@ async def test_stats_redaction(pki: PKI, world: World) -> None:
 
 
 async def test_default_tube_gets_no_free_pass(pki: PKI, world: World) -> None:
-    async with running(pki, world.port, acl(ALL_ALPHA)) as proxy:
+    async with serving(pki, world.port, acl(ALL_ALPHA)) as proxy:
         c = await proxy.connect(CERT["tenant"])
         before = await world.snapshot()
         assert await c.put(b"SECRET into default") == b"NOT_PERMITTED"
@@ -904,7 +895,7 @@ async def test_producer_constraints(
     caplog.set_level(logging.INFO)
     limits = {"max_body": 16, "priority": [100, 200], "delay": [0, 10], "ttr": [10, 120]}
     doc = acl(allow(["produce"], ALPHA, put=limits), allow(["inspect"], ALPHA))
-    async with running(pki, world.port, doc) as proxy:
+    async with serving(pki, world.port, doc) as proxy:
         c = await proxy.connect(CERT["tenant"])
         assert await c.line(b"use alpha") == b"USING alpha"
         assert await c.put(b"SECRET fits", pri=100, delay=0, ttr=10) == b"INSERTED 10"
@@ -934,7 +925,7 @@ async def test_producer_constraints(
 
 async def test_consumer_never_gets_a_foreign_job_whatever_the_order(pki: PKI, world: World) -> None:
     """Random pipelined orders of watch/ignore/reserve: every RESERVED is from ``alpha``."""
-    async with running(pki, world.port, acl(allow(["consume"], ALPHA))) as proxy:
+    async with serving(pki, world.port, acl(allow(["consume"], ALPHA))) as proxy:
         # plenty of ready jobs everywhere
         d = world.holder
         for tube in ("alpha", "beta", "default"):
@@ -996,7 +987,7 @@ async def test_consumer_never_gets_a_foreign_job_whatever_the_order(pki: PKI, wo
 
 async def test_denied_put_body_is_consumed_not_executed(pki: PKI, world: World) -> None:
     """The body of a denied put is skipped by count, even when it looks like commands."""
-    async with running(pki, world.port, acl(allow(["inspect"], ALPHA))) as proxy:
+    async with serving(pki, world.port, acl(allow(["inspect"], ALPHA))) as proxy:
         c = await proxy.connect(CERT["tenant"])
         assert await c.line(b"use alpha") == b"USING alpha"
         before = await world.snapshot()
@@ -1030,7 +1021,7 @@ async def test_pipelined_denials_keep_reply_order(pki: PKI, world: World) -> Non
         # commands on it; "delete <guessed id>" sent before RESERVED came would need manage)
         b"list-tube-used",
     ]
-    async with running(pki, world.port, doc) as proxy:
+    async with serving(pki, world.port, doc) as proxy:
         one_by_one = await proxy.connect(CERT["tenant"])
         expected = []
         for line in script:
@@ -1050,7 +1041,7 @@ async def test_pipelined_denials_keep_reply_order(pki: PKI, world: World) -> Non
 
 
 async def test_denial_after_a_blocking_reserve_waits_for_it(pki: PKI, world: World) -> None:
-    async with running(pki, world.port, acl(allow(["consume"], ALPHA))) as proxy:
+    async with serving(pki, world.port, acl(allow(["consume"], ALPHA))) as proxy:
         c = await proxy.connect(CERT["tenant"])
         assert await c.line(b"watch alpha") == b"WATCHING 2"
         assert await c.line(b"ignore default") == b"WATCHING 1"
@@ -1066,7 +1057,7 @@ async def test_denial_after_a_blocking_reserve_waits_for_it(pki: PKI, world: Wor
 
 
 async def test_quit_after_a_lookup_answers_first(pki: PKI, world: World) -> None:
-    async with running(pki, world.port, acl(allow(["inspect"], ALPHA))) as proxy:
+    async with serving(pki, world.port, acl(allow(["inspect"], ALPHA))) as proxy:
         c = await proxy.connect(CERT["tenant"])
         await c.send(b"peek 4\r\npeek 7\r\nuse beta\r\nquit\r\nlist-tube-used\r\n")
         data = await c.closed()

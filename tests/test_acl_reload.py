@@ -11,10 +11,8 @@ different principal gets that principal's rights.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +21,10 @@ import yaml
 from conftest import (
     PKI,
     Beanstalkd,
-    RunningProxy,
     direct,
     make_config,
     parse_yaml_map,
-    start_proxy,
+    serving,
 )
 
 from proxy.acl import Policy, parse_acl
@@ -67,15 +64,6 @@ def reload_like_cli(server: ProxyServer, data: object) -> ConfigError | None:
     return None
 
 
-@contextlib.asynccontextmanager
-async def running(pki: PKI, port: int, data: dict[str, Any]) -> AsyncIterator[RunningProxy]:
-    proxy = await start_proxy(pki, port, acl=data)
-    try:
-        yield proxy
-    finally:
-        await proxy.server.close()
-
-
 async def put_direct(port: int, tube: bytes, body: bytes) -> int:
     c = await direct(port)
     try:
@@ -107,7 +95,7 @@ async def tube_jobs(port: int, tube: bytes) -> str | None:
 
 async def test_grant_applies_to_the_next_command(pki: PKI, beanstalkd: Beanstalkd) -> None:
     beta_job = await put_direct(beanstalkd.port, b"beta", b"beta job")
-    async with running(pki, beanstalkd.port, doc(ALPHA_ALL)) as proxy:
+    async with serving(pki, beanstalkd.port, doc(ALPHA_ALL)) as proxy:
         c = await proxy.connect("worker")
         # denied (and the denials are cached by the session for this policy)
         assert await c.line(b"use beta") == b"NOT_PERMITTED"
@@ -134,7 +122,7 @@ async def test_revoke_applies_to_the_next_command(
     pki: PKI, beanstalkd: Beanstalkd, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO)
-    async with running(pki, beanstalkd.port, doc(ALPHA_ALL)) as proxy:
+    async with serving(pki, beanstalkd.port, doc(ALPHA_ALL)) as proxy:
         c = await proxy.connect("worker")
         assert await c.line(b"use alpha") == b"USING alpha"
         assert await c.put(b"first") == b"INSERTED 1"
@@ -180,7 +168,7 @@ async def test_revoke_applies_to_the_next_command(
 
 
 async def test_revoke_is_seen_by_every_live_connection(pki: PKI, beanstalkd: Beanstalkd) -> None:
-    async with running(pki, beanstalkd.port, doc(ALPHA_ALL)) as proxy:
+    async with serving(pki, beanstalkd.port, doc(ALPHA_ALL)) as proxy:
         conns = [await proxy.connect("worker") for _ in range(3)]
         for c in conns:
             assert await c.line(b"use alpha") == b"USING alpha"
@@ -238,7 +226,7 @@ BROKEN: list[tuple[object, str]] = [
 async def test_broken_acl_is_rejected_and_the_old_policy_stays(
     data: object, key: str, pki: PKI, beanstalkd: Beanstalkd
 ) -> None:
-    async with running(pki, beanstalkd.port, doc(ALPHA_ALL)) as proxy:
+    async with serving(pki, beanstalkd.port, doc(ALPHA_ALL)) as proxy:
         c = await proxy.connect("worker")
         other = await proxy.connect("inspector")
         assert await c.line(b"use alpha") == b"USING alpha"
@@ -271,7 +259,7 @@ async def test_cli_reload_reads_the_file_and_keeps_the_old_policy_on_error(
     caplog.set_level(logging.INFO)
     acl_file = tmp_path / "acl.yaml"
     config = dataclasses.replace(make_config(pki, beanstalkd.port), acl=str(acl_file))
-    async with running(pki, beanstalkd.port, doc(ALPHA_ALL)) as proxy:
+    async with serving(pki, beanstalkd.port, doc(ALPHA_ALL)) as proxy:
         c = await proxy.connect("worker")
         old = proxy.server.policy.current
         for text in (
@@ -304,7 +292,7 @@ async def test_cli_reload_reads_the_file_and_keeps_the_old_policy_on_error(
 async def test_connection_of_a_removed_principal_is_closed(
     pki: PKI, beanstalkd: Beanstalkd
 ) -> None:
-    async with running(pki, beanstalkd.port, doc(ALPHA_ALL)) as proxy:
+    async with serving(pki, beanstalkd.port, doc(ALPHA_ALL)) as proxy:
         tenant = await proxy.connect("worker")
         tenant2 = await proxy.connect("worker")
         ops = await proxy.connect("admin")
@@ -341,7 +329,7 @@ async def test_certificate_mapped_to_another_principal_gets_its_rights(
     pki: PKI, beanstalkd: Beanstalkd, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO)
-    async with running(pki, beanstalkd.port, doc(ALPHA_ALL)) as proxy:
+    async with serving(pki, beanstalkd.port, doc(ALPHA_ALL)) as proxy:
         c = await proxy.connect("worker")
         assert await c.line(b"use alpha") == b"USING alpha"
         assert await c.put(b"one") == b"INSERTED 1"
@@ -371,7 +359,7 @@ async def test_reload_between_pipelined_commands_is_in_order(
     policy. A lookup waiting for beanstalkd is decided under the policy current when its
     answer arrives."""
     job = await put_direct(beanstalkd.port, b"beta", b"beta job")
-    async with running(pki, beanstalkd.port, doc(ALPHA_ALL)) as proxy:
+    async with serving(pki, beanstalkd.port, doc(ALPHA_ALL)) as proxy:
         c = await proxy.connect("worker")
         # allowed now; sent and answered before the reload
         await c.send(b"use alpha\r\nput 0 0 60 1\r\na\r\n")

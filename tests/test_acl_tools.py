@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import yaml
 from click.testing import CliRunner, Result
-from conftest import PKI, TEST_ACL, Beanstalkd, make_config, start_proxy
+from conftest import PKI, TEST_ACL, Beanstalkd, make_config, serving, start_proxy
 
 from proxy.acl import parse_acl
 from proxy.acldiff import diff_policies, render
@@ -505,8 +505,7 @@ async def test_reload_logs_the_diff_and_counts_affected_connections(
     caplog.set_level(logging.INFO)
     acl_file = tmp_path / "acl.yaml"
     config = dataclasses.replace(make_config(pki, beanstalkd.port), acl=str(acl_file))
-    proxy = await start_proxy(pki, beanstalkd.port)
-    try:
+    async with serving(pki, beanstalkd.port) as proxy:
         worker = await proxy.connect("worker")
         worker2 = await proxy.connect("worker")
         admin = await proxy.connect("admin")
@@ -558,8 +557,6 @@ async def test_reload_logs_the_diff_and_counts_affected_connections(
         assert events() == []
         for c in (worker, worker2, admin):
             await c.close()
-    finally:
-        await proxy.server.close()
 
 
 # ------------------------------------------------------------------------------ agreement

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from conftest import parse_in_chunks
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
@@ -17,7 +18,7 @@ from proxy.acl import Policy, parse_acl
 from proxy.budget import Budget
 from proxy.config import parse_config
 from proxy.errors import ConfigError
-from proxy.protocol import NEED_DATA, OP_LIST_TUBE_USED, OP_PUT, ClientParser
+from proxy.protocol import OP_LIST_TUBE_USED, OP_PUT, ClientParser
 from proxy.session import Session
 
 # --- Budget -----------------------------------------------------------------------------------
@@ -157,11 +158,7 @@ def test_parser_holds_the_body_until_admitted(chunk: int) -> None:
     verdicts: list[bool | None] = [None]
     p.on_put = lambda *_: verdicts.pop(0) if verdicts else True
     wire = b"put 1 2 3 5\r\nhello\r\nlist-tube-used\r\n"
-    got = []
-    for i in range(0, len(wire), chunk):
-        p.feed(wire[i : i + chunk])
-        while (cmd := p.next_command()) is not NEED_DATA:
-            got.append(cmd)
+    got = parse_in_chunks(p, wire, chunk)
     assert got == [] and p.held  # nothing parsed past the held put, its bytes kept
     assert p.buffered == len(wire) - len(b"put 1 2 3 5\r\n")
     p.admit()

@@ -10,19 +10,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import replace
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
-import uvloop
-from conftest import PKI, TEST_ACL, Beanstalkd, Client, RunningProxy, direct, make_config, until
+from conftest import PKI, TEST_ACL, Beanstalkd, Client, RunningProxy, direct, run_on, until
+from conftest import serving as proxy_serving
 
 from proxy.acl import parse_acl
-from proxy.relay import PolicyHolder, ProxyServer
-from proxy.tlsctx import server_context
-
-T = TypeVar("T")
 
 #: Job bodies of the big uploads, and the bound: three of them at once.
 BODY = 200 * 1024
@@ -33,12 +27,10 @@ PUTS = 3
 #: the stock ones (asyncio's and uvloop's) all their incoming buffer (256 KiB high-water mark)
 #: plus the read that crossed it (256 KiB).
 READ_MAX = {"builtin": 64 * 1024, "stock": 512 * 1024}
-
-
-def run(loop: str, main: Callable[[], Awaitable[T]]) -> T:
-    factory = uvloop.new_event_loop if loop == "uvloop" else asyncio.new_event_loop
-    with asyncio.Runner(loop_factory=factory) as runner:
-        return runner.run(main())  # type: ignore[arg-type]
+EVERY_LOOP_AND_TRANSPORT = pytest.mark.parametrize(
+    ("loop", "transport"),
+    [("asyncio", "builtin"), ("uvloop", "builtin"), ("asyncio", "stock"), ("uvloop", "stock")],
+)
 
 
 @pytest.fixture
@@ -49,20 +41,11 @@ def big(beanstalkd: Beanstalkd) -> Beanstalkd:
     return beanstalkd
 
 
-@contextlib.asynccontextmanager
-async def serving(
+def serving(
     pki: PKI, upstream: int, transport: str = "builtin", **limits: Any
-) -> AsyncIterator[RunningProxy]:
-    config = make_config(pki, upstream, max_job_size=LIMIT, **limits)
-    config = replace(config, tls=replace(config.tls, transport=transport))
-    server = ProxyServer(
-        config, server_context(config.tls), PolicyHolder(parse_acl(TEST_ACL, "<t>"))
-    )
-    await server.start()
-    try:
-        yield RunningProxy(server, pki)
-    finally:
-        await server.close()
+) -> contextlib.AbstractAsyncContextManager[RunningProxy]:
+    """The proxy with jobs of up to ``LIMIT`` bytes, on the TLS ``transport``."""
+    return proxy_serving(pki, upstream, tls={"transport": transport}, max_job_size=LIMIT, **limits)
 
 
 def sample(proxy: RunningProxy, name: str) -> float:
@@ -93,10 +76,7 @@ async def drain_jobs(port: int, tube: bytes) -> list[bytes]:
         await c.close()
 
 
-@pytest.mark.parametrize(
-    ("loop", "transport"),
-    [("asyncio", "builtin"), ("uvloop", "builtin"), ("asyncio", "stock"), ("uvloop", "stock")],
-)
+@EVERY_LOOP_AND_TRANSPORT
 def test_many_large_uploads_through_a_small_bound(
     pki: PKI, big: Beanstalkd, loop: str, transport: str
 ) -> None:
@@ -151,7 +131,7 @@ def test_many_large_uploads_through_a_small_bound(
             assert len(jobs) == CLIENTS * PUTS + 1
             assert set(jobs) == wanted | {held}  # every body intact
 
-    run(loop, main)
+    run_on(loop, main())
 
 
 async def test_a_client_closing_mid_body_releases_its_bytes(pki: PKI, big: Beanstalkd) -> None:
@@ -230,10 +210,7 @@ async def test_a_put_larger_than_the_bound_goes_through_alone(pki: PKI, big: Bea
         assert await drain_jobs(big.port, b"default") == [data]
 
 
-@pytest.mark.parametrize(
-    ("loop", "transport"),
-    [("asyncio", "builtin"), ("uvloop", "builtin"), ("asyncio", "stock"), ("uvloop", "stock")],
-)
+@EVERY_LOOP_AND_TRANSPORT
 def test_a_fire_and_forget_producer_waiting_for_the_budget_keeps_its_job(
     pki: PKI, big: Beanstalkd, loop: str, transport: str
 ) -> None:
@@ -261,7 +238,7 @@ def test_a_fire_and_forget_producer_waiting_for_the_budget_keeps_its_job(
             await until(lambda: not proxy.server.connections and budget.used == 0)
             assert sorted(await drain_jobs(big.port, b"default")) == sorted([b"h" * BODY, b"hello"])
 
-    run(loop, main)
+    run_on(loop, main())
 
 
 async def test_a_waiting_connection_closed_by_the_proxy_leaves_the_queue(

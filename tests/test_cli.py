@@ -85,6 +85,17 @@ def edit(path: Path, old: str, new: str) -> None:
 # ------------------------------------------------------------------------------ check-config
 
 
+def config_error(setup: Path, at: tuple[int, int] | None = None) -> str:
+    """``check-config`` on ``setup``, which must fail (exit code 2, no "ok") with an error
+    ending with its position ``at`` (line, column); returns the error output."""
+    result = run("check-config", "--config", str(setup))
+    assert result.exit_code == 2, result.output
+    assert "ok" not in result.stdout
+    if at is not None:
+        assert result.stderr.endswith(f"(line {at[0]}, column {at[1]})\n"), result.stderr
+    return result.stderr
+
+
 def test_check_config_ok(setup: Path) -> None:
     result = run("check-config", "--config", str(setup))
     assert result.exit_code == 0, result.output
@@ -161,37 +172,30 @@ def test_check_config_missing_file(tmp_path: Path) -> None:
 
 def test_check_config_bad_key_reports_file_and_key_path(setup: Path) -> None:
     edit(setup, "listen: 127.0.0.1:0", "listen: 127.0.0.1:0\nlimits: {max_connections: 0}")
-    result = run("check-config", "--config", str(setup))
-    assert result.exit_code == 2
-    assert result.stderr == (
+    err = config_error(setup)
+    assert err == (
         f"error: {setup}: limits.max_connections: must be at least 1, got 0 (line 2, column 10)\n"
     )
-    assert "ok" not in result.stdout
 
 
 def test_check_config_unknown_key(setup: Path) -> None:
     edit(setup, "  crl:", "  crls:")
-    result = run("check-config", "--config", str(setup))
-    assert result.exit_code == 2
-    assert f"error: {setup}: tls.crls: unknown key" in result.stderr
-    assert result.stderr.endswith("(line 7, column 3)\n")
-    assert "did you mean 'crl'" in result.stderr
+    err = config_error(setup, at=(7, 3))
+    assert f"error: {setup}: tls.crls: unknown key" in err
+    assert "did you mean 'crl'" in err
 
 
 def test_check_config_yaml_syntax_error_has_line_and_column(setup: Path) -> None:
     edit(setup, "upstream: 127.0.0.1:1", "upstream: [127.0.0.1:1")
-    result = run("check-config", "--config", str(setup))
-    assert result.exit_code == 2
-    assert result.stderr.startswith(f"error: {setup}: invalid YAML: ")
-    assert result.stderr.endswith("(line 3, column 4)\n"), result.stderr
+    err = config_error(setup, at=(3, 4))
+    assert err.startswith(f"error: {setup}: invalid YAML: ")
 
 
 def test_check_config_duplicate_key(setup: Path) -> None:
     setup.write_text(setup.read_text() + "upstream: 127.0.0.1:2\n")
-    result = run("check-config", "--config", str(setup))
-    assert result.exit_code == 2
-    assert "duplicate key 'upstream' (first defined on line 2)" in result.stderr
-    assert "line 10" in result.stderr
+    err = config_error(setup)
+    assert "duplicate key 'upstream' (first defined on line 2)" in err
+    assert "line 10" in err
 
 
 def test_load_yaml_keeps_merge_keys_working(tmp_path: Path) -> None:
@@ -209,40 +213,32 @@ def test_load_yaml_rejects_binary(tmp_path: Path) -> None:
 
 def test_check_config_missing_certificate(setup: Path, tmp_path: Path) -> None:
     (tmp_path / "pki" / "server.pem").unlink()
-    result = run("check-config", "--config", str(setup))
-    assert result.exit_code == 2
-    assert f"error: {setup}: tls.cert: certificate file " in result.stderr
-    assert result.stderr.endswith("(line 4, column 3)\n")
-    assert "does not exist" in result.stderr
+    err = config_error(setup, at=(4, 3))
+    assert f"error: {setup}: tls.cert: certificate file " in err
+    assert "does not exist" in err
 
 
 def test_check_config_key_mismatch(setup: Path, tmp_path: Path) -> None:
     edit(setup, "pki/server.key", "pki/dev-client.key")
-    result = run("check-config", "--config", str(setup))
-    assert result.exit_code == 2
-    assert f"error: {setup}: tls.key: the private key in " in result.stderr
-    assert result.stderr.endswith("(line 5, column 3)\n")
-    assert "does not match" in result.stderr
+    err = config_error(setup, at=(5, 3))
+    assert f"error: {setup}: tls.key: the private key in " in err
+    assert "does not match" in err
 
 
 def test_check_config_missing_acl(setup: Path, tmp_path: Path) -> None:
     (tmp_path / "acl.yaml").unlink()
-    result = run("check-config", "--config", str(setup))
-    assert result.exit_code == 2
-    assert result.stderr.startswith(
+    err = config_error(setup, at=(8, 1))
+    assert err.startswith(
         f"error: {setup}: acl: {tmp_path / 'acl.yaml'}: file not found"
     )
-    assert result.stderr.endswith("(line 8, column 1)\n")
 
 
 def test_check_config_invalid_acl_names_acl_file_and_key(setup: Path, tmp_path: Path) -> None:
     edit(tmp_path / "acl.yaml", "allow: [produce]", "allow: [produse]")
-    result = run("check-config", "--config", str(setup))
-    assert result.exit_code == 2
-    assert result.stderr.startswith(
+    err = config_error(setup, at=(9, 13))
+    assert err.startswith(
         f"error: {tmp_path / 'acl.yaml'}: rules[0].allow[0]: unknown verb"
     )
-    assert result.stderr.endswith("(line 9, column 13)\n")
 
 
 def test_check_config_prints_acl_warnings(setup: Path, tmp_path: Path) -> None:
@@ -261,13 +257,10 @@ def test_check_config_refuses_a_client_only_server_certificate(
 ) -> None:
     edit(setup, "pki/server.pem", "pki/dev-client.pem")
     edit(setup, "pki/server.key", "pki/dev-client.key")
-    result = run("check-config", "--config", str(setup))
-    assert result.exit_code == 2
-    assert result.stderr.startswith(f"error: {setup}: tls.cert: the certificate in ")
-    assert result.stderr.endswith("(line 4, column 3)\n")
-    assert "is not a server certificate" in result.stderr
-    assert "clientAuth" in result.stderr
-    assert "ok" not in result.stdout
+    err = config_error(setup, at=(4, 3))
+    assert err.startswith(f"error: {setup}: tls.cert: the certificate in ")
+    assert "is not a server certificate" in err
+    assert "clientAuth" in err
 
 
 def test_check_config_name_must_be_covered_by_a_san(setup: Path, tmp_path: Path) -> None:
@@ -316,17 +309,14 @@ def test_check_config_semantic_errors_carry_line_and_column(setup: Path, tmp_pat
     acl = tmp_path / "acl.yaml"
     # a missing key is reported at the mapping that lacks it
     acl.write_text("principals:\n  - name: a\n    match: {cn: a}\n  - name: b\nrules: []\n")
-    result = run("check-config", "--config", str(setup))
-    assert result.exit_code == 2
-    assert result.stderr == (
+    err = config_error(setup)
+    assert err == (
         f"error: {acl}: principals[1].match: missing required key (line 4, column 5)\n"
     )
     # a nested key of the proxy config
     edit(setup, "log: {format: json, level: debug}", "log:\n  format: json\n  level: loud")
-    result = run("check-config", "--config", str(setup))
-    assert result.exit_code == 2
-    assert result.stderr.startswith(f"error: {setup}: log.level: must be one of")
-    assert result.stderr.endswith("(line 11, column 3)\n")
+    err = config_error(setup, at=(11, 3))
+    assert err.startswith(f"error: {setup}: log.level: must be one of")
 
 
 def test_missing_acl_names_the_acl_key_for_serve_and_explain(setup: Path, tmp_path: Path) -> None:
@@ -362,20 +352,25 @@ def test_yaml_positions_survive_aliases_merges_and_recursion(tmp_path: Path) -> 
 # ------------------------------------------------------------------------------ explain
 
 
-def test_explain_principal_allowed(setup: Path) -> None:
-    result = run(
-        "explain",
-        "--config",
-        str(setup),
-        "--principal",
-        "billing",
-        "--tube",
-        "invoices",
-        "put 0 0 60 5",
-    )
-    assert result.exit_code == 0, result.output
-    assert "principal: billing" in result.output
-    assert "decision: ALLOW by rules[0]" in result.output
+@pytest.mark.parametrize(
+    ("tube", "code", "expected"),
+    [
+        ("invoices", 0, ["principal: billing", "decision: ALLOW by rules[0]"]),
+        (
+            "payroll",
+            1,
+            # acl_denial_reply: compatible
+            ["decision: DENY by default deny", "the client gets UNKNOWN_COMMAND"],
+        ),
+    ],
+    ids=["allowed", "denied-by-default"],
+)
+def test_explain_principal(setup: Path, tube: str, code: int, expected: list[str]) -> None:
+    args = ["--config", str(setup), "--principal", "billing", "--tube", tube, "put 0 0 60 5"]
+    result = run("explain", *args)
+    assert result.exit_code == code, result.output
+    for line in expected:
+        assert line in result.output
 
 
 def test_explain_shows_a_principals_rate_limit(setup: Path, tmp_path: Path) -> None:
@@ -385,22 +380,6 @@ def test_explain_shows_a_principals_rate_limit(setup: Path, tmp_path: Path) -> N
     edit(acl, "- name: billing\n", "- name: billing\n    rate: {per_second: 2.5, burst: 7}\n")
     result = run("explain", "--config", str(setup), "--principal", "billing", "stats")
     assert "rate limit: 2.5 commands/s, burst 7" in result.output, result.output
-
-
-def test_explain_principal_denied_by_default(setup: Path) -> None:
-    result = run(
-        "explain",
-        "--config",
-        str(setup),
-        "--principal",
-        "billing",
-        "--tube",
-        "payroll",
-        "put 0 0 60 5",
-    )
-    assert result.exit_code == 1
-    assert "decision: DENY by default deny" in result.output
-    assert "the client gets UNKNOWN_COMMAND" in result.output  # acl_denial_reply: compatible
 
 
 def test_explain_deny_beats_allow(setup: Path) -> None:

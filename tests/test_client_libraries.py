@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import PKI, Beanstalkd, direct, parse_yaml_map, start_proxy, start_tunnel
+from conftest import PKI, Beanstalkd, direct, parse_yaml_map, serving, start_tunnel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "clients"))
 
@@ -57,16 +57,13 @@ async def app_tunnel(
 ) -> AsyncIterator[int]:
     """Proxy (``acl_denial_reply`` = the param) and a client tunnel into it presenting the
     ``worker`` certificate; yields the tunnel's plain-TCP port."""
-    proxy = await start_proxy(pki, beanstalkd.port, acl=LIB_ACL, denial_reply=request.param)
-    try:
+    async with serving(pki, beanstalkd.port, LIB_ACL, request.param) as proxy:
         tunnel = await start_tunnel(pki, proxy.port, "worker")
         try:
             assert tunnel.port is not None
             yield tunnel.port
         finally:
             await tunnel.close()
-    finally:
-        await proxy.server.close()
 
 
 async def seed(beanstalkd: Beanstalkd) -> dict[str, int]:

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import BEANSTALKD, PKI, Client, free_port
+from conftest import BEANSTALKD, PKI, Client, ProcessLog, free_port, http
 
 from proxy.certs import issue_client
 
@@ -518,42 +518,11 @@ def test_build_stage_produces_a_working_venv(image: Image) -> None:
 # running the image
 
 
-class Lines:
-    """A subprocess's stderr, collected line by line, waitable."""
-
-    def __init__(self, proc: asyncio.subprocess.Process) -> None:
-        self.proc = proc
-        self.lines: list[str] = []
-        self._changed = asyncio.Event()
-        self._eof = False
-        self.task = asyncio.create_task(self._read())
-
-    async def _read(self) -> None:
-        assert self.proc.stderr is not None
-        while line := await self.proc.stderr.readline():
-            self.lines.append(line.decode(errors="replace").rstrip("\n"))
-            self._changed.set()
-        self._eof = True
-        self._changed.set()
-
-    async def wait_for(self, pattern: str, timeout: float = 30) -> str:
-        rx = re.compile(pattern)
-        async with asyncio.timeout(timeout):
-            while True:
-                for line in self.lines:
-                    if rx.search(line):
-                        return line
-                if self._eof:
-                    raise AssertionError(f"exited before {pattern!r}:\n" + "\n".join(self.lines))
-                self._changed.clear()
-                await self._changed.wait()
-
-
 @dataclass
 class Deployment:
     image: Image
     proxy: asyncio.subprocess.Process
-    log: Lines
+    log: ProcessLog
     port: int
     status_port: int
     client_ctx: ssl.SSLContext
@@ -632,9 +601,9 @@ async def deployment(image: Image, pki: PKI, tmp_path: Path) -> AsyncIterator[De
             env=image.env,
             cwd=image.workdir,
         )
-        log = Lines(proxy)
-        ready = await log.wait_for(r'"event":\s*"ready"')
-        record = json.loads(ready)  # the compose config logs JSON
+        log = ProcessLog(proxy)
+        ready = await log.wait_for(r'"event":\s*"ready"', timeout=30)
+        record = json.loads(log.lines[ready])  # the compose config logs JSON
         port = int(record["listen"].rsplit(":", 1)[1])
         # A client certificate the compose ACL maps to `dev` (CN dev-*, OU dev).
         client_dir = tmp_path / "client"
@@ -666,17 +635,6 @@ def _run_healthcheck(image: Image, status_port: int) -> subprocess.CompletedProc
     )
 
 
-async def _http(port: int, path: str) -> tuple[int, bytes]:
-    async with asyncio.timeout(10):
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(f"GET {path} HTTP/1.0\r\n\r\n".encode())
-        data = await reader.read()
-        writer.close()
-        await writer.wait_closed()
-    head, _, body = data.partition(b"\r\n\r\n")
-    return int(head.split()[1]), body
-
-
 async def test_image_runtime_serves_as_uid_10001(deployment: Deployment) -> None:
     d = deployment
     # The process really runs as the image's user.
@@ -691,7 +649,7 @@ async def test_image_runtime_serves_as_uid_10001(deployment: Deployment) -> None
     # ... and it asks the port METRICS_PORT names: another one fails
     check = await asyncio.to_thread(_run_healthcheck, d.image, free_port())
     assert check.returncode != 0
-    code, body = await _http(d.status_port, "/readyz")
+    code, _, body = await http(d.status_port, "/readyz")
     assert (code, body) == (200, b"ok\n")
 
     # One TLS put/reserve/delete through the proxy to beanstalkd's unix socket.
@@ -711,13 +669,13 @@ async def test_image_runtime_serves_as_uid_10001(deployment: Deployment) -> None
     assert await c.line(b"delete %d" % job) == b"DELETED"
     assert await c.line(b"use secrets.x") == b"UNKNOWN_COMMAND"  # the compose ACL applies
     await c.close()
-    await d.log.wait_for(r'"event":\s*"close"')
+    await d.log.wait_for(r'"event":\s*"close"', timeout=30)
 
     # SIGTERM: a clean exit, after which the health check fails.
     d.proxy.terminate()
     async with asyncio.timeout(30):
         assert await d.proxy.wait() == 0
-    await d.log.task
+    await d.log.pump
     assert not any('"level":"error"' in line for line in d.log.lines), d.log.lines
     check = await asyncio.to_thread(_run_healthcheck, d.image, d.status_port)
     assert check.returncode != 0

@@ -9,7 +9,7 @@ import time
 from typing import Any
 
 import pytest
-from conftest import PKI, Beanstalkd, Client, RunningProxy, direct, server_stats, start_proxy
+from conftest import PKI, Beanstalkd, Client, RunningProxy, direct, server_stats, serving
 
 from proxy.acl import parse_acl
 
@@ -62,8 +62,7 @@ async def put_into_alpha(port: int) -> Client:
 async def test_revocation_reaches_puts_pipelined_behind_a_reserve(
     pki: PKI, beanstalkd: Beanstalkd
 ) -> None:
-    proxy = await start_proxy(pki, beanstalkd.port, doc())
-    try:
+    async with serving(pki, beanstalkd.port, doc()) as proxy:
         c = await proxy.connect("worker")
         assert await c.line(b"watch alpha") == b"WATCHING 2"
         assert await c.line(b"ignore default") == b"WATCHING 1"
@@ -82,15 +81,12 @@ async def test_revocation_reaches_puts_pipelined_behind_a_reserve(
         assert stats["cmd-put"] == "1"  # only the observer's
         assert stats["cmd-use"] == "1"
         await c.close()
-    finally:
-        await proxy.server.close()
 
 
 async def test_a_grant_reaches_commands_pipelined_behind_a_reserve(
     pki: PKI, beanstalkd: Beanstalkd
 ) -> None:
-    proxy = await start_proxy(pki, beanstalkd.port, doc(produce=False))
-    try:
+    async with serving(pki, beanstalkd.port, doc(produce=False)) as proxy:
         c = await waiting_worker(
             proxy,
             beanstalkd.port,
@@ -103,13 +99,10 @@ async def test_a_grant_reaches_commands_pipelined_behind_a_reserve(
         assert (await c.reply())[0] == b"USING a.new"
         assert (await c.reply())[0].startswith(b"INSERTED")
         await c.close()
-    finally:
-        await proxy.server.close()
 
 
 async def test_revoking_consume_ends_a_waiting_reserve(pki: PKI, beanstalkd: Beanstalkd) -> None:
-    proxy = await start_proxy(pki, beanstalkd.port, doc())
-    try:
+    async with serving(pki, beanstalkd.port, doc()) as proxy:
         c = await waiting_worker(
             proxy, beanstalkd.port, b"reserve\r\nuse a.x\r\nput 0 0 60 1\r\nx\r\n"
         )
@@ -121,20 +114,15 @@ async def test_revoking_consume_ends_a_waiting_reserve(pki: PKI, beanstalkd: Bea
         await o.close()
         stats = await server_stats(beanstalkd.port)
         assert stats["cmd-put"] == "1" and stats["cmd-use"] == "1"
-    finally:
-        await proxy.server.close()
 
 
 async def test_a_reload_that_keeps_consume_keeps_the_reserve(
     pki: PKI, beanstalkd: Beanstalkd
 ) -> None:
-    proxy = await start_proxy(pki, beanstalkd.port, doc())
-    try:
+    async with serving(pki, beanstalkd.port, doc()) as proxy:
         c = await waiting_worker(proxy, beanstalkd.port, b"reserve\r\n")
         proxy.server.reload_policy(parse_acl(doc(produce=False), "acl.yaml"))
         o = await put_into_alpha(beanstalkd.port)
         await o.close()
         assert (await c.reply())[0].startswith(b"RESERVED")
         await c.close()
-    finally:
-        await proxy.server.close()

@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import PKI, Beanstalkd, RunningProxy, start_proxy, tls_attempt
+from conftest import PKI, Beanstalkd, RunningProxy, serving, start_proxy, tls_attempt
 
 from proxy.certs import issue_client
 from proxy.loading import load_config
@@ -195,16 +195,13 @@ async def test_no_principal_refusal_logs_the_identity_it_failed_to_match(
         uris=["spiffe://example.org/web"],
         ips=["10.1.2.3"],
     )
-    running = await start_proxy(pki, beanstalkd.port)
-    try:
+    async with serving(pki, beanstalkd.port) as running:
         how = await tls_attempt(running.port, pki.client_context("outsider", ca_dir=tmp_path))
         (refused,) = await json_log.wait("refused")
         # the refused connection is gone: its socket closed, nothing counts against the limits
         async with asyncio.timeout(10):
             while running.server.client_sockets:
                 await asyncio.sleep(0.01)
-    finally:
-        await running.server.close()
     assert how in ("closed without a reply",) or how.startswith("first read failed"), how
     assert refused["level"] == "info" and refused["logger"] == "beanstalk_proxy.conn"
     assert refused["message"] == "refused"
@@ -233,16 +230,13 @@ async def test_refused_without_a_principal_match_is_not_a_client_close(
     pki: PKI, beanstalkd: Beanstalkd, json_log: JsonLog
 ) -> None:
     """The stock "stranger" (valid, no SAN, no principal): one refused event, no close."""
-    running = await start_proxy(pki, beanstalkd.port)
-    try:
+    async with serving(pki, beanstalkd.port) as running:
         await tls_attempt(running.port, pki.client_context("stranger"))
         await json_log.wait("refused")
         ok = await running.connect("admin")  # a later close is logged for that one only
         assert await ok.line(b"list-tube-used") == b"USING default"
         await ok.close()
         (close,) = await json_log.wait("close")
-    finally:
-        await running.server.close()
     assert close["principal"] == "admin" and close["closed_by"] == "client"
     (refused,) = json_log.events("refused")
     assert refused["cn"] == "stranger" and refused["dns"] == [] and refused["uri"] == []
@@ -251,15 +245,12 @@ async def test_refused_without_a_principal_match_is_not_a_client_close(
 async def test_limit_refusal_is_a_warning_with_the_limit_named(
     pki: PKI, beanstalkd: Beanstalkd, json_log: JsonLog
 ) -> None:
-    running = await start_proxy(pki, beanstalkd.port, max_connections_per_principal=1)
-    try:
+    async with serving(pki, beanstalkd.port, max_connections_per_principal=1) as running:
         first = await running.connect("admin")
         assert await first.line(b"list-tube-used") == b"USING default"
         await tls_attempt(running.port, pki.client_context("admin"))
         (refused,) = await json_log.wait("refused")
         await first.close()
-    finally:
-        await running.server.close()
     assert refused["level"] == "warning"
     assert refused["reason"] == "max_connections_per_principal"
     assert refused["limit"] == "limits.max_connections_per_principal" and refused["max"] == 1
@@ -295,8 +286,7 @@ async def test_handshake_failure_names_its_reason(
 
 
 async def test_close_says_who_closed(pki: PKI, beanstalkd: Beanstalkd, json_log: JsonLog) -> None:
-    running = await start_proxy(pki, beanstalkd.port, idle_timeout=0.3)
-    try:
+    async with serving(pki, beanstalkd.port, idle_timeout=0.3) as running:
         # the client closes
         c = await running.connect("admin")
         assert await c.line(b"list-tube-used") == b"USING default"
@@ -325,8 +315,6 @@ async def test_close_says_who_closed(pki: PKI, beanstalkd: Beanstalkd, json_log:
             await c.closed()
         await c.close()
         bad = (await json_log.wait("close", lambda e: e["principal"] == "admin", n=2))[1]
-    finally:
-        await running.server.close()
 
     assert by_client["reason"] == "client closed" and by_client["closed_by"] == "client"
     assert by_client["level"] == "info" and by_client["message"] == "close"
@@ -341,8 +329,7 @@ async def test_close_says_who_closed(pki: PKI, beanstalkd: Beanstalkd, json_log:
 async def test_upstream_closing_is_logged_as_upstream(
     pki: PKI, beanstalkd: Beanstalkd, json_log: JsonLog
 ) -> None:
-    running = await start_proxy(pki, beanstalkd.port)
-    try:
+    async with serving(pki, beanstalkd.port) as running:
         c = await running.connect("admin")
         assert await c.line(b"list-tube-used") == b"USING default"
         beanstalkd.stop()
@@ -351,8 +338,6 @@ async def test_upstream_closing_is_logged_as_upstream(
         await c.close()
         (close,) = await json_log.wait("close")
         (lost,) = json_log.events("upstream_lost")
-    finally:
-        await running.server.close()
     assert close["closed_by"] == "upstream" and close["reason"].startswith("upstream"), close
     assert lost["level"] == "warning" and lost["principal"] == "admin"
     assert lost["logger"] == "beanstalk_proxy"

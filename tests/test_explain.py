@@ -3,10 +3,10 @@
 
 from __future__ import annotations
 
-import datetime as dt
 from typing import Any
 
 import pytest
+from pki_helpers import identity
 
 from proxy.acl import Policy, parse_acl
 from proxy.explain import Explanation, Query, explain_command, explain_shadow
@@ -33,24 +33,13 @@ SHADOW: dict[str, Any] = {
 }
 
 
-def ident(
-    cn: str | None = None,
-    ous: tuple[str, ...] = (),
-    uris: tuple[str, ...] = (),
-    refusal: str | None = None,
-) -> Identity:
-    return Identity(
+def ident(cn: str | None = None, **fields: Any) -> Identity:
+    return identity(
         subject=f"CN={cn}" if cn else "",
         cn=cn,
-        ous=ous,
-        dns=(),
-        uris=uris,
-        ips=(),
         fingerprint="sha256:" + "ab" * 32,
         spki="sha256:" + "cd" * 32,
-        serial=1,
-        not_after=dt.datetime(2030, 1, 1, tzinfo=dt.UTC),
-        refusal=refusal,
+        **fields,
     )
 
 

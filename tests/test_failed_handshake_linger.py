@@ -12,29 +12,26 @@ import contextlib
 import os
 import socket
 import ssl
-from collections.abc import AsyncIterator
-from dataclasses import replace
 from typing import Any
 
-from conftest import PKI, TEST_ACL, Beanstalkd, RunningProxy, make_config, until
+from conftest import (
+    PKI,
+    Beanstalkd,
+    RunningProxy,
+    handshake_failures,
+    metric,
+    served,
+    serving,
+    until,
+)
 
-from proxy.acl import parse_acl
-from proxy.relay import PolicyHolder, ProxyServer
-from proxy.tlsctx import server_context
 
-
-@contextlib.asynccontextmanager
-async def builtin_proxy(pki: PKI, upstream: int, **limits: Any) -> AsyncIterator[RunningProxy]:
-    config = make_config(pki, upstream, **limits)
-    config = replace(config, tls=replace(config.tls, transport="builtin", min_version="1.3"))
-    server = ProxyServer(
-        config, server_context(config.tls), PolicyHolder(parse_acl(TEST_ACL, "<t>"))
-    )
-    await server.start()
-    try:
-        yield RunningProxy(server, pki)
-    finally:
-        await server.close()
+def builtin_proxy(
+    pki: PKI, upstream: int, **limits: Any
+) -> contextlib.AbstractAsyncContextManager[RunningProxy]:
+    """The proxy on the builtin TLS transport, TLS 1.3 only (the refusal alert is sent after
+    the client's side of the handshake is complete)."""
+    return serving(pki, upstream, tls={"transport": "builtin", "min_version": "1.3"}, **limits)
 
 
 def proxy_sockets(port: int) -> int:
@@ -55,14 +52,10 @@ def proxy_sockets(port: int) -> int:
     return n
 
 
-def gauge(proxy: RunningProxy, name: str, labels: dict[str, str] | None = None) -> float:
-    return proxy.server.metrics.registry.get_sample_value(name, labels or {}) or 0.0
-
-
 def failed(proxy: RunningProxy) -> float:
     """Handshake failures of the kinds a client without a certificate causes."""
     return sum(
-        gauge(proxy, "beanstalk_proxy_handshake_failures_total", {"reason": r})
+        handshake_failures(proxy, r)
         for r in ("no_certificate", "tls_error", "bad_certificate", "verify_failed")
     )
 
@@ -81,27 +74,6 @@ async def refused_and_kept_open(proxy: RunningProxy, local: str = "127.0.0.1") -
     tls = await asyncio.to_thread(connect)
     await until(lambda: failed(proxy) == before + 1, "handshake refused")
     return tls
-
-
-async def served(proxy: RunningProxy, local: str = "127.0.0.1") -> bool:
-    ctx = proxy.pki.client_context("admin")
-    try:
-        async with asyncio.timeout(10):
-            reader, writer = await asyncio.open_connection(
-                "127.0.0.1",
-                proxy.port,
-                ssl=ctx,
-                server_hostname="localhost",
-                local_addr=(local, 0),
-            )
-            writer.write(b"list-tube-used\r\n")
-            ok = await reader.readuntil(b"\r\n") == b"USING default\r\n"
-            writer.close()
-            with contextlib.suppress(OSError, ssl.SSLError):
-                await writer.wait_closed()
-            return ok
-    except (OSError, ssl.SSLError, asyncio.IncompleteReadError):
-        return False
 
 
 async def test_refused_sockets_count_against_max_handshakes_until_closed(
@@ -124,7 +96,7 @@ async def test_refused_sockets_count_against_max_handshakes_until_closed(
                 # the proxy's side of every lingering socket is counted, and no more are open
                 await until(lambda n=counted: proxy_sockets(proxy.port) == n, "fds == counted")
                 assert server.handshaking == counted
-                assert gauge(proxy, "beanstalk_proxy_handshakes_pending") == counted
+                assert metric(proxy, "beanstalk_proxy_handshakes_pending") == counted
             # a legitimate client is served: its handshake takes the oldest one's place
             assert await served(proxy)
             await until(lambda: server.client_sockets == 0, "served client gone")
@@ -133,7 +105,7 @@ async def test_refused_sockets_count_against_max_handshakes_until_closed(
                 tls.close()  # the proxy, lingering, reads the FIN and closes at once
             await until(lambda: server.handshaking == 0, "lingering sockets released")
             await until(lambda: proxy_sockets(proxy.port) == 0, "fds released")
-            assert gauge(proxy, "beanstalk_proxy_handshakes_pending") == 0
+            assert metric(proxy, "beanstalk_proxy_handshakes_pending") == 0
         finally:
             for tls in held:
                 tls.close()
@@ -167,7 +139,7 @@ async def test_refused_sockets_count_for_their_source_until_closed(
             assert proxy.server.handshaking == per_source
             assert not await served(proxy)  # that address is at its cap until they close
             assert (
-                gauge(
+                metric(
                     proxy,
                     "beanstalk_proxy_handshake_failures_total",
                     {"reason": "max_handshakes_per_source"},

@@ -26,10 +26,14 @@ import pytest
 from conftest import (
     PKI,
     Beanstalkd,
-    Client,
     LogWatch,
     RunningProxy,
+    closing_sockets,
+    handshake_failures,
+    metric,
+    served,
     server_stats,
+    serving,
     start_proxy,
     tls_attempt,
     until,
@@ -72,38 +76,8 @@ def fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-def sample(proxy: RunningProxy, name: str, labels: dict[str, str] | None = None) -> float:
-    value = proxy.server.metrics.registry.get_sample_value(name, labels or {})
-    return value or 0.0
-
-
-def failures(proxy: RunningProxy, reason: str) -> float:
-    return sample(proxy, "beanstalk_proxy_handshake_failures_total", {"reason": reason})
-
-
 def accepts(proxy: RunningProxy) -> float:
-    return sample(proxy, "beanstalk_proxy_connections_total")
-
-
-async def served(proxy: RunningProxy, name: str, local: str | None = None) -> bool:
-    """Does a legitimate client get an answer to one command?"""
-    ctx = proxy.pki.client_context(name)
-    try:
-        async with asyncio.timeout(10):
-            reader, writer = await asyncio.open_connection(
-                "127.0.0.1",
-                proxy.port,
-                ssl=ctx,
-                server_hostname="localhost",
-                local_addr=(local, 0) if local else None,
-            )
-            c = Client(reader, writer)
-            try:
-                return await c.line(b"list-tube-used") == b"USING default"
-            finally:
-                await c.close()
-    except (OSError, ssl.SSLError, asyncio.IncompleteReadError):
-        return False
+    return metric(proxy, "beanstalk_proxy_connections_total")
 
 
 async def served_eventually(proxy: RunningProxy, name: str, timeout: float = 20.0) -> None:
@@ -120,9 +94,9 @@ async def all_released(proxy: RunningProxy, baseline: int) -> None:
     await until(lambda: server.client_sockets == 0 and server.handshaking == 0, "sockets released")
     assert not server.connections
     assert not server._per_principal
-    assert sample(proxy, "beanstalk_proxy_client_sockets") == 0
-    assert sample(proxy, "beanstalk_proxy_handshakes_pending") == 0
-    assert sample(proxy, "beanstalk_proxy_connections_open") == 0
+    assert metric(proxy, "beanstalk_proxy_client_sockets") == 0
+    assert metric(proxy, "beanstalk_proxy_handshakes_pending") == 0
+    assert metric(proxy, "beanstalk_proxy_connections_open") == 0
     await until(lambda: fds() <= baseline, f"fds {fds()} back to {baseline}")
 
 
@@ -230,7 +204,7 @@ async def test_clients_that_never_answer_the_close_cannot_exhaust_descriptors(
         assert peak[0] - baseline <= bound, f"{peak[0] - baseline} fds held, bound {bound}"
         assert proxy.server.client_sockets <= max_connections
         if refusal is not None:
-            assert failures(proxy, refusal) == cycles
+            assert handshake_failures(proxy, refusal) == cycles
 
         # a legitimate client is served while the attacker still holds its sockets
         await served_eventually(proxy, "inspector")
@@ -257,23 +231,24 @@ async def test_silent_sockets_beyond_max_handshakes_drop_the_oldest(
     pki: PKI, beanstalkd: Beanstalkd, conn_log: LogWatch
 ) -> None:
     max_handshakes, silent = 5, 15
-    proxy = await start_proxy(
-        pki,
-        beanstalkd.port,
-        max_connections=10,
-        max_handshakes=max_handshakes,
-        max_handshakes_per_source=None,
-        handshake_timeout=60,
-    )
-    server = proxy.server
-    socks: list[socket.socket] = []
-    try:
+    async with (
+        serving(
+            pki,
+            beanstalkd.port,
+            max_connections=10,
+            max_handshakes=max_handshakes,
+            max_handshakes_per_source=None,
+            handshake_timeout=60,
+        ) as proxy,
+        closing_sockets() as socks,
+    ):
+        server = proxy.server
         baseline = await warm_baseline(proxy)
         await connect_silently(proxy, socks, silent)
         assert server.handshaking == max_handshakes
-        assert sample(proxy, "beanstalk_proxy_handshakes_pending") == max_handshakes
+        assert metric(proxy, "beanstalk_proxy_handshakes_pending") == max_handshakes
         dropped = silent - max_handshakes
-        assert failures(proxy, "dropped") == dropped
+        assert handshake_failures(proxy, "dropped") == dropped
         for sock in socks[:dropped]:  # the oldest were closed ...
             assert await sees_eof(sock)
         assert all(still_open(sock) for sock in socks[dropped:])  # ... the newest were not
@@ -281,16 +256,12 @@ async def test_silent_sockets_beyond_max_handshakes_drop_the_oldest(
 
         # a legitimate client is served: its handshake displaces the oldest silent one
         assert await served(proxy, "admin")
-        assert failures(proxy, "dropped") == dropped + 1
+        assert handshake_failures(proxy, "dropped") == dropped + 1
         assert await sees_eof(socks[dropped])
         assert len([m for m in conn_log.messages if "reason=dropped" in m]) == 10  # then summed
         for sock in socks:
             sock.close()
         await all_released(proxy, baseline)
-    finally:
-        for sock in socks:
-            sock.close()
-        await server.close()
     summary = [m for m in conn_log.messages if m.startswith("suppressed")]
     assert len(summary) == 1 and '"dropped":1' in summary[0], summary
 
@@ -303,21 +274,22 @@ async def test_pending_handshakes_are_capped_per_source_address(
     pki: PKI, beanstalkd: Beanstalkd, conn_log: LogWatch
 ) -> None:
     cap, silent = 3, 5
-    proxy = await start_proxy(
-        pki,
-        beanstalkd.port,
-        max_connections=10,
-        max_handshakes=10,
-        max_handshakes_per_source=cap,
-        handshake_timeout=60,
-    )
-    server = proxy.server
-    socks: list[socket.socket] = []
-    try:
+    async with (
+        serving(
+            pki,
+            beanstalkd.port,
+            max_connections=10,
+            max_handshakes=10,
+            max_handshakes_per_source=cap,
+            handshake_timeout=60,
+        ) as proxy,
+        closing_sockets() as socks,
+    ):
+        server = proxy.server
         baseline = await warm_baseline(proxy)
         await connect_silently(proxy, socks, silent)
         assert server.handshaking == cap
-        assert failures(proxy, "max_handshakes_per_source") == silent - cap
+        assert handshake_failures(proxy, "max_handshakes_per_source") == silent - cap
         for sock in socks[cap:]:  # refused at once
             assert await sees_eof(sock)
         assert all(still_open(sock) for sock in socks[:cap])
@@ -331,16 +303,12 @@ async def test_pending_handshakes_are_capped_per_source_address(
         # another source address is served; the capped one is not, until its sockets go
         assert await served(proxy, "admin", local="127.0.0.2")
         assert not await served(proxy, "admin", local="127.0.0.1")
-        assert failures(proxy, "max_handshakes_per_source") == silent - cap + 1
+        assert handshake_failures(proxy, "max_handshakes_per_source") == silent - cap + 1
         for sock in socks:
             sock.close()
         await until(lambda: server.handshaking == 0, "silent handshakes failed")
         assert await served(proxy, "admin", local="127.0.0.1")
         await all_released(proxy, baseline)
-    finally:
-        for sock in socks:
-            sock.close()
-        await server.close()
 
 
 # --------------------------------------------------------------------------------------------
@@ -377,8 +345,7 @@ async def test_an_unreadable_certificate_is_refused_counted_and_closed(
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.load_verify_locations(pki.ca)
     ctx.load_cert_chain(cert, key)
-    proxy = await start_proxy(pki, beanstalkd.port)
-    try:
+    async with serving(pki, beanstalkd.port) as proxy:
         baseline = await warm_baseline(proxy)
         upstream_before = int((await server_stats(beanstalkd.port))["total-connections"])
         for _ in range(3):
@@ -392,15 +359,13 @@ async def test_an_unreadable_certificate_is_refused_counted_and_closed(
             m.startswith(("refused event=refused peer=", "handshake failed event=handshake_failed"))
             for m in lines
         )
-        assert failures(proxy, "unparseable_certificate") == 3
-        assert failures(proxy, "verify_failed") == 0  # OpenSSL accepted the certificate
+        assert handshake_failures(proxy, "unparseable_certificate") == 3
+        assert handshake_failures(proxy, "verify_failed") == 0  # OpenSSL accepted the certificate
         # no upstream connection was opened (the one more is the stats connection itself)
         stats = await server_stats(beanstalkd.port)
         assert int(stats["total-connections"]) == upstream_before + 1
         await all_released(proxy, baseline)
         assert await served(proxy, "admin")
-    finally:
-        await proxy.server.close()
     gc.collect()  # an unretrieved task exception is reported when the task is collected
     assert "never retrieved" not in caplog.text
     assert "Traceback" not in caplog.text

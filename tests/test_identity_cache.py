@@ -5,7 +5,7 @@ reload (a new context) starts afresh."""
 from __future__ import annotations
 
 import pytest
-from conftest import PKI, Beanstalkd, start_proxy
+from conftest import PKI, Beanstalkd, serving
 
 from proxy.tlsctx import IDENTITY_CACHE_SIZE, server_context
 
@@ -13,8 +13,7 @@ pytestmark = pytest.mark.integration
 
 
 async def test_reconnecting_client_reuses_its_identity(pki: PKI, beanstalkd: Beanstalkd) -> None:
-    proxy = await start_proxy(pki, beanstalkd.port)
-    try:
+    async with serving(pki, beanstalkd.port) as proxy:
         a1 = await proxy.connect("admin")
         a2 = await proxy.connect("admin")
         w = await proxy.connect("worker")
@@ -39,5 +38,3 @@ async def test_reconnecting_client_reuses_its_identity(pki: PKI, beanstalkd: Bea
         assert new[0] == first  # and equal: the same certificate
         for c in (a1, a2, w, again):
             await c.close()
-    finally:
-        await proxy.server.close()

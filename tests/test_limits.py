@@ -11,7 +11,7 @@ import ssl
 import time
 
 import pytest
-from conftest import PKI, Beanstalkd, Client, RunningProxy, start_proxy, until
+from conftest import PKI, Beanstalkd, Client, RunningProxy, handshake_failures, serving, until
 
 from proxy.logs import render_text
 
@@ -46,13 +46,6 @@ async def ready(proxy: RunningProxy, name: str) -> Client:
     return c
 
 
-def failures(proxy: RunningProxy, reason: str) -> float:
-    value = proxy.server.metrics.registry.get_sample_value(
-        "beanstalk_proxy_handshake_failures_total", {"reason": reason}
-    )
-    return value or 0.0
-
-
 # --------------------------------------------------------------------------------------------
 # connection caps
 
@@ -61,15 +54,14 @@ async def test_per_principal_limit_refuses_the_next_one_and_logs_it(
     pki: PKI, beanstalkd: Beanstalkd, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger=CONN)
-    proxy = await start_proxy(pki, beanstalkd.port, max_connections_per_principal=2)
-    try:
+    async with serving(pki, beanstalkd.port, max_connections_per_principal=2) as proxy:
         a1 = await ready(proxy, "admin")
         a2 = await ready(proxy, "admin")
         assert await refused(proxy, "admin") == b""
         lines = conn_lines(caplog, "refused", "principal=admin", "max_connections_per_principal")
         assert len(lines) == 1, lines
         assert "max=2" in lines[0]
-        assert failures(proxy, "max_connections_per_principal") == 1
+        assert handshake_failures(proxy, "max_connections_per_principal") == 1
 
         # Another principal is not affected by admin's cap.
         billing = await proxy.connect("billing")
@@ -86,22 +78,19 @@ async def test_per_principal_limit_refuses_the_next_one_and_logs_it(
         assert len(conn_lines(caplog, "refused", "principal=admin")) == 1
         for c in (a2, a3, billing):
             await c.close()
-    finally:
-        await proxy.server.close()
 
 
 async def test_global_max_connections(
     pki: PKI, beanstalkd: Beanstalkd, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger=CONN)
-    proxy = await start_proxy(pki, beanstalkd.port, max_connections=2)
-    try:
+    async with serving(pki, beanstalkd.port, max_connections=2) as proxy:
         first = await ready(proxy, "admin")
         second = await ready(proxy, "billing")
         assert await refused(proxy, "inspector") == b""
         lines = conn_lines(caplog, "refused", "max_connections")
         assert len(lines) == 1 and "max=2" in lines[0], lines
-        assert failures(proxy, "max_connections") == 1
+        assert handshake_failures(proxy, "max_connections") == 1
 
         await second.close()
         await until(lambda: len(proxy.server.connections) == 1)
@@ -109,8 +98,6 @@ async def test_global_max_connections(
         assert await first.line(b"list-tube-used") == b"USING default"
         await first.close()
         await third.close()
-    finally:
-        await proxy.server.close()
 
 
 # --------------------------------------------------------------------------------------------
@@ -122,8 +109,7 @@ async def test_idle_timeout_closes_idle_but_not_a_blocked_reserve(
 ) -> None:
     caplog.set_level(logging.INFO, logger=CONN)
     idle = 0.3
-    proxy = await start_proxy(pki, beanstalkd.port, idle_timeout=idle)
-    try:
+    async with serving(pki, beanstalkd.port, idle_timeout=idle) as proxy:
         sleeper = await ready(proxy, "admin")
         worker = await ready(proxy, "admin")
         started = time.monotonic()
@@ -142,27 +128,21 @@ async def test_idle_timeout_closes_idle_but_not_a_blocked_reserve(
         assert waited >= 1.9, f"reserve ended after {waited:.2f}s: the connection was drained"
         assert len(conn_lines(caplog, "event=close", 'reason="idle timeout"')) == 1
         await worker.close()
-    finally:
-        await proxy.server.close()
 
 
 async def test_idle_timeout_with_a_client_that_sends_nothing_at_all(
     pki: PKI, beanstalkd: Beanstalkd
 ) -> None:
-    proxy = await start_proxy(pki, beanstalkd.port, idle_timeout=0.3)
-    try:
+    async with serving(pki, beanstalkd.port, idle_timeout=0.3) as proxy:
         c = await proxy.connect("admin")  # handshake only, no command
         assert await c.closed(timeout=5) == b""
         await c.close()
-    finally:
-        await proxy.server.close()
 
 
 async def test_idle_time_counts_from_the_last_reply_not_the_last_request(
     pki: PKI, beanstalkd: Beanstalkd
 ) -> None:
-    proxy = await start_proxy(pki, beanstalkd.port, idle_timeout=0.6)
-    try:
+    async with serving(pki, beanstalkd.port, idle_timeout=0.6) as proxy:
         producer = await ready(proxy, "admin")
         inserted = await producer.put(b"job", delay=1)  # becomes ready in 1s
         job_id = int(inserted.split()[1])
@@ -178,8 +158,6 @@ async def test_idle_time_counts_from_the_last_reply_not_the_last_request(
         assert line == b"DELETED"
         await worker.close()
         await producer.close()
-    finally:
-        await proxy.server.close()
 
 
 async def test_max_connection_lifetime_closes_a_connection(
@@ -187,8 +165,7 @@ async def test_max_connection_lifetime_closes_a_connection(
 ) -> None:
     caplog.set_level(logging.INFO, logger=CONN)
     lifetime = 0.5
-    proxy = await start_proxy(pki, beanstalkd.port, max_connection_lifetime=lifetime)
-    try:
+    async with serving(pki, beanstalkd.port, max_connection_lifetime=lifetime) as proxy:
         started = time.monotonic()
         c = await proxy.connect("admin")
         # Keep it busy (never idle): lifetime applies regardless.
@@ -201,15 +178,12 @@ async def test_max_connection_lifetime_closes_a_connection(
         # A new connection is fine (the limit is per connection, not per client).
         again = await ready(proxy, "admin")
         await again.close()
-    finally:
-        await proxy.server.close()
 
 
 async def test_lifetime_lets_an_in_flight_reserve_answer(pki: PKI, beanstalkd: Beanstalkd) -> None:
     """A connection blocked in reserve when its lifetime ends gets an answer (beanstalkd's
     TIMED_OUT once the upstream side is half-closed), then the close; never a hang."""
-    proxy = await start_proxy(pki, beanstalkd.port, max_connection_lifetime=0.5)
-    try:
+    async with serving(pki, beanstalkd.port, max_connection_lifetime=0.5) as proxy:
         c = await proxy.connect("admin")
         started = time.monotonic()
         await c.send(b"reserve-with-timeout 30\r\n")
@@ -217,5 +191,3 @@ async def test_lifetime_lets_an_in_flight_reserve_answer(pki: PKI, beanstalkd: B
         assert data == b"TIMED_OUT\r\n"
         assert time.monotonic() - started < 5
         await c.close()
-    finally:
-        await proxy.server.close()

@@ -12,46 +12,30 @@ import ssl
 from collections.abc import AsyncIterator
 
 import pytest
-from conftest import PKI, Beanstalkd, Client, RunningProxy, StatusListener, start_proxy, until
+from conftest import (
+    PKI,
+    Beanstalkd,
+    Client,
+    RunningProxy,
+    StatusListener,
+    http,
+    serving,
+    status_listener,
+    until,
+)
 from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client.parser import text_string_to_metric_families
 
 import proxy
-from proxy.config import Endpoint
-from proxy.httpd import StatusServer
 
 
 @pytest.fixture
 async def status(pki: PKI, beanstalkd: Beanstalkd) -> AsyncIterator[StatusListener]:
-    running = await start_proxy(pki, beanstalkd.port)
-    srv = StatusServer(
-        Endpoint("127.0.0.1", 0, None),
-        running.server.metrics,
-        running.server.config.upstream,
-        timeout=2.0,
-    )
-    await srv.start()
-    try:
-        yield StatusListener(srv, running)
-    finally:
-        await srv.close()
-        await running.server.close()
-
-
-async def http(port: int, path: str, method: str = "GET") -> tuple[int, dict[str, str], bytes]:
-    async with asyncio.timeout(10):
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(f"{method} {path} HTTP/1.0\r\nHost: x\r\n\r\n".encode())
-        data = await reader.read()
-        writer.close()
-        await writer.wait_closed()
-    head, _, body = data.partition(b"\r\n\r\n")
-    status_line, *header_lines = head.decode().split("\r\n")
-    headers = {}
-    for line in header_lines:
-        key, _, value = line.partition(":")
-        headers[key.strip().lower()] = value.strip()
-    return int(status_line.split()[1]), headers, body
+    async with (
+        serving(pki, beanstalkd.port) as running,
+        status_listener(running, timeout=2.0) as listener,
+    ):
+        yield listener
 
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]

@@ -12,12 +12,13 @@ orderings a wrong merge would get wrong; the counting cases show that finding th
 
 from __future__ import annotations
 
-import datetime as dt
+import functools
 from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pki_helpers import identity as make_identity
 
 from proxy.acl import Policy, parse_acl
 from proxy.acl.policy import Condition
@@ -30,33 +31,8 @@ CA_FP = ["sha256:" + c * 32 for c in ("0a", "0b")]
 KELVIN = "\u212a"
 
 
-def ident(
-    cn: str | None = None,
-    ous: tuple[str, ...] = (),
-    dns: tuple[str, ...] = (),
-    uris: tuple[str, ...] = (),
-    ips: tuple[str, ...] = (),
-    fingerprint: str = FP[2],
-    spki: str = SPKI[2],
-    issuer: str | None = None,
-    issuer_fingerprint: str | None = None,
-    refusal: str | None = None,
-) -> Identity:
-    return Identity(
-        subject="",
-        cn=cn,
-        ous=ous,
-        dns=dns,
-        uris=uris,
-        ips=ips,
-        fingerprint=fingerprint,
-        spki=spki,
-        serial=1,
-        not_after=dt.datetime(2030, 1, 1, tzinfo=dt.UTC),
-        issuer=issuer,
-        issuer_fingerprint=issuer_fingerprint,
-        refusal=refusal,
-    )
+#: An identity whose fingerprint and SPKI are the pools' third entries unless given.
+ident = functools.partial(make_identity, fingerprint=FP[2], spki=SPKI[2])
 
 
 def policy(*matches: dict[str, Any]) -> Policy:

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import pytest
+from conftest import parse_in_chunks
 
 from proxy.acl import Policy, parse_acl
 from proxy.protocol import (
@@ -49,11 +50,7 @@ def test_parser_refused_and_allowed_puts_in_any_chunking(chunk: int) -> None:
     p = ClientParser(100)
     p.on_put = lambda pri, delay, ttr, n: pri != 9
     wire = b"put 9 0 1 3\r\nabc\r\nput 1 0 1 2\r\nhi\r\nput 9 0 1 0\r\n\r\nlist-tube-used\r\n"
-    got = []
-    for i in range(0, len(wire), chunk):
-        p.feed(wire[i : i + chunk])
-        while (cmd := p.next_command()) is not NEED_DATA:
-            got.append(cmd)
+    got = parse_in_chunks(p, wire, chunk)
     assert got == [
         (OP_PUT, 9, 0, 1, None),
         (OP_PUT, 1, 0, 1, b"hi"),

@@ -21,7 +21,7 @@ from conftest import (
     Client,
     RunningProxy,
     server_stats,
-    start_proxy,
+    serving,
 )
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
@@ -363,8 +363,7 @@ async def cmd_count(beanstalkd: Beanstalkd, name: str) -> int:
 
 async def test_rate_limit_through_the_relay(pki: PKI, beanstalkd: Beanstalkd) -> None:
     slow = {"per_second": 0.001, "burst": 3}  # a token per 1000 s: no refill during the test
-    proxy = await start_proxy(pki, beanstalkd.port, acl=rated_acl(slow))
-    try:
+    async with serving(pki, beanstalkd.port, acl=rated_acl(slow)) as proxy:
         billing = await proxy.connect("billing")
         await billing.send(LTU * 5)
         assert await replies(billing, 5) == [b"USING default"] * 3 + [b"RATE_LIMITED"] * 2
@@ -407,15 +406,12 @@ async def test_rate_limit_through_the_relay(pki: PKI, beanstalkd: Beanstalkd) ->
         assert rate_limited_metric(proxy) == {"billing": 7}
         await billing.close()
         await admin.close()
-    finally:
-        await proxy.server.close()
 
 
 async def test_rate_limit_follows_a_renamed_principal(pki: PKI, beanstalkd: Beanstalkd) -> None:
     """A reload that maps the certificate to another principal: the connection gets that
     principal's limit, and what it counted so far stays under the old name."""
-    proxy = await start_proxy(pki, beanstalkd.port, acl=rated_acl({"per_second": 0.001}))
-    try:
+    async with serving(pki, beanstalkd.port, acl=rated_acl({"per_second": 0.001})) as proxy:
         billing = await proxy.connect("billing")
         await billing.send(LTU * 2)
         assert await replies(billing, 2) == [b"USING default", b"RATE_LIMITED"]
@@ -425,8 +421,6 @@ async def test_rate_limit_follows_a_renamed_principal(pki: PKI, beanstalkd: Bean
         assert await replies(billing, 3) == [b"USING default"] * 2 + [b"RATE_LIMITED"]
         assert rate_limited_metric(proxy) == {"billing": 1, "billing-v2": 1}
         await billing.close()
-    finally:
-        await proxy.server.close()
 
 
 @pytest.mark.parametrize(

@@ -25,7 +25,6 @@ import os
 import shutil
 import signal
 import ssl
-import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
@@ -41,7 +40,8 @@ from conftest import (
     Client,
     free_port,
     server_stats,
-    start_proxy,
+    serving,
+    start_serve,
 )
 from cryptography import x509
 from pki_helpers import make_client_cert, make_crl, utcnow
@@ -49,7 +49,6 @@ from pki_helpers import make_client_cert, make_crl, utcnow
 from proxy.certs import issue_server, revoke
 from proxy.logs import render_text
 
-ROOT = Path(__file__).resolve().parent.parent
 RELOADED = "reload: TLS certificate, key, CA and CRL reloaded"
 NOT_RELOADED = "reload: TLS files not reloaded"
 
@@ -85,20 +84,7 @@ class ProxyProcess:
 
     @classmethod
     async def start(cls, config: Path) -> ProxyProcess:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "proxy",
-            "serve",
-            "--config",
-            str(config),
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE,
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
-            cwd=config.parent,
-        )
-        self = cls(proc)
+        self = cls(await start_serve(config))
         ready = await self.wait_for(lambda m: m.get("event") == "ready", timeout=20)
         self.port = int(ready["listen"].rsplit(":", 1)[1])
         return self
@@ -602,8 +588,7 @@ async def test_connection_is_closed_when_the_client_certificate_expires(
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.load_verify_locations(pki.ca)
     ctx.load_cert_chain(cert, key)
-    proxy = await start_proxy(pki, beanstalkd.port)
-    try:
+    async with serving(pki, beanstalkd.port) as proxy:
         reader, writer = await asyncio.open_connection(
             "127.0.0.1", proxy.port, ssl=ctx, server_hostname="localhost"
         )
@@ -618,8 +603,6 @@ async def test_connection_is_closed_when_the_client_certificate_expires(
         assert closed_at < not_after.timestamp() + 5
         assert any('reason="client certificate expired"' in m for m in conn_records), conn_records
         assert proxy.server.connections == set()
-    finally:
-        await proxy.server.close()
 
 
 # --- (f) server certificate expiry warning --------------------------------------------------

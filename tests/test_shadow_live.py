@@ -21,19 +21,17 @@ from conftest import (
     TEST_ACL,
     Beanstalkd,
     Client,
-    LogReader,
     RunningProxy,
     free_port,
-    spawn_serve,
-    start_proxy,
-    stop_serve,
+    serve_process,
+    serving,
+    status_listener,
     write_serve_config,
 )
 from test_metrics import scrape, value
 
 from proxy.acl import parse_acl
 from proxy.cli import main
-from proxy.config import Endpoint
 from proxy.httpd import StatusServer
 
 pytestmark = pytest.mark.integration
@@ -69,17 +67,10 @@ class Shadowed:
 
 @pytest.fixture
 async def shadowed(pki: PKI, beanstalkd: Beanstalkd) -> AsyncIterator[Shadowed]:
-    running = await start_proxy(pki, beanstalkd.port)
-    running.server.reload_shadow(parse_acl(SHADOW, "shadow.yaml"))
-    srv = StatusServer(
-        Endpoint("127.0.0.1", 0, None), running.server.metrics, running.server.config.upstream
-    )
-    await srv.start()
-    try:
-        yield Shadowed(running, srv)
-    finally:
-        await srv.close()
-        await running.server.close()
+    async with serving(pki, beanstalkd.port) as running:
+        running.server.reload_shadow(parse_acl(SHADOW, "shadow.yaml"))
+        async with status_listener(running) as listener:
+            yield Shadowed(running, listener.server)
 
 
 @pytest.fixture
@@ -206,9 +197,8 @@ async def test_serve_reloads_the_shadow_and_survives_a_broken_one(
         acl_shadow=str(shadow_file),
         metrics={"listen": f"127.0.0.1:{metrics_port}"},
     )
-    proc = spawn_serve(cfg)
-    log = LogReader(proc)
-    try:
+    with serve_process(cfg) as log:
+        proc = log.proc
         await log.wait_for(r"shadow ACL loaded")
         await log.wait_for(r"ready: listening")
         c = await tls_client(pki, port, "admin")
@@ -236,8 +226,6 @@ async def test_serve_reloads_the_shadow_and_survives_a_broken_one(
         assert value(samples, MISMATCH, **labels) == 2  # not 3
         assert value(samples, "beanstalk_proxy_config_last_reload_successful", kind="shadow") == 1
         await c.close()
-    finally:
-        stop_serve(proc)
 
 
 async def test_file_watcher_reloads_the_shadow_alone(
@@ -258,9 +246,7 @@ async def test_file_watcher_reloads_the_shadow_alone(
         acl_shadow=str(shadow_file),
         reload={"watch": True, "interval": "200ms"},
     )
-    proc = spawn_serve(cfg)
-    log = LogReader(proc)
-    try:
+    with serve_process(cfg) as log:
         await log.wait_for(r"ready: listening")
         c = await tls_client(pki, port, "admin")
         assert await c.line(b"use beta") == b"USING beta"
@@ -272,8 +258,6 @@ async def test_file_watcher_reloads_the_shadow_alone(
         await log.wait_for(r"event=shadow_mismatch principal=admin .*command=put .*enforced=allow")
         assert not [ln for ln in log.lines if "reload: ACL" in ln]  # the ACL was not reloaded
         await c.close()
-    finally:
-        stop_serve(proc)
 
 
 async def test_serve_starts_with_a_broken_shadow_and_enforces(
@@ -283,16 +267,12 @@ async def test_serve_starts_with_a_broken_shadow_and_enforces(
     shadow_file = tmp_path / "acl.shadow.yaml"
     shadow_file.write_text("principals: nope\n")
     cfg = write_serve_config(tmp_path, pki, beanstalkd.port, port, acl_shadow=str(shadow_file))
-    proc = spawn_serve(cfg)
-    log = LogReader(proc)
-    try:
+    with serve_process(cfg) as log:
         await log.wait_for(r"shadow ACL not loaded")
         await log.wait_for(r"ready: listening")
         c = await tls_client(pki, port, "admin")
         assert await c.line(b"use alpha") == b"USING alpha"
         await c.close()
-    finally:
-        stop_serve(proc)
 
 
 # --- check-config and explain --shadow ------------------------------------------------------
@@ -322,20 +302,22 @@ def test_explain_shadow_shows_both_decisions_and_the_mismatch(pki: PKI, tmp_path
     assert "MISMATCH: enforced ALLOW, shadow DENY" in out
 
 
-def test_explain_shadow_same_decision(pki: PKI, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("tube", "code", "expected"),
+    [
+        ("invoices.eu", 0, "same decision: ALLOW"),
+        ("secrets.x", 1, "MISMATCH: enforced DENY or refused, shadow ALLOW"),
+    ],
+    ids=["same-decision", "enforced-deny-exits-1"],
+)
+def test_explain_shadow_decision(
+    pki: PKI, tmp_path: Path, tube: str, code: int, expected: str
+) -> None:
     cfg = explain_config(pki, tmp_path, SHADOW)
     args = ["explain", "--config", str(cfg), "--principal", "billing", "--shadow"]
-    result = CliRunner().invoke(main, [*args, "--tube", "invoices.eu", "put 0 0 60 5"])
-    assert result.exit_code == 0, result.output
-    assert "same decision: ALLOW" in result.output
-
-
-def test_explain_shadow_enforced_deny_exits_1(pki: PKI, tmp_path: Path) -> None:
-    cfg = explain_config(pki, tmp_path, SHADOW)
-    args = ["explain", "--config", str(cfg), "--principal", "billing", "--shadow"]
-    result = CliRunner().invoke(main, [*args, "--tube", "secrets.x", "put 0 0 60 5"])
-    assert result.exit_code == 1, result.output
-    assert "MISMATCH: enforced DENY or refused, shadow ALLOW" in result.output
+    result = CliRunner().invoke(main, [*args, "--tube", tube, "put 0 0 60 5"])
+    assert result.exit_code == code, result.output
+    assert expected in result.output
 
 
 def test_explain_shadow_without_the_key_is_a_usage_error(pki: PKI, tmp_path: Path) -> None:

@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import re
 import signal
 import ssl
-import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -21,9 +19,8 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import PKI, Beanstalkd, Client, direct, parse_yaml_map
+from conftest import PKI, Beanstalkd, Client, ProcessLog, direct, parse_yaml_map, start_serve
 
-ROOT = Path(__file__).resolve().parent.parent
 SHUTDOWN_TIMEOUT = 5.0
 DISCONNECTED = (ssl.SSLError, ConnectionError, asyncio.IncompleteReadError)
 
@@ -39,39 +36,10 @@ ACL_V1: dict[str, Any] = {
 }
 
 
-class ProxyProcess:
+class ProxyProcess(ProcessLog):
     """``python -m proxy serve`` with its stderr collected line by line."""
 
-    def __init__(self, proc: asyncio.subprocess.Process) -> None:
-        self.proc = proc
-        self.lines: list[str] = []
-        self._changed = asyncio.Event()
-        self._eof = False
-        self._pump = asyncio.create_task(self._read())
-        self.port = 0
-
-    async def _read(self) -> None:
-        assert self.proc.stderr is not None
-        while line := await self.proc.stderr.readline():
-            self.lines.append(line.decode(errors="replace").rstrip("\n"))
-            self._changed.set()
-        self._eof = True
-        self._changed.set()
-
-    async def wait_for(self, pattern: str, start: int = 0, timeout: float = 15) -> int:
-        """Index of the first line at or after ``start`` matching ``pattern`` (a regex)."""
-        rx = re.compile(pattern)
-        async with asyncio.timeout(timeout):
-            while True:
-                for i in range(start, len(self.lines)):
-                    if rx.search(self.lines[i]):
-                        return i
-                if self._eof:
-                    raise AssertionError(
-                        f"proxy exited without logging {pattern!r}:\n" + "\n".join(self.lines)
-                    )
-                self._changed.clear()
-                await self._changed.wait()
+    port = 0
 
     async def connect(self, pki: PKI, name: str) -> Client:
         reader, writer = await asyncio.open_connection(
@@ -85,7 +53,7 @@ class ProxyProcess:
     async def exit_code(self, timeout: float) -> int:
         async with asyncio.timeout(timeout):
             code = await self.proc.wait()
-            await self._pump
+            await self.pump
         return code
 
 
@@ -113,21 +81,7 @@ def write_config(tmp: Path, pki: PKI, upstream_port: int, **limits: Any) -> Path
 
 @pytest.fixture
 async def serve(pki: PKI, beanstalkd: Beanstalkd, tmp_path: Path) -> AsyncIterator[ProxyProcess]:
-    config = write_config(tmp_path, pki, beanstalkd.port)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "proxy",
-        "serve",
-        "--config",
-        str(config),
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-        cwd=tmp_path,
-        env=env,
-    )
+    proc = await start_serve(write_config(tmp_path, pki, beanstalkd.port))
     p = ProxyProcess(proc)
     try:
         i = await p.wait_for(r"ready: listening ")
@@ -140,7 +94,7 @@ async def serve(pki: PKI, beanstalkd: Beanstalkd, tmp_path: Path) -> AsyncIterat
             proc.kill()
             await proc.wait()
         with contextlib.suppress(BaseException):
-            await asyncio.wait_for(p._pump, 5)
+            await asyncio.wait_for(p.pump, 5)
 
 
 async def close(c: Client) -> None:

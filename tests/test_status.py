@@ -23,11 +23,12 @@ from conftest import (
     PKI,
     Beanstalkd,
     Client,
-    LogReader,
     StatusListener,
     free_port,
-    spawn_serve,
+    serve_process,
+    serving,
     start_proxy,
+    status_listener,
     write_serve_config,
 )
 from cryptography import x509
@@ -44,19 +45,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @contextlib.asynccontextmanager
 async def _live(pki: PKI, beanstalkd: Beanstalkd, enabled: bool) -> AsyncIterator[StatusListener]:
-    running = await start_proxy(pki, beanstalkd.port)
-    srv = StatusServer(
-        Endpoint("127.0.0.1", 0, None),
-        running.server.metrics,
-        running.server.config.upstream,
-        connections=(lambda: render(running.server)) if enabled else None,
-    )
-    await srv.start()
-    try:
-        yield StatusListener(srv, running)
-    finally:
-        await srv.close()
-        await running.server.close()
+    async with serving(pki, beanstalkd.port) as running:
+        connections = (lambda: render(running.server)) if enabled else None
+        async with status_listener(running, connections=connections) as listener:
+            yield listener
 
 
 @pytest.fixture
@@ -380,9 +372,8 @@ async def test_serve_wires_connections_and_build_info(
 ) -> None:
     port, status = free_port(), free_port()
     cfg = _write_config(tmp_path, pki, beanstalkd.port, port, status, on)
-    proc = spawn_serve(cfg)
-    log = LogReader(proc)
-    try:
+    with serve_process(cfg) as log:
+        proc = log.proc
         await log.wait_for(r"ready: listening")
         reader, writer = await asyncio.open_connection(
             "127.0.0.1", port, ssl=pki.client_context("admin"), server_hostname="localhost"
@@ -402,11 +393,6 @@ async def test_serve_wires_connections_and_build_info(
         else:
             assert code == 404
         await c.close()
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        assert proc.stderr is not None
-        proc.stderr.close()
 
 
 async def test_status_cli_reads_several_listeners(live: StatusListener) -> None:

@@ -22,61 +22,40 @@ import ssl
 import subprocess
 import time
 import tracemalloc
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
-import uvloop
 from conftest import (
     PKI,
-    TEST_ACL,
     Beanstalkd,
     LogWatch,
     RunningProxy,
-    make_config,
+    run_on,
     server_stats,
     until,
 )
+from conftest import serving as proxy_serving
 from pki_helpers import make_client_cert, utcnow
 
-from proxy.acl import parse_acl
 from proxy.certs import revoke
 from proxy.config import parse_config
 from proxy.errors import ConfigError
-from proxy.relay import Connection, PolicyHolder, ProxyServer
+from proxy.relay import Connection
 from proxy.tlsbio import CHUNK, TLSTransport
-from proxy.tlsctx import server_context
-
-T = TypeVar("T")
 
 LOOPS = pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
 TRANSPORTS = pytest.mark.parametrize("transport", ["builtin", "stock"])
 
 
-def run(loop: str, main: Callable[[], Awaitable[T]]) -> T:
-    factory = uvloop.new_event_loop if loop == "uvloop" else asyncio.new_event_loop
-    with asyncio.Runner(loop_factory=factory) as runner:
-        return runner.run(main())  # type: ignore[arg-type]
-
-
-@contextlib.asynccontextmanager
-async def serving(
+def serving(
     pki: PKI, beanstalkd: Beanstalkd, transport: str | None, crl: str | None = None
-) -> AsyncIterator[RunningProxy]:
+) -> contextlib.AbstractAsyncContextManager[RunningProxy]:
     """The proxy with ``tls.transport`` set to ``transport`` (None: the configured default)."""
-    config = make_config(pki, beanstalkd.port)
-    tls = replace(
-        config.tls, transport=transport or config.tls.transport, crl=(crl,) if crl else ()
-    )
-    config = replace(config, tls=tls)
-    server = ProxyServer(config, server_context(tls), PolicyHolder(parse_acl(TEST_ACL, "<t>")))
-    await server.start()
-    try:
-        yield RunningProxy(server, pki)
-    finally:
-        await server.close()
+    tls: dict[str, Any] = {"crl": (crl,) if crl else ()}
+    if transport:
+        tls["transport"] = transport
+    return proxy_serving(pki, beanstalkd.port, tls=tls)
 
 
 class BioClient:
@@ -167,14 +146,20 @@ PIPELINE = b"use t\r\nput 0 0 60 5\r\nhello\r\nlist-tube-used\r\n"
 
 
 @LOOPS
-@pytest.mark.parametrize("how", ["close_notify", "close_notify+fin", "fin"])
-def test_half_closing_tls13_client_gets_its_replies(
-    loop: str, how: str, pki: PKI, beanstalkd: Beanstalkd
+@pytest.mark.parametrize(
+    ("version", "how"),
+    [("1.3", "close_notify"), ("1.3", "close_notify+fin"), ("1.3", "fin"), ("1.2", "fin")],
+)
+def test_half_closing_client_gets_its_replies(
+    loop: str, version: str, how: str, pki: PKI, beanstalkd: Beanstalkd
 ) -> None:
+    """TLS 1.3 half-closes with close_notify, a FIN or both; a bare FIN (no close_notify) is a
+    TCP half-close on TLS 1.2 too: the replies arrive, then the proxy's close_notify."""
+
     def client(port: int) -> tuple[bytes, str]:
-        c = BioClient(port, client_ctx(pki, "admin"))
+        c = BioClient(port, client_ctx(pki, "admin", version))
         try:
-            assert c.obj.version() == "TLSv1.3"
+            assert c.obj.version() == f"TLSv{version}"
             c.obj.write(PIPELINE)
             if how.startswith("close_notify"):
                 with contextlib.suppress(ssl.SSLWantReadError):
@@ -197,7 +182,7 @@ def test_half_closing_tls13_client_gets_its_replies(
         assert stats["cmd-put"] == "1" and stats["cmd-list-tube-used"] == "1"
         assert stats["current-jobs-ready"] == "1"
 
-    run(loop, main)
+    run_on(loop, main())
 
 
 @LOOPS
@@ -230,38 +215,9 @@ def test_tls12_close_notify_is_answered_at_once(
             stats = await server_stats(beanstalkd.port)
             return stats["cmd-put"] == "1" and stats["cmd-list-tube-used"] == "1"
 
-        deadline = time.monotonic() + 10
-        while not await ran():
-            assert time.monotonic() < deadline, "beanstalkd did not run the commands"
-            await asyncio.sleep(0.01)
+        await until(ran, "beanstalkd ran the commands", 10)
 
-    run(loop, main)
-
-
-@LOOPS
-def test_tls12_client_that_shuts_down_its_socket_gets_its_replies(
-    loop: str, pki: PKI, beanstalkd: Beanstalkd
-) -> None:
-    """A bare FIN (no close_notify) is a TCP half-close on TLS 1.2 too: the replies arrive."""
-
-    def client(port: int) -> tuple[bytes, str]:
-        c = BioClient(port, client_ctx(pki, "admin", "1.2"))
-        try:
-            assert c.obj.version() == "TLSv1.2"
-            c.obj.write(PIPELINE)
-            c.send()
-            c.sock.shutdown(socket.SHUT_WR)
-            return c.read_all()
-        finally:
-            c.close()
-
-    async def main() -> None:
-        async with serving(pki, beanstalkd, "builtin") as proxy:
-            data, end = await asyncio.to_thread(client, proxy.port)
-            assert data.startswith(b"USING t\r\nINSERTED ") and data.endswith(b"USING t\r\n")
-            assert end == "close_notify"
-
-    run(loop, main)
+    run_on(loop, main())
 
 
 @LOOPS
@@ -287,7 +243,7 @@ def test_tls13_client_that_closes_fully_still_has_its_commands_run(
                 await asyncio.sleep(0.01)
             await until(lambda: not proxy.server.connections and not proxy.server.handshaking)
 
-    run(loop, main)
+    run_on(loop, main())
 
 
 # --- refusals a client can read -----------------------------------------------------------------
@@ -377,7 +333,7 @@ def test_refused_handshake_ends_with_the_alert_naming_the_reason(
             assert proxy.server.connections == set()
             return how
 
-    how = run(loop, main)
+    how = run_on(loop, main())
     alert = ALERTS[case, version]
     if transport == "builtin":
         assert how == alert
@@ -410,7 +366,7 @@ def test_openssl_s_client_sees_certificate_required(
             )
             return out.stdout.decode(errors="replace") + out.stderr.decode(errors="replace")
 
-    output = run(loop, main)
+    output = run_on(loop, main())
     assert "USING" not in output
     if transport == "builtin":
         assert "tlsv13 alert certificate required" in output, output
@@ -472,7 +428,7 @@ def test_client_that_does_not_read_keeps_the_proxy_bounded(
             finally:
                 c.close()
 
-    run(loop, main)
+    run_on(loop, main())
 
 
 @LOOPS
@@ -498,7 +454,7 @@ def test_large_pipelined_puts_through_the_builtin_transport(
             await c.close()
         assert (await server_stats(beanstalkd.port))["current-jobs-ready"] == str(n)
 
-    run(loop, main)
+    run_on(loop, main())
 
 
 # --- memory per idle connection -------------------------------------------------------------------
@@ -539,7 +495,7 @@ def _traced_per_connection(loop: str, transport: str, pki: PKI, beanstalkd: Bean
                 s.close()
             return (after - before) / n
 
-    return run(loop, main)
+    return run_on(loop, main())
 
 
 @LOOPS
@@ -570,10 +526,10 @@ def test_config_key(loop: str, pki: PKI, beanstalkd: Beanstalkd) -> None:
             await c.close()
             return kind
 
-    assert run(loop, lambda: main("builtin")) is TLSTransport
-    assert run(loop, lambda: main("stock")) is not TLSTransport
-    assert run(loop, lambda: main("auto")) is TLSTransport
-    assert run(loop, lambda: main(None)) is TLSTransport
+    assert run_on(loop, main("builtin")) is TLSTransport
+    assert run_on(loop, main("stock")) is not TLSTransport
+    assert run_on(loop, main("auto")) is TLSTransport
+    assert run_on(loop, main(None)) is TLSTransport
 
 
 def _config_with(section: str, key: str, value: object) -> dict[str, Any]:

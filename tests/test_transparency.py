@@ -25,7 +25,7 @@ from conftest import (
     direct,
     free_port,
     server_stats,
-    start_proxy,
+    serving,
 )
 
 #: ``admin`` may do everything on every tube. (In the shared TEST_ACL a ``"*"`` principal is
@@ -214,11 +214,8 @@ def second_beanstalkd() -> Iterator[Beanstalkd]:
 
 @pytest.fixture
 async def full_proxy(pki: PKI, beanstalkd: Beanstalkd) -> AsyncIterator[RunningProxy]:
-    running = await start_proxy(pki, beanstalkd.port, FULL_ACCESS_ACL)
-    try:
+    async with serving(pki, beanstalkd.port, FULL_ACCESS_ACL) as running:
         yield running
-    finally:
-        await running.server.close()
 
 
 async def test_proxy_is_invisible_to_a_full_access_principal(

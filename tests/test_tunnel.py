@@ -11,20 +11,20 @@ import socket
 import struct
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import greenstalk
 import pytest
-import uvloop
 from conftest import (
+    LOOPS,
     PKI,
     Beanstalkd,
     LogReader,
     RunningProxy,
     direct,
     free_port,
+    run_on,
     server_stats,
     start_proxy,
     start_tunnel,
@@ -140,14 +140,7 @@ async def test_client_command_reloads_its_certificate_when_the_files_change(
 
 # --- nothing lost at the edges (issue 9, item 7 and 8), on asyncio and uvloop ----------------
 
-LOOPS = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
 FIRE_AND_FORGET = b"put 0 0 60 5\r\nhello\r\nquit\r\n"
-
-
-def run_on(loop_name: str, coro: Coroutine[Any, Any, None]) -> None:
-    """Run ``coro`` (the proxy, the tunnel and the clients) on a fresh loop of that kind."""
-    with asyncio.Runner(loop_factory=LOOPS[loop_name]) as runner:
-        runner.run(coro)
 
 
 class Gate:

@@ -14,7 +14,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from conftest import PKI, Beanstalkd, Client, RunningProxy, direct, start_proxy, until
+from conftest import PKI, Beanstalkd, Client, RunningProxy, direct, serving, start_proxy, until
 
 from proxy.logs import render_text
 
@@ -36,8 +36,7 @@ async def test_beanstalkd_down_at_connect_time(
     pki: PKI, beanstalkd: Beanstalkd, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger=GENERAL)
-    proxy = await start_proxy(pki, beanstalkd.port)
-    try:
+    async with serving(pki, beanstalkd.port) as proxy:
         await asyncio.to_thread(beanstalkd.stop)
         started = time.monotonic()
         c = await proxy.connect("admin")
@@ -62,8 +61,6 @@ async def test_beanstalkd_down_at_connect_time(
         assert (await c.put(b"ok")).startswith(b"INSERTED ")
         await c.close()
         assert sample(proxy, "beanstalk_proxy_upstream_connect_failures_total") == 1
-    finally:
-        await proxy.server.close()
 
 
 @pytest.fixture
@@ -94,8 +91,7 @@ async def test_unresponsive_upstream_hits_the_connect_timeout(
     pki: PKI, hung_upstream: int, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger=GENERAL)
-    proxy = await start_proxy(pki, hung_upstream, upstream_connect_timeout=0.5)
-    try:
+    async with serving(pki, hung_upstream, upstream_connect_timeout=0.5) as proxy:
         c = await proxy.connect("admin")
         started = time.monotonic()
         assert await c.closed(timeout=5) == b""
@@ -103,23 +99,18 @@ async def test_unresponsive_upstream_hits_the_connect_timeout(
         await c.close()
         assert sample(proxy, "beanstalk_proxy_upstream_connect_failures_total") == 1
         assert len(messages(caplog, "unreachable")) == 1
-    finally:
-        await proxy.server.close()
 
 
 async def test_connect_timeout_is_named_in_the_log(
     pki: PKI, hung_upstream: int, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger=GENERAL)
-    proxy = await start_proxy(pki, hung_upstream, upstream_connect_timeout=0.3)
-    try:
+    async with serving(pki, hung_upstream, upstream_connect_timeout=0.3) as proxy:
         c = await proxy.connect("admin")
         assert await c.closed(timeout=5) == b""
         await c.close()
         (line,) = messages(caplog, "unreachable")
         assert "time" in line.rsplit(":", 1)[1], line  # "timeout" / "timed out"
-    finally:
-        await proxy.server.close()
 
 
 async def test_readyz_names_a_timeout(hung_upstream: int) -> None:
@@ -135,8 +126,7 @@ async def test_beanstalkd_killed_mid_session(
     pki: PKI, beanstalkd: Beanstalkd, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger=GENERAL)
-    proxy = await start_proxy(pki, beanstalkd.port)
-    try:
+    async with serving(pki, beanstalkd.port) as proxy:
         idle = await proxy.connect("admin")
         assert (await idle.put(b"a")).startswith(b"INSERTED ")
         blocked = await proxy.connect("admin")
@@ -156,8 +146,6 @@ async def test_beanstalkd_killed_mid_session(
         await until(lambda: not proxy.server.connections)
         assert len(messages(caplog, "upstream connection ended")) == 2
         assert sample(proxy, "beanstalk_proxy_upstream_lost_total") == 2
-    finally:
-        await proxy.server.close()
 
 
 async def test_beanstalkd_restarted_under_load(pki: PKI, beanstalkd: Beanstalkd) -> None:

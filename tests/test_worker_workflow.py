@@ -17,7 +17,7 @@ from conftest import (
     RunningProxy,
     direct,
     server_stats,
-    start_proxy,
+    serving,
     start_tunnel,
 )
 
@@ -43,11 +43,8 @@ ACL = {
 async def wf_proxy(
     request: pytest.FixtureRequest, pki: PKI, beanstalkd: Beanstalkd
 ) -> AsyncIterator[RunningProxy]:
-    running = await start_proxy(pki, beanstalkd.port, ACL, denial_reply=request.param)
-    try:
+    async with serving(pki, beanstalkd.port, ACL, request.param) as running:
         yield running
-    finally:
-        await running.server.close()
 
 
 @pytest.fixture

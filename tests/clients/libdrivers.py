@@ -81,17 +81,31 @@ class _NA(Exception):
     """The library has no call for this operation."""
 
 
+def _prelude(
+    c: Any,
+    name: str,
+    arg: str | None,
+    reserves: tuple[str, ...] = ("reserve", "reserve-with-timeout"),
+    ignore_default: bool = True,
+) -> tuple[str, int]:
+    """What every library's ``op`` does first: the tube and job id ``arg`` names (or the
+    defaults), ``use`` of that tube before a command that acts on the used tube, and ``watch``
+    of it (and ``ignore default`` unless the library does so itself) before one of the
+    library's ``reserves``."""
+    if name in USE_FIRST and arg:
+        c.use(arg)
+    if name in reserves and arg:
+        c.watch(arg)
+        if ignore_default:
+            c.ignore("default")
+    return arg or DEFAULT_TUBE, int(arg) if arg and arg.isdigit() else DEFAULT_JOB
+
+
 def _greenstalk(port: int) -> Driver:
     import greenstalk
 
     def op(c: Any, name: str, arg: str | None) -> Any:
-        tube = arg or DEFAULT_TUBE
-        job = int(arg) if arg and arg.isdigit() else DEFAULT_JOB
-        if name in USE_FIRST and arg:
-            c.use(arg)
-        if name in ("reserve", "reserve-with-timeout") and arg:
-            c.watch(arg)
-            c.ignore("default")
+        tube, job = _prelude(c, name, arg)
         calls: dict[str, Callable[[], Any]] = {
             "use": lambda: c.use(tube),
             "watch": lambda: c.watch(tube),
@@ -126,12 +140,8 @@ def _pystalk(port: int) -> Driver:
     from pystalk.client import BeanstalkError  # type: ignore[import-untyped]
 
     def op(c: Any, name: str, arg: str | None) -> Any:
-        tube = arg or DEFAULT_TUBE
-        job = int(arg) if arg and arg.isdigit() else DEFAULT_JOB
-        if name in USE_FIRST and arg:
-            c.use(arg)
-        if name == "reserve-with-timeout" and arg:
-            c.watch(arg)  # pystalk ignores default itself on the first watch
+        # pystalk has no plain reserve, and ignores default itself on the first watch
+        tube, job = _prelude(c, name, arg, ("reserve-with-timeout",), ignore_default=False)
         calls: dict[str, Callable[[], Any]] = {
             "use": lambda: c.use(tube),
             "watch": lambda: c.watch(tube),
@@ -166,13 +176,7 @@ def _pystalkd(port: int) -> Driver:
     )
 
     def op(c: Any, name: str, arg: str | None) -> Any:
-        tube = arg or DEFAULT_TUBE
-        job = int(arg) if arg and arg.isdigit() else DEFAULT_JOB
-        if name in USE_FIRST and arg:
-            c.use(arg)
-        if name in ("reserve", "reserve-with-timeout") and arg:
-            c.watch(arg)
-            c.ignore("default")
+        tube, job = _prelude(c, name, arg)
         calls: dict[str, Callable[[], Any]] = {
             "use": lambda: c.use(tube),
             "watch": lambda: c.watch(tube),
