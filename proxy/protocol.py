@@ -575,7 +575,7 @@ class ClientParser:
                 return _ERR_JOB_TOO_BIG
             return self._body()
         end = len(buf)
-        cr = buf.find(b"\r", pos, min(end, pos + MAX_LINE_CONTENT + 1))
+        cr = buf.find(b"\r", pos, pos + MAX_LINE_CONTENT + 1)  # (find stops at the end anyway)
         if cr < 0:
             if end - pos > MAX_LINE_CONTENT:
                 raise ProtocolError("line longer than 224 bytes")
