@@ -22,6 +22,8 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import math
+import re
 import sys
 from collections.abc import Mapping
 from typing import TextIO
@@ -49,6 +51,14 @@ _LEVELS = {
     "error": logging.ERROR,
 }
 _CORE_KEYS = ("time", "level", "logger", "message")
+#: A character that makes a printable text value JSON-quoted: whitespace (``str.isspace``, as
+#: ``\s`` matches in a str pattern), a double quote or ``=``.
+_NEEDS_QUOTES = re.compile(r'[\s"=]')
+#: ``json.dumps(value, default=str, separators=(",", ":"))`` without building an encoder per
+#: call.
+_COMPACT = json.JSONEncoder(default=str, separators=(",", ":"))
+#: The JSON formatter's encoder (``json.dumps`` with these arguments builds one per call).
+_JSON_LINE = json.JSONEncoder(default=str, ensure_ascii=False, separators=(",", ":"))
 
 
 def event(name: str, **fields: object) -> dict[str, dict[str, object]]:
@@ -73,10 +83,14 @@ def render_text(record: logging.LogRecord) -> str:
     for key, value in fields.items():
         if isinstance(value, str):
             text = value
-            if text == "" or not text.isprintable() or any(c.isspace() or c in '"=' for c in text):
+            if text == "" or not text.isprintable() or _NEEDS_QUOTES.search(text):
                 text = json.dumps(text)
-        else:  # numbers, null, lists and maps as compact JSON (non-ASCII escaped)
-            text = json.dumps(value, default=str, separators=(",", ":"))
+        elif type(value) is int or (type(value) is float and math.isfinite(value)):
+            text = repr(value)  # what JSON writes for them
+        elif value is None:
+            text = "null"
+        else:  # other numbers, booleans, lists and maps as compact JSON (non-ASCII escaped)
+            text = _COMPACT.encode(value)
         pair = f"{key}={text}"
         if pair not in said:  # said once: not again as a field
             parts.append(pair)
@@ -120,7 +134,7 @@ class JsonFormatter(logging.Formatter):
             obj["exception"] = record.exc_text
         if record.stack_info:
             obj["stack"] = self.formatStack(record.stack_info)
-        return json.dumps(obj, default=str, ensure_ascii=False, separators=(",", ":"))
+        return _JSON_LINE.encode(obj)
 
 
 class _Handler(logging.StreamHandler[TextIO]):

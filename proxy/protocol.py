@@ -536,17 +536,20 @@ class ClientParser:
         """Return the next complete command, ``NEED_DATA``, or raise ``ProtocolError``."""
         if self._failed is not None:
             raise self._failed
+        pos = self._pos
+        if pos == len(self._buf) and self._framing is _LINE:  # nothing buffered: the common end
+            if pos:
+                self._buf.clear()
+                self._pos = 0
+            return NEED_DATA
         try:
-            return self._next()
+            while True:
+                cmd = self._step()
+                if cmd is not None:
+                    return cmd
         except ProtocolError as exc:
             self._failed = exc
             raise
-
-    def _next(self) -> Command | NeedData:
-        while True:
-            cmd = self._step()
-            if cmd is not None:
-                return cmd
 
     def _step(self) -> Command | NeedData | None:
         """The next command, ``NEED_DATA``, or ``None`` to be called again (a body was
@@ -572,7 +575,7 @@ class ClientParser:
                 return _ERR_JOB_TOO_BIG
             return self._body()
         end = len(buf)
-        cr = buf.find(b"\r", pos, min(end, pos + MAX_LINE_CONTENT + 1))
+        cr = buf.find(b"\r", pos, pos + MAX_LINE_CONTENT + 1)  # (find stops at the end anyway)
         if cr < 0:
             if end - pos > MAX_LINE_CONTENT:
                 raise ProtocolError("line longer than 224 bytes")
@@ -765,6 +768,11 @@ class ReplyParser:
         buf = self._buf
         pos = self._pos
         if self._line is None:
+            if pos == len(buf):  # nothing buffered: the common end of a read
+                if pos:
+                    buf.clear()
+                    self._pos = 0
+                return NEED_DATA
             end = buf.find(b"\r\n", pos, pos + MAX_REPLY_LINE)
             if end < 0:
                 if len(buf) - pos >= MAX_REPLY_LINE:

@@ -188,6 +188,11 @@ class Phase(Enum):
     CLOSED = 5
 
 
+#: ``Phase.CLOSED`` as a module global: ``closed`` is read several times per relayed read, and
+#: an Enum member costs a metaclass attribute lookup each time.
+_CLOSED = Phase.CLOSED
+
+
 class Connection(asyncio.Protocol):
     """One client connection after its TLS handshake: the pump around a ``Session``."""
 
@@ -227,7 +232,7 @@ class Connection(asyncio.Protocol):
 
     @property
     def closed(self) -> bool:
-        return self.phase is Phase.CLOSED
+        return self.phase is _CLOSED
 
     # --- client transport callbacks ---------------------------------------------------------
 

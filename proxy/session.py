@@ -215,20 +215,64 @@ def denial_replies(mode: str) -> tuple[tuple[bytes, ...], bytes]:
     not even tell that the tube exists), ``UNKNOWN_COMMAND`` for every other command,
     ``OUT_OF_MEMORY`` ("try again later") when rate limited. A job in a tube the principal
     may not see answers ``NOT_FOUND`` in both modes."""
+    known = _DENIAL_REPLIES.get(mode)
+    if known is not None:
+        return known
     if mode == "explicit":
-        return (NOT_PERMITTED,) * len(NAMES), RATE_LIMITED
-    if mode != "compatible":
+        replies = (NOT_PERMITTED,) * len(NAMES), RATE_LIMITED
+    elif mode == "compatible":
+        table = tuple(
+            NOT_FOUND if op in JOB_ID_OPS or op in NAMED_TUBE_OPS else UNKNOWN_COMMAND
+            for op in range(len(NAMES))
+        )
+        replies = table, OUT_OF_MEMORY
+    else:
         raise ValueError(f"unknown denial mode {mode!r}; expected one of {DENIAL_REPLY_MODES}")
-    table = tuple(
-        NOT_FOUND if op in JOB_ID_OPS or op in NAMED_TUBE_OPS else UNKNOWN_COMMAND
-        for op in range(len(NAMES))
-    )
-    return table, OUT_OF_MEMORY
+    _DENIAL_REPLIES[mode] = replies
+    return replies
+
+
+#: ``denial_replies`` by mode, made once (every session asks at its start).
+_DENIAL_REPLIES: dict[str, tuple[tuple[bytes, ...], bytes]] = {}
 
 
 def ok_reply(yaml: bytes) -> bytes:
     """An ``OK <n>`` reply carrying ``yaml`` as its body."""
     return b"OK %d\r\n%s\r\n" % (len(yaml), yaml)
+
+
+#: The ``Session`` method handling each op, in ``Op`` order (``Session._build_handlers``).
+_HANDLER_NAMES: Final[tuple[str, ...]] = tuple(
+    {
+        OP_PUT: "_h_put",
+        OP_USE: "_h_use",
+        OP_RESERVE: "_h_reserve",
+        OP_RESERVE_WITH_TIMEOUT: "_h_reserve",
+        OP_RESERVE_JOB: "_h_job",
+        OP_DELETE: "_h_job",
+        OP_RELEASE: "_h_own_job",
+        OP_BURY: "_h_own_job",
+        OP_TOUCH: "_h_own_job",
+        OP_WATCH: "_h_watch",
+        OP_IGNORE: "_h_ignore",
+        OP_PEEK: "_h_job",
+        OP_PEEK_READY: "_h_used_tube",
+        OP_PEEK_DELAYED: "_h_used_tube",
+        OP_PEEK_BURIED: "_h_used_tube",
+        OP_KICK: "_h_used_tube",
+        OP_KICK_JOB: "_h_job",
+        OP_STATS_JOB: "_h_stats_job",
+        OP_STATS_TUBE: "_h_named_tube",
+        OP_STATS: "_h_stats",
+        OP_LIST_TUBES: "_h_list_tubes",
+        OP_LIST_TUBE_USED: "_forward",
+        OP_LIST_TUBES_WATCHED: "_forward",
+        OP_PAUSE_TUBE: "_h_named_tube",
+        OP_QUIT: "_h_quit",
+        OP_ERROR: "_h_error",
+    }[op]
+    for op in Op
+)
 
 
 class DrainCause(Enum):
@@ -624,35 +668,7 @@ class Session:
 
     def _build_handlers(self) -> tuple[Callable[[Any], None], ...]:
         # Each op's handler takes that op's command type (``handlers[cmd[0]](cmd)``).
-        table: dict[Op, Callable[[Any], None]] = {
-            OP_PUT: self._h_put,
-            OP_USE: self._h_use,
-            OP_RESERVE: self._h_reserve,
-            OP_RESERVE_WITH_TIMEOUT: self._h_reserve,
-            OP_RESERVE_JOB: self._h_job,
-            OP_DELETE: self._h_job,
-            OP_RELEASE: self._h_own_job,
-            OP_BURY: self._h_own_job,
-            OP_TOUCH: self._h_own_job,
-            OP_WATCH: self._h_watch,
-            OP_IGNORE: self._h_ignore,
-            OP_PEEK: self._h_job,
-            OP_PEEK_READY: self._h_used_tube,
-            OP_PEEK_DELAYED: self._h_used_tube,
-            OP_PEEK_BURIED: self._h_used_tube,
-            OP_KICK: self._h_used_tube,
-            OP_KICK_JOB: self._h_job,
-            OP_STATS_JOB: self._h_stats_job,
-            OP_STATS_TUBE: self._h_named_tube,
-            OP_STATS: self._h_stats,
-            OP_LIST_TUBES: self._h_list_tubes,
-            OP_LIST_TUBE_USED: self._forward,
-            OP_LIST_TUBES_WATCHED: self._forward,
-            OP_PAUSE_TUBE: self._h_named_tube,
-            OP_QUIT: self._h_quit,
-            OP_ERROR: self._h_error,
-        }
-        return tuple(table[op] for op in Op)
+        return tuple([getattr(self, name) for name in _HANDLER_NAMES])
 
     def _h_error(self, cmd: ErrorCmd) -> None:
         self._local(cmd[1])

@@ -514,6 +514,50 @@ def test_stock_asyncio_transport_allocates_its_256k_buffer(
 
 
 @LOOPS
+@TRANSPORTS
+@pytest.mark.parametrize("name", ["admin", "inspector"])
+def test_one_session_ticket_and_resumption_keeps_the_identity(
+    loop: str, transport: str, name: str, pki: PKI, beanstalkd: Beanstalkd
+) -> None:
+    """A full TLS 1.3 handshake sends one session ticket (``tlsctx.SESSION_TICKETS``, not
+    OpenSSL's two); a client resuming with it is the same principal, with the same rights."""
+
+    def client(port: int) -> list[tuple[bool, bytes, int]]:
+        ctx = client_ctx(pki, name)
+        tickets: list[int] = []
+
+        def seen(*args: Any) -> None:  # (conn, direction, version, type, msg_type, data)
+            if args[1] == "read" and args[4] == ssl._TLSMessageType.NEWSESSION_TICKET:
+                tickets.append(1)
+
+        ctx._msg_callback = seen  # type: ignore[attr-defined]  # private: counts tickets
+        session: ssl.SSLSession | None = None
+        out = []
+        for _ in range(2):
+            raw = socket.create_connection(("127.0.0.1", port), timeout=30)
+            with ctx.wrap_socket(raw, server_hostname="localhost", session=session) as s:
+                s.sendall(b"put 0 0 60 1\r\nx\r\n")
+                data = b""
+                while b"\r\n" not in data:
+                    data += s.recv(4096)
+                out.append((s.session_reused, data.split(b" ")[0], len(tickets)))
+                session = s.session
+        return out
+
+    async def main() -> None:
+        async with serving(pki, beanstalkd, transport) as proxy:
+            first, second = await asyncio.to_thread(client, proxy.port)
+            assert first[0] is False and second[0] is True  # the second one resumed
+            assert first[2] == 1 and second[2] == 2  # one ticket per handshake, resumed too
+            # the same principal: admin may put on default, inspector may not
+            expected = b"INSERTED" if name == "admin" else b"NOT_PERMITTED\r\n"
+            assert first[1] == second[1] == expected
+            await until(lambda: not proxy.server.connections)
+
+    run(loop, main)
+
+
+@LOOPS
 def test_config_key(loop: str, pki: PKI, beanstalkd: Beanstalkd) -> None:
     """``tls.transport`` selects the transport the relay hands its connections; the default and
     ``auto`` (its old name) are the builtin one on every loop."""
