@@ -554,7 +554,7 @@ def test_one_session_ticket_and_resumption_keeps_the_identity(
             assert first[1] == second[1] == expected
             await until(lambda: not proxy.server.connections)
 
-    run(loop, main)
+    run_on(loop, main())
 
 
 @LOOPS
