@@ -668,12 +668,17 @@ async def tls_attempt(port: int, ctx: ssl.SSLContext, command: bytes = b"stats\r
 async def served(proxy: RunningProxy, name: str = "admin", local: str | None = None) -> bool:
     """Does a legitimate client (``name``'s certificate, from address ``local`` if given) get
     an answer to one command? False where it is refused or cut."""
-    ctx = proxy.pki.client_context(name)
+    return await served_at(proxy.pki, proxy.port, name, local)
+
+
+async def served_at(pki: PKI, port: int, name: str = "admin", local: str | None = None) -> bool:
+    """``served`` for a proxy on ``port`` (one run in another process) trusting ``pki``."""
+    ctx = pki.client_context(name)
     try:
         async with asyncio.timeout(10):
             reader, writer = await asyncio.open_connection(
                 "127.0.0.1",
-                proxy.port,
+                port,
                 ssl=ctx,
                 server_hostname="localhost",
                 local_addr=(local, 0) if local else None,

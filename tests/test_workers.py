@@ -19,8 +19,17 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from conftest import PKI, Beanstalkd, Client, LogReader, free_port, spawn_serve, write_serve_config
-from test_metrics import http, scrape, until, value
+from conftest import (
+    PKI,
+    Beanstalkd,
+    Client,
+    LogReader,
+    free_port,
+    spawn_serve,
+    until,
+    write_serve_config,
+)
+from test_metrics import http, scrape, value
 
 
 def _write_config(tmp: Path, pki: PKI, upstream: int, port: int) -> Path:

@@ -14,7 +14,7 @@ import time
 from collections.abc import Awaitable
 from pathlib import Path
 
-from conftest import PKI, Beanstalkd, Client, until
+from conftest import PKI, Beanstalkd, served_at, until
 from test_metrics import scrape, value
 from test_workers import _Proxy, _start
 
@@ -23,6 +23,9 @@ CAP = 3
 #: CAP + min(CAP, k) of them pending, k being how many the kernel gave the worker that did not
 #: get the first one: more than CAP unless all SILENT landed on one worker (2 ** (1 - SILENT)).
 SILENT = 24
+#: The proxy's limits: the per-source cap well under the whole proxy's, and handshakes that
+#: do not time out while a test runs.
+LIMITS = {"max_handshakes_per_source": CAP, "max_handshakes": 64, "handshake_timeout": 60}
 
 
 async def _sample(proxy: _Proxy, name: str, **labels: str) -> float:
@@ -33,26 +36,6 @@ async def _per_source_refusals(proxy: _Proxy) -> float:
     return await _sample(
         proxy, "beanstalk_proxy_handshake_failures_total", reason="max_handshakes_per_source"
     )
-
-
-async def _served(pki: PKI, port: int, local: str) -> bool:
-    """Does a client connecting from ``local`` get an answer to one command?"""
-    try:
-        async with asyncio.timeout(10):
-            reader, writer = await asyncio.open_connection(
-                "127.0.0.1",
-                port,
-                ssl=pki.client_context("admin"),
-                server_hostname="localhost",
-                local_addr=(local, 0),
-            )
-            c = Client(reader, writer)
-            try:
-                return await c.line(b"list-tube-used") == b"USING default"
-            finally:
-                await c.close()
-    except (OSError, ssl.SSLError, asyncio.IncompleteReadError):
-        return False
 
 
 async def _sees_eof(sock: socket.socket) -> bool:
@@ -66,14 +49,7 @@ async def _sees_eof(sock: socket.socket) -> bool:
 async def test_one_sources_pending_handshakes_stop_at_the_cap_across_workers(
     tmp_path: Path, pki: PKI, beanstalkd: Beanstalkd
 ) -> None:
-    proxy = await _start(
-        tmp_path,
-        pki,
-        beanstalkd,
-        max_handshakes_per_source=CAP,
-        max_handshakes=64,
-        handshake_timeout=60,
-    )
+    proxy = await _start(tmp_path, pki, beanstalkd, **LIMITS)
     socks: list[socket.socket] = []
     try:
         accepted = "beanstalk_proxy_connections_total"
@@ -94,9 +70,9 @@ async def test_one_sources_pending_handshakes_stop_at_the_cap_across_workers(
             assert await _sees_eof(sock)
 
         # Another address is served; this one is refused, by whichever worker accepts it.
-        assert await _served(pki, proxy.port, "127.0.0.2")
+        assert await served_at(pki, proxy.port, local="127.0.0.2")
         for _ in range(4):
-            assert not await _served(pki, proxy.port, "127.0.0.1")
+            assert not await served_at(pki, proxy.port, local="127.0.0.1")
         assert await _per_source_refusals(proxy) == SILENT - CAP + 4
 
         # Its sockets gone, the address is served again (each worker released its own).
@@ -107,7 +83,7 @@ async def test_one_sources_pending_handshakes_stop_at_the_cap_across_workers(
             "silent handshakes closed",
         )
         deadline = time.monotonic() + 20
-        while not await _served(pki, proxy.port, "127.0.0.1"):
+        while not await served_at(pki, proxy.port, local="127.0.0.1"):
             assert time.monotonic() < deadline, "the address was never served again"
             await asyncio.sleep(0.05)
         # CAP at once again, across the workers (the served connections closed).
@@ -151,15 +127,7 @@ async def _refused_without_certificate(proxy: _Proxy, pki: PKI) -> ssl.SSLSocket
 async def test_refused_sockets_still_open_count_for_their_source_across_workers(
     tmp_path: Path, pki: PKI, beanstalkd: Beanstalkd
 ) -> None:
-    proxy = await _start(
-        tmp_path,
-        pki,
-        beanstalkd,
-        max_handshakes_per_source=CAP,
-        max_handshakes=64,
-        handshake_timeout=60,
-        close_timeout=60,
-    )
+    proxy = await _start(tmp_path, pki, beanstalkd, **LIMITS, close_timeout=60)
     held: list[socket.socket] = []
     try:
         for _ in range(CAP):
@@ -170,7 +138,7 @@ async def test_refused_sockets_still_open_count_for_their_source_across_workers(
         for _ in range(8):
             held.append(socket.create_connection(("127.0.0.1", proxy.port), timeout=5))
         await until(lambda: _is(_per_source_refusals(proxy), before + 8), "refused at accept")
-        assert await _served(pki, proxy.port, "127.0.0.2")
+        assert await served_at(pki, proxy.port, local="127.0.0.2")
         # The refused sockets close: the address is served again.
         for sock in held:
             sock.close()
@@ -178,7 +146,7 @@ async def test_refused_sockets_still_open_count_for_their_source_across_workers(
             lambda: _is(_sample(proxy, "beanstalk_proxy_handshakes_pending"), 0),
             "refused sockets closed",
         )
-        assert await _served(pki, proxy.port, "127.0.0.1")
+        assert await served_at(pki, proxy.port, local="127.0.0.1")
     finally:
         for sock in held:
             sock.close()
