@@ -12,6 +12,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from forked import admitted_at_once, in_child
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -107,34 +108,14 @@ def test_bad_arguments_are_refused(tmp_path: Path) -> None:
     c.close()
 
 
-def _in_child(body: object) -> int:
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            body()  # type: ignore[operator]
-            code = 0
-        finally:
-            os._exit(code)
-    return pid
-
-
 def test_two_processes_admitting_at_once_never_overshoot(tmp_path: Path) -> None:
     c = SharedCounts(str(tmp_path / "counts"), 2)
     cap, tries = 500, 2000
-    r, w = os.pipe()
 
-    def admit(worker: int) -> None:
-        c.attach(worker)
-        admitted = sum(c.try_add_principal("billing", cap) for _ in range(tries))
-        os.write(w, b"%d\n" % admitted)
+    def admit(counts: SharedCounts) -> int:
+        return sum(counts.try_add_principal("billing", cap) for _ in range(tries))
 
-    pids = [_in_child(lambda k=k: admit(k)) for k in (0, 1)]
-    for pid in pids:
-        assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
-    os.close(w)
-    with os.fdopen(r) as f:
-        admitted = [int(line) for line in f]
+    admitted = admitted_at_once(c, admit)
     assert sum(admitted) == cap == c.principal_total("billing")
 
 
@@ -148,7 +129,7 @@ def test_the_lock_dies_with_a_worker_killed_while_holding_it(tmp_path: Path) -> 
         os.write(w, b"held")
         signal.pause()
 
-    pid = _in_child(hold)
+    pid = in_child(hold)
     assert os.read(r, 4) == b"held"
     c.attach(0)
     blocked = threading.Thread(target=c.add_connection, daemon=True)

@@ -7,10 +7,10 @@ one process by attaching to different columns, and two forked processes admit at
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
+from forked import admitted_at_once
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -201,38 +201,19 @@ def test_the_table_is_sized_from_the_handshake_budget(tmp_path: Path) -> None:
         SharedCounts(str(tmp_path / "a"), 2, source_slots=0)
 
 
-def _in_child(body: object) -> int:
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            body()  # type: ignore[operator]
-            code = 0
-        finally:
-            os._exit(code)
-    return pid
-
-
 def test_two_processes_admitting_one_source_at_once_never_overshoot(tmp_path: Path) -> None:
     c = SharedCounts(str(tmp_path / "counts"), 2)
     cap, tries = 300, 1000
-    r, w = os.pipe()
 
-    def admit(worker: int) -> None:
-        c.attach(worker)
+    def admit(counts: SharedCounts) -> int:
         admitted = 0
         for i in range(tries):
-            admitted += c.try_add_source("198.51.100.7", cap)
-            if c.try_add_source(f"198.51.100.{i % 50 + 100}", None):  # churn other slots
-                c.remove_source(f"198.51.100.{i % 50 + 100}")
-        os.write(w, b"%d\n" % admitted)
+            admitted += counts.try_add_source("198.51.100.7", cap)
+            if counts.try_add_source(f"198.51.100.{i % 50 + 100}", None):  # churn other slots
+                counts.remove_source(f"198.51.100.{i % 50 + 100}")
+        return admitted
 
-    pids = [_in_child(lambda k=k: admit(k)) for k in (0, 1)]
-    for pid in pids:
-        assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
-    os.close(w)
-    with os.fdopen(r) as f:
-        admitted = [int(line) for line in f]
+    admitted = admitted_at_once(c, admit)
     assert sum(admitted) == cap == c.source_total("198.51.100.7")
     c.close()
 
