@@ -91,6 +91,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+import _pki  # noqa: E402
+
 ALL_TARGETS = ("direct", "proxy", "proxy-asyncio", "stunnel", "haproxy")
 #: Opt-in targets: the proxy with its TLS transport forced (``tls.transport``); ``proxy`` and
 #: ``proxy-asyncio`` use the configured default.
@@ -337,18 +339,11 @@ class PKI:
         return str(self.dir / "server-combined.pem")
 
     def client_context(self, cn: str = CLIENT_CN) -> ssl.SSLContext:
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        ctx.load_verify_locations(self.ca)
-        ctx.load_cert_chain(str(self.dir / f"{cn}.pem"), str(self.dir / f"{cn}.key"))
-        return ctx
+        return _pki.client_context(self.dir, cn)
 
 
 def make_pki(directory: Path) -> PKI:
-    from proxy.certs import init_ca_and_server, issue_client
-
-    init_ca_and_server(directory)
-    for cn in (CLIENT_CN, FLOOD_CN, LISTER_CN):
-        issue_client(directory, cn)
+    _pki.make_pki(directory, (CLIENT_CN, FLOOD_CN, LISTER_CN))
     pki = PKI(directory)
     combined = Path(pki.server_combined)
     combined.write_bytes(Path(pki.server_cert).read_bytes() + Path(pki.server_key).read_bytes())

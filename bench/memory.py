@@ -39,8 +39,9 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from _pki import client_context, make_pki  # noqa: E402
+
 from proxy.acl import parse_acl  # noqa: E402
-from proxy.certs import init_ca_and_server, issue_client  # noqa: E402
 from proxy.config import Config, Endpoint, Limits, LogConfig, TLSConfig  # noqa: E402
 from proxy.relay import PolicyHolder, ProxyServer  # noqa: E402
 from proxy.tlsctx import server_context  # noqa: E402
@@ -214,18 +215,8 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
-        init_ca_and_server(d)
-        issue_client(d, "bench")
-        tls = TLSConfig(
-            cert=str(d / "server.pem"),
-            key=str(d / "server.key"),
-            client_ca=str(d / "ca.pem"),
-            crl=(),
-            min_version="1.2",
-        )
-        cctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        cctx.load_verify_locations(d / "ca.pem")
-        cctx.load_cert_chain(d / "bench.pem", d / "bench.key")
+        tls = make_pki(d)
+        cctx = client_context(d)
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]

@@ -31,8 +31,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from proxy.certs import init_ca_and_server, issue_client  # noqa: E402
-from proxy.config import TLSConfig  # noqa: E402
+from _pki import client_context, make_pki  # noqa: E402
+
 from proxy.tlsbio import accept_tls  # noqa: E402
 from proxy.tlsctx import server_context  # noqa: E402
 
@@ -122,19 +122,9 @@ def main(argv: list[str] | None = None) -> int:
         print("uvloop not installed: asyncio only")
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
-        init_ca_and_server(d)
-        issue_client(d, "bench")
-        tls = TLSConfig(
-            cert=str(d / "server.pem"),
-            key=str(d / "server.key"),
-            client_ca=str(d / "ca.pem"),
-            crl=(),
-            min_version="1.2",
-        )
+        tls = make_pki(d)
         sctx = server_context(tls)
-        cctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        cctx.load_verify_locations(d / "ca.pem")
-        cctx.load_cert_chain(d / "bench.pem", d / "bench.key")
+        cctx = client_context(d)
         print(f"server-thread CPU per operation, us: median (min) over {args.reps} repetitions")
         print(f"{'loop':<9}{'transport':<10}{'echo round trip':>20}{'handshake':>20}")
         for name, factory in loops:

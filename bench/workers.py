@@ -32,7 +32,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from proxy.certs import init_ca_and_server, issue_client
+from _pki import client_context, make_pki
+
 from proxy.sharedlimits import SharedCounts
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -128,9 +129,7 @@ def scrape(workers: int, conns: int, requests: int, work: Path, upstream: int) -
     try:
         wait_port(port)
         wait_port(metrics_port)
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        ctx.load_verify_locations(str(work / "ca.pem"))
-        ctx.load_cert_chain(str(work / "bench.pem"), str(work / "bench.key"))
+        ctx = client_context(work)
         for _ in range(conns):
             s = ctx.wrap_socket(
                 socket.create_connection(("127.0.0.1", port)), server_hostname="localhost"
@@ -176,8 +175,7 @@ def main() -> int:
     admission(args.rounds)
     with tempfile.TemporaryDirectory() as d:
         work = Path(d)
-        init_ca_and_server(work)
-        issue_client(work, "bench")
+        make_pki(work)
         (work / "acl.yaml").write_text(
             "principals: [{name: bench, match: {cn: bench}}]\n"
             "rules: [{principal: bench, allow: [all]}]\n"
