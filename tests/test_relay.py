@@ -44,6 +44,17 @@ async def wait_for_stats(
         await c.close()
 
 
+async def upstream_closed(port: int, base: Stats) -> None:
+    """Until beanstalkd has no reserve waiting and as many connections as it had at ``base``."""
+    await wait_for_stats(
+        port,
+        lambda s: (
+            s["current-waiting"] == "0" and s["current-connections"] == base["current-connections"]
+        ),
+        "upstream connection closed",
+    )
+
+
 def cmd_counters(st: Stats) -> dict[str, int]:
     return {k: int(v) for k, v in st.items() if k.startswith("cmd-")}
 
@@ -377,13 +388,7 @@ async def test_client_disconnect_during_blocking_reserve_cancels_it(
     await wait_for_stats(beanstalkd.port, lambda s: s["current-waiting"] == "1", "reserve")
     c.writer.transport.abort()
     # the upstream connection goes away, so beanstalkd has no waiting reserver left
-    await wait_for_stats(
-        beanstalkd.port,
-        lambda s: (
-            s["current-waiting"] == "0" and s["current-connections"] == base["current-connections"]
-        ),
-        "upstream connection closed",
-    )
+    await upstream_closed(beanstalkd.port, base)
     d = await direct(beanstalkd.port)
     assert await d.put(b"for a live worker") == b"INSERTED 1"
     assert await d.call(b"reserve-with-timeout 0") == (b"RESERVED 1 17", b"for a live worker")
@@ -532,13 +537,7 @@ async def test_client_gone_after_quit_behind_blocking_reserve_releases_upstream(
     await c.send(b"reserve\r\nquit\r\n")
     await wait_for_stats(beanstalkd.port, lambda s: s["current-waiting"] == "1", "reserve")
     c.writer.close()  # close_notify + FIN; its completion is awaited at the end
-    await wait_for_stats(
-        beanstalkd.port,
-        lambda s: (
-            s["current-waiting"] == "0" and s["current-connections"] == base["current-connections"]
-        ),
-        "upstream connection closed",
-    )
+    await upstream_closed(beanstalkd.port, base)
     d = await direct(beanstalkd.port)
     assert await d.put(b"job") == b"INSERTED 1"
     assert await d.call(b"reserve-with-timeout 0") == (b"RESERVED 1 3", b"job")
