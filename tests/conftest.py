@@ -829,6 +829,7 @@ _IO_NAMES = frozenset(
         "status_listener",
         "http",
         "served",
+        "served_at",
         "start_tunnel",
         "spawn_serve",
         "serve_process",
