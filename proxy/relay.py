@@ -196,6 +196,41 @@ _CLOSED = Phase.CLOSED
 class Connection(asyncio.Protocol):
     """One client connection after its TLS handshake: the pump around a ``Session``."""
 
+    __slots__ = (
+        "_abort_timer",
+        "_drain_timer",
+        "_expiry_timer",
+        "_sample_skip",
+        "_sample_t0",
+        "_turn",
+        "bytes_in",
+        "bytes_out",
+        "client",
+        "client_ended",
+        "client_full",
+        "counted_as",
+        "counted_shared",
+        "der",
+        "early",
+        "finishing",
+        "identity",
+        "last_active",
+        "lost",
+        "over_limit",
+        "peer",
+        "phase",
+        "principal",
+        "reading",
+        "reason",
+        "server",
+        "session",
+        "source",
+        "started",
+        "tls_started",
+        "upstream",
+        "upstream_full",
+    )
+
     def __init__(self, server: ProxyServer, peer: str, source: str | None = None) -> None:
         self.server = server
         self.peer = peer

@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable
 from enum import Enum, IntEnum
-from typing import TYPE_CHECKING, Any, Final, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Final, Protocol
 
 from proxy.acl import DELETE_OTHER_VERB, TUBE_CHARS, Decision, Policy
 from proxy.budget import Budget
@@ -241,7 +241,7 @@ def ok_reply(yaml: bytes) -> bytes:
     return b"OK %d\r\n%s\r\n" % (len(yaml), yaml)
 
 
-#: The ``Session`` method handling each op, in ``Op`` order (``Session._build_handlers``).
+#: The ``Session`` method handling each op, in ``Op`` order (``Session._handlers``).
 _HANDLER_NAMES: Final[tuple[str, ...]] = tuple(
     {
         OP_PUT: "_h_put",
@@ -327,6 +327,53 @@ class Session:
     command is not in ``op_counts``).
     """
 
+    __slots__ = (
+        "_any_cache",
+        "_budget_key",
+        "_cache",
+        "_policy",
+        "_put_refusal",
+        "_puts_free",
+        "_rate_limited_reply",
+        "_replies",
+        "_source",
+        "_tracking",
+        "_uniform_cache",
+        "backlog",
+        "blocked",
+        "budget",
+        "buried",
+        "close_reason",
+        "denials",
+        "denied_counts",
+        "drain_cause",
+        "draining",
+        "ended",
+        "failed",
+        "forgot_reserved",
+        "jobs",
+        "limiter",
+        "op_counts",
+        "parser",
+        "pending",
+        "principal",
+        "queued",
+        "rate_limited",
+        "receiving",
+        "replies",
+        "reserved",
+        "shadow",
+        "stalled",
+        "to_client",
+        "to_upstream",
+        "use_denied",
+        "used",
+        "waiting",
+        "watched",
+        "yields",
+    )
+    _handlers: ClassVar[tuple[Callable[[Session, Any], None], ...]]  # set below the class
+
     def __init__(
         self,
         policy: PolicySource,
@@ -386,7 +433,6 @@ class Session:
         self._tracking: bool | None = None  # does any job-id decision need a job's tube?
         # the shadow policy's view of this connection (proxy/shadow.py); None: no shadow
         self.shadow: ShadowView | None = None
-        self._handlers: tuple[Callable[[Any], None], ...] = self._build_handlers()
 
     # --- policy access, cached per policy object ----------------------------------------------
 
@@ -612,7 +658,7 @@ class Session:
                     continue
                 self.op_counts[op] += 1
                 if shadow is None:
-                    handlers[op](cmd)
+                    handlers[op](self, cmd)
                 else:
                     shadow.run(self, handlers[op], cmd)
         except ProtocolError as exc:
@@ -665,10 +711,6 @@ class Session:
             return True
         self._deny(cmd, d, tube)
         return False
-
-    def _build_handlers(self) -> tuple[Callable[[Any], None], ...]:
-        # Each op's handler takes that op's command type (``handlers[cmd[0]](cmd)``).
-        return tuple([getattr(self, name) for name in _HANDLER_NAMES])
 
     def _h_error(self, cmd: ErrorCmd) -> None:
         self._local(cmd[1])
@@ -1154,6 +1196,12 @@ def _plain_tube_list(yaml: bytes) -> bool:
     return not yaml.translate(None, _TUBE_LIST_BYTES) and yaml.count(b" ") == yaml.count(
         b"\n- "
     )
+
+
+#: Each op's handler takes the session and that op's command type
+#: (``handlers[cmd[0]](self, cmd)``): plain functions, one tuple for every session (a tuple
+#: of bound methods per session held 1.9 KiB).
+Session._handlers = tuple([getattr(Session, name) for name in _HANDLER_NAMES])
 
 
 def _reply_id(line: bytes) -> int:
