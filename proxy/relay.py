@@ -253,7 +253,7 @@ class Connection(asyncio.Protocol):
         self._drain_timer: asyncio.TimerHandle | None = None
         self._sample_t0 = -1.0  # start of the timed burst of commands, or -1 when none
         self._sample_skip = 0  # bursts to let pass untimed before timing the next one
-        self.early = bytearray()  # bytes that arrived between handshake and session creation
+        self.early = b""  # bytes that arrived between handshake and session creation
         self.counted_as: str | None = None  # principal this connection counts against
         self.counted_shared = False  # ... in the workers' shared table too (--workers N)
         self.over_limit = False  # past max_connections when its socket was counted
@@ -1055,8 +1055,8 @@ class ProxyServer:
             if self.shadow is not None:
                 self._shadow_view(conn)
             if conn.early:
-                conn.session.feed_client(bytes(conn.early))
-                conn.early.clear()
+                conn.session.feed_client(conn.early)
+                conn.early = b""
             if conn.client_ended:
                 conn.session.client_eof()
         finally:

@@ -4,6 +4,8 @@ lets later commands land in the tube used before, and the two denial-reply modes
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import pytest
 from conftest import make_session, take
 
@@ -117,6 +119,7 @@ def test_a_delete_that_finds_no_job_forgets_it() -> None:
 
 def test_forgotten_buried_jobs_fall_back_to_the_ordinary_rule() -> None:
     s = session("worker", "explicit")
+    s.reserved = OrderedDict()  # its own: every session starts with the shared NO_ENTRIES
     for job in range(1, MAX_OWN_BURIED + 2):
         s.reserved[job] = ("jobs",)
         s.feed_client(b"bury %d 0\r\n" % job)
