@@ -210,7 +210,6 @@ class Connection(asyncio.Protocol):
         "client_full",
         "counted_as",
         "counted_shared",
-        "der",
         "early",
         "finishing",
         "identity",
@@ -257,7 +256,6 @@ class Connection(asyncio.Protocol):
         self.counted_as: str | None = None  # principal this connection counts against
         self.counted_shared = False  # ... in the workers' shared table too (--workers N)
         self.over_limit = False  # past max_connections when its socket was counted
-        self.der: bytes | None = None  # the client certificate, for revocation re-checks
         self._expiry_timer: asyncio.TimerHandle | None = None
         self.tls_started = False  # the socket was handed to the TLS layer, which now owns it
         self.lost = False  # the client transport reported connection_lost: its socket is closed
@@ -268,6 +266,20 @@ class Connection(asyncio.Protocol):
     @property
     def closed(self) -> bool:
         return self.phase is _CLOSED
+
+    def peer_der(self) -> bytes | None:
+        """The client certificate (DER) for a revocation re-check, read back from the TLS
+        layer, which holds it anyway (a copy kept here cost 0.5 to 2 KiB per connection);
+        ``None`` when the TLS layer no longer has it."""
+        client = self.client
+        ssl_object = client.get_extra_info("ssl_object") if client is not None else None
+        if ssl_object is None:
+            return None
+        try:
+            der: bytes | None = ssl_object.getpeercert(binary_form=True)
+        except ValueError:  # "handshake not done yet"
+            return None
+        return der
 
     # --- client transport callbacks ---------------------------------------------------------
 
@@ -989,7 +1001,6 @@ class ProxyServer:
                 )
                 return
             conn.identity = identity
-            conn.der = der
             if principal is None:
                 self._refuse(
                     conn,
@@ -1267,7 +1278,12 @@ class ProxyServer:
         if revoked is None:
             return
         for conn in list(self.connections):
-            if conn.der is not None and revoked(conn.der):
+            if conn.closed or conn.identity is None:
+                continue
+            der = conn.peer_der()
+            if der is None:  # fail closed: a certificate that cannot be re-checked
+                conn.close("client certificate unavailable for the revocation re-check")
+            elif revoked(der):
                 conn.close("client certificate revoked")  # logged by close
 
     async def close(self, grace: float = 0.0) -> None:

@@ -22,6 +22,7 @@ import ssl
 import subprocess
 import time
 import tracemalloc
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,7 @@ from proxy.config import parse_config
 from proxy.errors import ConfigError
 from proxy.relay import Connection
 from proxy.tlsbio import CHUNK, TLSTransport
+from proxy.tlsctx import revocation_check, server_context
 
 LOOPS = pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
 TRANSPORTS = pytest.mark.parametrize("transport", ["builtin", "stock"])
@@ -555,6 +557,127 @@ def test_one_session_ticket_and_resumption_keeps_the_identity(
             await until(lambda: not proxy.server.connections)
 
     run_on(loop, main())
+
+
+def _resumed(port: int, ctx: ssl.SSLContext) -> ssl.SSLSocket:
+    """A connection resumed from a first one's session (both send ``list-tube-used``), held
+    open for the caller."""
+    session: ssl.SSLSession | None = None
+    for _ in range(2):
+        raw = socket.create_connection(("127.0.0.1", port), timeout=30)
+        s = ctx.wrap_socket(raw, server_hostname="localhost", session=session)
+        s.sendall(b"list-tube-used\r\n")
+        assert s.recv(100) == b"USING default\r\n"
+        if session is not None:
+            assert s.session_reused
+            return s
+        session = s.session
+        s.close()
+    raise AssertionError("unreachable")
+
+
+@LOOPS
+@TRANSPORTS
+@pytest.mark.parametrize("version", ["1.2", "1.3"])
+def test_crl_reload_rechecks_resumed_connections_from_the_tls_layer(
+    loop: str,
+    transport: str,
+    version: str,
+    pki: PKI,
+    beanstalkd: Beanstalkd,
+    conn_log: LogWatch,
+    tmp_path: Path,
+) -> None:
+    """The relay keeps no copy of the client certificate: a CRL reload reads it back from the
+    TLS layer (``Connection.peer_der``), resumed connections included. The revoked client's
+    resumed connection is closed, the other client's resumed connection is not."""
+    ca = tmp_path / "ca"
+    shutil.copytree(pki.dir, ca)
+    assert revoke(ca, ca / "inspector.pem")
+    victim_ctx, keeper_ctx = (
+        client_ctx(pki, "inspector", version),
+        client_ctx(pki, "admin", version),
+    )
+
+    async def main() -> None:
+        async with serving(pki, beanstalkd, transport) as proxy:
+            victim = await asyncio.to_thread(_resumed, proxy.port, victim_ctx)
+            keeper = await asyncio.to_thread(_resumed, proxy.port, keeper_ctx)
+            try:
+                await until(lambda: len(proxy.server.connections) == 2)
+                ders = {c.principal: c.peer_der() for c in proxy.server.connections}
+                assert ders == {
+                    "inspector": _der(pki, "inspector"),
+                    "admin": _der(pki, "admin"),
+                }
+                tls = replace(proxy.server.config.tls, crl=(str(ca / "crl.pem"),))
+                check = revocation_check(tls)
+                assert check is not None
+                proxy.server.reload_tls(server_context(tls), check)
+                await conn_log.wait_for(
+                    lambda m: 'reason="client certificate revoked" closed_by=proxy' in m
+                )
+                assert await asyncio.to_thread(victim.recv, 100) == b""
+                keeper.sendall(b"list-tube-used\r\n")
+                assert await asyncio.to_thread(keeper.recv, 100) == b"USING default\r\n"
+                assert [c.principal for c in proxy.server.connections] == ["admin"]
+            finally:
+                victim.close()
+                keeper.close()
+            await until(lambda: not proxy.server.connections)
+
+    run_on(loop, main())
+
+
+def _der(pki: PKI, name: str) -> bytes:
+    return ssl.PEM_cert_to_DER_cert((pki.dir / f"{name}.pem").read_text())
+
+
+class _NoSSLObject:
+    """A client transport whose TLS layer lost its ``ssl_object`` (delegates the rest)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return None if name == "ssl_object" else self.inner.get_extra_info(name, default)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+@TRANSPORTS
+def test_crl_reload_closes_a_connection_whose_certificate_cannot_be_read_back(
+    transport: str, pki: PKI, beanstalkd: Beanstalkd, conn_log: LogWatch
+) -> None:
+    """Fail closed: a live connection whose certificate the TLS layer cannot give back is
+    closed by a revocation re-check, even one that revokes nothing; the others stay."""
+
+    async def main() -> None:
+        async with serving(pki, beanstalkd, transport) as proxy:
+            lost = await proxy.connect("admin")
+            kept = await proxy.connect("inspector")
+            try:
+                assert await lost.line(b"list-tube-used") == b"USING default"
+                assert await kept.line(b"list-tube-used") == b"USING default"
+                conn = next(c for c in proxy.server.connections if c.principal == "admin")
+                conn.client = _NoSSLObject(conn.client)
+                assert conn.peer_der() is None
+                proxy.server.reload_tls(proxy.server.ssl_context, lambda der: False)
+                await conn_log.wait_for(
+                    lambda m: (
+                        'reason="client certificate unavailable for the revocation '
+                        're-check" closed_by=proxy' in m
+                    )
+                )
+                assert await lost.closed() == b""
+                assert await kept.line(b"list-tube-used") == b"USING default"
+                assert [c.principal for c in proxy.server.connections] == ["inspector"]
+            finally:
+                await lost.close()
+                await kept.close()
+
+    run_on("uvloop", main())
 
 
 @LOOPS
