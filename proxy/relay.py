@@ -48,6 +48,7 @@ from typing import Any, cast
 from proxy.acl import Policy
 from proxy.budget import Budget
 from proxy.config import Config, Endpoint
+from proxy.deadlines import Deadlines
 from proxy.identity import Identity
 from proxy.listen import bind_listener, bound_port
 from proxy.logs import event
@@ -199,7 +200,6 @@ class Connection(asyncio.Protocol):
     __slots__ = (
         "_abort_timer",
         "_drain_timer",
-        "_expiry_timer",
         "_sample_skip",
         "_sample_t0",
         "_turn",
@@ -211,6 +211,7 @@ class Connection(asyncio.Protocol):
         "counted_as",
         "counted_shared",
         "early",
+        "expires",
         "finishing",
         "identity",
         "last_active",
@@ -256,7 +257,7 @@ class Connection(asyncio.Protocol):
         self.counted_as: str | None = None  # principal this connection counts against
         self.counted_shared = False  # ... in the workers' shared table too (--workers N)
         self.over_limit = False  # past max_connections when its socket was counted
-        self._expiry_timer: asyncio.TimerHandle | None = None
+        self.expires = False  # in the server's certificate-expiry schedule (its ``expiries``)
         self.tls_started = False  # the socket was handed to the TLS layer, which now owns it
         self.lost = False  # the client transport reported connection_lost: its socket is closed
         self._abort_timer: asyncio.TimerHandle | None = None
@@ -522,8 +523,9 @@ class Connection(asyncio.Protocol):
         self.reason = reason
         if self._drain_timer is not None:
             self._drain_timer.cancel()
-        if self._expiry_timer is not None:
-            self._expiry_timer.cancel()
+        if self.expires:
+            self.expires = False
+            self.server.expiries.discard()
         self.server.audit_summary(self.server.denial_audit.pop(self, time.monotonic()))
         if self.session is not None and self.session.to_client and self.client is not None:
             data = self.session.take_client()
@@ -573,6 +575,15 @@ class Connection(asyncio.Protocol):
             self.client.abort()
 
 
+def _certificate_expired(conn: Connection) -> None:
+    conn.expires = False  # (taken off the schedule)
+    conn.close("client certificate expired")
+
+
+def _open(conn: Connection) -> bool:
+    return not conn.closed
+
+
 class ProxyServer:
     """The listening proxy. See the module docstring."""
 
@@ -618,6 +629,8 @@ class ProxyServer:
         self._open_transports: set[Connection] = set()
         self._transports_gone = asyncio.Event()
         self._sweeper: asyncio.Task[None] | None = None
+        # Each connection's close at its client certificate's expiry, on one timer.
+        self.expiries: Deadlines[Connection] = Deadlines(_certificate_expired, _open)
         self.metrics.track(self.connections)
         self.metrics.track_sockets(lambda: len(self._open_transports), lambda: self.handshaking)
         # Per connection, a burst of denial lines per window; the rest summarised.
@@ -1079,9 +1092,8 @@ class ProxyServer:
         self.connections.add(conn)
         # A connection lives no longer than its client certificate.
         left = conn.identity.not_after.timestamp() - time.time() if conn.identity else 0.0
-        conn._expiry_timer = loop.call_later(
-            max(left, 0.0), conn.close, "client certificate expired"
-        )
+        conn.expires = True
+        self.expiries.add(conn, left)
         await self._connect_upstream(conn)
 
     async def _connect_upstream(self, conn: Connection) -> None:
@@ -1316,6 +1328,7 @@ class ProxyServer:
             )
         for conn in list(self.connections):
             conn.close("proxy shutting down")
+        self.expiries.cancel()
         for task in list(self._pending.values()):
             task.cancel()
         for tls in list(self._lingering):
