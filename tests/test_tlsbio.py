@@ -507,7 +507,7 @@ def _traced_per_connection(loop: str, transport: str, pki: PKI, beanstalkd: Bean
 def test_idle_connection_allocates_little(loop: str, pki: PKI, beanstalkd: Beanstalkd) -> None:
     per_conn = _traced_per_connection(loop, "builtin", pki, beanstalkd)
     # the relay's own objects, the session, both transports (and the test client's sockets):
-    # about 7.2 KiB on either loop (13 KiB before __slots__ and lazy containers; asyncio's
+    # 6.8 to 7.2 KiB (13 KiB before __slots__ and lazy containers; asyncio's
     # stock SSL transport alone allocates a 256 KiB read buffer per connection)
     assert per_conn < 10 * 1024, per_conn
 
