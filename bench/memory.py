@@ -14,7 +14,12 @@ and the rest, each measured on its own (Linux with glibc: ``mallinfo2``).
    ``malloc`` bytes) per server half is OpenSSL's state for one idle connection. Repeated with
    ``verify_mode = CERT_NONE`` to show what keeping the verified client certificate costs.
 
-Usage: ``python bench/memory.py [--conns 200] [--transport builtin|stock] [--top 15]``.
+With ``--burst N`` each connection first puts and peeks one job of N bytes (then deletes it):
+what an idle connection keeps after it once moved data (``ssl.MemoryBIO`` buffers keep their
+largest size until freed).
+
+Usage: ``python bench/memory.py [--conns 200] [--transport builtin|stock] [--top 15]
+[--burst 0]``.
 Numbers are for the machine it runs on; `bench/README.md` records a run.
 """
 
@@ -54,7 +59,8 @@ ACL = {
 #: The child process that holds the client connections (so its objects stay out of the count).
 HOLDER = r"""
 import socket, ssl, sys
-port, ca, cert, key, n = sys.argv[1:6]
+port, ca, cert, key, n, burst = sys.argv[1:7]
+burst = int(burst)
 ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
 ctx.load_verify_locations(ca)
 ctx.load_cert_chain(cert, key)
@@ -64,6 +70,18 @@ for _ in range(int(n)):
                         server_hostname="localhost")
     s.sendall(b"list-tube-used\r\n")
     assert s.recv(100) == b"USING default\r\n"
+    if burst:  # one job of that size in (put) and out (peek), then deleted
+        s.sendall(b"put 0 0 60 %d\r\n%s\r\n" % (burst, b"x" * burst))
+        line = b""
+        while not line.endswith(b"\r\n"):
+            line += s.recv(100)
+        job = line.split()[1]
+        s.sendall(b"peek %s\r\n" % job)
+        left = len(b"FOUND %s %d\r\n" % (job, burst)) + burst + 2
+        while left > 0:
+            left -= len(s.recv(65536))
+        s.sendall(b"delete %s\r\n" % job)
+        assert s.recv(100) == b"DELETED\r\n"
     held.append(s)
 print("held", flush=True)
 sys.stdin.read()
@@ -154,7 +172,7 @@ def openssl_share(tls: TLSConfig, cctx: ssl.SSLContext, n: int) -> dict[str, flo
 
 
 async def _proxy_pass(
-    config: Config, tls_dir: Path, n: int, traced: bool
+    config: Config, tls_dir: Path, n: int, traced: bool, burst: int = 0
 ) -> tuple[float, float, float, list[tracemalloc.StatisticDiff]]:
     server = ProxyServer(config, server_context(config.tls), PolicyHolder(parse_acl(ACL, "<m>")))
     await server.start()
@@ -169,7 +187,7 @@ async def _proxy_pass(
             str(tls_dir / "bench.key"),
         ]
         warm = await asyncio.create_subprocess_exec(
-            *argv, "5", stdin=subprocess.PIPE, stdout=subprocess.PIPE
+            *argv, "5", str(burst), stdin=subprocess.PIPE, stdout=subprocess.PIPE
         )
         assert warm.stdout is not None and warm.stdin is not None
         await warm.stdout.readline()
@@ -183,7 +201,7 @@ async def _proxy_pass(
             snap0 = tracemalloc.take_snapshot()
         heap0, rss0 = c_heap(), rss()
         holder = await asyncio.create_subprocess_exec(
-            *argv, str(n), stdin=subprocess.PIPE, stdout=subprocess.PIPE
+            *argv, str(n), str(burst), stdin=subprocess.PIPE, stdout=subprocess.PIPE
         )
         assert holder.stdout is not None and holder.stdin is not None
         assert await holder.stdout.readline() == b"held\n"
@@ -210,6 +228,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--conns", type=int, default=200, help="idle connections (default 200)")
     ap.add_argument("--transport", choices=("builtin", "stock"), help="tls.transport")
     ap.add_argument("--top", type=int, default=15, help="allocation sites to list (default 15)")
+    ap.add_argument(
+        "--burst",
+        type=int,
+        default=0,
+        help="before idling, each connection puts and peeks one job of this many bytes",
+    )
     args = ap.parse_args(argv)
     import uvloop
 
@@ -249,8 +273,12 @@ def main(argv: list[str] | None = None) -> int:
             )
             runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
             with runner:
-                per_rss, per_heap, _, _ = runner.run(_proxy_pass(config, d, args.conns, False))
-                _, _, per_py, stats = runner.run(_proxy_pass(config, d, args.conns, True))
+                per_rss, per_heap, _, _ = runner.run(
+                    _proxy_pass(config, d, args.conns, False, args.burst)
+                )
+                _, _, per_py, stats = runner.run(
+                    _proxy_pass(config, d, args.conns, True, args.burst)
+                )
         finally:
             beanstalkd.terminate()
             beanstalkd.wait()
@@ -262,7 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         f"\n1. The proxy (uvloop, tls.transport {config.tls.transport}), {args.conns} idle "
-        "connections, per connection (bytes):"
+        f"connections{f' (after a {args.burst}-byte job in and out)' if args.burst else ''}, "
+        "per connection (bytes):"
     )
     print(f"   RSS growth                {per_rss:>8.0f}   first pass, fresh process")
     print(f"   C heap (malloc) growth    {per_heap:>8.0f}   OpenSSL, libuv, uvloop's C parts")

@@ -16,6 +16,7 @@ CLI) and passed in as ``Identity`` values; no asyncio, socket, ssl, click or yam
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -335,11 +336,11 @@ def _run_one(
     session.used = case.used
     session.watched = dict.fromkeys(case.watched)
     if job is not None and case.job_tube is not None:
-        session.jobs[job] = case.job_tube
+        session.jobs = OrderedDict({job: case.job_tube})
     if job is not None and case.reserved:
-        session.reserved[job] = (case.job_tube,) if case.job_tube else ()
+        session.reserved = OrderedDict({job: (case.job_tube,) if case.job_tube else ()})
     if job is not None and case.buried:
-        session.buried[job] = (case.job_tube,) if case.job_tube else ()
+        session.buried = OrderedDict({job: (case.job_tube,) if case.job_tube else ()})
     data = line + b"\r\n"
     if parsed.name == "put":
         size = parsed.command[-1]

@@ -18,9 +18,9 @@ when a decision depends on it (then ``blocked`` is set until the answer arrives)
 from __future__ import annotations
 
 from collections import OrderedDict, deque
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from enum import Enum, IntEnum
-from typing import TYPE_CHECKING, Any, Final, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Final, Protocol
 
 from proxy.acl import DELETE_OTHER_VERB, TUBE_CHARS, Decision, Policy
 from proxy.budget import Budget
@@ -241,7 +241,27 @@ def ok_reply(yaml: bytes) -> bytes:
     return b"OK %d\r\n%s\r\n" % (len(yaml), yaml)
 
 
-#: The ``Session`` method handling each op, in ``Op`` order (``Session._build_handlers``).
+class _NoEntries(OrderedDict[Any, Any]):
+    """The empty ``jobs``, ``reserved`` and ``buried`` every session starts with, shared (an
+    ``OrderedDict`` each is 384 B per connection that most never use): read it like any empty
+    one; a session stores its first entry into its own, and a store into this one raises."""
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        raise TypeError("NO_ENTRIES is shared: give the session its own OrderedDict first")
+
+    def setdefault(self, key: Any, default: Any = None) -> Any:
+        raise TypeError("NO_ENTRIES is shared: give the session its own OrderedDict first")
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        raise TypeError("NO_ENTRIES is shared: give the session its own OrderedDict first")
+
+
+NO_ENTRIES: Final[OrderedDict[Any, Any]] = _NoEntries()
+#: The ``denied_counts`` of a session that denied nothing yet (shared; a list from the first).
+NO_COUNTS: Final[tuple[int, ...]] = (0,) * len(NAMES)
+
+
+#: The ``Session`` method handling each op, in ``Op`` order (``Session._handlers``).
 _HANDLER_NAMES: Final[tuple[str, ...]] = tuple(
     {
         OP_PUT: "_h_put",
@@ -327,6 +347,53 @@ class Session:
     command is not in ``op_counts``).
     """
 
+    __slots__ = (
+        "_any_cache",
+        "_budget_key",
+        "_cache",
+        "_policy",
+        "_put_refusal",
+        "_puts_free",
+        "_rate_limited_reply",
+        "_replies",
+        "_source",
+        "_tracking",
+        "_uniform_cache",
+        "backlog",
+        "blocked",
+        "budget",
+        "buried",
+        "close_reason",
+        "denials",
+        "denied_counts",
+        "drain_cause",
+        "draining",
+        "ended",
+        "failed",
+        "forgot_reserved",
+        "jobs",
+        "limiter",
+        "op_counts",
+        "parser",
+        "pending",
+        "principal",
+        "queued",
+        "rate_limited",
+        "receiving",
+        "replies",
+        "reserved",
+        "shadow",
+        "stalled",
+        "to_client",
+        "to_upstream",
+        "use_denied",
+        "used",
+        "waiting",
+        "watched",
+        "yields",
+    )
+    _handlers: ClassVar[tuple[Callable[[Session, Any], None], ...]]  # set below the class
+
     def __init__(
         self,
         policy: PolicySource,
@@ -346,11 +413,11 @@ class Session:
         self.pending: deque[Pending] = deque()
         self.used = "default"
         self.watched: dict[str, None] = {"default": None}
-        self.jobs: OrderedDict[int, str] = OrderedDict()
-        self.reserved: OrderedDict[int, tuple[str, ...]] = OrderedDict()
+        self.jobs: OrderedDict[int, str] = NO_ENTRIES  # its own from the first entry on
+        self.reserved: OrderedDict[int, tuple[str, ...]] = NO_ENTRIES  # (likewise)
         self.forgot_reserved = False  # a reservation was forgotten (MAX_RESERVED)
         # jobs this connection reserved, then buried: job id -> candidate tubes
-        self.buried: OrderedDict[int, tuple[str, ...]] = OrderedDict()
+        self.buried: OrderedDict[int, tuple[str, ...]] = NO_ENTRIES  # (likewise)
         # after a denied ``use``: (the tube, the reply); commands on the used tube are refused
         # until a ``use`` is allowed, so they never land in the tube used before
         self.use_denied: tuple[str, bytes] | None = None
@@ -376,7 +443,7 @@ class Session:
         self.drain_cause: DrainCause | None = None  # set with close_reason
         self.denials: list[dict[str, Any]] = []
         self.op_counts = [0] * len(NAMES)  # commands parsed, by op (read by metrics)
-        self.denied_counts = [0] * len(NAMES)  # of which denied
+        self.denied_counts: Sequence[int] = NO_COUNTS  # of which denied (a list from the first)
         self.limiter = limiter
         self.rate_limited = 0  # commands answered RATE_LIMITED (read by metrics)
         self._policy: Policy | None = None
@@ -386,7 +453,6 @@ class Session:
         self._tracking: bool | None = None  # does any job-id decision need a job's tube?
         # the shadow policy's view of this connection (proxy/shadow.py); None: no shadow
         self.shadow: ShadowView | None = None
-        self._handlers: tuple[Callable[[Any], None], ...] = self._build_handlers()
 
     # --- policy access, cached per policy object ----------------------------------------------
 
@@ -612,7 +678,7 @@ class Session:
                     continue
                 self.op_counts[op] += 1
                 if shadow is None:
-                    handlers[op](cmd)
+                    handlers[op](self, cmd)
                 else:
                     shadow.run(self, handlers[op], cmd)
         except ProtocolError as exc:
@@ -647,7 +713,10 @@ class Session:
     def _audit(
         self, cmd: Command, decision: Decision, tube: str | None, job: int | None, reply: bytes
     ) -> None:
-        self.denied_counts[cmd[0]] += 1
+        counts = self.denied_counts
+        if not isinstance(counts, list):
+            counts = self.denied_counts = [0] * len(NAMES)
+        counts[cmd[0]] += 1
         self.denials.append(
             {
                 "principal": self.principal,
@@ -665,10 +734,6 @@ class Session:
             return True
         self._deny(cmd, d, tube)
         return False
-
-    def _build_handlers(self) -> tuple[Callable[[Any], None], ...]:
-        # Each op's handler takes that op's command type (``handlers[cmd[0]](cmd)``).
-        return tuple([getattr(self, name) for name in _HANDLER_NAMES])
 
     def _h_error(self, cmd: ErrorCmd) -> None:
         self._local(cmd[1])
@@ -1020,6 +1085,8 @@ class Session:
 
     def _remember(self, job: int, tube: str) -> None:
         jobs = self.jobs
+        if jobs is NO_ENTRIES:
+            jobs = self.jobs = OrderedDict()
         if len(jobs) >= MAX_KNOWN_JOBS:
             jobs.popitem(last=False)  # O(1); ``del d[next(iter(d))]`` degrades on a dict
         jobs[job] = tube
@@ -1040,6 +1107,8 @@ class Session:
                 job = _reply_id(line)
                 tubes: tuple[str, ...] = entry[1]
                 reserved = self.reserved
+                if reserved is NO_ENTRIES:
+                    reserved = self.reserved = OrderedDict()
                 if len(reserved) >= MAX_RESERVED:
                     reserved.popitem(last=False)
                     self.forgot_reserved = True
@@ -1057,6 +1126,8 @@ class Session:
             candidates = self.reserved.pop(job, None)
             if line == b"BURIED" and candidates is not None:
                 buried = self.buried
+                if buried is NO_ENTRIES:
+                    buried = self.buried = OrderedDict()
                 if len(buried) >= MAX_OWN_BURIED:
                     buried.popitem(last=False)  # forgotten: deleting it needs manage
                 buried[job] = candidates
@@ -1154,6 +1225,12 @@ def _plain_tube_list(yaml: bytes) -> bool:
     return not yaml.translate(None, _TUBE_LIST_BYTES) and yaml.count(b" ") == yaml.count(
         b"\n- "
     )
+
+
+#: Each op's handler takes the session and that op's command type
+#: (``handlers[cmd[0]](self, cmd)``): plain functions, one tuple for every session (a tuple
+#: of bound methods per session held 1.9 KiB).
+Session._handlers = tuple([getattr(Session, name) for name in _HANDLER_NAMES])
 
 
 def _reply_id(line: bytes) -> int:

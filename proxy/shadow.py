@@ -438,7 +438,7 @@ class ShadowView:
 
     # --- hooks called by the session ----------------------------------------------------
 
-    def run(self, s: Session, handler: Callable[[Command], None], cmd: Command) -> None:
+    def run(self, s: Session, handler: Callable[[Session, Any], None], cmd: Command) -> None:
         """Decide ``cmd`` under the shadow, run ``handler`` (the enforced path), compare.
         When both policies are known to agree on it (the cached ``_agree``), only run it."""
         if self._seen is not self.enforced.current or self._seen_principal is not s.principal:
@@ -451,22 +451,22 @@ class ShadowView:
             if used == s.used and self.use_denied is None and s.use_denied is None:
                 a = self._agree.get(used)
                 if a is not None and a != DIFFER:
-                    handler(cmd)
+                    handler(s, cmd)
                     return
         kind = _KINDS[op]
         if kind == _SKIP or (kind == _IGNORE and not self.unwatched):
-            handler(cmd)
+            handler(s, cmd)
             return
         if self._agrees(s, cmd, op, kind):
-            handler(cmd)
+            handler(s, cmd)
             return
         if kind == _IGNORE:
-            handler(cmd)
+            handler(s, cmd)
             if cmd[1] not in s.watched:
                 self.unwatched.discard(cmd[1])
             return
         if kind == _JOB and op in _OWN_ONLY and cmd[1] not in s.reserved and not s.forgot_reserved:
-            handler(cmd)  # not this connection's job: NOT_FOUND whatever the policy
+            handler(s, cmd)  # not this connection's job: NOT_FOUND whatever the policy
             return
         shadow: tuple[str, str, str | None]
         if self.principal is None:
@@ -478,7 +478,7 @@ class ShadowView:
         denials = len(s.denials)
         sent = len(s.to_upstream)
         pending = len(s.pending)
-        handler(cmd)
+        handler(s, cmd)
         if s.blocked and s.pending and s.pending[-1][0] == K_LOOKUP:
             # The enforced policy asks beanstalkd for the job's tube: compare on its answer
             # (which also decides a shadow ``unknown``).

@@ -27,7 +27,8 @@ import contextlib
 import socket
 import ssl
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
 from typing import Any
 
 __all__ = ["READ_BUFFER", "TLSTransport", "accept_tls", "use_builtin"]
@@ -39,6 +40,8 @@ READ_BUFFER = 64 * 1024
 CHUNK = 16 * 1024
 
 _local = threading.local()
+#: The ``extra`` of every ``TLSTransport`` (``BaseTransport`` would make a dict per connection).
+_NO_EXTRA: Mapping[str, Any] = MappingProxyType({})
 
 #: _ENDED: a TLS 1.2 client sent close_notify; ours is sent and the socket closed, while the
 #: app still drains (its writes are dropped) until it calls ``close()``.
@@ -93,7 +96,7 @@ class TLSTransport(asyncio.Transport, asyncio.BufferedProtocol):
         waiter: asyncio.Future[None],
         close_timeout: float,
     ) -> None:
-        super().__init__()
+        super().__init__(_NO_EXTRA)  # get_extra_info below never reads it
         self._loop = loop
         self._factory: Callable[[], asyncio.BaseProtocol] | None = factory
         self._incoming = ssl.MemoryBIO()

@@ -605,6 +605,61 @@ async def test_connection_is_closed_when_the_client_certificate_expires(
         assert proxy.server.connections == set()
 
 
+async def test_expiry_closes_only_the_live_connections_of_expired_certificates(
+    pki: PKI, beanstalkd: Beanstalkd, tmp_path: Path, conn_records: list[str]
+) -> None:
+    """One timer serves every connection's expiry (``ProxyServer.expiries``): the certificate
+    that expires first closes its connection first, even when it connected last; a
+    connection its client closed before is not closed again; a long-lived one stays."""
+    now = utcnow()
+    base = now.replace(microsecond=0)
+    certs = {}
+    for name, seconds in (("late", 5), ("early", 3), ("gone", 3)):
+        certs[name] = make_client_cert(
+            pki.dir,
+            tmp_path,
+            f"short-{name}",
+            cn="admin",
+            not_before=now - dt.timedelta(minutes=5),
+            not_after=base + dt.timedelta(seconds=seconds),
+        )
+
+    async def connect(port: int, name: str) -> Client:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.load_verify_locations(pki.ca)
+        if name == "admin":
+            ctx.load_cert_chain(pki.dir / "admin.pem", pki.dir / "admin.key")
+        else:
+            ctx.load_cert_chain(*certs[name])
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", port, ssl=ctx, server_hostname="localhost"
+        )
+        c = Client(reader, writer)
+        assert await c.line(b"list-tube-used") == b"USING default"
+        return c
+
+    async with serving(pki, beanstalkd.port) as proxy:
+        clients = {name: await connect(proxy.port, name) for name in ("late", "gone", "early")}
+        keeper = await connect(proxy.port, "admin")
+        assert len(proxy.server.expiries) == 4
+        await clients.pop("gone").close()
+        assert time.time() < base.timestamp() + 3, "too slow: a certificate already expired"
+        early_closed = await clients["early"].closed(timeout=10)
+        early_at = time.time()
+        late_closed = await clients["late"].closed(timeout=10)
+        late_at = time.time()
+        assert early_closed == late_closed == b""
+        assert base.timestamp() + 3 - 0.1 <= early_at < late_at
+        assert late_at >= base.timestamp() + 5 - 0.1
+        assert await keeper.line(b"list-tube-used") == b"USING default"
+        expired = [m for m in conn_records if 'reason="client certificate expired"' in m]
+        assert len(expired) == 2, expired
+        assert len(proxy.server.expiries) == 1  # the keeper's (its certificate lives on)
+        assert len(proxy.server.connections) == 1
+        for c in (*clients.values(), keeper):
+            await c.close()
+
+
 # --- (f) server certificate expiry warning --------------------------------------------------
 
 

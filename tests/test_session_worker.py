@@ -4,11 +4,21 @@ lets later commands land in the tube used before, and the two denial-reply modes
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import pytest
 from conftest import make_session, take
 
 from proxy.protocol import JOB_ID_OPS, NAMES
-from proxy.session import MAX_KNOWN_JOBS, MAX_OWN_BURIED, MAX_RESERVED, Session, denial_replies
+from proxy.session import (
+    MAX_KNOWN_JOBS,
+    MAX_OWN_BURIED,
+    MAX_RESERVED,
+    NO_COUNTS,
+    NO_ENTRIES,
+    Session,
+    denial_replies,
+)
 
 ACL = {
     "principals": [
@@ -45,6 +55,37 @@ def reserve_and_bury(s: Session, job: int = 1) -> None:
     assert take(s.to_upstream) == b"bury %d 0\r\n" % job
     s.feed_upstream(b"BURIED\r\n")
     assert take(s.to_client) == b"BURIED\r\n"
+
+
+def test_sessions_share_only_empty_job_tables_never_an_entry() -> None:
+    """A session starts with the shared empty ``jobs``/``reserved``/``buried`` (NO_ENTRIES)
+    and ``denied_counts`` (NO_COUNTS); its first entry gives it its own, which no other
+    session sees: another connection's buried job still needs a lookup and manage."""
+    a, b = session("worker", "explicit"), session("worker", "explicit")
+    for s in (a, b):
+        assert s.jobs is NO_ENTRIES and s.reserved is NO_ENTRIES and s.buried is NO_ENTRIES
+        assert s.denied_counts is NO_COUNTS
+    reserve_and_bury(a, 7)
+    assert dict(a.buried) == {7: ("jobs",)} and a.buried is not NO_ENTRIES
+    assert a.reserved is not NO_ENTRIES and not a.reserved  # its own, emptied by the bury
+    assert b.buried is NO_ENTRIES and b.reserved is NO_ENTRIES and not NO_ENTRIES
+    with pytest.raises(TypeError):
+        NO_ENTRIES[7] = ("jobs",)
+    with pytest.raises(TypeError):
+        NO_ENTRIES.setdefault(7, ("jobs",))
+    with pytest.raises(TypeError):
+        NO_ENTRIES.update({7: ("jobs",)})
+    assert not NO_ENTRIES
+    b.feed_client(b"delete 7\r\n")  # not b's job: the tube decides
+    assert take(b.to_upstream) == b"stats-job 7\r\n"
+    b.feed_upstream(stats_job(7, "jobs", "buried"))
+    assert take(b.to_client) == b"NOT_PERMITTED\r\n"
+    assert b.denied_counts is not NO_COUNTS and sum(b.denied_counts) == 1
+    assert a.denied_counts is NO_COUNTS and not any(NO_COUNTS)
+    a.feed_client(b"delete 7\r\n")  # a's own buried job: consume is enough
+    assert take(a.to_upstream) == b"stats-job 7\r\n"
+    a.feed_upstream(stats_job(7, "jobs", "buried"))
+    assert take(a.to_upstream) == b"delete 7\r\n"
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 1000])
@@ -117,6 +158,7 @@ def test_a_delete_that_finds_no_job_forgets_it() -> None:
 
 def test_forgotten_buried_jobs_fall_back_to_the_ordinary_rule() -> None:
     s = session("worker", "explicit")
+    s.reserved = OrderedDict()  # its own: every session starts with the shared NO_ENTRIES
     for job in range(1, MAX_OWN_BURIED + 2):
         s.reserved[job] = ("jobs",)
         s.feed_client(b"bury %d 0\r\n" % job)
