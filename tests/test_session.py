@@ -252,12 +252,13 @@ def test_too_many_pending_replies_stop_reading() -> None:
 def test_the_relay_takes_each_output_once() -> None:
     s = session("producer")
     s.feed_client(b"use jobs\r\nwatch other\r\n")
-    assert s.output().to_upstream == b"use jobs\r\n" and s.output().to_upstream == b""
-    s.feed_upstream(b"USING jobs\r\n")
     out = s.output()
-    assert out.to_client == b"USING jobs\r\nNOT_PERMITTED\r\n"
-    assert [d["command"] for d in out.denials] == ["watch"]
-    assert s.output().to_client == b"" and s.output().denials == ()
+    assert out.to_upstream == b"use jobs\r\n"
+    assert [d["command"] for d in out.denials] == ["watch"]  # recorded when decided
+    assert s.output().to_upstream == b"" and s.output().denials == ()
+    s.feed_upstream(b"USING jobs\r\n")
+    assert s.output().to_client == b"USING jobs\r\nNOT_PERMITTED\r\n"
+    assert s.output().to_client == b""
     s.feed_client(b"use jobs\r\n")
     assert s.take_client() == b"" and s.take_client() == b""
     assert s.take_budget() == (0, 0)  # no budget: nothing reserved
