@@ -615,9 +615,13 @@ class Session:
             out.to_upstream = EMPTY
             out.release = 0
             out.half_close = False
-        out.read = self.reads_client()
+        pending = len(self.pending)
+        if self.blocked or self.stalled or self.waiting or self.draining or pending > MAX_PENDING:
+            out.read = self.reads_client()
+        else:
+            out.read = True  # what reads_client answers, without the call (hot path)
+        out.pending = pending > 0
         out.backlog = self.backlog
-        out.pending = bool(self.pending)
         return out
 
     def take_client(self) -> bytearray:
