@@ -338,7 +338,7 @@ class Connection(asyncio.Protocol):
         """Carry out the session's ``Output`` after a step: write, audit, close, release the
         budget, half-close, pause/resume. Nothing here reads the session's state."""
         session = self.session
-        if session is None or self.closed:
+        if session is None or self.phase is _CLOSED:  # (``closed`` inlined: the hot path)
             return
         upstream = self.upstream
         out = session.output(upstream is not None)
@@ -388,10 +388,17 @@ class Connection(asyncio.Protocol):
         read."""
         session = self.session
         client = self.client
-        if session is None or client is None or self.closed:
+        if session is None or client is None or self.phase is _CLOSED:
             return
-        want = self._may_run(session)
-        if want and session.out.backlog:
+        out = session.out
+        # ``_may_run(session)`` inlined (this runs after every step)
+        want = (
+            not self.upstream_full
+            and not self.client_full
+            and self.upstream is not None
+            and out.read
+        )
+        if want and out.backlog:
             want = False
             if self._turn is None:
                 self._turn = asyncio.get_running_loop().call_soon(self._next_turn)
