@@ -28,6 +28,7 @@ valgrind), so the default, every workload for two checkouts, takes several minut
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shutil
 import signal
@@ -157,7 +158,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     ap.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated")
     ap.add_argument("--rtt", type=int, default=3000, help="round trips (default 3000)")
-    ap.add_argument("--cycles", type=int, default=1000, help="cycles (default 1000)")
+    ap.add_argument("--cycles", type=int, default=2000, help="cycles (default 2000)")
     ap.add_argument("--conns", type=int, default=60, help="connections (default 60)")
     ap.add_argument(
         "--loop",
@@ -181,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
         if shutil.which(tool) is None:
             print(f"{tool} not found", file=sys.stderr)
             return 1
+    # The same string hashes in every run (dict and set layouts, hence instructions, repeat).
+    os.environ["PYTHONHASHSEED"] = "0"
     work = Path(tempfile.mkdtemp(prefix="callgrind-"))
     pki = B.make_pki(work / "pki")
     per: dict[str, dict[Path, float]] = {w: {} for w in args.workloads}
