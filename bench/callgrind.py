@@ -19,7 +19,7 @@ in them), so confirm a result with ``bench.py --targets proxy,proxy-baseline`` o
 
     python bench/callgrind.py --src /work/wt/base --src .        # ratio: second / first
     python bench/callgrind.py --workloads rtt --rtt 3000 --keep /tmp/cg   # keep the outputs
-    callgrind_annotate /tmp/cg/<name>.rtt3000.out | head -60     # where the instructions go
+    callgrind_annotate /tmp/cg/2-<dir>.rtt3000.out | head -60    # where the instructions go
 
 Needs valgrind and beanstalkd. A run takes about a minute (the proxy starts in 20-30 s under
 valgrind), so the default, every workload for two checkouts, takes several minutes.
@@ -135,9 +135,10 @@ def stop(run: Run, closes: int) -> int:
     return int(m.group(1))
 
 
-def measure(src: Path, workload: str, n: int, work: Path, pki: B.PKI, loop: str) -> int:
-    """Total Ir of one proxy run from ``src`` that served the warm-up and ``n`` operations."""
-    out = work / f"{src.name}.{workload}{n}.out"
+def measure(src: Path, label: str, workload: str, n: int, work: Path, pki: B.PKI, loop: str) -> int:
+    """Total Ir of one proxy run from ``src`` that served the warm-up and ``n`` operations
+    (its callgrind output is ``<label>.<workload><n>.out`` in ``work``)."""
+    out = work / f"{label}.{workload}{n}.out"
     run = start(src, work, pki, out, loop)
     try:
         closes = drive(run, workload, n)
@@ -188,12 +189,13 @@ def main(argv: list[str] | None = None) -> int:
     pki = B.make_pki(work / "pki")
     per: dict[str, dict[Path, float]] = {w: {} for w in args.workloads}
     try:
-        for src in args.src:
-            zero = measure(src, "rtt", 0, work, pki, args.loop)
+        for i, src in enumerate(args.src, 1):
+            label = f"{i}-{src.name}"  # two checkouts may have the same directory name
+            zero = measure(src, label, "rtt", 0, work, pki, args.loop)
             print(f"{src}: warm-up alone {zero:,} Ir", flush=True)
             for w in args.workloads:
                 n = getattr(args, w)
-                total = measure(src, w, n, work, pki, args.loop)
+                total = measure(src, label, w, n, work, pki, args.loop)
                 per[w][src] = (total - zero) / n
                 print(f"{src}: {w} x{n} {total:,} Ir, {per[w][src]:,.0f} per {PER[w]}", flush=True)
     finally:
