@@ -369,6 +369,8 @@ class Env:
     principal_kind: str = "exact"  # exact | glob: the other principals' match patterns
     shadow: bool = False  # also an acl_shadow (SHADOW_ACL)
     source: Path = REPO  # the checkout whose ``proxy`` package runs (--baseline: another one)
+    wrapper: tuple[str, ...] = ()  # argv prefix for the proxy (bench/callgrind.py: valgrind)
+    start_timeout: float = 20  # seconds until the proxy must listen
     notes: list[str] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
 
@@ -432,7 +434,7 @@ log:
         prof = env.profile_dir / f"{tag}.prof"
         python += ["-m", "cProfile", "-o", str(prof)]
 
-    argv = [*python, "-m", "proxy", "serve", "--config", str(cfg), "--loop", loop]
+    argv = [*env.wrapper, *python, "-m", "proxy", "serve", "--config", str(cfg), "--loop", loop]
     if env.workers > 1:
         argv += ["--workers", str(env.workers)]
     log = env.work / f"{tag}.log"
@@ -440,7 +442,7 @@ log:
     # so ``cwd`` picks the checkout that runs.
     proc = env.procs.spawn(tag, argv, log, cwd=env.source)
     try:
-        wait_for_port(port, proc, log, 20)
+        wait_for_port(port, proc, log, env.start_timeout)
     except BenchError as exc:
         raise BenchError(f"{tag}: `serve` did not start: {exc}") from None
     actual = _uses_uvloop(proc.pid) if env.workers == 1 else None

@@ -41,7 +41,7 @@ import logging
 import socket
 import ssl
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from enum import Enum
 from typing import Any, cast
 
@@ -55,7 +55,7 @@ from proxy.logs import event
 from proxy.logsummary import AUDIT_BURST, AUDIT_WINDOW, Suppressed, WindowCounter
 from proxy.metrics import Metrics
 from proxy.ratelimit import TokenBucket, worker_share
-from proxy.session import Session
+from proxy.session import EMPTY, Session
 from proxy.shadow import ShadowView, shadow_principal
 from proxy.shadowreport import ShadowReporter
 from proxy.sharedlimits import SharedCounts
@@ -176,10 +176,11 @@ class Phase(Enum):
 
     ``HANDSHAKING``: TLS handshake and the certificate's principal, no session yet;
     ``CONNECTING``: the session exists, its upstream connection is being opened;
-    ``RELAYING``: both sides open; ``DRAINING``: upstream half-closed (``Session.half_close_due``),
-    its close ends the connection (or ``DRAIN_TIMEOUT``); ``CLOSED``: closed and logged (or
-    refused). A handshake that made no session and did not close (it failed, or raised)
-    leaves ``HANDSHAKING`` for ``RELAYING``: the client transport's end then closes it.
+    ``RELAYING``: both sides open; ``DRAINING``: upstream half-closed (the session's
+    ``Output.half_close``), its close ends the connection (or ``DRAIN_TIMEOUT``); ``CLOSED``:
+    closed and logged (or refused). A handshake that made no session and did not close (it
+    failed, or raised) leaves ``HANDSHAKING`` for ``RELAYING``: the client transport's end
+    then closes it.
     Backpressure (``upstream_full``, ``client_full``, ``reading``) is independent of it."""
 
     HANDSHAKING = 1
@@ -359,9 +360,6 @@ class Connection(asyncio.Protocol):
         assert session is not None
         self.last_active = time.monotonic()  # idle means no traffic either way
         session.feed_upstream(data)
-        if self._sample_t0 >= 0 and not session.pending:
-            self.server.metrics.latency.observe(time.monotonic() - self._sample_t0)
-            self._sample_t0 = -1.0
         self.flush()
 
     def upstream_gone(self, reason: str) -> None:
@@ -385,36 +383,43 @@ class Connection(asyncio.Protocol):
     # --- pump ---------------------------------------------------------------------------------
 
     def flush(self) -> None:
-        """Carry out what the session decided: write, half-close, close, pause/resume."""
+        """Carry out the session's ``Output`` after a step: write, audit, close, release the
+        budget, half-close, pause/resume. Nothing here reads the session's state."""
         session = self.session
-        if session is None or self.closed:
+        if session is None or self.phase is _CLOSED:  # (``closed`` inlined: the hot path)
             return
-        if session.to_client:
-            data = session.take_client()
+        upstream = self.upstream
+        out = session.output(upstream is not None)
+        if self._sample_t0 >= 0 and not out.pending:
+            self.server.metrics.latency.observe(time.monotonic() - self._sample_t0)
+            self._sample_t0 = -1.0
+        data = out.to_client
+        if data:
+            out.to_client = EMPTY  # written: the object outlives the step, keep no payload
             self.bytes_out += len(data)
             assert self.client is not None
             self.client.write(data)
-        if session.denials:
-            self._audit(session.take_denials())
-        if session.failed:
-            self.close(session.failed)
+        if out.denials:
+            self._audit(out.denials)
+        if out.close is not None:
+            self.close(out.close)
             return
-        upstream = self.upstream
         if upstream is None:
             return
-        if session.to_upstream:
-            data = session.take_upstream()
+        data = out.to_upstream
+        if data:
+            out.to_upstream = EMPTY
             upstream.write(data)
-            if self._sample_t0 < 0 and session.pending:
+            if self._sample_t0 < 0 and out.pending:
                 if self._sample_skip:
                     self._sample_skip -= 1
                 else:
                     self._sample_skip = LATENCY_SAMPLE_EVERY - 1
                     self._sample_t0 = time.monotonic()
-        if session.queued:
+        if out.release:
             # Put bodies handed to the upstream transport (or dropped): their budget is free.
-            self.server.grant(self.server.budget.release(session.take_queued()))
-        if self.phase is Phase.RELAYING and session.half_close_due():
+            self.server.grant(self.server.budget.release(out.release))
+        if out.half_close and self.phase is Phase.RELAYING:
             self.phase = Phase.DRAINING
             if upstream.can_write_eof():
                 upstream.write_eof()
@@ -425,15 +430,23 @@ class Connection(asyncio.Protocol):
         self.update_reading()
 
     def update_reading(self) -> None:
-        """Read the client only while both transports, the session and the reply queue have
-        room, and the session has no backlog: commands it already holds run first, one
-        ``TURN_BUDGET`` per event-loop turn (fair turns), and only then is more read."""
+        """Read the client only while both transports have room and the session's last
+        ``Output`` allows it (``read``), and it has no ``backlog``: commands it already holds
+        run first, one ``TURN_BUDGET`` per event-loop turn (fair turns), and only then is more
+        read."""
         session = self.session
         client = self.client
-        if session is None or client is None or self.closed:
+        if session is None or client is None or self.phase is _CLOSED:
             return
-        want = self._may_run(session)
-        if want and session.backlog:
+        out = session.out
+        # ``_may_run(session)`` inlined (this runs after every step)
+        want = (
+            not self.upstream_full
+            and not self.client_full
+            and self.upstream is not None
+            and out.read
+        )
+        if want and out.backlog:
             want = False
             if self._turn is None:
                 self._turn = asyncio.get_running_loop().call_soon(self._next_turn)
@@ -448,7 +461,7 @@ class Connection(asyncio.Protocol):
         """Run the session's next turn of buffered commands (scheduled by ``update_reading``)."""
         self._turn = None
         session = self.session
-        if session is None or self.closed or not session.backlog:
+        if session is None or self.closed or not session.out.backlog:
             return
         if self._may_run(session):
             session.resume()
@@ -463,7 +476,7 @@ class Connection(asyncio.Protocol):
             not self.upstream_full
             and not self.client_full
             and self.upstream is not None
-            and session.reads_client()
+            and session.out.read
         )
 
     def budget_granted(self) -> None:
@@ -475,7 +488,9 @@ class Connection(asyncio.Protocol):
         if self.closed:  # (close cancels a waiting put, so this is only a safety net)
             self._release_budget(session)
             return
-        self.update_reading()  # schedules the turn that reads the body
+        self.flush()  # its update_reading schedules the turn that reads the body
+        if self.upstream is None:  # connecting: flush stopped before update_reading
+            self.update_reading()
 
     def _release_budget(self, session: Session) -> None:
         """Give back everything this connection holds of the budget (closing)."""
@@ -497,7 +512,7 @@ class Connection(asyncio.Protocol):
         session.stop(reason)
         self.flush()
 
-    def _audit(self, denials: list[dict[str, Any]]) -> None:
+    def _audit(self, denials: Sequence[dict[str, Any]]) -> None:
         """Count every denial; log the first ``AUDIT_BURST`` per window of this connection,
         one line each, and leave the rest to a "denials suppressed" summary."""
         fingerprint = self.identity.fingerprint if self.identity else None

@@ -2,9 +2,10 @@
 
 A ``Session`` joins the protocol parsers and the access policy for one client connection and
 its one upstream connection. The relay feeds it client bytes (``feed_client``) and upstream
-bytes (``feed_upstream``) and flushes what it leaves in ``to_upstream`` and ``to_client``;
-nothing else crosses. The session forwards only canonical serializations of commands it
-parsed and allowed, answers denied or malformed commands itself, and keeps every reply in
+bytes (``feed_upstream``) and after each step carries out the one ``Output`` that ``output()``
+returns (bytes for each side, audit records, read the client or not, half-close upstream,
+close); nothing else crosses. The session forwards only canonical serializations of commands
+it parsed and allowed, answers denied or malformed commands itself, and keeps every reply in
 command order with a FIFO of pending entries (one per forwarded command; local replies wait
 their turn behind earlier forwarded commands). It tracks what beanstalkd tracks per
 connection (used tube, watch list, reserved jobs) so every decision is made against the
@@ -295,6 +296,95 @@ _HANDLER_NAMES: Final[tuple[str, ...]] = tuple(
 )
 
 
+#: The empty payload of an ``Output`` with nothing for one side.
+EMPTY: Final = b""
+
+
+class Output:
+    """What the relay carries out after one session step (``Session.output``), nothing else.
+
+    ``to_client`` / ``to_upstream``: bytes to write (``EMPTY`` when none); ``denials``: audit
+    records of denied commands, to count and log (``()`` when none); ``release``: budget bytes
+    of complete put bodies, free once ``to_upstream`` was handed to the upstream transport;
+    ``close``: a reason when upstream misbehaved and both sides close now (after writing
+    ``to_client``); ``half_close``: upstream should be half-closed now (level-triggered: it
+    stays true, the relay does it once); ``read``: the client may be read, as far as the
+    session is concerned (the relay adds its transports' backpressure); ``backlog``: commands
+    are buffered for a next turn (``resume``), read nothing more until it ran; ``pending``:
+    replies from upstream are outstanding (the relay's latency sampling).
+
+    A session refills one ``Output`` object at each ``output()`` (no allocation per step); the
+    value is valid until the next call. Equality compares every field (for transcript tests).
+    """
+
+    __slots__ = (
+        "backlog",
+        "close",
+        "denials",
+        "half_close",
+        "pending",
+        "read",
+        "release",
+        "to_client",
+        "to_upstream",
+    )
+    #: The fields in the order of the docstring (``repr``, equality).
+    FIELDS: Final = (
+        "to_client",
+        "to_upstream",
+        "denials",
+        "release",
+        "close",
+        "half_close",
+        "read",
+        "backlog",
+        "pending",
+    )
+
+    def __init__(
+        self,
+        to_client: bytes | bytearray = EMPTY,
+        to_upstream: bytes | bytearray = EMPTY,
+        denials: Sequence[dict[str, Any]] = (),
+        release: int = 0,
+        close: str | None = None,
+        half_close: bool = False,
+        read: bool = True,
+        backlog: bool = False,
+        pending: bool = False,
+    ) -> None:
+        self.to_client = to_client
+        self.to_upstream = to_upstream
+        self.denials = denials
+        self.release = release
+        self.close = close
+        self.half_close = half_close
+        self.read = read
+        self.backlog = backlog
+        self.pending = pending
+
+    def _fields(self) -> tuple[Any, ...]:
+        return tuple(
+            bytes(v) if isinstance(v, bytearray) else list(v) if name == "denials" else v
+            for name in self.FIELDS
+            for v in (getattr(self, name),)
+        )
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Output):
+            return NotImplemented
+        return self._fields() == other._fields()
+
+    def __repr__(self) -> str:
+        default = Output()._fields()
+        shown = [
+            f"{name}={value!r}"
+            for name, value, unset in zip(self.FIELDS, self._fields(), default, strict=True)
+            if value != unset
+        ]
+        return f"Output({', '.join(shown)})"
+
+
 class DrainCause(Enum):
     """Why a session drains (``Session.drain_cause``; the logged text is ``close_reason``).
 
@@ -314,23 +404,22 @@ _CLIENT_CAUSES: Final = frozenset({DrainCause.QUIT, DrainCause.CLIENT_EOF})
 
 
 class Session:
-    """See the module docstring. Attributes the relay reads after each call:
-
-    ``to_upstream`` / ``to_client``: bytes to send (the relay takes them: ``take_upstream``,
-    ``take_client``; likewise ``take_denials``, ``take_queued``, ``take_budget``);
-    ``blocked``: waiting for a lookup reply, stop reading the client;
-    ``draining``: the client will send nothing more; once ``blocked`` is false, the relay
-    half-closes upstream and closes the client when upstream closes; ``drain_cause`` says why
-    (a ``DrainCause``), ``close_reason`` is the text logged for it;
+    """See the module docstring. The relay reads nothing of this state itself: after each step
+    (``feed_client``, ``feed_upstream``, ``client_eof``, ``resume``, ``stop``,
+    ``budget_granted``) it calls ``output()`` once and carries out the ``Output`` it returns:
+    the bytes for each side, the audit records, the budget to release, whether to read the
+    client, run a next turn, half-close upstream or close. Those decisions are pure, on this
+    state: ``to_upstream`` / ``to_client``, the bytes to send; ``blocked``: waiting for a
+    lookup reply (the client is not read); ``draining``: the client will send nothing more,
+    once ``blocked`` is false upstream is half-closed and its close ends the connection;
+    ``drain_cause`` says why (a ``DrainCause``), ``close_reason`` is the text logged for it;
     ``failed``: a reason string when the upstream misbehaved and both sides must close now;
-    ``denials``: audit records of denied commands, for the relay to log and clear;
-    ``backlog``: a turn stopped after ``TURN_BUDGET`` commands with input still buffered: the
-    relay calls ``resume`` in a later event-loop turn (and reads nothing more until then);
-    ``yields`` counts those stops.
-
-    The relay decides nothing about the session's state itself: ``reads_client`` (read the
-    client now?), ``half_close_due`` (half-close upstream now?) and ``upstream_closed`` (how a
-    close by upstream is logged) answer from this state; it calls ``stop`` to drain for its
+    ``denials``: audit records of denied commands; ``backlog``: a turn stopped after
+    ``TURN_BUDGET`` commands with input still buffered, the relay calls ``resume`` in a later
+    event-loop turn (and reads nothing more until then); ``yields`` counts those stops.
+    ``reads_client`` and ``half_close_due`` are the two rules ``output`` applies;
+    ``upstream_closed`` says how a close by upstream is logged, ``has_unrun_commands``
+    whether a client that closed is finished first; the relay calls ``stop`` to drain for its
     own reasons.
 
     ``budget`` (optional, shared by all sessions of the proxy): every allowed ``put`` reserves
@@ -338,8 +427,9 @@ class Session:
     waits, ``stalled`` is its size: the body is not read (the relay stops reading the client)
     until the relay calls ``budget_granted``. ``receiving`` is the reservation of the body
     being read, ``queued`` the reserved bytes of bodies complete (in ``to_upstream``, or
-    dropped by a denial or a rate limit): the relay releases ``queued`` once it has handed
-    ``to_upstream`` to the upstream transport, and ``receiving + queued`` when it closes.
+    dropped by a denial or a rate limit): ``output`` hands ``queued`` over as
+    ``Output.release`` with ``to_upstream``, and the relay releases ``take_budget()`` when it
+    closes.
 
     ``limiter`` (set by the relay, ``None`` = unlimited): called once per parsed command other
     than ``quit`` and the proxy's own error replies; when it returns false the command is not
@@ -441,6 +531,7 @@ class Session:
         self.failed: str | None = None
         self.close_reason = ""  # the text logged as the close event's reason
         self.drain_cause: DrainCause | None = None  # set with close_reason
+        self.out = Output()  # refilled by ``output``: the relay's orders after each step
         self.denials: list[dict[str, Any]] = []
         self.op_counts = [0] * len(NAMES)  # commands parsed, by op (read by metrics)
         self.denied_counts: Sequence[int] = NO_COUNTS  # of which denied (a list from the first)
@@ -553,31 +644,57 @@ class Session:
             self.close_reason = reason
             self.drain_cause = DrainCause.PROXY
 
-    # --- outputs the relay takes (each returns what accumulated and resets it) ---------------
+    # --- the relay's orders after each step, and what it takes when closing ----------------
+
+    def output(self, upstream_open: bool = True) -> Output:
+        """The step's ``Output`` (the relay calls this once after each ``feed_client``,
+        ``feed_upstream``, ``client_eof``, ``resume``, ``stop`` and ``budget_granted``): the
+        bytes, denials and released budget that accumulated (taken: the next call has only
+        what came after) and the decisions on the state now. ``upstream_open`` false: upstream
+        is not connected yet, so its bytes (and the budget their bodies hold) stay buffered
+        for a later call and no half-close is due. Returns ``self.out``, refilled."""
+        out = self.out
+        data = self.to_client
+        if data:
+            self.to_client = bytearray()
+            out.to_client = data
+        else:
+            out.to_client = EMPTY
+        denials = self.denials
+        if denials:
+            self.denials = []
+            out.denials = denials
+        else:
+            out.denials = ()
+        out.close = self.failed
+        if upstream_open:
+            data = self.to_upstream
+            if data:
+                self.to_upstream = bytearray()
+                out.to_upstream = data
+            else:
+                out.to_upstream = EMPTY
+            out.release = self.queued
+            self.queued = 0
+            out.half_close = self.draining and self.half_close_due()
+        else:
+            out.to_upstream = EMPTY
+            out.release = 0
+            out.half_close = False
+        pending = len(self.pending)
+        if self.blocked or self.stalled or self.waiting or self.draining or pending > MAX_PENDING:
+            out.read = self.reads_client()
+        else:
+            out.read = True  # what reads_client answers, without the call (hot path)
+        out.pending = pending > 0
+        out.backlog = self.backlog
+        return out
 
     def take_client(self) -> bytearray:
-        """The bytes for the client (``to_client``)."""
+        """Closing: the bytes still for the client (``to_client``)."""
         data = self.to_client
         self.to_client = bytearray()
         return data
-
-    def take_upstream(self) -> bytearray:
-        """The bytes for beanstalkd (``to_upstream``)."""
-        data = self.to_upstream
-        self.to_upstream = bytearray()
-        return data
-
-    def take_denials(self) -> list[dict[str, Any]]:
-        """The audit records of denied commands, for the relay to count and log."""
-        denials = self.denials
-        self.denials = []
-        return denials
-
-    def take_queued(self) -> int:
-        """The budget held by complete put bodies, released once ``to_upstream`` was taken."""
-        queued = self.queued
-        self.queued = 0
-        return queued
 
     def take_budget(self) -> tuple[int, int]:
         """Closing: ``(stalled, held)``, the size of the put waiting for the budget (to
