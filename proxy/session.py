@@ -464,6 +464,7 @@ class Session:
         "jobs",
         "limiter",
         "op_counts",
+        "out",
         "parser",
         "pending",
         "principal",
