@@ -48,7 +48,7 @@ from typing import Any, cast
 from proxy.acl import Policy
 from proxy.budget import Budget
 from proxy.config import Config, Endpoint
-from proxy.deadlines import Deadlines
+from proxy.deadlines import Deadline, Deadlines
 from proxy.identity import Identity
 from proxy.listen import bind_listener, bound_port
 from proxy.logs import event
@@ -212,7 +212,7 @@ class Connection(asyncio.Protocol):
         "counted_as",
         "counted_shared",
         "early",
-        "expires",
+        "expiry",
         "finishing",
         "identity",
         "last_active",
@@ -258,7 +258,8 @@ class Connection(asyncio.Protocol):
         self.counted_as: str | None = None  # principal this connection counts against
         self.counted_shared = False  # ... in the workers' shared table too (--workers N)
         self.over_limit = False  # past max_connections when its socket was counted
-        self.expires = False  # in the server's certificate-expiry schedule (its ``expiries``)
+        #: this connection's entry in the server's certificate-expiry schedule (``expiries``)
+        self.expiry: Deadline | None = None
         self.tls_started = False  # the socket was handed to the TLS layer, which now owns it
         self.lost = False  # the client transport reported connection_lost: its socket is closed
         self._abort_timer: asyncio.TimerHandle | None = None
@@ -538,9 +539,9 @@ class Connection(asyncio.Protocol):
         self.reason = reason
         if self._drain_timer is not None:
             self._drain_timer.cancel()
-        if self.expires:
-            self.expires = False
-            self.server.expiries.discard()
+        if self.expiry is not None:
+            self.server.expiries.discard(self.expiry)
+            self.expiry = None
         self.server.audit_summary(self.server.denial_audit.pop(self, time.monotonic()))
         if self.session is not None and self.session.to_client and self.client is not None:
             data = self.session.take_client()
@@ -591,12 +592,8 @@ class Connection(asyncio.Protocol):
 
 
 def _certificate_expired(conn: Connection) -> None:
-    conn.expires = False  # (taken off the schedule)
+    conn.expiry = None  # (fired: off the schedule)
     conn.close("client certificate expired")
-
-
-def _open(conn: Connection) -> bool:
-    return not conn.closed
 
 
 class ProxyServer:
@@ -645,7 +642,7 @@ class ProxyServer:
         self._transports_gone = asyncio.Event()
         self._sweeper: asyncio.Task[None] | None = None
         # Each connection's close at its client certificate's expiry, on one timer.
-        self.expiries: Deadlines[Connection] = Deadlines(_certificate_expired, _open)
+        self.expiries: Deadlines[Connection] = Deadlines(_certificate_expired)
         self.metrics.track(self.connections)
         self.metrics.track_sockets(lambda: len(self._open_transports), lambda: self.handshaking)
         # Per connection, a burst of denial lines per window; the rest summarised.
@@ -1107,8 +1104,7 @@ class ProxyServer:
         self.connections.add(conn)
         # A connection lives no longer than its client certificate.
         left = conn.identity.not_after.timestamp() - time.time() if conn.identity else 0.0
-        conn.expires = True
-        self.expiries.add(conn, left)
+        conn.expiry = self.expiries.add(conn, left)
         await self._connect_upstream(conn)
 
     async def _connect_upstream(self, conn: Connection) -> None:
