@@ -402,6 +402,7 @@ class Connection(asyncio.Protocol):
             self.client.write(data)
         if out.denials:
             self._audit(out.denials)
+            out.denials = ()  # audited: keep no records past the step
         if out.close is not None:
             self.close(out.close)
             return

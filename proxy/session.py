@@ -307,11 +307,13 @@ class Output:
     records of denied commands, to count and log (``()`` when none); ``release``: budget bytes
     of complete put bodies, free once ``to_upstream`` was handed to the upstream transport;
     ``close``: a reason when upstream misbehaved and both sides close now (after writing
-    ``to_client``); ``half_close``: upstream should be half-closed now (level-triggered: it
-    stays true, the relay does it once); ``read``: the client may be read, as far as the
-    session is concerned (the relay adds its transports' backpressure); ``backlog``: commands
-    are buffered for a next turn (``resume``), read nothing more until it ran; ``pending``:
-    replies from upstream are outstanding (the relay's latency sampling).
+    ``to_client``; nothing goes upstream and ``release`` is 0: the budget stays with the
+    session, which the relay's close takes back); ``half_close``: upstream should be
+    half-closed now (level-triggered: it stays true, the relay does it once); ``read``: the
+    client may be read, as far as the session is concerned (the relay adds its transports'
+    backpressure); ``backlog``: commands are buffered for a next turn (``resume``), read
+    nothing more until it ran; ``pending``: replies from upstream are outstanding (the
+    relay's latency sampling).
 
     A session refills one ``Output`` object at each ``output()`` (no allocation per step); the
     value is valid until the next call. Equality compares every field (for transcript tests).
@@ -667,8 +669,8 @@ class Session:
             out.denials = denials
         else:
             out.denials = ()
-        out.close = self.failed
-        if upstream_open:
+        failed = out.close = self.failed
+        if upstream_open and failed is None:  # closing: bytes and budget stay for close()
             data = self.to_upstream
             if data:
                 self.to_upstream = bytearray()

@@ -534,3 +534,17 @@ def test_a_backlog_is_unrun_commands_the_session_finishes_after_eof() -> None:
     assert not s.has_unrun_commands()
     assert take(s.to_upstream) == b"list-tubes\r\n" * 100
     assert s.drain_cause is DrainCause.CLIENT_EOF and s.half_close_due()
+
+
+def test_a_closing_output_hands_over_no_bytes_and_no_budget() -> None:
+    """``close`` set: ``to_upstream`` and the budget of complete bodies stay with the session,
+    so the relay's close releases that budget (``take_budget``) instead of losing it."""
+    budget = Budget(100)
+    s = budget_session("admin", budget)
+    s.feed_client(b"put 0 0 60 2\r\nab\r\n")
+    assert s.output(upstream_open=False) == Output(pending=True)
+    s.feed_upstream(b"INSERTED 1\r\nINSERTED 2\r\n")  # one reply too many: misbehaving
+    out = s.output()
+    assert out.close is not None and "upstream protocol error" in out.close
+    assert (out.to_upstream, out.release, out.half_close) == (b"", 0, False)
+    assert s.take_budget() == (0, 2)
