@@ -164,7 +164,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument(
         "--loop",
         choices=("uvloop", "asyncio"),
-        default="asyncio" if B.target_available("proxy-asyncio") else "uvloop",
+        default="uvloop" if B.target_available("proxy-asyncio") is None else "asyncio",  # None: ok
         help="the proxy's event loop (default uvloop when installed)",
     )
     ap.add_argument("--keep", type=Path, help="keep the callgrind output files in this directory")
