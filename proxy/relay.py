@@ -406,7 +406,8 @@ class Connection(asyncio.Protocol):
         if out.close is not None:
             self.close(out.close)
             return
-        if upstream is None:
+        if upstream is None:  # connecting: hold what was read, read no more until it is open
+            self.update_reading()
             return
         data = out.to_upstream
         if data:
@@ -491,8 +492,6 @@ class Connection(asyncio.Protocol):
             self._release_budget(session)
             return
         self.flush()  # its update_reading schedules the turn that reads the body
-        if self.upstream is None:  # connecting: flush stopped before update_reading
-            self.update_reading()
 
     def _release_budget(self, session: Session) -> None:
         """Give back everything this connection holds of the budget (closing)."""

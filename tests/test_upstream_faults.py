@@ -228,3 +228,26 @@ async def test_beanstalkd_restarted_under_load(pki: PKI, beanstalkd: Beanstalkd)
         await c.close()
     finally:
         await proxy.server.close()
+
+
+async def test_a_client_is_not_read_while_its_upstream_connection_is_pending(
+    pki: PKI, hung_upstream: int
+) -> None:
+    """Commands sent before upstream is open wait in the client's socket, not in the proxy:
+    a client pumping megabytes at a hung beanstalkd makes the proxy hold no more than what
+    it read before it paused (bounded by one read per TLS record), until the connect
+    times out."""
+    async with serving(pki, hung_upstream, upstream_connect_timeout=30) as proxy:
+        c = await proxy.connect("admin")
+        await until(lambda: len(proxy.server.connections) == 1, "accepted")
+        (conn,) = proxy.server.connections
+        assert conn.upstream is None  # connecting
+        c.writer.write(b"list-tube-used\r\n" * 2_000_000)  # 32 MB, more than socket buffers
+        # the proxy stops reading: what it does not take stays in the client's buffers
+        await until(lambda: not conn.reading, "paused")
+        session = conn.session
+        assert session is not None
+        held = session.parser.buffered + len(session.to_upstream)
+        assert held < 1024 * 1024, held
+        assert conn.upstream is None
+        c.writer.transport.abort()
