@@ -475,6 +475,7 @@ class Connection(asyncio.Protocol):
     def _may_run(self, session: Session) -> bool:
         # a client that does not read its replies is not read either: replies the proxy makes
         # itself (denials, errors) would otherwise pile up without bound
+        # (``update_reading`` inlines this predicate: change both together)
         return (
             not self.upstream_full
             and not self.client_full
@@ -1301,13 +1302,20 @@ class ProxyServer:
         if revoked is None:
             return
         for conn in list(self.connections):
-            if conn.closed or conn.identity is None:
+            if conn.closed:
                 continue
-            der = conn.peer_der()
-            if der is None:  # fail closed: a certificate that cannot be re-checked
+            try:
+                der = conn.peer_der()
+                if der is None:  # fail closed: a certificate that cannot be re-checked
+                    conn.close("client certificate unavailable for the revocation re-check")
+                elif revoked(der):
+                    conn.close("client certificate revoked")  # logged by close
+            except Exception as exc:  # one connection's failure must not skip the others
+                log.error(
+                    "revocation re-check failed",
+                    extra=event("crl_recheck_failed", error=f"{type(exc).__name__}: {exc}"),
+                )
                 conn.close("client certificate unavailable for the revocation re-check")
-            elif revoked(der):
-                conn.close("client certificate revoked")  # logged by close
 
     async def close(self, grace: float = 0.0) -> None:
         """Stop accepting; with ``grace`` > 0, drain every connection first (in-flight commands

@@ -720,7 +720,8 @@ class Session:
         holds it, behind a blocking ``reserve`` only up to ``MAX_HELD_BYTES`` (those commands
         are decided when it returns), nor with more than ``MAX_PENDING`` replies outstanding.
         While draining only after ``quit`` and before the client's EOF: its bytes are
-        ignored, it is read to notice the EOF."""
+        ignored, it is read to notice the EOF. (``output()`` answers True without this call
+        when none of the flags below is set: a new condition must join its gate too.)"""
         return not (
             self.blocked
             or self.stalled

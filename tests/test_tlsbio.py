@@ -712,6 +712,43 @@ def test_crl_reload_closes_a_connection_whose_certificate_cannot_be_read_back(
     run_on("uvloop", main())
 
 
+def test_a_revocation_check_that_fails_for_one_connection_still_checks_the_others(
+    pki: PKI, beanstalkd: Beanstalkd, conn_log: LogWatch
+) -> None:
+    """Fail closed, one connection at a time: the check raising for one connection closes
+    that one and goes on; a revoked certificate after it is still closed, a good one stays."""
+
+    async def main() -> None:
+        async with serving(pki, beanstalkd, "builtin") as proxy:
+            clients = {name: await proxy.connect(name) for name in ("admin", "inspector")}
+            try:
+                for c in clients.values():
+                    assert await c.line(b"list-tube-used") == b"USING default"
+                ders = {c.principal: c.peer_der() for c in proxy.server.connections}
+                checked: list[str] = []
+
+                def revoked(der: bytes) -> bool:
+                    name = next(p for p, d in ders.items() if d == der)
+                    checked.append(name)
+                    if len(checked) == 1:
+                        raise RuntimeError("CRL lookup failed")
+                    return True
+
+                proxy.server.reload_tls(proxy.server.ssl_context, revoked)
+                assert sorted(checked) == ["admin", "inspector"]  # both checked
+                for c in clients.values():
+                    assert await c.closed() == b""  # one failed closed, one revoked
+                await conn_log.wait_for(lambda m: 'reason="client certificate revoked"' in m)
+                await conn_log.wait_for(
+                    lambda m: "client certificate unavailable for the revocation re-check" in m
+                )
+            finally:
+                for c in clients.values():
+                    await c.close()
+
+    run_on("uvloop", main())
+
+
 @LOOPS
 def test_config_key(loop: str, pki: PKI, beanstalkd: Beanstalkd) -> None:
     """``tls.transport`` selects the transport the relay hands its connections; the default and
